@@ -1,0 +1,761 @@
+"""ConvBERT (Jiang et al. 2020): BERT with half of its attention heads replaced by a span-based dynamic convolution.
+
+A port of transformers' `modeling_convbert.py` with the same state-dict keys and numbers. The three hot spots
+(separable conv, dynamic span conv, grouped linear) go through `convbert_fast.ops`, which dispatch to the chosen
+backend. Shapes: B batch, L sequence, C hidden size, E embedding size, H conv (= attention) heads of size D,
+A = H * D = C / 2 for the released configs, K the conv kernel size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from transformers import ConvBertConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN, get_activation
+from transformers.modeling_outputs import (
+    BaseModelOutputWithCrossAttentions,
+    MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+from transformers.pytorch_utils import apply_chunking_to_forward
+
+from . import ops
+from .tf_checkpoint import load_tf_weights_in_convbert
+
+
+class ConvBertEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm, dropout: [B, L] -> [B, L, E]."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.embedding_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.embedding_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.embedding_size)
+        self.LayerNorm = nn.LayerNorm(config.embedding_size, eps=config.layer_norm_eps)  # TF name, kept for loading
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.register_buffer(
+            "position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False
+        )
+        self.register_buffer("token_type_ids", torch.zeros(self.position_ids.size(), dtype=torch.long), persistent=False)
+
+    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
+        seq_len = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
+        if position_ids is None:
+            position_ids = self.position_ids[:, :seq_len]
+        if token_type_ids is None:
+            token_type_ids = self.token_type_ids[:, :seq_len]
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        embeddings = inputs_embeds + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class SeparableConv1D(nn.Module):
+    """Depthwise conv over the sequence ([C, 1, K]), pointwise C -> A ([A, C, 1]), bias [A, 1]: [B, L, C] -> [B, L, A].
+
+    Unlike transformers' module (which takes [B, C, L]) this one works on [B, L, C]: no transposes around it.
+    """
+
+    def __init__(self, config, input_filters, output_filters, kernel_size):
+        super().__init__()
+        self.depthwise = nn.Conv1d(
+            input_filters, input_filters, kernel_size, groups=input_filters, padding=kernel_size // 2, bias=False
+        )
+        self.pointwise = nn.Conv1d(input_filters, output_filters, kernel_size=1, bias=False)
+        self.bias = nn.Parameter(torch.zeros(output_filters, 1))
+        self.depthwise.weight.data.normal_(mean=0.0, std=config.initializer_range)
+        self.pointwise.weight.data.normal_(mean=0.0, std=config.initializer_range)
+
+    def forward(self, hidden_states):
+        return ops.separable_conv1d(hidden_states, self.depthwise.weight, self.pointwise.weight, self.bias)
+
+
+class ConvBertSelfAttention(nn.Module):
+    """H softmax-attention heads and H span-conv heads of size D, concatenated: [B, L, C] -> [B, L, 2A]."""
+
+    def __init__(self, config):
+        super().__init__()
+        if config.conv_kernel_size < 1 or config.conv_kernel_size % 2 == 0:
+            raise ValueError(
+                f"conv_kernel_size must be odd and positive (the span is centred on each token), "
+                f"got {config.conv_kernel_size}"
+            )
+        heads = config.num_attention_heads // config.head_ratio
+        if heads < 1:  # head_ratio > num_attention_heads: one head, as transformers does
+            self.head_ratio, self.num_attention_heads = config.num_attention_heads, 1
+        else:
+            self.head_ratio, self.num_attention_heads = config.head_ratio, heads
+        if config.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({config.hidden_size}) must be divisible by num_attention_heads // head_ratio "
+                f"({self.num_attention_heads})"
+            )
+        self.conv_kernel_size = config.conv_kernel_size
+        self.attention_head_size = (config.hidden_size // self.num_attention_heads) // 2
+        self.all_head_size = self.num_attention_heads * self.attention_head_size
+
+        self.query = nn.Linear(config.hidden_size, self.all_head_size)
+        self.key = nn.Linear(config.hidden_size, self.all_head_size)
+        self.value = nn.Linear(config.hidden_size, self.all_head_size)
+        self.key_conv_attn_layer = SeparableConv1D(config, config.hidden_size, self.all_head_size, self.conv_kernel_size)
+        self.conv_kernel_layer = nn.Linear(self.all_head_size, self.num_attention_heads * self.conv_kernel_size)
+        self.conv_out_layer = nn.Linear(config.hidden_size, self.all_head_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def split_heads(self, x):  # [B, L, A] -> [B, H, L, D]
+        return x.view(*x.shape[:-1], self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
+    def forward(
+        self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None, output_attentions=False
+    ):
+        # Cross-attention takes keys and values from the encoder; the conv half always reads `hidden_states`.
+        kv_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        mixed_query = self.query(hidden_states)  # [B, L, A]
+
+        # Conv half: span weights come from the separable conv of x multiplied by the query.
+        conv_attn = self.key_conv_attn_layer(hidden_states) * mixed_query  # [B, L, A]
+        kernel_logits = self.conv_kernel_layer(conv_attn)  # [B, L, H*K]
+        conv_values = self.conv_out_layer(hidden_states)  # [B, L, A]
+        conv_context = ops.dynamic_span_conv(conv_values, kernel_logits, self.num_attention_heads)  # [B, L, A]
+
+        # Attention half: ordinary scaled dot-product attention.
+        query = self.split_heads(mixed_query)  # [B, H, L, D]
+        key = self.split_heads(self.key(kv_states))  # [B, H, Lk, D]
+        value = self.split_heads(self.value(kv_states))  # [B, H, Lk, D]
+        scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(self.attention_head_size)  # [B, H, L, Lk]
+        if attention_mask is not None:
+            scores = scores + attention_mask  # additive, [B, 1, 1, Lk]
+        probs = self.dropout(nn.functional.softmax(scores, dim=-1))
+        if head_mask is not None:
+            probs = probs * head_mask  # [1, H, 1, 1]
+        attn_context = torch.matmul(probs, value).transpose(1, 2).reshape(conv_context.shape)  # [B, L, A]
+
+        context = torch.cat([attn_context, conv_context], dim=-1)  # [B, L, 2A]: attention heads first
+        return (context, probs) if output_attentions else (context,)
+
+
+class ConvBertSelfOutput(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class ConvBertAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.self = ConvBertSelfAttention(config)
+        self.output = ConvBertSelfOutput(config)
+
+    def forward(
+        self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None, output_attentions=False
+    ):
+        self_outputs = self.self(hidden_states, attention_mask, head_mask, encoder_hidden_states, output_attentions)
+        return (self.output(self_outputs[0], hidden_states),) + self_outputs[1:]
+
+
+class GroupedLinearLayer(nn.Module):
+    """`num_groups` independent linear maps over equal slices of the features: [..., Din] -> [..., Dout]."""
+
+    def __init__(self, input_size, output_size, num_groups):
+        super().__init__()
+        if input_size % num_groups or output_size % num_groups:
+            raise ValueError(f"num_groups ({num_groups}) must divide both {input_size} and {output_size}")
+        self.input_size, self.output_size, self.num_groups = input_size, output_size, num_groups
+        self.group_in_dim = input_size // num_groups
+        self.group_out_dim = output_size // num_groups
+        self.weight = nn.Parameter(torch.empty(num_groups, self.group_in_dim, self.group_out_dim))
+        self.bias = nn.Parameter(torch.empty(output_size))
+
+    def forward(self, hidden_states):
+        return ops.grouped_linear(hidden_states, self.weight, self.bias)
+
+
+def feed_forward_dense(config, input_size, output_size):
+    if config.num_groups == 1:
+        return nn.Linear(input_size, output_size)
+    return GroupedLinearLayer(input_size, output_size, config.num_groups)
+
+
+class ConvBertIntermediate(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = feed_forward_dense(config, config.hidden_size, config.intermediate_size)
+        act = config.hidden_act
+        self.intermediate_act_fn = ACT2FN[act] if isinstance(act, str) else act
+
+    def forward(self, hidden_states):
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class ConvBertOutput(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = feed_forward_dense(config, config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class ConvBertLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.chunk_size_feed_forward = config.chunk_size_feed_forward
+        self.seq_len_dim = 1
+        self.attention = ConvBertAttention(config)
+        self.is_decoder = config.is_decoder
+        self.add_cross_attention = config.add_cross_attention
+        if self.add_cross_attention:
+            if not self.is_decoder:
+                raise TypeError(f"{self} should be used as a decoder model if cross attention is added")
+            self.crossattention = ConvBertAttention(config)
+        self.intermediate = ConvBertIntermediate(config)
+        self.output = ConvBertOutput(config)
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        head_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        output_attentions=False,
+    ):
+        self_outputs = self.attention(hidden_states, attention_mask, head_mask, output_attentions=output_attentions)
+        attention_output, outputs = self_outputs[0], self_outputs[1:]  # outputs: self-attention probs, if asked
+        if self.is_decoder and encoder_hidden_states is not None:
+            if not hasattr(self, "crossattention"):
+                raise AttributeError(
+                    f"If `encoder_hidden_states` are passed, {self} has to be instantiated with cross-attention "
+                    "layers by setting `config.add_cross_attention=True`"
+                )
+            cross_outputs = self.crossattention(
+                attention_output, encoder_attention_mask, head_mask, encoder_hidden_states, output_attentions
+            )
+            attention_output, outputs = cross_outputs[0], outputs + cross_outputs[1:]
+        layer_output = apply_chunking_to_forward(
+            self.feed_forward_chunk, self.chunk_size_feed_forward, self.seq_len_dim, attention_output
+        )
+        return (layer_output,) + outputs
+
+    def feed_forward_chunk(self, attention_output):
+        return self.output(self.intermediate(attention_output), attention_output)
+
+
+class ConvBertEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.layer = nn.ModuleList([ConvBertLayer(config) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable()
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        head_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        output_attentions=False,
+        output_hidden_states=False,
+        return_dict=True,
+    ):
+        all_hidden_states = () if output_hidden_states else None
+        all_self_attentions = () if output_attentions else None
+        all_cross_attentions = () if output_attentions and self.config.add_cross_attention else None
+        for i, layer in enumerate(self.layer):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            args = (hidden_states, attention_mask, head_mask[i], encoder_hidden_states, encoder_attention_mask)
+            if self.gradient_checkpointing and self.training:
+                layer_outputs = self._gradient_checkpointing_func(layer.__call__, *args, output_attentions)
+            else:
+                layer_outputs = layer(*args, output_attentions)
+            hidden_states = layer_outputs[0]
+            if output_attentions:
+                all_self_attentions += (layer_outputs[1],)
+                if self.config.add_cross_attention:
+                    all_cross_attentions += (layer_outputs[2],)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if not return_dict:
+            outputs = (hidden_states, all_hidden_states, all_self_attentions, all_cross_attentions)
+            return tuple(v for v in outputs if v is not None)
+        return BaseModelOutputWithCrossAttentions(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            attentions=all_self_attentions,
+            cross_attentions=all_cross_attentions,
+        )
+
+
+class ConvBertPreTrainedModel(PreTrainedModel):
+    config_class = ConvBertConfig
+    config: ConvBertConfig
+    load_tf_weights = load_tf_weights_in_convbert
+    base_model_prefix = "convbert"
+    supports_gradient_checkpointing = True
+
+    def _init_weights(self, module):
+        """Normal(0, initializer_range) for linear, conv and embedding weights, zero biases, unit LayerNorms."""
+        super()._init_weights(module)
+        if isinstance(module, SeparableConv1D):
+            init.zeros_(module.bias)
+        elif isinstance(module, GroupedLinearLayer):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            init.zeros_(module.bias)
+        elif isinstance(module, ConvBertEmbeddings):
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+            init.zeros_(module.token_type_ids)
+
+
+def _resolve_output_flags(config, output_attentions, output_hidden_states, return_dict):
+    return (
+        config.output_attentions if output_attentions is None else output_attentions,
+        config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+        config.return_dict if return_dict is None else return_dict,
+    )
+
+
+def extended_attention_mask(mask, dtype):
+    """[B, Lk] of 1 (attend) / 0 (ignore) -> additive [B, 1, 1, Lk] of 0 / dtype's lowest value."""
+    if mask.dim() == 2:
+        mask = mask[:, None, None, :]
+    elif mask.dim() != 3:
+        raise ValueError(f"attention masks must have shape [batch, seq_len] or [batch, seq_len, seq_len], got {list(mask.shape)}")
+    else:
+        mask = mask[:, None, :, :]
+    return (1.0 - mask.to(dtype)) * torch.finfo(dtype).min
+
+
+class ConvBertModel(ConvBertPreTrainedModel):
+    """The bare ConvBERT encoder: [B, L] token ids -> [B, L, C] hidden states."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embeddings = ConvBertEmbeddings(config)
+        if config.embedding_size != config.hidden_size:
+            self.embeddings_project = nn.Linear(config.embedding_size, config.hidden_size)
+        self.encoder = ConvBertEncoder(config)
+        self.config = config
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def per_layer_head_mask(self, head_mask, dtype):
+        """[H] or [num_layers, H] of 1 (keep) / 0 (drop) -> one [1, H, 1, 1] multiplier (or None) per layer."""
+        num_layers = self.config.num_hidden_layers
+        if head_mask is None:
+            return [None] * num_layers
+        heads = self.encoder.layer[0].attention.self.num_attention_heads
+        if head_mask.dim() == 1:
+            head_mask = head_mask.expand(num_layers, -1)
+        if head_mask.shape != (num_layers, heads):
+            raise ValueError(
+                f"head_mask must have shape [{heads}] or [{num_layers}, {heads}] (attention heads per layer), "
+                f"got {list(head_mask.shape)}"
+            )
+        return list(head_mask.to(dtype)[:, None, :, None, None])
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+    ):
+        output_attentions, output_hidden_states, return_dict = _resolve_output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
+        if input_ids is not None and inputs_embeds is not None:
+            raise ValueError("You cannot specify both input_ids and inputs_embeds at the same time")
+        elif input_ids is not None:
+            self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
+            input_shape = input_ids.size()
+        elif inputs_embeds is not None:
+            input_shape = inputs_embeds.size()[:-1]
+        else:
+            raise ValueError("You have to specify either input_ids or inputs_embeds")
+        if len(input_shape) != 2:
+            raise ValueError(f"input_ids / inputs_embeds must be [batch, seq_len](, embedding), got {list(input_shape)}")
+        batch, seq_len = input_shape
+        if seq_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds max_position_embeddings = {self.config.max_position_embeddings}"
+            )
+        device = input_ids.device if input_ids is not None else inputs_embeds.device
+        if attention_mask is None:
+            attention_mask = torch.ones(input_shape, device=device)
+        if token_type_ids is None:
+            token_type_ids = self.embeddings.token_type_ids[:, :seq_len].expand(batch, seq_len)
+
+        hidden_states = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # [B, L, E]
+        if hasattr(self, "embeddings_project"):
+            hidden_states = self.embeddings_project(hidden_states)  # [B, L, C]
+        dtype = hidden_states.dtype
+        encoder_mask = None
+        if encoder_hidden_states is not None and encoder_attention_mask is not None:
+            encoder_mask = extended_attention_mask(encoder_attention_mask, dtype)
+        return self.encoder(
+            hidden_states,
+            attention_mask=extended_attention_mask(attention_mask, dtype),
+            head_mask=self.per_layer_head_mask(head_mask, dtype),
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+
+
+class ConvBertGeneratorPredictions(nn.Module):
+    """Dense C -> E, GELU, LayerNorm: the MLM head before the tied vocabulary projection."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.activation = get_activation("gelu")
+        self.LayerNorm = nn.LayerNorm(config.embedding_size, eps=config.layer_norm_eps)
+        self.dense = nn.Linear(config.hidden_size, config.embedding_size)
+
+    def forward(self, generator_hidden_states):
+        return self.LayerNorm(self.activation(self.dense(generator_hidden_states)))
+
+
+def _with_loss(loss, outputs):
+    return ((loss,) + outputs) if loss is not None else outputs
+
+
+class ConvBertForMaskedLM(ConvBertPreTrainedModel):
+    _tied_weights_keys = {"generator_lm_head.weight": "convbert.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.convbert = ConvBertModel(config)
+        self.generator_predictions = ConvBertGeneratorPredictions(config)
+        self.generator_lm_head = nn.Linear(config.embedding_size, config.vocab_size)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.generator_lm_head
+
+    def set_output_embeddings(self, word_embeddings):
+        self.generator_lm_head = word_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        """labels [B, L]: token ids to predict, -100 where no loss is taken."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.convbert(
+            input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+            output_attentions, output_hidden_states, return_dict,
+        )  # fmt: skip
+        logits = self.generator_lm_head(self.generator_predictions(outputs[0]))  # [B, L, vocab]
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size), labels.view(-1))
+        if not return_dict:
+            return _with_loss(loss, (logits,) + outputs[1:])
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+class ConvBertClassificationHead(nn.Module):
+    """Dropout, dense, activation, dropout, projection on the first token: [B, L, C] -> [B, num_labels]."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+        self.config = config
+
+    def forward(self, hidden_states):
+        x = self.dropout(hidden_states[:, 0, :])  # the [CLS] token
+        x = self.dropout(ACT2FN[self.config.hidden_act](self.dense(x)))
+        return self.out_proj(x)
+
+
+class ConvBertForSequenceClassification(ConvBertPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.config = config
+        self.convbert = ConvBertModel(config)
+        self.classifier = ConvBertClassificationHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        """labels [B]: class ids (regression when num_labels == 1; float multi-hot for multi-label)."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.convbert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+        logits = self.classifier(outputs[0])  # [B, num_labels]
+        loss = None
+        if labels is not None:
+            if self.config.problem_type is None:
+                if self.num_labels == 1:
+                    self.config.problem_type = "regression"
+                elif self.num_labels > 1 and labels.dtype in (torch.long, torch.int):
+                    self.config.problem_type = "single_label_classification"
+                else:
+                    self.config.problem_type = "multi_label_classification"
+            if self.config.problem_type == "regression":
+                if self.num_labels == 1:
+                    loss = MSELoss()(logits.squeeze(), labels.squeeze())
+                else:
+                    loss = MSELoss()(logits, labels)
+            elif self.config.problem_type == "single_label_classification":
+                loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
+            elif self.config.problem_type == "multi_label_classification":
+                loss = BCEWithLogitsLoss()(logits, labels)
+        if not return_dict:
+            return _with_loss(loss, (logits,) + outputs[1:])
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class ConvBertSequenceSummary(nn.Module):
+    """One vector per sequence, as transformers' SequenceSummary: `config.summary_type` ("last" by default,
+    since ConvBertConfig does not set it), then an optional projection, activation and dropouts."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.summary_type = getattr(config, "summary_type", "last")
+        if self.summary_type not in ("last", "first", "mean", "cls_index"):
+            raise ValueError(f"summary_type must be 'last', 'first', 'mean' or 'cls_index', got {self.summary_type!r}")
+        self.summary = nn.Identity()
+        if getattr(config, "summary_use_proj", False):
+            to_labels = getattr(config, "summary_proj_to_labels", False) and config.num_labels > 0
+            self.summary = nn.Linear(config.hidden_size, config.num_labels if to_labels else config.hidden_size)
+        activation = getattr(config, "summary_activation", None)
+        self.activation = get_activation(activation) if activation else nn.Identity()
+        first, last = getattr(config, "summary_first_dropout", 0), getattr(config, "summary_last_dropout", 0)
+        self.first_dropout = nn.Dropout(first) if first > 0 else nn.Identity()
+        self.last_dropout = nn.Dropout(last) if last > 0 else nn.Identity()
+
+    def forward(self, hidden_states, cls_index=None):  # [N, L, C] -> [N, C]
+        if self.summary_type == "last":
+            output = hidden_states[:, -1]
+        elif self.summary_type == "first":
+            output = hidden_states[:, 0]
+        elif self.summary_type == "mean":
+            output = hidden_states.mean(dim=1)
+        else:  # cls_index: the given token, the last one by default
+            if cls_index is None:
+                cls_index = torch.full_like(hidden_states[..., :1, :], hidden_states.shape[-2] - 1, dtype=torch.long)
+            else:
+                cls_index = cls_index[..., None, None].expand(*cls_index.shape, 1, hidden_states.size(-1))
+            output = hidden_states.gather(-2, cls_index).squeeze(-2)
+        return self.last_dropout(self.activation(self.summary(self.first_dropout(output))))
+
+
+class ConvBertForMultipleChoice(ConvBertPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.convbert = ConvBertModel(config)
+        self.sequence_summary = ConvBertSequenceSummary(config)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        """Inputs [B, num_choices, L](, E); labels [B]: the index of the right choice."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        num_choices = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
+
+        def flatten(t, trailing):  # [B, num_choices, L, ...] -> [B * num_choices, L, ...]
+            return None if t is None else t.reshape(-1, *t.shape[-trailing:])
+
+        outputs = self.convbert(
+            flatten(input_ids, 1),
+            attention_mask=flatten(attention_mask, 1),
+            token_type_ids=flatten(token_type_ids, 1),
+            position_ids=flatten(position_ids, 1),
+            head_mask=head_mask,
+            inputs_embeds=flatten(inputs_embeds, 2),
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+        logits = self.classifier(self.sequence_summary(outputs[0])).view(-1, num_choices)  # [B, num_choices]
+        loss = CrossEntropyLoss()(logits, labels) if labels is not None else None
+        if not return_dict:
+            return _with_loss(loss, (logits,) + outputs[1:])
+        return MultipleChoiceModelOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class ConvBertForTokenClassification(ConvBertPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.convbert = ConvBertModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        """labels [B, L]: a class per token, -100 where no loss is taken."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.convbert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+        logits = self.classifier(self.dropout(outputs[0]))  # [B, L, num_labels]
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
+        if not return_dict:
+            return _with_loss(loss, (logits,) + outputs[1:])
+        return TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class ConvBertForQuestionAnswering(ConvBertPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.convbert = ConvBertModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        start_positions=None,
+        end_positions=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        """start_positions, end_positions [B]: the answer span; positions past the sequence are ignored."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.convbert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+        start_logits, end_logits = self.qa_outputs(outputs[0]).split(1, dim=-1)  # [B, L, 1] each
+        start_logits = start_logits.squeeze(-1).contiguous()
+        end_logits = end_logits.squeeze(-1).contiguous()
+        total_loss = None
+        if start_positions is not None and end_positions is not None:
+            if start_positions.dim() > 1:  # multi-GPU gathers add a dimension
+                start_positions = start_positions.squeeze(-1)
+            if end_positions.dim() > 1:
+                end_positions = end_positions.squeeze(-1)
+            ignored_index = start_logits.size(1)
+            loss_fct = CrossEntropyLoss(ignore_index=ignored_index)
+            start_loss = loss_fct(start_logits, start_positions.clamp(0, ignored_index))
+            end_loss = loss_fct(end_logits, end_positions.clamp(0, ignored_index))
+            total_loss = (start_loss + end_loss) / 2
+        if not return_dict:
+            return _with_loss(total_loss, (start_logits, end_logits) + outputs[1:])
+        return QuestionAnsweringModelOutput(
+            loss=total_loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )

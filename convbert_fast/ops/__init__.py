@@ -1,0 +1,16 @@
+"""The three hot spots of ConvBERT as functions, each dispatched to the chosen backend."""
+
+from .backend import available_backends, get_backend, set_backend, use_backend
+from .grouped_linear import grouped_linear
+from .separable_conv import separable_conv1d
+from .span_conv import dynamic_span_conv
+
+__all__ = [
+    "available_backends",
+    "dynamic_span_conv",
+    "get_backend",
+    "grouped_linear",
+    "separable_conv1d",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,100 @@
+"""Backend choice for the three hot-spot ops.
+
+Each backend registers one implementation per op. ``auto`` takes the first available backend of a
+per-device preference list; when it has to skip a backend that ships with this build but failed to
+load, it warns once, so a slow path is never taken silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable, Iterator
+
+import torch
+
+OP_NAMES = ("separable_conv1d", "dynamic_span_conv", "grouped_linear")
+BACKEND_NAMES = ("eager", "cpp", "triton")
+
+# Fastest first. `eager` is last everywhere: it always loads.
+_AUTO_PREFERENCE = {"cuda": ("cpp", "triton", "eager"), "cpu": ("cpp", "eager")}
+
+_implementations: dict[str, dict[str, Callable]] = {name: {} for name in BACKEND_NAMES}
+# Why a backend cannot be used. Backends missing from this build are not a fallback worth warning
+# about; a backend that ships but failed to load is.
+_unavailable_reason: dict[str, str] = {
+    "cpp": "not part of this version of convbert_fast (the C++ extension is not built yet)",
+    "triton": "not part of this version of convbert_fast (no Triton kernels yet)",
+}
+_failed_to_load: set[str] = set()
+_warned_fallback: set[str] = set()
+_selected = "auto"
+
+
+def register(backend: str, op_name: str, fn: Callable) -> None:
+    if backend not in BACKEND_NAMES or op_name not in OP_NAMES:
+        raise ValueError(f"unknown backend/op pair {backend!r}/{op_name!r}")
+    _implementations[backend][op_name] = fn
+    if len(_implementations[backend]) == len(OP_NAMES):
+        _unavailable_reason.pop(backend, None)
+
+
+def mark_failed(backend: str, reason: str) -> None:
+    """Record that `backend` ships with this build but could not be loaded, and why."""
+    _unavailable_reason[backend] = reason
+    _failed_to_load.add(backend)
+
+
+def available_backends() -> dict[str, str]:
+    """``{name: "ok" or the reason it cannot be used}`` for every backend."""
+    return {name: _unavailable_reason.get(name, "ok") for name in BACKEND_NAMES}
+
+
+def _check_usable(name: str) -> None:
+    if name == "auto":
+        return
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {name!r}; valid: 'auto', " + ", ".join(repr(b) for b in BACKEND_NAMES))
+    if name in _unavailable_reason:
+        raise RuntimeError(f"backend {name!r} is not available: {_unavailable_reason[name]}")
+
+
+def set_backend(name: str) -> None:
+    """Use `name` ("auto", "eager", "cpp" or "triton") for every op from now on."""
+    global _selected
+    _check_usable(name)
+    _selected = name
+
+
+def get_backend() -> str:
+    return _selected
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """``set_backend(name)`` for the duration of a ``with`` block."""
+    global _selected
+    _check_usable(name)
+    previous, _selected = _selected, name
+    try:
+        yield
+    finally:
+        _selected = previous
+
+
+def implementation(op_name: str, device: torch.device) -> Callable:
+    """The function that runs `op_name` for tensors on `device` under the current backend choice."""
+    if _selected != "auto":
+        return _implementations[_selected][op_name]
+    for name in _AUTO_PREFERENCE.get(device.type, ("eager",)):
+        if name not in _unavailable_reason:
+            return _implementations[name][op_name]
+        if name in _failed_to_load and name not in _warned_fallback:
+            _warned_fallback.add(name)
+            warnings.warn(
+                f"convbert_fast: backend {name!r} failed to load ({_unavailable_reason[name]}); "
+                "'auto' falls back to a slower backend. `python -m convbert_fast info` shows details.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    raise AssertionError("unreachable: the eager backend is always available")

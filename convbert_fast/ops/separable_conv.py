@@ -1,0 +1,42 @@
+"""separable_conv1d: ConvBERT's `key_conv_attn_layer` (depthwise conv over the sequence, pointwise C -> A, bias)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import backend
+from .checks import check_float_tensors, check_kernel_size, check_shape
+
+OP = "separable_conv1d"
+
+
+def separable_conv1d_eager(x, depthwise_weight, pointwise_weight, bias):
+    """The seed's math: transpose to [B, C, L], two nn.Conv1d convolutions, bias, transpose back."""
+    kernel_size = depthwise_weight.shape[-1]
+    y = F.conv1d(x.transpose(1, 2), depthwise_weight, padding=kernel_size // 2, groups=x.shape[-1])  # [B, C, L]
+    y = F.conv1d(y, pointwise_weight)  # [B, A, L]
+    y = y + bias.reshape(-1, 1)
+    return y.transpose(1, 2)  # [B, L, A]
+
+
+backend.register("eager", OP, separable_conv1d_eager)
+
+
+def separable_conv1d(
+    x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """x [B, L, C]; depthwise_weight [C, 1, K]; pointwise_weight [A, C, 1]; bias [A, 1] or [A] -> [B, L, A].
+
+    Zero padding of K // 2 on both sides, as ``nn.Conv1d(padding=K // 2)``.
+    """
+    check_float_tensors(OP, x=x, depthwise_weight=depthwise_weight, pointwise_weight=pointwise_weight, bias=bias)
+    check_shape(OP, "x", x, (None, None, None), "[batch, seq_len, channels]")
+    channels = x.shape[-1]
+    check_shape(OP, "depthwise_weight", depthwise_weight, (channels, 1, None), f"[{channels}, 1, kernel_size]")
+    check_kernel_size(OP, depthwise_weight.shape[-1], "depthwise_weight.shape[-1]")
+    check_shape(OP, "pointwise_weight", pointwise_weight, (None, channels, 1), f"[out_channels, {channels}, 1]")
+    out_channels = pointwise_weight.shape[0]
+    if bias.shape not in ((out_channels,), (out_channels, 1)):
+        raise ValueError(f"{OP}: `bias` must have shape [{out_channels}] or [{out_channels}, 1], got {list(bias.shape)}")
+    return backend.implementation(OP, x.device)(x, depthwise_weight, pointwise_weight, bias)

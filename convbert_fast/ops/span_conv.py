@@ -1,0 +1,55 @@
+"""dynamic_span_conv: ConvBERT's span-based dynamic convolution.
+
+For token t and conv head h, a softmax over that head's K logits weighs the K value rows
+t - (K-1)/2 ... t + (K-1)/2 of that head's channels (zero outside [0, L), padded tokens included).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import backend
+from .checks import check_float_tensors, check_kernel_size, check_shape
+
+OP = "dynamic_span_conv"
+
+
+def dynamic_span_conv_eager(values, kernel_logits, num_heads):
+    """The seed's math: per-head softmax, `unfold` into a K-times larger tensor, one matmul per (token, head)."""
+    batch, seq_len, all_head_size = values.shape
+    kernel_size = kernel_logits.shape[-1] // num_heads
+    head_size = all_head_size // num_heads
+    rows = batch * seq_len * num_heads
+    weights = torch.softmax(kernel_logits.reshape(rows, kernel_size, 1), dim=1)  # [B*L*H, K, 1]
+    spans = F.unfold(
+        values.transpose(1, 2).contiguous().unsqueeze(-1),  # [B, A, L, 1]
+        kernel_size=[kernel_size, 1],
+        padding=[(kernel_size - 1) // 2, 0],
+    )  # [B, A*K, L]
+    spans = spans.transpose(1, 2).reshape(batch, seq_len, all_head_size, kernel_size)
+    spans = spans.reshape(rows, head_size, kernel_size)  # [B*L*H, D, K]
+    return torch.matmul(spans, weights).reshape(batch, seq_len, all_head_size)  # [B, L, A]
+
+
+backend.register("eager", OP, dynamic_span_conv_eager)
+
+
+def dynamic_span_conv(values: torch.Tensor, kernel_logits: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """values [B, L, A]; kernel_logits [B, L, num_heads * K] (before the softmax) -> [B, L, A]."""
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool):
+        raise TypeError(f"{OP}: `num_heads` must be an int, got {type(num_heads).__name__}")
+    if num_heads < 1:
+        raise ValueError(f"{OP}: `num_heads` must be at least 1, got {num_heads}")
+    check_float_tensors(OP, values=values, kernel_logits=kernel_logits)
+    check_shape(OP, "values", values, (None, None, None), "[batch, seq_len, all_head_size]")
+    batch, seq_len, all_head_size = values.shape
+    check_shape(OP, "kernel_logits", kernel_logits, (batch, seq_len, None), f"[{batch}, {seq_len}, num_heads * kernel_size]")
+    if all_head_size % num_heads:
+        raise ValueError(f"{OP}: values.shape[-1] = {all_head_size} is not divisible by num_heads = {num_heads}")
+    if kernel_logits.shape[-1] % num_heads:
+        raise ValueError(
+            f"{OP}: kernel_logits.shape[-1] = {kernel_logits.shape[-1]} is not divisible by num_heads = {num_heads}"
+        )
+    check_kernel_size(OP, kernel_logits.shape[-1] // num_heads, "kernel_logits.shape[-1] // num_heads")
+    return backend.implementation(OP, values.device)(values, kernel_logits, num_heads)

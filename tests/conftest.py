@@ -1,0 +1,51 @@
+"""Shared fixtures: small configs shaped like the released ones, and a record of parity differences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import convbert_fast as cf
+
+# Two layers and a small vocabulary keep CI fast; widths, heads, groups and K are the released ones.
+COMMON = dict(vocab_size=99, num_hidden_layers=2, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0)
+PARITY_CONFIGS = {
+    "base": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, embedding_size=768),
+    "medium-small": dict(hidden_size=384, num_attention_heads=8, intermediate_size=1536, embedding_size=128, num_groups=2),
+    "small": dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, embedding_size=128),
+    # head_ratio > num_attention_heads: transformers falls back to a single head of size hidden / 2
+    "one-head": dict(hidden_size=64, num_attention_heads=2, head_ratio=4, intermediate_size=128, embedding_size=64),
+    "small-k3": dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, embedding_size=128, conv_kernel_size=3),
+    "small-k5": dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, embedding_size=128, conv_kernel_size=5),
+}
+
+
+def make_config(name: str, **overrides) -> cf.ConvBertConfig:
+    return cf.ConvBertConfig(**{**COMMON, **PARITY_CONFIGS[name], **overrides})
+
+
+_worst_parity: dict[str, float] = {}
+
+
+def record_parity(label: str, diff: float) -> None:
+    _worst_parity[label] = max(_worst_parity.get(label, 0.0), diff)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _worst_parity:
+        terminalreporter.section("worst |ours - transformers| per class (fp32)")
+        for label, diff in sorted(_worst_parity.items()):
+            terminalreporter.write_line(f"{label:<45} {diff:.3e}")
+
+
+@pytest.fixture(autouse=True)
+def _default_backend():
+    """Every test starts on `auto` and leaves it there."""
+    cf.set_backend("auto")
+    yield
+    cf.set_backend("auto")
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)

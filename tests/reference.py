@@ -1,0 +1,79 @@
+"""Independent reference math for ConvBERT's pieces, written from the paper's definitions with explicit loops
+over the kernel offsets and groups (no unfold, no conv1d, no permutes), and a tolerance rule for low precision."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def separable_conv1d_ref(x, depthwise_weight, pointwise_weight, bias):
+    """x [B, L, C] -> [B, L, A]: y[t, c] = sum_j w[c, j] x[t + j - K//2, c] (zero outside), then pointwise + bias."""
+    seq_len, kernel_size = x.shape[1], depthwise_weight.shape[-1]
+    padded = F.pad(x, (0, 0, kernel_size // 2, kernel_size // 2))  # zero rows before and after
+    depth = sum(padded[:, j : j + seq_len, :] * depthwise_weight[:, 0, j] for j in range(kernel_size))
+    return depth @ pointwise_weight[:, :, 0].T + bias.reshape(-1)
+
+
+def dynamic_span_conv_ref(values, kernel_logits, num_heads):
+    """out[t, h] = sum_j softmax_j(logits[t, h, :]) * values[t + j - (K-1)/2, h] (zero outside [0, L))."""
+    batch, seq_len, all_head_size = values.shape
+    kernel_size = kernel_logits.shape[-1] // num_heads
+    weights = kernel_logits.reshape(batch, seq_len, num_heads, kernel_size).softmax(-1)
+    half = (kernel_size - 1) // 2
+    padded = F.pad(values, (0, 0, half, half)).reshape(batch, seq_len + 2 * half, num_heads, -1)
+    out = sum(weights[..., j, None] * padded[:, j : j + seq_len] for j in range(kernel_size))
+    return out.reshape(batch, seq_len, all_head_size)
+
+
+def grouped_linear_ref(x, weight, bias):
+    """Group g maps features [g*Din/G, (g+1)*Din/G) with weight[g]; the outputs are concatenated."""
+    num_groups, group_in, _ = weight.shape
+    parts = [x[..., g * group_in : (g + 1) * group_in] @ weight[g] for g in range(num_groups)]
+    return torch.cat(parts, dim=-1) + bias
+
+
+def self_attention_ref(module, x, additive_mask=None, head_mask=None, encoder_states=None):
+    """ConvBERT self-attention from its definition, reading the weights of a ConvBertSelfAttention `module`.
+    With `encoder_states` [B, Lk, C], keys and values come from them (cross-attention); the conv half reads `x`.
+
+    Returns (context [B, L, 2A] with the attention heads first, attention probabilities [B, H, L, Lk])."""
+    batch, seq_len, _ = x.shape
+    kv = x if encoder_states is None else encoder_states
+    heads, head_size = module.num_attention_heads, module.attention_head_size
+
+    def linear(layer, inp):
+        return inp @ layer.weight.T + layer.bias
+
+    query = linear(module.query, x)
+    conv = module.key_conv_attn_layer
+    key_conv = separable_conv1d_ref(x, conv.depthwise.weight, conv.pointwise.weight, conv.bias)
+    kernel_logits = linear(module.conv_kernel_layer, key_conv * query)
+    conv_context = dynamic_span_conv_ref(linear(module.conv_out_layer, x), kernel_logits, heads)
+
+    q = query.reshape(batch, seq_len, heads, head_size)
+    k = linear(module.key, kv).reshape(batch, kv.shape[1], heads, head_size)
+    v = linear(module.value, kv).reshape(batch, kv.shape[1], heads, head_size)
+    scores = torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(head_size)
+    if additive_mask is not None:
+        scores = scores + additive_mask
+    probs = scores.softmax(-1)
+    if head_mask is not None:
+        probs = probs * head_mask.reshape(1, heads, 1, 1)
+    attn_context = torch.einsum("bhlm,bmhd->blhd", probs, v).reshape(batch, seq_len, heads * head_size)
+    return torch.cat([attn_context, conv_context], dim=-1), probs
+
+
+def assert_within_torch_error(actual, torch_result, oracle, factor=2.0):
+    """Low-precision rule (as flash-attention's tests): our error against an fp64 oracle may be at most `factor`
+    times PyTorch's own error in the same dtype, plus one unit of rounding at the output's magnitude."""
+    oracle = oracle.double()
+    torch_error = (torch_result.double() - oracle).abs().max().item()
+    our_error = (actual.double() - oracle).abs().max().item()
+    rounding = torch.finfo(actual.dtype).eps * oracle.abs().max().item()
+    assert our_error <= factor * torch_error + rounding, (
+        f"{actual.dtype}: error {our_error:.3e} against the fp64 oracle exceeds {factor} x PyTorch's own "
+        f"{torch_error:.3e} + {rounding:.3e}"
+    )

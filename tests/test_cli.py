@@ -1,0 +1,47 @@
+"""`python -m convbert_fast info | demo` as a user runs them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+import transformers
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "convbert_fast", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_info_reports_versions_device_and_backends():
+    result = run("info")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"torch          {torch.__version__}" in out
+    assert f"transformers   {transformers.__version__}" in out
+    for line in ("python ", "triton ", "CUDA (torch) ", "device "):
+        assert line in out
+    assert "eager        ok" in out
+    # an unavailable backend comes with its reason
+    assert "cpp          not part of this version" in out
+
+
+def test_demo_times_a_forward_and_a_training_step():
+    result = run("demo", "--layers", "1", "--batch-size", "2", "--seq-len", "16", "--repeats", "1")
+    assert result.returncode == 0, result.stderr
+    assert "forward " in result.stdout and "forward+backward" in result.stdout
+    assert result.stdout.count("tokens/s") == 2
+
+
+def test_demo_rejects_an_unknown_config():
+    result = run("demo", "--config", "huge")
+    assert result.returncode == 2
+    assert "invalid choice: 'huge'" in result.stderr
+
+
+def test_demo_rejects_a_device_it_does_not_have():
+    result = run("demo", "--device", "tpu")
+    assert result.returncode == 2 and "valid devices are cpu, cuda" in result.stderr
+    if not torch.cuda.is_available():
+        result = run("demo", "--device", "cuda")
+        assert result.returncode == 2 and "sees no CUDA device" in result.stderr

@@ -1,0 +1,206 @@
+"""The model family against transformers' own ConvBERT classes: weights loaded strictly from a transformers model,
+fp32, every output and every gradient. The eager backend is the seed's math, so differences are at rounding level."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import convbert_fast as cf
+from conftest import PARITY_CONFIGS, make_config, record_parity
+
+ATOL = 1e-5  # the issue's bound for fp32 parity
+CLASSES = [
+    "ConvBertModel",
+    "ConvBertForMaskedLM",
+    "ConvBertForSequenceClassification",
+    "ConvBertForMultipleChoice",
+    "ConvBertForTokenClassification",
+    "ConvBertForQuestionAnswering",
+]
+BATCH, SEQ_LEN, NUM_CHOICES = 2, 16, 3
+
+
+def model_pair(class_name, config, train=False):
+    """A transformers model and ours holding exactly its weights (strict load)."""
+    theirs = getattr(transformers, class_name)(config)
+    ours = getattr(cf, class_name)(config)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.train(train), ours.train(train)
+    return theirs, ours
+
+
+def make_inputs(class_name, config, gen, labels=True):
+    shape = (BATCH, NUM_CHOICES, SEQ_LEN) if class_name == "ConvBertForMultipleChoice" else (BATCH, SEQ_LEN)
+    input_ids = torch.randint(1, config.vocab_size, shape, generator=gen)
+    attention_mask = torch.ones(shape, dtype=torch.long)
+    attention_mask[..., 0, SEQ_LEN - 5 :] = 0  # the first sequence (of each choice) is padded
+    input_ids[attention_mask == 0] = config.pad_token_id
+    inputs = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        token_type_ids=(torch.arange(SEQ_LEN) >= SEQ_LEN // 2).long().expand(shape).contiguous(),
+    )
+    if labels:
+        n = config.num_labels
+        if class_name == "ConvBertForMaskedLM":
+            target = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN), generator=gen)
+            target[:, ::3] = -100
+            inputs["labels"] = target
+        elif class_name == "ConvBertForSequenceClassification":
+            inputs["labels"] = torch.randint(0, n, (BATCH,), generator=gen)
+        elif class_name == "ConvBertForMultipleChoice":
+            inputs["labels"] = torch.randint(0, NUM_CHOICES, (BATCH,), generator=gen)
+        elif class_name == "ConvBertForTokenClassification":
+            inputs["labels"] = torch.randint(0, n, (BATCH, SEQ_LEN), generator=gen)
+        elif class_name == "ConvBertForQuestionAnswering":
+            inputs["start_positions"] = torch.tensor([3, SEQ_LEN + 4])  # the second is past the end: ignored
+            inputs["end_positions"] = torch.tensor([7, 2])
+    return inputs
+
+
+def max_diff(a, b, where=""):
+    """Largest |a - b| over matching tensors, nested tuples or ModelOutputs; their structures must agree."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype, where
+        return (a.detach() - b.detach()).abs().max().item() if a.numel() else 0.0
+    if isinstance(a, transformers.utils.ModelOutput):
+        assert list(a.keys()) == list(b.keys()), f"{where}: fields {list(a.keys())} != {list(b.keys())}"
+        return max(max_diff(a[k], b[k], f"{where}.{k}") for k in a.keys())
+    assert isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b), f"{where}: {type(a)} vs {type(b)}"
+    return max((max_diff(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b))), default=0.0)
+
+
+def assert_parity(label, ours, theirs):
+    diff = max_diff(ours, theirs, label)
+    record_parity(label, diff)
+    assert diff <= ATOL, f"{label}: max |ours - transformers| = {diff:.3e}"
+
+
+@pytest.mark.parametrize("config_name", list(PARITY_CONFIGS))
+@pytest.mark.parametrize("class_name", CLASSES)
+def test_outputs_match_transformers(class_name, config_name):
+    config = make_config(config_name, num_labels=3 if class_name != "ConvBertForQuestionAnswering" else 2)
+    torch.manual_seed(0)
+    theirs, ours = model_pair(class_name, config)
+    inputs = make_inputs(class_name, config, torch.Generator().manual_seed(1))
+    if class_name == "ConvBertModel":
+        inputs.pop("labels", None)
+    flags = dict(output_attentions=True, output_hidden_states=True)
+    with torch.no_grad():
+        expected = theirs(**inputs, **flags)
+        assert_parity(class_name, ours(**inputs, **flags), expected)
+        if class_name != "ConvBertModel":
+            assert expected.loss is not None
+        # return_dict=False: the same values as a tuple
+        assert_parity(class_name, ours(**inputs, **flags, return_dict=False), theirs(**inputs, **flags, return_dict=False))
+        # defaults: no attentions or hidden states
+        assert_parity(class_name, ours(**inputs), theirs(**inputs))
+
+
+@pytest.mark.parametrize("class_name", CLASSES)
+def test_inputs_embeds_match_transformers(class_name):
+    config = make_config("medium-small", num_labels=2)
+    torch.manual_seed(0)
+    theirs, ours = model_pair(class_name, config)
+    inputs = make_inputs(class_name, config, torch.Generator().manual_seed(2), labels=False)
+    embeds = theirs.get_input_embeddings()(inputs.pop("input_ids")).detach()
+    with torch.no_grad():
+        expected = theirs(inputs_embeds=embeds, **inputs, output_hidden_states=True)
+        assert_parity(class_name, ours(inputs_embeds=embeds, **inputs, output_hidden_states=True), expected)
+
+
+@pytest.mark.parametrize("problem_type,num_labels", [("regression", 1), ("multi_label_classification", 3)])
+def test_sequence_classification_losses(problem_type, num_labels):
+    config = make_config("small", num_labels=num_labels)
+    theirs, ours = model_pair("ConvBertForSequenceClassification", config)
+    inputs = make_inputs("ConvBertModel", config, torch.Generator().manual_seed(3), labels=False)
+    gen = torch.Generator().manual_seed(4)
+    labels = torch.rand(BATCH, generator=gen) if num_labels == 1 else (torch.rand(BATCH, 3, generator=gen) > 0.5).float()
+    with torch.no_grad():
+        expected = theirs(**inputs, labels=labels)
+        got = ours(**inputs, labels=labels)
+    assert ours.config.problem_type == problem_type
+    assert_parity("ConvBertForSequenceClassification", got, expected)
+
+
+@pytest.mark.parametrize("config_name", ["base", "medium-small", "one-head", "small-k3"])
+@pytest.mark.parametrize("class_name", CLASSES)
+def test_gradients_match_transformers(class_name, config_name):
+    """Train mode with dropout 0: the loss and the gradient of every parameter."""
+    config = make_config(config_name, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
+    torch.manual_seed(0)
+    theirs, ours = model_pair(class_name, config, train=True)
+    inputs = make_inputs(class_name, config, torch.Generator().manual_seed(5))
+    if class_name == "ConvBertModel":
+        inputs.pop("labels", None)
+        loss_of = lambda out: out.last_hidden_state.square().mean()  # noqa: E731
+    else:
+        loss_of = lambda out: out.loss  # noqa: E731
+    loss_of(theirs(**inputs)).backward()
+    loss_of(ours(**inputs)).backward()
+    their_grads = dict(theirs.named_parameters())
+    worst = 0.0
+    for name, param in ours.named_parameters():
+        assert param.grad is not None, f"{name} got no gradient"
+        worst = max(worst, max_diff(param.grad, their_grads[name].grad, name))
+    record_parity(f"{class_name} (gradients)", worst)
+    assert worst <= ATOL
+
+
+@pytest.mark.parametrize("class_name", CLASSES)
+def test_initial_weights_match_transformers(class_name):
+    """Same seed, same draws: the weight init (normal(0, initializer_range), zero biases, unit LayerNorms)
+    and the module order are transformers' own."""
+    config = make_config("medium-small", num_labels=2)
+    torch.manual_seed(7)
+    theirs = getattr(transformers, class_name)(config).state_dict()
+    torch.manual_seed(7)
+    ours = getattr(cf, class_name)(config).state_dict()
+    assert list(ours) == list(theirs)
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.parametrize("class_name", ["ConvBertForMaskedLM", "ConvBertForSequenceClassification"])
+def test_from_pretrained_both_ways(class_name, tmp_path):
+    config = make_config("medium-small", num_labels=2)
+    theirs = getattr(transformers, class_name)(config).eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours, info = getattr(cf, class_name).from_pretrained(tmp_path / "theirs", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    inputs = make_inputs(class_name, config, torch.Generator().manual_seed(6), labels=False)
+    with torch.no_grad():
+        assert_parity(class_name, ours.eval()(**inputs), theirs(**inputs))
+
+    ours.save_pretrained(tmp_path / "ours")
+    back, info = getattr(transformers, class_name).from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    if class_name == "ConvBertForMaskedLM":
+        assert ours.generator_lm_head.weight is ours.convbert.embeddings.word_embeddings.weight
+
+
+def test_cross_attention_decoder_matches_transformers():
+    config = make_config("small", is_decoder=True, add_cross_attention=True)
+    theirs, ours = model_pair("ConvBertModel", config)
+    gen = torch.Generator().manual_seed(8)
+    inputs = make_inputs("ConvBertModel", config, gen, labels=False)
+    # transformers 5 reshapes keys with the decoder's length, so it only runs when the lengths agree;
+    # test_head_mask.py checks other encoder lengths against the reference math.
+    encoder_states = torch.randn(BATCH, SEQ_LEN, config.hidden_size, generator=gen)
+    encoder_mask = torch.ones(BATCH, SEQ_LEN)
+    encoder_mask[1, 7:] = 0
+    # transformers 5 adds an encoder mask as given: hand it the additive form ours builds from 0/1.
+    additive = (1.0 - encoder_mask[:, None, None, :]) * torch.finfo(torch.float32).min
+    with torch.no_grad():
+        expected = theirs(**inputs, encoder_hidden_states=encoder_states, encoder_attention_mask=additive)
+        got = ours(**inputs, encoder_hidden_states=encoder_states, encoder_attention_mask=encoder_mask)
+        assert_parity("ConvBertModel (cross-attention)", got, expected)
+        unmasked = ours(**inputs, encoder_hidden_states=encoder_states)
+    assert (unmasked.last_hidden_state - got.last_hidden_state).abs().max() > 1e-3  # the encoder mask matters
+    # cross-attention probabilities are reported beside the self-attention ones
+    out = ours(**inputs, encoder_hidden_states=encoder_states, output_attentions=True)
+    assert out.cross_attentions[0].shape == (BATCH, 2, SEQ_LEN, SEQ_LEN)
