@@ -535,16 +535,9 @@ class ConvBertForSequenceClassification(ConvBertPreTrainedModel):
         """labels [B]: class ids (regression when num_labels == 1; float multi-hot for multi-label)."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.convbert(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-        )
+            input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+            output_attentions, output_hidden_states, return_dict,
+        )  # fmt: skip
         logits = self.classifier(outputs[0])  # [B, num_labels]
         loss = None
         if labels is not None:
@@ -680,16 +673,9 @@ class ConvBertForTokenClassification(ConvBertPreTrainedModel):
         """labels [B, L]: a class per token, -100 where no loss is taken."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.convbert(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-        )
+            input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+            output_attentions, output_hidden_states, return_dict,
+        )  # fmt: skip
         logits = self.classifier(self.dropout(outputs[0]))  # [B, L, num_labels]
         loss = None
         if labels is not None:
@@ -726,16 +712,9 @@ class ConvBertForQuestionAnswering(ConvBertPreTrainedModel):
         """start_positions, end_positions [B]: the answer span; positions past the sequence are ignored."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.convbert(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            head_mask=head_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-        )
+            input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+            output_attentions, output_hidden_states, return_dict,
+        )  # fmt: skip
         start_logits, end_logits = self.qa_outputs(outputs[0]).split(1, dim=-1)  # [B, L, 1] each
         start_logits = start_logits.squeeze(-1).contiguous()
         end_logits = end_logits.squeeze(-1).contiguous()
