@@ -163,7 +163,7 @@ def test_initial_weights_match_transformers(class_name):
         assert torch.equal(ours[key], theirs[key]), key
 
 
-@pytest.mark.parametrize("class_name", ["ConvBertForMaskedLM", "ConvBertForSequenceClassification"])
+@pytest.mark.parametrize("class_name", CLASSES)
 def test_from_pretrained_both_ways(class_name, tmp_path):
     config = make_config("medium-small", num_labels=2)
     theirs = getattr(transformers, class_name)(config).eval()
