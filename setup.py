@@ -1,5 +1,54 @@
-"""Build script. Metadata lives in pyproject.toml; this file is where the C++/CUDA extension's build will go."""
+"""Builds convbert_fast._C: the CPU kernels always, the CUDA kernels when torch is a CUDA build and nvcc is found.
+
+Environment:
+  CONVBERT_FAST_NO_CUDA=1      build the CPU kernels only
+  TORCH_CUDA_ARCH_LIST         GPU architectures (default "8.0;9.0": A100 and H100/H200); no GPU is queried
+  MAX_JOBS                     parallel compile jobs (default: the cores, capped at one per 3 GiB of memory)
+Metadata lives in pyproject.toml.
+"""
+
+import glob
+import os
 
 from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-setup()
+
+def cuda_build_reason():
+    """None when the CUDA kernels will be built, else why not."""
+    import torch
+
+    if os.environ.get("CONVBERT_FAST_NO_CUDA", "0") not in ("", "0"):
+        return "CONVBERT_FAST_NO_CUDA is set"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build"
+    if CUDA_HOME is None:
+        return "nvcc (CUDA_HOME) was not found"
+    return None
+
+
+def memory_capped_jobs():
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return max(1, min(os.cpu_count() or 1, int(memory_gib // 3)))
+
+
+os.environ.setdefault("MAX_JOBS", str(memory_capped_jobs()))
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+sources = ["csrc/ops.cpp", "csrc/composite.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+compile_args = {"cxx": ["-O3", "-DPy_LIMITED_API=0x03090000"]}
+skip_reason = cuda_build_reason()
+if skip_reason is None:
+    sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+    compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
+    extension = CUDAExtension("convbert_fast._C", sources, extra_compile_args=compile_args, py_limited_api=True)
+    print("convbert_fast: building the CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST =", os.environ["TORCH_CUDA_ARCH_LIST"])
+else:
+    extension = CppExtension("convbert_fast._C", sources, extra_compile_args=compile_args, py_limited_api=True)
+    print(f"convbert_fast: building the CPU kernels only ({skip_reason})")
+
+setup(
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)

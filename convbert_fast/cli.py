@@ -44,8 +44,12 @@ def info() -> int:
     else:
         print(f"device         cpu: {_cpu_name()}, {torch.get_num_threads()} threads (no CUDA device)")
     print(f"backend        {cf.get_backend()} (selected)")
+    gaps = cf.ops.backend.device_gaps()
     for name, status in cf.available_backends().items():
         print(f"  {name:<8}     {status}")
+        for (gap_backend, device_type), reason in gaps.items():
+            if gap_backend == name and status == "ok":
+                print(f"  {'':<8}     but not on {device_type}: {reason}")
     return 0
 
 

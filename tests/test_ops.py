@@ -44,106 +44,224 @@ def double(tensors):
     return [t.double() for t in tensors]
 
 
-# --- values against the independent reference -------------------------------------------------------------------
+# --- the parametrised suite: every backend on every device, against the independent reference ---------------------
+
+BACKEND_DEVICES = [
+    pytest.param(("eager", "cpu"), id="eager-cpu"),
+    pytest.param(("cpp", "cpu"), id="cpp-cpu"),
+    pytest.param(("eager", "cuda"), id="eager-cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+    pytest.param(("cpp", "cuda"), id="cpp-cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
+
+
+@pytest.fixture(params=BACKEND_DEVICES)
+def backend_device(request):
+    name, device = request.param
+    with cf.use_backend(name):
+        yield name, device
+
+
+# (batch, seq_len, heads, head_size, kernel_size): L = 1, L < K, L not a multiple of any tile, B = 0,
+# heads 1..12, D in {16, 48, 64, 128}, K in {1, 3, 5, 9, 15, 31, 63}
+SPAN_CASES = [
+    (2, 16, 4, 16, 9),
+    (1, 1, 2, 16, 9),
+    (2, 5, 3, 48, 9),
+    (1, 37, 12, 16, 15),
+    (0, 8, 2, 16, 3),
+    (2, 20, 1, 128, 31),
+    (1, 9, 6, 64, 5),
+    (2, 13, 8, 16, 1),
+    (1, 70, 2, 16, 63),
+]
+# (batch, seq_len, channels, out_channels, kernel_size)
+SEPARABLE_CASES = [
+    (2, 16, 32, 16, 9),
+    (1, 1, 8, 8, 9),
+    (2, 5, 48, 24, 9),
+    (0, 8, 8, 4, 3),
+    (1, 37, 24, 12, 15),
+    (2, 20, 16, 16, 31),
+    (1, 9, 8, 4, 1),
+    (1, 70, 8, 8, 63),
+]
+# (leading shape, groups, group_in, group_out)
+GROUPED_CASES = [((2, 16), 2, 16, 32), ((7,), 4, 3, 5), ((2, 3, 4), 1, 8, 8), ((0, 5), 2, 4, 4), ((3, 17), 2, 48, 192)]
+
+
+def on(device, tensors):
+    return [t.to(device) for t in tensors]
+
+
+def strided(t):
+    """The same values with a stride of 2 in the last dimension."""
+    wide = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1])
+    wide[..., ::2] = t
+    return wide[..., ::2]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "batch,seq_len,channels,out_channels,kernel_size",
-    [(2, 16, 32, 16, 9), (1, 5, 8, 8, 3), (3, 1, 4, 6, 5), (2, 3, 8, 4, 9), (1, 7, 6, 6, 1), (1, 40, 8, 8, 63)],
-)
-def test_separable_conv1d_matches_reference(dtype, batch, seq_len, channels, out_channels, kernel_size, rng):
-    inputs = separable_inputs(batch, seq_len, channels, out_channels, kernel_size, dtype, rng)
+@pytest.mark.parametrize("case", SEPARABLE_CASES)
+def test_separable_conv1d_matches_reference(backend_device, dtype, case, rng):
+    _, device = backend_device
+    batch, seq_len, channels, out_channels, kernel_size = case
+    inputs = on(device, separable_inputs(batch, seq_len, channels, out_channels, kernel_size, dtype, rng))
     out = cf.ops.separable_conv1d(*inputs)
-    assert out.shape == (batch, seq_len, out_channels) and out.dtype == dtype
-    oracle = separable_conv1d_ref(*double(inputs))
-    assert_within_torch_error(out, separable_conv1d_ref(*inputs), oracle)
+    assert out.shape == (batch, seq_len, out_channels) and out.dtype == dtype and out.device.type == device
+    if out.numel():
+        oracle = separable_conv1d_ref(*double(inputs))
+        assert_within_torch_error(out, separable_conv1d_ref(*inputs), oracle)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "batch,seq_len,heads,head_size,kernel_size",
-    [(2, 16, 4, 8, 9), (1, 5, 1, 4, 3), (2, 3, 2, 4, 9), (1, 1, 2, 3, 5), (3, 9, 3, 2, 1), (1, 70, 2, 4, 63)],
-)
-def test_dynamic_span_conv_matches_reference(dtype, batch, seq_len, heads, head_size, kernel_size, rng):
-    values, logits = span_inputs(batch, seq_len, heads, head_size, kernel_size, dtype, rng)
+@pytest.mark.parametrize("case", SPAN_CASES)
+def test_dynamic_span_conv_matches_reference(backend_device, dtype, case, rng):
+    _, device = backend_device
+    batch, seq_len, heads, head_size, kernel_size = case
+    values, logits = on(device, span_inputs(batch, seq_len, heads, head_size, kernel_size, dtype, rng))
     out = cf.ops.dynamic_span_conv(values, logits, heads)
-    assert out.shape == values.shape and out.dtype == dtype
-    oracle = dynamic_span_conv_ref(values.double(), logits.double(), heads)
-    assert_within_torch_error(out, dynamic_span_conv_ref(values, logits, heads), oracle)
+    assert out.shape == values.shape and out.dtype == dtype and out.device.type == device
+    if out.numel():
+        oracle = dynamic_span_conv_ref(values.double(), logits.double(), heads)
+        assert_within_torch_error(out, dynamic_span_conv_ref(values, logits, heads), oracle)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "leading,groups,group_in,group_out", [((2, 16), 2, 16, 32), ((7,), 4, 3, 5), ((2, 3, 4), 1, 8, 8), ((1, 1), 3, 2, 2)]
-)
-def test_grouped_linear_matches_reference(dtype, leading, groups, group_in, group_out, rng):
-    inputs = grouped_inputs(leading, groups, group_in, group_out, dtype, rng)
-    out = cf.ops.grouped_linear(*inputs)
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("case", GROUPED_CASES)
+def test_grouped_linear_matches_reference(backend_device, dtype, activation, case, rng):
+    _, device = backend_device
+    leading, groups, group_in, group_out = case
+    inputs = on(device, grouped_inputs(leading, groups, group_in, group_out, dtype, rng))
+    out = cf.ops.grouped_linear(*inputs, activation=activation)
     assert out.shape == (*leading, groups * group_out) and out.dtype == dtype
-    oracle = grouped_linear_ref(*double(inputs))
-    assert_within_torch_error(out, grouped_linear_ref(*inputs), oracle)
+
+    def ref(*args):
+        y = grouped_linear_ref(*args)
+        return torch.nn.functional.gelu(y) if activation else y
+
+    if out.numel():
+        assert_within_torch_error(out, ref(*inputs), ref(*double(inputs)))
 
 
-def test_span_conv_is_zero_padded_at_both_ends():
+def test_non_contiguous_inputs(backend_device, rng):
+    _, device = backend_device
+    values, logits = on(device, span_inputs(2, 11, 3, 16, 9, gen=rng))
+    expected = dynamic_span_conv_ref(values, logits, 3)
+    torch.testing.assert_close(cf.ops.dynamic_span_conv(strided(values), strided(logits), 3), expected)
+    x, dw, pw, bias = on(device, separable_inputs(2, 11, 8, 6, 5, gen=rng))
+    expected = separable_conv1d_ref(x, dw, pw, bias)
+    torch.testing.assert_close(cf.ops.separable_conv1d(strided(x), strided(dw), strided(pw), strided(bias)), expected)
+    x, weight, bias = on(device, grouped_inputs((2, 11), 2, 4, 3, gen=rng))
+    expected = grouped_linear_ref(x, weight, bias)
+    torch.testing.assert_close(cf.ops.grouped_linear(strided(x), strided(weight), strided(bias)), expected)
+
+
+def test_span_conv_is_zero_padded_at_both_ends(backend_device):
     """With all weight on the farthest left offset, token t reads token t - (K-1)/2, and zeros before 0."""
+    _, device = backend_device
     kernel_size, seq_len = 5, 6
-    values = torch.arange(1.0, seq_len + 1).reshape(1, seq_len, 1)
-    logits = torch.full((1, seq_len, kernel_size), -1e4)
+    values = torch.arange(1.0, seq_len + 1, device=device).reshape(1, seq_len, 1)
+    logits = torch.full((1, seq_len, kernel_size), -1e4, device=device)
     logits[..., 0] = 0.0
     out = cf.ops.dynamic_span_conv(values, logits, 1).flatten()
     assert out.tolist() == [0.0, 0.0, 1.0, 2.0, 3.0, 4.0]
 
 
-def test_bias_may_be_flat_or_column(rng):
-    x, dw, pw, bias = separable_inputs(2, 8, 4, 6, 3, gen=rng)
+def test_nan_spreads_only_into_windows_that_cover_it(backend_device, rng):
+    _, device = backend_device
+    heads, head_size, kernel_size, seq_len = 2, 4, 5, 12
+    values, logits = on(device, span_inputs(1, seq_len, heads, head_size, kernel_size, gen=rng))
+    values[0, 6, head_size + 1] = float("nan")  # head 1, channel 1, token 6
+    out = cf.ops.dynamic_span_conv(values, logits, heads)
+    expected = torch.zeros_like(out, dtype=torch.bool)
+    expected[0, 6 - kernel_size // 2 : 6 + kernel_size // 2 + 1, head_size + 1] = True
+    assert torch.equal(out.isnan(), expected)
+    logits[0, 3, kernel_size + 2] = float("nan")  # head 1's logits at token 3: all of that head's row
+    out = cf.ops.dynamic_span_conv(values, logits, heads)
+    expected[0, 3, head_size:] = True
+    assert torch.equal(out.isnan(), expected)
+
+
+def test_bias_may_be_flat_or_column(backend_device, rng):
+    _, device = backend_device
+    x, dw, pw, bias = on(device, separable_inputs(2, 8, 4, 6, 3, gen=rng))
     torch.testing.assert_close(cf.ops.separable_conv1d(x, dw, pw, bias), cf.ops.separable_conv1d(x, dw, pw, bias[:, 0]))
 
 
 # --- gradients ----------------------------------------------------------------------------------------------------
 
 
-def _requiring_grad(tensors):
-    return tuple(t.double().requires_grad_() for t in tensors)
+def _requiring_grad(tensors, device="cpu"):
+    return tuple(t.double().to(device).requires_grad_() for t in tensors)
 
 
 @pytest.mark.parametrize("kernel_size", [1, 3, 9])
-def test_separable_conv1d_gradcheck(kernel_size, rng):
-    inputs = _requiring_grad(separable_inputs(2, 6, 3, 4, kernel_size, gen=rng))
+def test_separable_conv1d_gradcheck(backend_device, kernel_size, rng):
+    inputs = _requiring_grad(separable_inputs(2, 6, 3, 4, kernel_size, gen=rng), backend_device[1])
     assert torch.autograd.gradcheck(cf.ops.separable_conv1d, inputs)
 
 
 @pytest.mark.parametrize("kernel_size,seq_len", [(1, 4), (3, 6), (9, 5)])
-def test_dynamic_span_conv_gradcheck(kernel_size, seq_len, rng):
-    values, logits = _requiring_grad(span_inputs(2, seq_len, 2, 3, kernel_size, gen=rng))
+def test_dynamic_span_conv_gradcheck(backend_device, kernel_size, seq_len, rng):
+    values, logits = _requiring_grad(span_inputs(2, seq_len, 2, 3, kernel_size, gen=rng), backend_device[1])
     assert torch.autograd.gradcheck(lambda v, k: cf.ops.dynamic_span_conv(v, k, 2), (values, logits))
 
 
+@pytest.mark.parametrize("activation", [None, "gelu"])
 @pytest.mark.parametrize("groups", [1, 2, 3])
-def test_grouped_linear_gradcheck(groups, rng):
-    inputs = _requiring_grad(grouped_inputs((2, 3), groups, 2, 3, gen=rng))
-    assert torch.autograd.gradcheck(cf.ops.grouped_linear, inputs)
+def test_grouped_linear_gradcheck(backend_device, groups, activation, rng):
+    inputs = _requiring_grad(grouped_inputs((2, 3), groups, 2, 3, gen=rng), backend_device[1])
+    assert torch.autograd.gradcheck(lambda *a: cf.ops.grouped_linear(*a, activation=activation), inputs)
 
 
-@pytest.mark.parametrize(
-    "op,make,ref",
-    [
-        ("separable_conv1d", lambda g: separable_inputs(2, 7, 5, 6, 9, torch.float64, g), separable_conv1d_ref),
-        ("dynamic_span_conv", lambda g: span_inputs(2, 7, 2, 3, 9, torch.float64, g), lambda v, k: dynamic_span_conv_ref(v, k, 2)),
-        ("grouped_linear", lambda g: grouped_inputs((2, 7), 2, 3, 4, torch.float64, g), grouped_linear_ref),
-    ],
-)
-def test_gradients_match_reference(op, make, ref, rng):
+OPS_WITH_REFERENCE = [
+    ("separable_conv1d", lambda g: separable_inputs(2, 7, 5, 6, 9, torch.float64, g), separable_conv1d_ref),
+    ("dynamic_span_conv", lambda g: span_inputs(2, 7, 2, 3, 9, torch.float64, g), lambda v, k: dynamic_span_conv_ref(v, k, 2)),
+    ("grouped_linear", lambda g: grouped_inputs((2, 7), 2, 3, 4, torch.float64, g), grouped_linear_ref),
+]
+
+
+def _op(name):
+    return (lambda v, k: cf.ops.dynamic_span_conv(v, k, 2)) if name == "dynamic_span_conv" else getattr(cf.ops, name)
+
+
+@pytest.mark.parametrize("op,make,ref", OPS_WITH_REFERENCE, ids=[o[0] for o in OPS_WITH_REFERENCE])
+def test_gradients_match_reference(backend_device, op, make, ref, rng):
     """Gradients of every input against autograd through the reference math, fp64."""
-    fn = getattr(cf.ops, op) if op != "dynamic_span_conv" else (lambda v, k: cf.ops.dynamic_span_conv(v, k, 2))
-    inputs = [t.requires_grad_() for t in make(rng)]
+    inputs = [t.to(backend_device[1]).requires_grad_() for t in make(rng)]
     ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    out, ref_out = fn(*inputs), ref(*ref_inputs)
-    grad = torch.randn(out.shape, dtype=out.dtype, generator=rng)
-    ours = torch.autograd.grad(out, inputs, grad)
-    theirs = torch.autograd.grad(ref_out, ref_inputs, grad)
-    for a, b in zip(ours, theirs):
+    out, ref_out = _op(op)(*inputs), ref(*ref_inputs)
+    grad = torch.randn(out.shape, dtype=out.dtype, generator=rng).to(out.device)
+    for a, b in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref_out, ref_inputs, grad)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("op,make,ref", OPS_WITH_REFERENCE, ids=[o[0] for o in OPS_WITH_REFERENCE])
+def test_gradients_for_only_some_inputs(backend_device, op, make, ref, rng):
+    inputs = [t.to(backend_device[1]) for t in make(rng)]
+    for wanted in range(len(inputs)):
+        leaves = [t.detach().clone().requires_grad_(i == wanted) for i, t in enumerate(inputs)]
+        ref_leaves = [t.detach().clone().requires_grad_(i == wanted) for i, t in enumerate(inputs)]
+        _op(op)(*leaves).sum().backward()
+        ref(*ref_leaves).sum().backward()
+        for i, (a, b) in enumerate(zip(leaves, ref_leaves)):
+            if i == wanted:
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10)
+            else:
+                assert a.grad is None
+
+
+@pytest.mark.parametrize("op,make,ref", OPS_WITH_REFERENCE, ids=[o[0] for o in OPS_WITH_REFERENCE])
+def test_backward_is_bitwise_repeatable(backend_device, op, make, ref, rng):
+    inputs = [t.float().to(backend_device[1]) for t in make(rng)]
+    grads = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        _op(op)(*leaves).square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 # --- argument checks ----------------------------------------------------------------------------------------------
@@ -193,11 +311,98 @@ def test_bad_arguments_raise_clearly(description, call, exc, fragment):
 def test_mixed_dtypes_are_allowed_under_autocast(rng):
     x, weight, bias = grouped_inputs((2, 4), 2, 4, 3, gen=rng)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = cf.ops.grouped_linear(x.bfloat16(), weight, bias)
-        expected = grouped_linear_ref(x.bfloat16(), weight, bias)
-    # As in transformers: the matmul runs in bf16, the fp32 bias then promotes the sum to fp32.
-    assert out.dtype == expected.dtype == torch.float32
-    torch.testing.assert_close(out, expected)
+        with cf.use_backend("eager"):
+            eager = cf.ops.grouped_linear(x.bfloat16(), weight, bias)
+            expected = grouped_linear_ref(x.bfloat16(), weight, bias)
+        with cf.use_backend("cpp"):
+            cpp = cf.ops.grouped_linear(x.bfloat16(), weight, bias)
+    # eager, as transformers: the matmul runs in bf16, the fp32 bias then promotes the sum to fp32
+    assert eager.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(eager, expected)
+    # cpp: every input cast to the autocast dtype, as autocast does for a linear layer
+    assert cpp.dtype == torch.bfloat16
+    torch.testing.assert_close(cpp.float(), eager, rtol=2e-2, atol=2e-2)
+
+
+# --- the cpp ops as torch.library custom ops ----------------------------------------------------------------------
+
+CPP_DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
+
+
+def _opcheck_samples(device, gen):
+    """(op overload, args) for every op, forward and backward, over the shapes of the parametrised suite.
+    Empty batches are left to the value tests: opcheck's schema check cannot allocate for a zero-size tensor."""
+    ops = torch.ops.convbert_fast
+    samples = []
+    for batch, seq_len, heads, head_size, kernel_size in SPAN_CASES[:6]:
+        if batch == 0:
+            continue
+        values, logits = on(device, span_inputs(batch, seq_len, heads, head_size, kernel_size, gen=gen))
+        samples.append((ops.dynamic_span_conv.default, (values.requires_grad_(), logits.requires_grad_(), heads)))
+        grad = torch.randn(values.shape, generator=gen).to(device)
+        samples.append((ops.dynamic_span_conv_backward.default, (grad, values.detach(), logits.detach(), heads)))
+        wide = torch.zeros(batch, seq_len, 2 * values.shape[-1], device=device)
+        samples.append((ops.dynamic_span_conv_into.default, (values.detach(), logits.detach(), heads, wide[..., values.shape[-1]:])))
+    for batch, seq_len, channels, out_channels, kernel_size in SEPARABLE_CASES[:6]:
+        if batch == 0:
+            continue
+        inputs = on(device, separable_inputs(batch, seq_len, channels, out_channels, kernel_size, gen=gen))
+        samples.append((ops.separable_conv1d.default, tuple(t.requires_grad_() for t in inputs)))
+        grad = torch.randn(batch, seq_len, out_channels, generator=gen).to(device)
+        samples.append((ops.separable_conv1d_backward.default, (grad, *(t.detach() for t in inputs))))
+    for leading, groups, group_in, group_out in GROUPED_CASES:
+        if 0 in leading:
+            continue
+        inputs = on(device, grouped_inputs(leading, groups, group_in, group_out, gen=gen))
+        samples.append((ops.grouped_linear.default, tuple(t.requires_grad_() for t in inputs)))
+        samples.append((ops.grouped_linear_gelu.default, tuple(t.detach().requires_grad_() for t in inputs)))
+        grad = torch.randn(*leading, groups * group_out, generator=gen).to(device)
+        samples.append((ops.grouped_linear_backward.default, (grad, inputs[0].detach(), inputs[1].detach())))
+    return samples
+
+
+@pytest.mark.parametrize("device", CPP_DEVICES)
+def test_opcheck_every_sample(device, rng):
+    """Schema, fake-tensor, autograd-registration and AOT-dispatch checks of torch.library, on every sample."""
+    for op, args in _opcheck_samples(device, rng):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", CPP_DEVICES)
+def test_span_conv_writes_into_a_strided_slice(device, rng):
+    values, logits = on(device, span_inputs(2, 13, 3, 16, 9, gen=rng))
+    context = torch.zeros(2, 13, 96, device=device)  # [attention half | conv half]
+    torch.ops.convbert_fast.dynamic_span_conv_into(values, logits, 3, context[..., 48:])
+    torch.testing.assert_close(context[..., 48:], dynamic_span_conv_ref(values, logits, 3))
+    assert context[..., :48].abs().max() == 0  # the attention half is untouched
+
+
+def test_torch_compile_fullgraph_traces_the_cpp_ops(rng):
+    """No graph break: the backend choice and the checks are traced, the ops are opaque nodes with fake rules."""
+    x, dw, pw, bias = separable_inputs(2, 12, 8, 8, 9, gen=rng)
+    logits_weight = torch.randn(8, 2 * 9, generator=rng) * 0.3
+    g_weight, g_bias = grouped_inputs((1,), 2, 4, 8, gen=rng)[1:]
+
+    def block(x, dw, pw, bias, logits_weight, g_weight, g_bias):
+        key_conv = cf.ops.separable_conv1d(x, dw, pw, bias)
+        mixed = cf.ops.dynamic_span_conv(key_conv, (key_conv * x) @ logits_weight, 2)
+        return cf.ops.grouped_linear(mixed, g_weight, g_bias, activation="gelu")
+
+    inputs = [t.requires_grad_() for t in (x, dw, pw, bias, logits_weight, g_weight, g_bias)]
+    torch._dynamo.reset()
+    with cf.use_backend("cpp"):
+        compiled = torch.compile(block, fullgraph=True)
+        out = compiled(*inputs)
+        grads = torch.autograd.grad(out.square().sum(), inputs)
+    with cf.use_backend("eager"):
+        ref = block(*inputs)
+        ref_grads = torch.autograd.grad(ref.square().sum(), inputs)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 # --- backend API --------------------------------------------------------------------------------------------------
@@ -207,15 +412,21 @@ def test_available_backends_reports_each_backend():
     status = cf.available_backends()
     assert set(status) == {"eager", "cpp", "triton"}
     assert status["eager"] == "ok"
-    for name in ("cpp", "triton"):
-        assert status[name] != "ok" and len(status[name]) > 10  # a reason, not a bare flag
+    assert status["cpp"] == "ok"  # ./install.sh builds the extension
+    assert status["triton"] != "ok" and len(status["triton"]) > 10  # a reason, not a bare flag
+
+
+def test_auto_picks_cpp_on_cpu(rng):
+    from convbert_fast.ops.separable_conv import separable_conv1d_cpp
+
+    assert backend.implementation("separable_conv1d", torch.device("cpu")) is separable_conv1d_cpp
 
 
 def test_set_backend_rejects_unknown_and_unavailable():
     with pytest.raises(ValueError, match="unknown backend 'cuda'.*'eager'"):
         cf.set_backend("cuda")
-    with pytest.raises(RuntimeError, match="backend 'cpp' is not available: "):
-        cf.set_backend("cpp")
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available: "):
+        cf.set_backend("triton")
     assert cf.get_backend() == "auto"
 
 
@@ -235,7 +446,7 @@ def test_auto_warns_once_when_a_shipped_backend_failed(monkeypatch):
     monkeypatch.setattr(backend, "_failed_to_load", {"cpp"})
     monkeypatch.setattr(backend, "_warned_fallback", set())
     x, weight, bias = grouped_inputs((2, 3), 2, 2, 2)
-    with pytest.warns(RuntimeWarning, match="backend 'cpp' failed to load \\(simulated: _C missing\\)"):
+    with pytest.warns(RuntimeWarning, match="backend 'cpp' cannot run on cpu \\(simulated: _C missing\\)"):
         cf.ops.grouped_linear(x, weight, bias)
     import warnings
 
@@ -244,3 +455,14 @@ def test_auto_warns_once_when_a_shipped_backend_failed(monkeypatch):
         cf.ops.grouped_linear(x, weight, bias)  # second call: no warning
     with pytest.raises(RuntimeError, match="simulated: _C missing"):
         cf.set_backend("cpp")
+
+
+def test_a_backend_without_kernels_for_a_device_says_so(monkeypatch):
+    monkeypatch.setattr(backend, "_device_gaps", {("cpp", "cpu"): "simulated: built without CPU kernels"})
+    monkeypatch.setattr(backend, "_warned_fallback", set())
+    x, weight, bias = grouped_inputs((2, 3), 2, 2, 2)
+    with cf.use_backend("cpp"):
+        with pytest.raises(RuntimeError, match="backend 'cpp' cannot run on cpu: simulated"):
+            cf.ops.grouped_linear(x, weight, bias)
+    with pytest.warns(RuntimeWarning, match="simulated: built without CPU kernels"):
+        cf.ops.grouped_linear(x, weight, bias)  # auto: falls back to eager, once with a warning

@@ -20,14 +20,16 @@ BACKEND_NAMES = ("eager", "cpp", "triton")
 _AUTO_PREFERENCE = {"cuda": ("cpp", "triton", "eager"), "cpu": ("cpp", "eager")}
 
 _implementations: dict[str, dict[str, Callable]] = {name: {} for name in BACKEND_NAMES}
-# Why a backend cannot be used. Backends missing from this build are not a fallback worth warning
-# about; a backend that ships but failed to load is.
+# Why a backend cannot be used at all. A backend that ships with this build but failed to load is a
+# fallback worth warning about; one that is not part of this version is not.
 _unavailable_reason: dict[str, str] = {
-    "cpp": "not part of this version of convbert_fast (the C++ extension is not built yet)",
+    "cpp": "convbert_fast._C has not been loaded",
     "triton": "not part of this version of convbert_fast (no Triton kernels yet)",
 }
 _failed_to_load: set[str] = set()
-_warned_fallback: set[str] = set()
+# (backend, device type) -> why a loaded backend cannot run there (say, _C built without CUDA).
+_device_gaps: dict[tuple[str, str], str] = {}
+_warned_fallback: set[tuple[str, str]] = set()
 _selected = "auto"
 
 
@@ -45,9 +47,26 @@ def mark_failed(backend: str, reason: str) -> None:
     _failed_to_load.add(backend)
 
 
+def mark_device_unsupported(backend: str, device_type: str, reason: str) -> None:
+    _device_gaps[(backend, device_type)] = reason
+
+
 def available_backends() -> dict[str, str]:
     """``{name: "ok" or the reason it cannot be used}`` for every backend."""
     return {name: _unavailable_reason.get(name, "ok") for name in BACKEND_NAMES}
+
+
+def device_gaps() -> dict[tuple[str, str], str]:
+    """``{(backend, device type): why}`` for loaded backends that cannot run on some device type."""
+    return dict(_device_gaps)
+
+
+def autocast_inputs(device_type: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Custom kernels see no autocast: cast their inputs to the autocast dtype, as autocast does for a matmul."""
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return tuple(t.to(dtype) for t in tensors)
+    return tensors
 
 
 def _check_usable(name: str) -> None:
@@ -85,15 +104,20 @@ def use_backend(name: str) -> Iterator[None]:
 def implementation(op_name: str, device: torch.device) -> Callable:
     """The function that runs `op_name` for tensors on `device` under the current backend choice."""
     if _selected != "auto":
+        gap = _device_gaps.get((_selected, device.type))
+        if gap is not None:
+            raise RuntimeError(f"backend {_selected!r} cannot run on {device.type}: {gap}")
         return _implementations[_selected][op_name]
     for name in _AUTO_PREFERENCE.get(device.type, ("eager",)):
-        if name not in _unavailable_reason:
+        reason = _unavailable_reason.get(name) or _device_gaps.get((name, device.type))
+        if reason is None:
             return _implementations[name][op_name]
-        if name in _failed_to_load and name not in _warned_fallback:
-            _warned_fallback.add(name)
+        shipped = name in _failed_to_load or (name, device.type) in _device_gaps
+        if shipped and (name, device.type) not in _warned_fallback:
+            _warned_fallback.add((name, device.type))
             warnings.warn(
-                f"convbert_fast: backend {name!r} failed to load ({_unavailable_reason[name]}); "
-                "'auto' falls back to a slower backend. `python -m convbert_fast info` shows details.",
+                f"convbert_fast: backend {name!r} cannot run on {device.type} ({reason}); 'auto' falls back to "
+                "a slower backend. `python -m convbert_fast info` shows details.",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -5,27 +5,85 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-from . import backend
+from . import backend, cpp
 from .checks import check_float_tensors, check_shape
 
 OP = "grouped_linear"
 
 
-def grouped_linear_eager(x, weight, bias):
+ACTIVATIONS = (None, "gelu")
+
+
+def grouped_linear_eager(x, weight, bias, activation=None):
     """The seed's math: [N, G, Din/G] permuted to [G, N, Din/G], batched matmul, permuted back, bias."""
     num_groups, group_in, group_out = weight.shape
     leading = x.shape[:-1]
     y = x.reshape(math.prod(leading), num_groups, group_in).permute(1, 0, 2)  # [G, N, Din/G]
     y = torch.matmul(y, weight).permute(1, 0, 2)  # [N, G, Dout/G]
-    return y.reshape(*leading, num_groups * group_out) + bias  # [..., Dout]
+    y = y.reshape(*leading, num_groups * group_out) + bias  # [..., Dout]
+    return F.gelu(y) if activation == "gelu" else y
 
 
 backend.register("eager", OP, grouped_linear_eager)
 
+if cpp.LOADED:
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x [..., Din]; weight [G, Din/G, Dout/G]; bias [Dout] -> [..., Dout]."""
+    def _out_shape(x, weight):
+        return (*x.shape[:-1], weight.shape[0] * weight.shape[2])
+
+    @torch.library.register_fake("convbert_fast::grouped_linear")
+    def _(x, weight, bias):
+        return x.new_empty(_out_shape(x, weight))
+
+    @torch.library.register_fake("convbert_fast::grouped_linear_gelu")
+    def _(x, weight, bias):
+        return x.new_empty(_out_shape(x, weight)), x.new_empty(_out_shape(x, weight))
+
+    @torch.library.register_fake("convbert_fast::grouped_linear_backward")
+    def _(grad_pre, x, weight):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), x.new_empty(weight.shape[0] * weight.shape[2])
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, _ = inputs
+        ctx.save_for_backward(x, weight)
+
+    def _backward(ctx, grad_out):
+        return torch.ops.convbert_fast.grouped_linear_backward(grad_out, *ctx.saved_tensors)
+
+    torch.library.register_autograd("convbert_fast::grouped_linear", _backward, setup_context=_setup_context)
+
+    def _setup_context_gelu(ctx, inputs, output):
+        x, weight, _ = inputs
+        ctx.save_for_backward(x, weight, output[1])  # output[1]: the pre-activation
+
+    def _backward_gelu(ctx, grad_out, grad_pre):
+        x, weight, pre = ctx.saved_tensors
+        grad = torch.ops.aten.gelu_backward(grad_out, pre)
+        if grad_pre is not None:
+            grad = grad + grad_pre
+        return torch.ops.convbert_fast.grouped_linear_backward(grad, x, weight)
+
+    torch.library.register_autograd(
+        "convbert_fast::grouped_linear_gelu", _backward_gelu, setup_context=_setup_context_gelu
+    )
+
+    def grouped_linear_cpp(x, weight, bias, activation=None):
+        x, weight, bias = backend.autocast_inputs(x.device.type, x, weight, bias)
+        if activation == "gelu":
+            return torch.ops.convbert_fast.grouped_linear_gelu(x, weight, bias)[0]
+        return torch.ops.convbert_fast.grouped_linear(x, weight, bias)
+
+    backend.register("cpp", OP, grouped_linear_cpp)
+
+
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str | None = None
+) -> torch.Tensor:
+    """x [..., Din]; weight [G, Din/G, Dout/G]; bias [Dout] -> [..., Dout], then `activation` (None or "gelu")."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{OP}: `activation` must be None or 'gelu', got {activation!r}")
     check_float_tensors(OP, x=x, weight=weight, bias=bias)
     check_shape(OP, "weight", weight, (None, None, None), "[num_groups, in_features / num_groups, out_features / num_groups]")
     num_groups, group_in, group_out = weight.shape
@@ -35,4 +93,4 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
             f"got {list(x.shape)}"
         )
     check_shape(OP, "bias", bias, (num_groups * group_out,), f"[{num_groups * group_out}]")
-    return backend.implementation(OP, x.device)(x, weight, bias)
+    return backend.implementation(OP, x.device)(x, weight, bias, activation)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import backend
+from . import backend, cpp
 from .checks import check_float_tensors, check_kernel_size, check_shape
 
 OP = "separable_conv1d"
@@ -21,6 +21,30 @@ def separable_conv1d_eager(x, depthwise_weight, pointwise_weight, bias):
 
 
 backend.register("eager", OP, separable_conv1d_eager)
+
+if cpp.LOADED:
+
+    @torch.library.register_fake("convbert_fast::separable_conv1d")
+    def _(x, depthwise_weight, pointwise_weight, bias):
+        return x.new_empty(x.shape[0], x.shape[1], pointwise_weight.shape[0])
+
+    @torch.library.register_fake("convbert_fast::separable_conv1d_backward")
+    def _(grad_out, x, depthwise_weight, pointwise_weight, bias):
+        return tuple(t.new_empty(t.shape) for t in (x, depthwise_weight, pointwise_weight, bias))
+
+    def _setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _backward(ctx, grad_out):
+        return torch.ops.convbert_fast.separable_conv1d_backward(grad_out, *ctx.saved_tensors)
+
+    torch.library.register_autograd("convbert_fast::separable_conv1d", _backward, setup_context=_setup_context)
+
+    def separable_conv1d_cpp(x, depthwise_weight, pointwise_weight, bias):
+        inputs = backend.autocast_inputs(x.device.type, x, depthwise_weight, pointwise_weight, bias)
+        return torch.ops.convbert_fast.separable_conv1d(*inputs)
+
+    backend.register("cpp", OP, separable_conv1d_cpp)
 
 
 def separable_conv1d(

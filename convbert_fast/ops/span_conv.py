@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import backend
+from . import backend, cpp
 from .checks import check_float_tensors, check_kernel_size, check_shape
 
 OP = "dynamic_span_conv"
@@ -33,6 +33,39 @@ def dynamic_span_conv_eager(values, kernel_logits, num_heads):
 
 
 backend.register("eager", OP, dynamic_span_conv_eager)
+
+if cpp.LOADED:
+
+    @torch.library.register_fake("convbert_fast::dynamic_span_conv")
+    def _(values, kernel_logits, num_heads):
+        return values.new_empty(values.shape)
+
+    @torch.library.register_fake("convbert_fast::dynamic_span_conv_into")
+    def _(values, kernel_logits, num_heads, out):
+        return None
+
+    @torch.library.register_fake("convbert_fast::dynamic_span_conv_backward")
+    def _(grad_out, values, kernel_logits, num_heads):
+        return values.new_empty(values.shape), kernel_logits.new_empty(kernel_logits.shape)
+
+    def _setup_context(ctx, inputs, output):
+        values, kernel_logits, ctx.num_heads = inputs
+        ctx.save_for_backward(values, kernel_logits)
+
+    def _backward(ctx, grad_out):
+        # The softmax is recomputed from the logits: nothing but the inputs is kept between the passes.
+        grad_values, grad_logits = torch.ops.convbert_fast.dynamic_span_conv_backward(
+            grad_out, *ctx.saved_tensors, ctx.num_heads
+        )
+        return grad_values, grad_logits, None
+
+    torch.library.register_autograd("convbert_fast::dynamic_span_conv", _backward, setup_context=_setup_context)
+
+    def dynamic_span_conv_cpp(values, kernel_logits, num_heads):
+        values, kernel_logits = backend.autocast_inputs(values.device.type, values, kernel_logits)
+        return torch.ops.convbert_fast.dynamic_span_conv(values, kernel_logits, num_heads)
+
+    backend.register("cpp", OP, dynamic_span_conv_cpp)
 
 
 def dynamic_span_conv(values: torch.Tensor, kernel_logits: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -1,0 +1,141 @@
+#include "composite.h"
+
+#include <c10/util/Exception.h>
+
+namespace convbert_fast {
+
+namespace {
+
+void check_separable_args(const at::Tensor& x, const at::Tensor& depthwise_weight,
+                          const at::Tensor& pointwise_weight, const at::Tensor& bias) {
+  TORCH_CHECK(x.dim() == 3, "separable_conv1d: x must be [B, L, C], got ", x.sizes());
+  const int64_t channels = x.size(2);
+  TORCH_CHECK(depthwise_weight.dim() == 3 && depthwise_weight.size(0) == channels && depthwise_weight.size(1) == 1,
+              "separable_conv1d: depthwise_weight must be [", channels, ", 1, K], got ", depthwise_weight.sizes());
+  TORCH_CHECK(depthwise_weight.size(2) % 2 == 1, "separable_conv1d: K must be odd, got ", depthwise_weight.size(2));
+  TORCH_CHECK(pointwise_weight.dim() == 3 && pointwise_weight.size(1) == channels && pointwise_weight.size(2) == 1,
+              "separable_conv1d: pointwise_weight must be [A, ", channels, ", 1], got ", pointwise_weight.sizes());
+  TORCH_CHECK(bias.numel() == pointwise_weight.size(0), "separable_conv1d: bias must have ", pointwise_weight.size(0),
+              " elements, got ", bias.sizes());
+}
+
+// [C, 1, K] -> [K, C]: each tap's weights contiguous over channels, as the kernels read them.
+at::Tensor taps_by_channel(const at::Tensor& depthwise_weight) {
+  return depthwise_weight.select(1, 0).t().contiguous();
+}
+
+void check_grouped_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  TORCH_CHECK(weight.dim() == 3, "grouped_linear: weight must be [G, Din/G, Dout/G], got ", weight.sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(0) * weight.size(1), "grouped_linear: x must be [..., ",
+              weight.size(0) * weight.size(1), "], got ", x.sizes());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0) * weight.size(2), "grouped_linear: bias must be [",
+              weight.size(0) * weight.size(2), "], got ", bias.sizes());
+}
+
+// Rows of x seen as [rows, features]; reshape(-1, n) cannot tell when x is empty.
+int64_t rows_of(const at::Tensor& x) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  return rows;
+}
+
+}  // namespace
+
+void check_span_conv_args(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads) {
+  TORCH_CHECK(num_heads >= 1, "dynamic_span_conv: num_heads must be >= 1, got ", num_heads);
+  TORCH_CHECK(values.dim() == 3, "dynamic_span_conv: values must be [B, L, H*D], got ", values.sizes());
+  TORCH_CHECK(kernel_logits.dim() == 3 && kernel_logits.size(0) == values.size(0) &&
+                  kernel_logits.size(1) == values.size(1),
+              "dynamic_span_conv: kernel_logits must be [B, L, H*K] with values' B and L, got ",
+              kernel_logits.sizes(), " and ", values.sizes());
+  TORCH_CHECK(values.size(2) % num_heads == 0 && kernel_logits.size(2) % num_heads == 0,
+              "dynamic_span_conv: num_heads must divide both last dimensions");
+  TORCH_CHECK((kernel_logits.size(2) / num_heads) % 2 == 1, "dynamic_span_conv: K must be odd");
+  TORCH_CHECK(values.scalar_type() == kernel_logits.scalar_type(), "dynamic_span_conv: dtypes differ");
+}
+
+void check_span_conv_out(const at::Tensor& values, const at::Tensor& out) {
+  TORCH_CHECK(out.sizes() == values.sizes(), "dynamic_span_conv_into: out must be ", values.sizes(), ", got ",
+              out.sizes());
+  TORCH_CHECK(out.scalar_type() == values.scalar_type() && out.device() == values.device(),
+              "dynamic_span_conv_into: out must match values' dtype and device");
+  TORCH_CHECK(out.size(2) <= 1 || out.stride(2) == 1, "dynamic_span_conv_into: out's last dimension must be dense");
+}
+
+at::Tensor separable_conv1d(const at::Tensor& x, const at::Tensor& depthwise_weight,
+                            const at::Tensor& pointwise_weight, const at::Tensor& bias, DepthwiseConvFn depthwise) {
+  check_separable_args(x, depthwise_weight, pointwise_weight, bias);
+  const int64_t batch = x.size(0), seq_len = x.size(1), channels = x.size(2);
+  const int64_t out_channels = pointwise_weight.size(0);
+  at::Tensor mixed = depthwise(x.contiguous(), taps_by_channel(depthwise_weight));  // [B, L, C]
+  // Pointwise conv = one GEMM on [B*L, C]; the bias rides in as the GEMM's C operand (beta = 1).
+  at::Tensor out = at::addmm(bias.reshape({out_channels}), mixed.view({batch * seq_len, channels}),
+                             pointwise_weight.view({out_channels, channels}).t());
+  return out.view({batch, seq_len, out_channels});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> separable_conv1d_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& depthwise_weight,
+    const at::Tensor& pointwise_weight, const at::Tensor& bias, DepthwiseConvFn depthwise,
+    DepthwiseWeightGradFn depthwise_weight_grad) {
+  check_separable_args(x, depthwise_weight, pointwise_weight, bias);
+  const int64_t batch = x.size(0), seq_len = x.size(1), channels = x.size(2);
+  const int64_t out_channels = pointwise_weight.size(0), kernel_size = depthwise_weight.size(2);
+  const at::Tensor x_c = x.contiguous();
+  const at::Tensor taps = taps_by_channel(depthwise_weight);
+  const at::Tensor grad = grad_out.contiguous().view({batch * seq_len, out_channels});
+  const at::Tensor pointwise = pointwise_weight.view({out_channels, channels});
+
+  // Recompute the depthwise output instead of saving it: one cheap pass against a [B, L, C] activation.
+  at::Tensor mixed = depthwise(x_c, taps).view({batch * seq_len, channels});
+  at::Tensor grad_pointwise = grad.t().mm(mixed).view_as(pointwise_weight);
+  at::Tensor grad_bias = grad.sum(0).view_as(bias);
+  at::Tensor grad_mixed = grad.mm(pointwise).view({batch, seq_len, channels});
+  // d(x)[s] = sum_j w[j] grad_mixed[s - j + K/2]: the same conv with the taps reversed.
+  at::Tensor grad_x = depthwise(grad_mixed, taps.flip(0).contiguous());
+  at::Tensor grad_depthwise =
+      depthwise_weight_grad(grad_mixed, x_c, kernel_size).t().contiguous().view_as(depthwise_weight);
+  return {grad_x, grad_depthwise, grad_pointwise, grad_bias};
+}
+
+// The groups are column blocks of the 2-D views: each GEMM reads and writes its block in place
+// (leading dimension Din or Dout), so no permuted copies are made.
+at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  check_grouped_args(x, weight, bias);
+  const int64_t groups = weight.size(0), group_in = weight.size(1), group_out = weight.size(2);
+  const at::Tensor x2d = x.reshape({rows_of(x), groups * group_in}).contiguous();
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = groups * group_out;
+  at::Tensor out = at::empty({x2d.size(0), groups * group_out}, x.options());
+  for (int64_t g = 0; g < groups; ++g) {
+    at::Tensor out_block = out.narrow(1, g * group_out, group_out);
+    at::addmm_out(out_block, bias.narrow(0, g * group_out, group_out), x2d.narrow(1, g * group_in, group_in),
+                  weight.select(0, g));
+  }
+  return out.view(out_shape);
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_linear_gelu(const at::Tensor& x, const at::Tensor& weight,
+                                                       const at::Tensor& bias) {
+  at::Tensor pre = grouped_linear(x, weight, bias);
+  return {at::gelu(pre), pre};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward(const at::Tensor& grad_pre,
+                                                                       const at::Tensor& x, const at::Tensor& weight) {
+  const int64_t groups = weight.size(0), group_in = weight.size(1), group_out = weight.size(2);
+  const at::Tensor x2d = x.reshape({rows_of(x), groups * group_in}).contiguous();
+  const at::Tensor grad2d = grad_pre.reshape({rows_of(x), groups * group_out}).contiguous();
+  at::Tensor grad_x = at::empty_like(x2d);
+  at::Tensor grad_weight = at::empty_like(weight, at::MemoryFormat::Contiguous);
+  for (int64_t g = 0; g < groups; ++g) {
+    const at::Tensor grad_block = grad2d.narrow(1, g * group_out, group_out);
+    at::Tensor grad_x_block = grad_x.narrow(1, g * group_in, group_in);
+    at::mm_out(grad_x_block, grad_block, weight.select(0, g).t());
+    at::Tensor grad_weight_block = grad_weight.select(0, g);
+    at::mm_out(grad_weight_block, x2d.narrow(1, g * group_in, group_in).t(), grad_block);
+  }
+  return {grad_x.view(x.sizes()), grad_weight, grad2d.sum(0)};
+}
+
+}  // namespace convbert_fast

@@ -1,0 +1,33 @@
+// The parts of the ops that are GEMMs (ATen: MKL/OpenBLAS on CPU, cuBLAS on CUDA) around each device's
+// own depthwise-conv kernels, shared by the CPU and CUDA registrations.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace convbert_fast {
+
+// x [B, L, C] contiguous, weight_kc [K, C] contiguous (tap-major) -> [B, L, C], zero padding K/2 per side.
+using DepthwiseConvFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor& weight_kc);
+// grad [B, L, C], x [B, L, C] contiguous -> d(weight_kc) [K, C]
+using DepthwiseWeightGradFn = at::Tensor (*)(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size);
+
+at::Tensor separable_conv1d(const at::Tensor& x, const at::Tensor& depthwise_weight,
+                            const at::Tensor& pointwise_weight, const at::Tensor& bias, DepthwiseConvFn depthwise);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> separable_conv1d_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& depthwise_weight,
+    const at::Tensor& pointwise_weight, const at::Tensor& bias, DepthwiseConvFn depthwise,
+    DepthwiseWeightGradFn depthwise_weight_grad);
+
+at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
+std::tuple<at::Tensor, at::Tensor> grouped_linear_gelu(const at::Tensor& x, const at::Tensor& weight,
+                                                       const at::Tensor& bias);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward(const at::Tensor& grad_pre,
+                                                                       const at::Tensor& x, const at::Tensor& weight);
+
+// Shape checks for direct torch.ops calls (the Python wrappers check first, with friendlier errors).
+void check_span_conv_args(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads);
+void check_span_conv_out(const at::Tensor& values, const at::Tensor& out);
+
+}  // namespace convbert_fast

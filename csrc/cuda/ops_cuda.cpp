@@ -1,0 +1,115 @@
+// CUDA registrations: tensor checks, allocation and the current stream around the torch-free launchers.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../composite.h"
+#include "launchers.h"
+
+namespace convbert_fast {
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::Float32;
+    case at::kDouble: return DType::Float64;
+    case at::kHalf: return DType::Float16;
+    case at::kBFloat16: return DType::BFloat16;
+    default:
+      TORCH_CHECK(false, "convbert_fast CUDA kernels take float32, float64, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+// The dtype the kernels accumulate in, for their fp32/fp64 workspaces.
+at::ScalarType acc_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_launch(cudaError_t status, const char* what) {
+  TORCH_CHECK(status == cudaSuccess, "convbert_fast: ", what, " failed: ", cudaGetErrorString(status));
+}
+
+void check_cuda_kernel_size(int64_t kernel_size) {
+  TORCH_CHECK(kernel_size <= kMaxCudaKernelSize, "dynamic_span_conv: the CUDA kernels take K <= ", kMaxCudaKernelSize,
+              ", got ", kernel_size);
+}
+
+void span_conv_into_cuda(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads,
+                         at::Tensor& out) {
+  check_span_conv_args(values, kernel_logits, num_heads);
+  check_span_conv_out(values, out);
+  const c10::cuda::CUDAGuard guard(values.device());
+  const at::Tensor v = values.contiguous(), k = kernel_logits.contiguous();
+  const int64_t kernel_size = k.size(2) / num_heads;
+  check_cuda_kernel_size(kernel_size);
+  check_launch(span_conv_forward(dtype_of(v), v.const_data_ptr(), k.const_data_ptr(), out.mutable_data_ptr(),
+                                 v.size(0), v.size(1), num_heads, v.size(2) / num_heads, kernel_size, out.stride(0),
+                                 out.stride(1), c10::cuda::getCurrentCUDAStream()),
+               "dynamic_span_conv");
+}
+
+at::Tensor span_conv_cuda(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads) {
+  at::Tensor out = at::empty(values.sizes(), values.options());
+  span_conv_into_cuda(values, kernel_logits, num_heads, out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> span_conv_backward_cuda(const at::Tensor& grad_out, const at::Tensor& values,
+                                                           const at::Tensor& kernel_logits, int64_t num_heads) {
+  check_span_conv_args(values, kernel_logits, num_heads);
+  const c10::cuda::CUDAGuard guard(values.device());
+  const at::Tensor g = grad_out.contiguous(), v = values.contiguous(), k = kernel_logits.contiguous();
+  const int64_t kernel_size = k.size(2) / num_heads;
+  check_cuda_kernel_size(kernel_size);
+  at::Tensor grad_values = at::empty_like(v), grad_logits = at::empty_like(k);
+  at::Tensor weights = at::empty(k.sizes(), k.options().dtype(acc_dtype(k)));  // the softmax weights
+  check_launch(span_conv_backward(dtype_of(v), g.const_data_ptr(), v.const_data_ptr(), k.const_data_ptr(),
+                                  grad_values.mutable_data_ptr(), grad_logits.mutable_data_ptr(),
+                                  weights.mutable_data_ptr(), v.size(0), v.size(1), num_heads,
+                                  v.size(2) / num_heads, kernel_size, c10::cuda::getCurrentCUDAStream()),
+               "dynamic_span_conv_backward");
+  return {grad_values, grad_logits};
+}
+
+at::Tensor depthwise_cuda(const at::Tensor& x, const at::Tensor& taps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty_like(x);
+  check_launch(depthwise_conv_forward(dtype_of(x), x.const_data_ptr(), taps.const_data_ptr(), out.mutable_data_ptr(),
+                                      x.size(0), x.size(1), x.size(2), taps.size(0),
+                                      c10::cuda::getCurrentCUDAStream()),
+               "depthwise conv");
+  return out;
+}
+
+at::Tensor depthwise_weight_grad_cuda(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor g = grad.contiguous();
+  const int64_t rows = x.size(0) * x.size(1);
+  const int64_t chunk_rows = std::max<int64_t>(64, (rows + 65534) / 65535);  // at most 65535 chunks (grid.y)
+  const int64_t chunks = (rows + chunk_rows - 1) / chunk_rows;
+  at::Tensor partials = at::zeros({chunks, kernel_size, x.size(2)}, x.options().dtype(acc_dtype(x)));
+  check_launch(depthwise_conv_weight_grad_partials(dtype_of(x), g.const_data_ptr(), x.const_data_ptr(),
+                                                   partials.mutable_data_ptr(), x.size(0), x.size(1), x.size(2),
+                                                   kernel_size, chunk_rows, c10::cuda::getCurrentCUDAStream()),
+               "depthwise conv weight gradient");
+  return partials.sum(0).to(x.scalar_type());  // a fixed-order reduction: the same bits every run
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(convbert_fast, CUDA, m) {
+  m.impl("dynamic_span_conv", &span_conv_cuda);
+  m.impl("dynamic_span_conv_into", &span_conv_into_cuda);
+  m.impl("dynamic_span_conv_backward", &span_conv_backward_cuda);
+  m.impl("separable_conv1d", [](const at::Tensor& x, const at::Tensor& dw, const at::Tensor& pw, const at::Tensor& b) {
+    return separable_conv1d(x, dw, pw, b, &depthwise_cuda);
+  });
+  m.impl("separable_conv1d_backward", [](const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw,
+                                         const at::Tensor& pw, const at::Tensor& b) {
+    return separable_conv1d_backward(g, x, dw, pw, b, &depthwise_cuda, &depthwise_weight_grad_cuda);
+  });
+  m.impl("grouped_linear", &grouped_linear);
+  m.impl("grouped_linear_gelu", &grouped_linear_gelu);
+  m.impl("grouped_linear_backward", &grouped_linear_backward);
+}
+
+}  // namespace convbert_fast
