@@ -35,7 +35,7 @@ def pytest_terminal_summary(terminalreporter):
     if _worst_parity:
         terminalreporter.section("worst |ours - transformers| per class (fp32)")
         for label, diff in sorted(_worst_parity.items()):
-            terminalreporter.write_line(f"{label:<45} {diff:.3e}")
+            terminalreporter.write_line(f"{label:<56} {diff:.3e}")
 
 
 @pytest.fixture(autouse=True)

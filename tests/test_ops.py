@@ -299,6 +299,10 @@ BAD_CALLS = [
     ("x features", lambda: cf.ops.grouped_linear(torch.randn(2, 9), *_grp()[1:]), ValueError, "`x` must have shape [..., 8]"),
     ("bias size", lambda: cf.ops.grouped_linear(*_grp()[:2], torch.randn(5)), ValueError, "`bias` must have shape [6]"),
     ("int weight", lambda: cf.ops.grouped_linear(_grp()[0], _grp()[1].int(), _grp()[2]), TypeError, "`weight` must have a floating-point"),
+    ("groups do not divide", lambda: cf.ops.grouped_linear(torch.randn(2, 9), torch.randn(2, 4, 3), torch.randn(6)), ValueError, "num_groups 2 x 4"),
+    ("activation", lambda: cf.ops.grouped_linear(*_grp(), activation="relu"), ValueError, "`activation` must be None or 'gelu'"),
+    ("two devices", lambda: cf.ops.dynamic_span_conv(_span()[0], _span()[1].to("meta"), 2), ValueError, "`values` is on cpu, `kernel_logits` on meta"),
+    ("two devices (separable)", lambda: cf.ops.separable_conv1d(_sep()[0].to("meta"), *_sep()[1:]), ValueError, "one device"),
 ]
 
 

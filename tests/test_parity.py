@@ -78,10 +78,20 @@ def assert_parity(label, ours, theirs):
     assert diff <= ATOL, f"{label}: max |ours - transformers| = {diff:.3e}"
 
 
+BACKENDS = ["eager", "cpp"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request):
+    with cf.use_backend(request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("config_name", list(PARITY_CONFIGS))
 @pytest.mark.parametrize("class_name", CLASSES)
-def test_outputs_match_transformers(class_name, config_name):
+def test_outputs_match_transformers(class_name, config_name, backend_name):
     config = make_config(config_name, num_labels=3 if class_name != "ConvBertForQuestionAnswering" else 2)
+    label = f"{class_name} [{backend_name}]"
     torch.manual_seed(0)
     theirs, ours = model_pair(class_name, config)
     inputs = make_inputs(class_name, config, torch.Generator().manual_seed(1))
@@ -90,13 +100,13 @@ def test_outputs_match_transformers(class_name, config_name):
     flags = dict(output_attentions=True, output_hidden_states=True)
     with torch.no_grad():
         expected = theirs(**inputs, **flags)
-        assert_parity(class_name, ours(**inputs, **flags), expected)
+        assert_parity(label, ours(**inputs, **flags), expected)
         if class_name != "ConvBertModel":
             assert expected.loss is not None
         # return_dict=False: the same values as a tuple
-        assert_parity(class_name, ours(**inputs, **flags, return_dict=False), theirs(**inputs, **flags, return_dict=False))
+        assert_parity(label, ours(**inputs, **flags, return_dict=False), theirs(**inputs, **flags, return_dict=False))
         # defaults: no attentions or hidden states
-        assert_parity(class_name, ours(**inputs), theirs(**inputs))
+        assert_parity(label, ours(**inputs), theirs(**inputs))
 
 
 @pytest.mark.parametrize("class_name", CLASSES)
@@ -127,7 +137,7 @@ def test_sequence_classification_losses(problem_type, num_labels):
 
 @pytest.mark.parametrize("config_name", ["base", "medium-small", "one-head", "small-k3"])
 @pytest.mark.parametrize("class_name", CLASSES)
-def test_gradients_match_transformers(class_name, config_name):
+def test_gradients_match_transformers(class_name, config_name, backend_name):
     """Train mode with dropout 0: the loss and the gradient of every parameter."""
     config = make_config(config_name, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
     torch.manual_seed(0)
@@ -145,7 +155,7 @@ def test_gradients_match_transformers(class_name, config_name):
     for name, param in ours.named_parameters():
         assert param.grad is not None, f"{name} got no gradient"
         worst = max(worst, max_diff(param.grad, their_grads[name].grad, name))
-    record_parity(f"{class_name} (gradients)", worst)
+    record_parity(f"{class_name} [{backend_name}] (gradients)", worst)
     assert worst <= ATOL
 
 

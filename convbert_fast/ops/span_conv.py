@@ -61,7 +61,15 @@ if cpp.LOADED:
 
     torch.library.register_autograd("convbert_fast::dynamic_span_conv", _backward, setup_context=_setup_context)
 
+    CUDA_MAX_KERNEL_SIZE = 63  # the softmax weights of a (token, head) live in shared memory
+
     def dynamic_span_conv_cpp(values, kernel_logits, num_heads):
+        kernel_size = kernel_logits.shape[-1] // num_heads
+        if values.device.type == "cuda" and kernel_size > CUDA_MAX_KERNEL_SIZE:
+            raise ValueError(
+                f"{OP}: the cpp backend's CUDA kernels take kernel sizes up to {CUDA_MAX_KERNEL_SIZE}, got "
+                f"{kernel_size}; use the 'eager' backend for larger spans"
+            )
         values, kernel_logits = backend.autocast_inputs(values.device.type, values, kernel_logits)
         return torch.ops.convbert_fast.dynamic_span_conv(values, kernel_logits, num_heads)
 

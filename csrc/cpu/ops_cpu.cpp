@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../composite.h"
@@ -20,15 +21,66 @@ namespace {
 // Rows per task: enough work per task to amortise scheduling.
 int64_t grain_for(int64_t work_per_row) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_row)); }
 
+// The inner loops work on tiles of kTile channels whose accumulators stay in registers across the taps;
+// fixed-size tiles let the compiler vectorise them without reassociating any sum.
+constexpr int64_t kTile = 16;
+
+// out[i] = sum_r weights[r] * rows[r][i] for i < n
 template <typename scalar_t, typename acc_t>
-inline void axpy(acc_t* __restrict__ acc, const scalar_t* __restrict__ x, acc_t a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += a * static_cast<acc_t>(x[i]);
+inline void weighted_row_sum(const scalar_t* const* rows, const acc_t* weights, int64_t count, scalar_t* out,
+                             int64_t n) {
+  for (int64_t i0 = 0; i0 < n; i0 += kTile) {
+    acc_t acc[kTile] = {};
+    if (i0 + kTile <= n) {
+      for (int64_t r = 0; r < count; ++r) {
+        const scalar_t* __restrict__ src = rows[r] + i0;
+        const acc_t w = weights[r];
+        for (int64_t i = 0; i < kTile; ++i) acc[i] += w * static_cast<acc_t>(src[i]);
+      }
+      for (int64_t i = 0; i < kTile; ++i) out[i0 + i] = static_cast<scalar_t>(acc[i]);
+    } else {
+      for (int64_t r = 0; r < count; ++r) {
+        for (int64_t i = 0; i < n - i0; ++i) acc[i] += weights[r] * static_cast<acc_t>(rows[r][i0 + i]);
+      }
+      for (int64_t i = 0; i < n - i0; ++i) out[i0 + i] = static_cast<scalar_t>(acc[i]);
+    }
+  }
 }
 
+// out[i] = sum_r taps[r][i] * rows[r][i] for i < n (a per-channel weight: the depthwise conv). Wider tiles
+// than the span conv's: several independent accumulator chains per tap hide the FMA latency.
+constexpr int64_t kChannelTile = 64;
+
+template <typename scalar_t, typename acc_t>
+inline void tapped_row_sum(const scalar_t* const* rows, const scalar_t* const* taps, int64_t count, scalar_t* out,
+                           int64_t n) {
+  for (int64_t i0 = 0; i0 < n; i0 += kChannelTile) {
+    const int64_t len = std::min(kChannelTile, n - i0);
+    acc_t acc[kChannelTile] = {};
+    for (int64_t r = 0; r < count; ++r) {
+      const scalar_t* __restrict__ src = rows[r] + i0;
+      const scalar_t* __restrict__ tap = taps[r] + i0;
+      if (len == kChannelTile) {
+        for (int64_t i = 0; i < kChannelTile; ++i) acc[i] += static_cast<acc_t>(tap[i]) * static_cast<acc_t>(src[i]);
+      } else {
+        for (int64_t i = 0; i < len; ++i) acc[i] += static_cast<acc_t>(tap[i]) * static_cast<acc_t>(src[i]);
+      }
+    }
+    for (int64_t i = 0; i < len; ++i) out[i0 + i] = static_cast<scalar_t>(acc[i]);
+  }
+}
+
+// sum_i x[i] * y[i] over kTile interleaved partial sums, added in a fixed order.
 template <typename scalar_t, typename acc_t>
 inline acc_t dot(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t n) {
+  acc_t partial[kTile] = {};
+  int64_t i0 = 0;
+  for (; i0 + kTile <= n; i0 += kTile) {
+    for (int64_t i = 0; i < kTile; ++i) partial[i] += static_cast<acc_t>(x[i0 + i]) * static_cast<acc_t>(y[i0 + i]);
+  }
+  for (int64_t i = 0; i0 + i < n; ++i) partial[i] += static_cast<acc_t>(x[i0 + i]) * static_cast<acc_t>(y[i0 + i]);
   acc_t sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += static_cast<acc_t>(x[i]) * static_cast<acc_t>(y[i]);
+  for (int64_t i = 0; i < kTile; ++i) sum += partial[i];
   return sum;
 }
 
@@ -48,137 +100,162 @@ inline void softmax(const scalar_t* logits, acc_t* weights, int64_t kernel_size)
   for (int64_t j = 0; j < kernel_size; ++j) weights[j] /= total;
 }
 
+// The kernels below each process a range of rows, so that at::parallel_for stays outside them and the
+// fp32/fp64 instantiations can be compiled once per x86 level (AVX-512, AVX2+FMA, baseline) and picked at
+// load time (GCC function multi-versioning; `flatten` inlines the helpers into every clone).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CONVBERT_FAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
+#else
+#define CONVBERT_FAST_CPU_CLONES
+#endif
+
+template <typename scalar_t>
+struct SpanArgs {
+  const scalar_t* values;
+  const scalar_t* logits;
+  const scalar_t* grad;  // backward only
+  scalar_t* out;  // forward: the output; backward: d(values)
+  scalar_t* grad_logits;  // backward only
+  at::opmath_type<scalar_t>* weights;  // backward: the softmax weights, [rows, H, K]
+  int64_t seq_len, heads, head_size, kernel_size, out_batch_stride, out_row_stride;
+};
+
 // out[b, t, h*D + d] = sum_j softmax(logits[b, t, h*K : h*K + K])[j] * values[b, t + j - K/2, h*D + d]
 template <typename scalar_t>
-void span_conv_forward_kernel(const scalar_t* values, const scalar_t* logits, scalar_t* out, int64_t batch,
-                              int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
-                              int64_t out_batch_stride, int64_t out_row_stride) {
+void span_forward_rows(const SpanArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t width = heads * head_size, half = kernel_size / 2;
-  at::parallel_for(0, batch * seq_len, grain_for(width * kernel_size), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> weights(kernel_size), acc(head_size);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / seq_len, t = row % seq_len;
-      const int64_t first = std::max<int64_t>(0, half - t), last = std::min(kernel_size, seq_len + half - t);
-      scalar_t* out_row = out + b * out_batch_stride + t * out_row_stride;
-      for (int64_t h = 0; h < heads; ++h) {
-        softmax(logits + (row * heads + h) * kernel_size, weights.data(), kernel_size);
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t j = first; j < last; ++j) {  // taps inside [0, L); the zero padding adds nothing
-          axpy(acc.data(), values + (row + j - half) * width + h * head_size, weights[j], head_size);
-        }
-        store(out_row + h * head_size, acc.data(), head_size);
-      }
+  const int64_t width = a.heads * a.head_size, half = a.kernel_size / 2;
+  std::vector<acc_t> weights(a.kernel_size);
+  std::vector<const scalar_t*> rows(a.kernel_size);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / a.seq_len, t = row % a.seq_len;
+    // taps inside [0, L) only; the zero padding adds nothing
+    const int64_t first = std::max<int64_t>(0, half - t), last = std::min(a.kernel_size, a.seq_len + half - t);
+    scalar_t* out_row = a.out + b * a.out_batch_stride + t * a.out_row_stride;
+    for (int64_t h = 0; h < a.heads; ++h) {
+      softmax(a.logits + (row * a.heads + h) * a.kernel_size, weights.data(), a.kernel_size);
+      for (int64_t j = first; j < last; ++j) rows[j] = a.values + (row + j - half) * width + h * a.head_size;
+      weighted_row_sum(rows.data() + first, weights.data() + first, last - first, out_row + h * a.head_size,
+                       a.head_size);
     }
-  });
+  }
 }
 
-// d(logits) through the softmax, and d(values) as the transposed span: row s gathers the K rows
-// t = s - j + K/2 that read it (no atomics, no thread-count-dependent sums).
+// Backward pass 1: d(logits) through the softmax; keeps the weights for pass 2.
 template <typename scalar_t>
-void span_conv_backward_kernel(const scalar_t* grad, const scalar_t* values, const scalar_t* logits,
-                               scalar_t* grad_values, scalar_t* grad_logits, int64_t batch, int64_t seq_len,
-                               int64_t heads, int64_t head_size, int64_t kernel_size) {
+void span_backward_logits_rows(const SpanArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t width = heads * head_size, half = kernel_size / 2, rows = batch * seq_len;
-  std::vector<acc_t> all_weights(rows * heads * kernel_size);  // the softmax weights, kept for pass 2
-  at::parallel_for(0, rows, grain_for(width * kernel_size), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> grad_weights(kernel_size);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t t = row % seq_len;
-      const int64_t first = std::max<int64_t>(0, half - t), last = std::min(kernel_size, seq_len + half - t);
-      for (int64_t h = 0; h < heads; ++h) {
-        acc_t* weights = all_weights.data() + (row * heads + h) * kernel_size;
-        softmax(logits + (row * heads + h) * kernel_size, weights, kernel_size);
-        const scalar_t* grad_row = grad + row * width + h * head_size;
-        acc_t weighted = 0;
-        for (int64_t j = 0; j < kernel_size; ++j) {
-          grad_weights[j] = (j >= first && j < last)
-                                ? dot<scalar_t, acc_t>(grad_row, values + (row + j - half) * width + h * head_size,
-                                                       head_size)
-                                : acc_t(0);
-          weighted += weights[j] * grad_weights[j];
-        }
-        scalar_t* grad_logits_row = grad_logits + (row * heads + h) * kernel_size;
-        for (int64_t j = 0; j < kernel_size; ++j) {
-          grad_logits_row[j] = static_cast<scalar_t>(weights[j] * (grad_weights[j] - weighted));
-        }
+  const int64_t width = a.heads * a.head_size, half = a.kernel_size / 2, K = a.kernel_size;
+  std::vector<acc_t> grad_weights(K);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t t = row % a.seq_len;
+    const int64_t first = std::max<int64_t>(0, half - t), last = std::min(K, a.seq_len + half - t);
+    for (int64_t h = 0; h < a.heads; ++h) {
+      acc_t* weights = a.weights + (row * a.heads + h) * K;
+      softmax(a.logits + (row * a.heads + h) * K, weights, K);
+      const scalar_t* grad_row = a.grad + row * width + h * a.head_size;
+      acc_t weighted = 0;
+      for (int64_t j = 0; j < K; ++j) {
+        grad_weights[j] = (j >= first && j < last) ? dot<scalar_t, acc_t>(
+                                                         grad_row, a.values + (row + j - half) * width + h * a.head_size,
+                                                         a.head_size)
+                                                   : acc_t(0);
+        weighted += weights[j] * grad_weights[j];
       }
+      scalar_t* grad_logits_row = a.grad_logits + (row * a.heads + h) * K;
+      for (int64_t j = 0; j < K; ++j) grad_logits_row[j] = static_cast<scalar_t>(weights[j] * (grad_weights[j] - weighted));
     }
-  });
-  at::parallel_for(0, rows, grain_for(width * kernel_size), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(head_size);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t s = row % seq_len;
-      // tap j of row t = s - j + half reads row s; t must lie in [0, L)
-      const int64_t first = std::max<int64_t>(0, s + half - (seq_len - 1)), last = std::min(kernel_size, s + half + 1);
-      for (int64_t h = 0; h < heads; ++h) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t j = first; j < last; ++j) {
-          const int64_t source = row - j + half;
-          axpy(acc.data(), grad + source * width + h * head_size,
-               all_weights[(source * heads + h) * kernel_size + j], head_size);
-        }
-        store(grad_values + row * width + h * head_size, acc.data(), head_size);
-      }
-    }
-  });
+  }
 }
+
+// Backward pass 2: d(values) as the transposed span: row s gathers the K rows t = s - j + K/2 whose tap j
+// read it (no atomics, no thread-count-dependent sums).
+template <typename scalar_t>
+void span_backward_values_rows(const SpanArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t width = a.heads * a.head_size, half = a.kernel_size / 2, K = a.kernel_size;
+  std::vector<acc_t> weights(K);
+  std::vector<const scalar_t*> sources(K);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t s = row % a.seq_len;
+    // tap j of row t = s - j + half reads row s; t must lie in [0, L)
+    const int64_t first = std::max<int64_t>(0, s + half - (a.seq_len - 1)), last = std::min(K, s + half + 1);
+    for (int64_t h = 0; h < a.heads; ++h) {
+      for (int64_t j = first; j < last; ++j) {
+        const int64_t source = row - j + half;
+        sources[j] = a.grad + source * width + h * a.head_size;
+        weights[j] = a.weights[(source * a.heads + h) * K + j];
+      }
+      weighted_row_sum(sources.data() + first, weights.data() + first, last - first,
+                       a.out + row * width + h * a.head_size, a.head_size);
+    }
+  }
+}
+
+template <typename scalar_t>
+struct DepthwiseArgs {
+  const scalar_t* x;
+  const scalar_t* taps_or_grad;  // forward: taps [K, C]; weight gradient: d(out) [B, L, C]
+  scalar_t* out;
+  at::opmath_type<scalar_t>* partials;  // weight gradient: [chunks, K, C]
+  int64_t rows, seq_len, channels, kernel_size, chunk_rows;
+};
 
 // out[b, t, c] = sum_j taps[j, c] * x[b, t + j - K/2, c]
 template <typename scalar_t>
-void depthwise_forward_kernel(const scalar_t* x, const scalar_t* taps, scalar_t* out, int64_t batch, int64_t seq_len,
-                              int64_t channels, int64_t kernel_size) {
+void depthwise_forward_rows(const DepthwiseArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t half = kernel_size / 2;
-  at::parallel_for(0, batch * seq_len, grain_for(channels * kernel_size), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(channels);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t t = row % seq_len;
-      const int64_t first = std::max<int64_t>(0, half - t), last = std::min(kernel_size, seq_len + half - t);
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t j = first; j < last; ++j) {
-        const scalar_t* __restrict__ tap = taps + j * channels;
-        const scalar_t* __restrict__ in = x + (row + j - half) * channels;
-        for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<acc_t>(tap[c]) * static_cast<acc_t>(in[c]);
-      }
-      store(out + row * channels, acc.data(), channels);
+  const int64_t half = a.kernel_size / 2;
+  std::vector<const scalar_t*> rows(a.kernel_size), tap_rows(a.kernel_size);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t t = row % a.seq_len;
+    const int64_t first = std::max<int64_t>(0, half - t), last = std::min(a.kernel_size, a.seq_len + half - t);
+    for (int64_t j = first; j < last; ++j) {
+      rows[j] = a.x + (row + j - half) * a.channels;
+      tap_rows[j] = a.taps_or_grad + j * a.channels;
     }
-  });
+    tapped_row_sum<scalar_t, acc_t>(rows.data() + first, tap_rows.data() + first, last - first,
+                                    a.out + row * a.channels, a.channels);
+  }
 }
 
-// d(taps)[j, c] = sum over rows (b, t) of grad[b, t, c] * x[b, t + j - K/2, c]. Fixed chunks of rows give
-// partial sums that are then added in chunk order: the same result for any number of threads.
+// partials[chunk, j, c] = sum over the chunk's rows (b, t) of grad[b, t, c] * x[b, t + j - K/2, c]
 template <typename scalar_t>
-void depthwise_weight_grad_kernel(const scalar_t* grad, const scalar_t* x, scalar_t* grad_taps, int64_t batch,
-                                  int64_t seq_len, int64_t channels, int64_t kernel_size) {
+void depthwise_weight_grad_chunks(const DepthwiseArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kChunkRows = 64;
-  const int64_t half = kernel_size / 2, rows = batch * seq_len;
-  const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
-  std::vector<acc_t> partial(chunks * kernel_size * channels, acc_t(0));
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      acc_t* part = partial.data() + chunk * kernel_size * channels;
-      for (int64_t row = chunk * kChunkRows; row < std::min(rows, (chunk + 1) * kChunkRows); ++row) {
-        const int64_t t = row % seq_len;
-        const int64_t first = std::max<int64_t>(0, half - t), last = std::min(kernel_size, seq_len + half - t);
-        const scalar_t* __restrict__ g = grad + row * channels;
-        for (int64_t j = first; j < last; ++j) {
-          const scalar_t* __restrict__ in = x + (row + j - half) * channels;
-          acc_t* __restrict__ p = part + j * channels;
-          for (int64_t c = 0; c < channels; ++c) p[c] += static_cast<acc_t>(g[c]) * static_cast<acc_t>(in[c]);
-        }
+  const int64_t half = a.kernel_size / 2, C = a.channels;
+  for (int64_t chunk = begin; chunk < end; ++chunk) {
+    acc_t* part = a.partials + chunk * a.kernel_size * C;
+    std::fill(part, part + a.kernel_size * C, acc_t(0));
+    for (int64_t row = chunk * a.chunk_rows; row < std::min(a.rows, (chunk + 1) * a.chunk_rows); ++row) {
+      const int64_t t = row % a.seq_len;
+      const int64_t first = std::max<int64_t>(0, half - t), last = std::min(a.kernel_size, a.seq_len + half - t);
+      const scalar_t* __restrict__ g = a.taps_or_grad + row * C;
+      for (int64_t j = first; j < last; ++j) {
+        const scalar_t* __restrict__ in = a.x + (row + j - half) * C;
+        acc_t* __restrict__ p = part + j * C;
+        for (int64_t c = 0; c < C; ++c) p[c] += static_cast<acc_t>(g[c]) * static_cast<acc_t>(in[c]);
       }
     }
-  });
-  std::vector<acc_t> total(kernel_size * channels, acc_t(0));
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const acc_t* part = partial.data() + chunk * kernel_size * channels;
-    for (int64_t i = 0; i < kernel_size * channels; ++i) total[i] += part[i];
   }
-  store(grad_taps, total.data(), kernel_size * channels);
 }
+
+// One multi-versioned entry per (kernel, fp32/fp64); fp16/bf16 run the baseline template.
+#define CONVBERT_FAST_CLONED(KERNEL, ARGS)                                                                       \
+  CONVBERT_FAST_CPU_CLONES void KERNEL##_f32(const ARGS<float>& a, int64_t b, int64_t e) { KERNEL<float>(a, b, e); } \
+  CONVBERT_FAST_CPU_CLONES void KERNEL##_f64(const ARGS<double>& a, int64_t b, int64_t e) { KERNEL<double>(a, b, e); } \
+  template <typename scalar_t>                                                                                   \
+  void KERNEL##_best(const ARGS<scalar_t>& a, int64_t b, int64_t e) {                                            \
+    if constexpr (std::is_same_v<scalar_t, float>) KERNEL##_f32(a, b, e);                                        \
+    else if constexpr (std::is_same_v<scalar_t, double>) KERNEL##_f64(a, b, e);                                  \
+    else KERNEL<scalar_t>(a, b, e);                                                                              \
+  }
+
+CONVBERT_FAST_CLONED(span_forward_rows, SpanArgs)
+CONVBERT_FAST_CLONED(span_backward_logits_rows, SpanArgs)
+CONVBERT_FAST_CLONED(span_backward_values_rows, SpanArgs)
+CONVBERT_FAST_CLONED(depthwise_forward_rows, DepthwiseArgs)
+CONVBERT_FAST_CLONED(depthwise_weight_grad_chunks, DepthwiseArgs)
 
 #define DISPATCH_FLOATS(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)
@@ -190,9 +267,11 @@ void span_conv_into_cpu(const at::Tensor& values, const at::Tensor& kernel_logit
   const at::Tensor v = values.contiguous(), k = kernel_logits.contiguous();
   const int64_t head_size = v.size(2) / num_heads, kernel_size = k.size(2) / num_heads;
   DISPATCH_FLOATS(v.scalar_type(), "dynamic_span_conv_cpu", [&] {
-    span_conv_forward_kernel<scalar_t>(v.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                                       out.mutable_data_ptr<scalar_t>(), v.size(0), v.size(1), num_heads, head_size,
-                                       kernel_size, out.stride(0), out.stride(1));
+    const SpanArgs<scalar_t> args{v.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), nullptr,
+                                  out.mutable_data_ptr<scalar_t>(), nullptr, nullptr, v.size(1), num_heads,
+                                  head_size, kernel_size, out.stride(0), out.stride(1)};
+    at::parallel_for(0, v.size(0) * v.size(1), grain_for(v.size(2) * kernel_size),
+                     [&](int64_t begin, int64_t end) { span_forward_rows_best(args, begin, end); });
   });
 }
 
@@ -207,33 +286,50 @@ std::tuple<at::Tensor, at::Tensor> span_conv_backward_cpu(const at::Tensor& grad
   check_span_conv_args(values, kernel_logits, num_heads);
   const at::Tensor g = grad_out.contiguous(), v = values.contiguous(), k = kernel_logits.contiguous();
   at::Tensor grad_values = at::empty_like(v), grad_logits = at::empty_like(k);
+  const int64_t rows = v.size(0) * v.size(1), kernel_size = k.size(2) / num_heads;
   DISPATCH_FLOATS(v.scalar_type(), "dynamic_span_conv_backward_cpu", [&] {
-    span_conv_backward_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-                                        k.const_data_ptr<scalar_t>(), grad_values.mutable_data_ptr<scalar_t>(),
-                                        grad_logits.mutable_data_ptr<scalar_t>(), v.size(0), v.size(1), num_heads,
-                                        v.size(2) / num_heads, k.size(2) / num_heads);
+    std::vector<at::opmath_type<scalar_t>> weights(rows * k.size(2));  // the softmax weights, between the passes
+    const SpanArgs<scalar_t> args{v.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                  g.const_data_ptr<scalar_t>(), grad_values.mutable_data_ptr<scalar_t>(),
+                                  grad_logits.mutable_data_ptr<scalar_t>(), weights.data(), v.size(1), num_heads,
+                                  v.size(2) / num_heads, kernel_size, 0, 0};
+    const int64_t grain = grain_for(v.size(2) * kernel_size);
+    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { span_backward_logits_rows_best(args, b, e); });
+    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { span_backward_values_rows_best(args, b, e); });
   });
   return {grad_values, grad_logits};
 }
 
 at::Tensor depthwise_cpu(const at::Tensor& x, const at::Tensor& taps) {
   at::Tensor out = at::empty_like(x);
+  const int64_t rows = x.size(0) * x.size(1);
   DISPATCH_FLOATS(x.scalar_type(), "depthwise_conv_cpu", [&] {
-    depthwise_forward_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), taps.const_data_ptr<scalar_t>(),
-                                       out.mutable_data_ptr<scalar_t>(), x.size(0), x.size(1), x.size(2),
-                                       taps.size(0));
+    const DepthwiseArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), taps.const_data_ptr<scalar_t>(),
+                                       out.mutable_data_ptr<scalar_t>(), nullptr, rows, x.size(1), x.size(2),
+                                       taps.size(0), 0};
+    at::parallel_for(0, rows, grain_for(x.size(2) * taps.size(0)),
+                     [&](int64_t b, int64_t e) { depthwise_forward_rows_best(args, b, e); });
   });
   return out;
 }
 
+// Fixed chunks of rows give partial sums that are added in chunk order: the same result for any number
+// of threads.
 at::Tensor depthwise_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size) {
-  at::Tensor grad_taps = at::empty({kernel_size, x.size(2)}, x.options());
+  constexpr int64_t kChunkRows = 64;
+  const at::Tensor g = grad.contiguous();
+  const int64_t rows = x.size(0) * x.size(1), chunks = (rows + kChunkRows - 1) / kChunkRows;
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor partials = at::empty({chunks, kernel_size, x.size(2)}, x.options().dtype(acc_dtype));
   DISPATCH_FLOATS(x.scalar_type(), "depthwise_conv_weight_grad_cpu", [&] {
-    depthwise_weight_grad_kernel<scalar_t>(grad.contiguous().const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                           grad_taps.mutable_data_ptr<scalar_t>(), x.size(0), x.size(1), x.size(2),
-                                           kernel_size);
+    const DepthwiseArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), nullptr,
+                                       partials.mutable_data_ptr<at::opmath_type<scalar_t>>(), rows, x.size(1),
+                                       x.size(2), kernel_size, kChunkRows};
+    at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) { depthwise_weight_grad_chunks_best(args, b, e); });
   });
-  return grad_taps;
+  at::Tensor total = at::zeros({kernel_size, x.size(2)}, partials.options());
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) total.add_(partials[chunk]);  // in chunk order
+  return total.to(x.scalar_type());
 }
 
 }  // namespace

@@ -1,0 +1,21 @@
+"""Benchmark options. `--bench-size tiny` (CI's smoke run, with --benchmark-disable) shrinks every shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-size", choices=["full", "tiny"], default="full", help="full shapes or a smoke test")
+    parser.addoption("--bench-device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny(request):
+    return request.config.getoption("--bench-size") == "tiny"
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    return torch.device(request.config.getoption("--bench-device"))
