@@ -84,11 +84,6 @@ inline acc_t dot(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
   return sum;
 }
 
-template <typename scalar_t, typename acc_t>
-inline void store(scalar_t* __restrict__ out, const acc_t* __restrict__ acc, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(acc[i]);
-}
-
 // Softmax of K logits into `weights`, as torch.softmax does it (subtract the max, exponentiate, normalise).
 template <typename scalar_t, typename acc_t>
 inline void softmax(const scalar_t* logits, acc_t* weights, int64_t kernel_size) {
