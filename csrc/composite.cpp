@@ -98,23 +98,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> separable_conv1d_back
   return {grad_x, grad_depthwise, grad_pointwise, grad_bias};
 }
 
-// The groups are column blocks of the 2-D views: each GEMM reads and writes its block in place
-// (leading dimension Din or Dout), so no permuted copies are made.
+// The groups are column blocks of the 2-D views [N, Din] and [N, Dout]: no permuted copies are made. On CUDA
+// one strided-batched cuBLAS GEMM covers all groups (batch stride Din/G, leading dimension Din); on the CPU
+// one GEMM per group reads and writes its block in place. The bias enters as the GEMM's C operand (beta = 1).
 at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   check_grouped_args(x, weight, bias);
   const int64_t groups = weight.size(0), group_in = weight.size(1), group_out = weight.size(2);
-  const at::Tensor x2d = x.reshape({rows_of(x), groups * group_in}).contiguous();
+  const int64_t rows = rows_of(x);
+  const at::Tensor x2d = x.reshape({rows, groups * group_in}).contiguous();
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = groups * group_out;
-  at::Tensor out = at::empty({x2d.size(0), groups * group_out}, x.options());
-  for (int64_t g = 0; g < groups; ++g) {
-    at::Tensor out_block = out.narrow(1, g * group_out, group_out);
-    at::addmm_out(out_block, bias.narrow(0, g * group_out, group_out), x2d.narrow(1, g * group_in, group_in),
-                  weight.select(0, g));
+  at::Tensor out = at::empty({rows, groups * group_out}, x.options());
+  if (x.is_cuda()) {
+    at::Tensor out_groups = out.view({rows, groups, group_out}).transpose(0, 1);  // [G, N, Dout/G], strided
+    at::baddbmm_out(out_groups, bias.view({groups, 1, group_out}),
+                    x2d.view({rows, groups, group_in}).transpose(0, 1), weight);
+  } else {
+    for (int64_t g = 0; g < groups; ++g) {
+      at::Tensor out_block = out.narrow(1, g * group_out, group_out);
+      at::addmm_out(out_block, bias.narrow(0, g * group_out, group_out), x2d.narrow(1, g * group_in, group_in),
+                    weight.select(0, g));
+    }
   }
   return out.view(out_shape);
 }
 
+// GELU as one elementwise pass over the GEMM's output (the pre-activation is returned for the backward).
 std::tuple<at::Tensor, at::Tensor> grouped_linear_gelu(const at::Tensor& x, const at::Tensor& weight,
                                                        const at::Tensor& bias) {
   at::Tensor pre = grouped_linear(x, weight, bias);
@@ -124,16 +133,25 @@ std::tuple<at::Tensor, at::Tensor> grouped_linear_gelu(const at::Tensor& x, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward(const at::Tensor& grad_pre,
                                                                        const at::Tensor& x, const at::Tensor& weight) {
   const int64_t groups = weight.size(0), group_in = weight.size(1), group_out = weight.size(2);
-  const at::Tensor x2d = x.reshape({rows_of(x), groups * group_in}).contiguous();
-  const at::Tensor grad2d = grad_pre.reshape({rows_of(x), groups * group_out}).contiguous();
+  const int64_t rows = rows_of(x);
+  const at::Tensor x2d = x.reshape({rows, groups * group_in}).contiguous();
+  const at::Tensor grad2d = grad_pre.reshape({rows, groups * group_out}).contiguous();
   at::Tensor grad_x = at::empty_like(x2d);
   at::Tensor grad_weight = at::empty_like(weight, at::MemoryFormat::Contiguous);
-  for (int64_t g = 0; g < groups; ++g) {
-    const at::Tensor grad_block = grad2d.narrow(1, g * group_out, group_out);
-    at::Tensor grad_x_block = grad_x.narrow(1, g * group_in, group_in);
-    at::mm_out(grad_x_block, grad_block, weight.select(0, g).t());
-    at::Tensor grad_weight_block = grad_weight.select(0, g);
-    at::mm_out(grad_weight_block, x2d.narrow(1, g * group_in, group_in).t(), grad_block);
+  if (x.is_cuda()) {
+    const at::Tensor x_groups = x2d.view({rows, groups, group_in}).transpose(0, 1);  // [G, N, Din/G]
+    const at::Tensor grad_groups = grad2d.view({rows, groups, group_out}).transpose(0, 1);  // [G, N, Dout/G]
+    at::Tensor grad_x_groups = grad_x.view({rows, groups, group_in}).transpose(0, 1);
+    at::bmm_out(grad_x_groups, grad_groups, weight.transpose(1, 2));
+    at::bmm_out(grad_weight, x_groups.transpose(1, 2), grad_groups);
+  } else {
+    for (int64_t g = 0; g < groups; ++g) {
+      const at::Tensor grad_block = grad2d.narrow(1, g * group_out, group_out);
+      at::Tensor grad_x_block = grad_x.narrow(1, g * group_in, group_in);
+      at::mm_out(grad_x_block, grad_block, weight.select(0, g).t());
+      at::Tensor grad_weight_block = grad_weight.select(0, g);
+      at::mm_out(grad_weight_block, x2d.narrow(1, g * group_in, group_in).t(), grad_block);
+    }
   }
   return {grad_x.view(x.sizes()), grad_weight, grad2d.sum(0)};
 }
