@@ -2,8 +2,9 @@
 
     pytest benchmarks --benchmark-only --benchmark-group-by=group      (add --bench-device cuda on a GPU)
 
-Shapes are the issue's: B=8, L=512 on the CPU (B=32 on a GPU), 6 conv heads of 64 (A=384, C=768), K=9;
-grouped linear 384 -> 1536 in 2 groups (conv-bert-medium-small's FFN). CPU: fp32; GPU: bf16.
+Shapes are the issues': B=8, L=512 on the CPU (B=32 on a GPU), 6 conv heads of 64 (A=384, C=768), K=9;
+grouped linear 384 -> 1536 in 2 groups (conv-bert-medium-small's FFN). CPU: fp32; GPU: bf16. The Triton
+provider runs on a GPU (on the CPU only in the tiny smoke run, in Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -14,14 +15,19 @@ from transformers.models.convbert import modeling_convbert as hf
 
 import convbert_fast as cf
 
-PROVIDERS = ["transformers", "eager", "cpp"]
+PROVIDERS = ["transformers", "eager", "cpp", "triton"]
+
+
+def skip_unmeasurable(provider, device, tiny):
+    if provider == "triton" and device.type == "cpu" and not tiny:
+        pytest.skip("Triton runs on the CPU only in its interpreter: not a speed to measure")
 
 
 def shapes(device, tiny):
-    if tiny:
-        return dict(batch=2, seq_len=16, dtype=torch.float32)
-    return dict(batch=32 if device.type == "cuda" else 8, seq_len=512,
-                dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if tiny:  # every dimension small: the smoke run executes Triton in its interpreter
+        return dict(batch=2, seq_len=16, dtype=torch.float32, channels=32, heads=2, head_size=8, ffn=(32, 64))
+    return dict(batch=32 if device.type == "cuda" else 8, seq_len=512, channels=768, heads=6, head_size=64,
+                ffn=(384, 1536), dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def synchronize(device):
@@ -48,7 +54,7 @@ def leaves(device, dtype, *shapes_, scale=1.0):
     return [(torch.randn(*s, device=device) * scale).to(dtype).requires_grad_() for s in shapes_]
 
 
-def span_conv_transformers(values, logits, heads=6, kernel_size=9):
+def span_conv_transformers(values, logits, heads, kernel_size=9):
     """The span conv as transformers' ConvBertSelfAttention.forward computes it (unfold path), verbatim shapes."""
     batch, seq_len, all_head_size = values.shape
     head_size = all_head_size // heads
@@ -64,47 +70,59 @@ def span_conv_transformers(values, logits, heads=6, kernel_size=9):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_dynamic_span_conv(benchmark, provider, device, tiny):
+    skip_unmeasurable(provider, device, tiny)
     s = shapes(device, tiny)
     benchmark.group = "dynamic_span_conv fwd+bwd"
-    inputs = leaves(device, s["dtype"], (s["batch"], s["seq_len"], 384), (s["batch"], s["seq_len"], 6 * 9))
+    heads = s["heads"]
+    inputs = leaves(device, s["dtype"], (s["batch"], s["seq_len"], heads * s["head_size"]),
+                    (s["batch"], s["seq_len"], heads * 9))
     if provider == "transformers":
-        fn = span_conv_transformers
+        def fn(v, k):
+            return span_conv_transformers(v, k, heads)
     else:
         def fn(v, k):
             with cf.use_backend(provider):
-                return cf.ops.dynamic_span_conv(v, k, 6)
+                return cf.ops.dynamic_span_conv(v, k, heads)
     run_fwd_bwd(benchmark, device, fn, inputs)
 
 
+@pytest.mark.parametrize("multiply", [False, True], ids=["conv", "conv*query"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_separable_conv1d(benchmark, provider, device, tiny):
+def test_separable_conv1d(benchmark, provider, multiply, device, tiny):
+    skip_unmeasurable(provider, device, tiny)
     s = shapes(device, tiny)
-    benchmark.group = "separable_conv1d fwd+bwd"
+    benchmark.group = "separable_conv1d" + (" * query" if multiply else "") + " fwd+bwd"
     config = cf.ConvBertConfig()
-    module = hf.SeparableConv1D(config, 768, 384, 9).to(device, s["dtype"])
-    (x,) = leaves(device, s["dtype"], (s["batch"], s["seq_len"], 768))
+    channels, out_channels = s["channels"], s["heads"] * s["head_size"]
+    module = hf.SeparableConv1D(config, channels, out_channels, 9).to(device, s["dtype"])
+    x, query = leaves(device, s["dtype"], (s["batch"], s["seq_len"], channels), (s["batch"], s["seq_len"], out_channels))
     if provider == "transformers":
-        def fn(x):  # as ConvBertSelfAttention calls it: transpose in, transpose out
-            return module(x.transpose(1, 2)).transpose(1, 2)
+        def fn(x, query):  # as ConvBertSelfAttention does it: transpose in, conv, transpose out, multiply
+            out = module(x.transpose(1, 2)).transpose(1, 2)
+            return torch.multiply(out, query) if multiply else out
     else:
-        def fn(x):
+        def fn(x, query):
             with cf.use_backend(provider):
-                return cf.ops.separable_conv1d(x, module.depthwise.weight, module.pointwise.weight, module.bias)
-    run_fwd_bwd(benchmark, device, fn, [x])
+                return cf.ops.separable_conv1d(x, module.depthwise.weight, module.pointwise.weight, module.bias,
+                                               multiplier=query if multiply else None)
+    run_fwd_bwd(benchmark, device, fn, [x, query])
 
 
+@pytest.mark.parametrize("activation", [None, "gelu"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_grouped_linear(benchmark, provider, device, tiny):
+def test_grouped_linear(benchmark, provider, activation, device, tiny):
+    skip_unmeasurable(provider, device, tiny)
     s = shapes(device, tiny)
-    benchmark.group = "grouped_linear 384->1536 G=2 fwd+bwd"
-    module = hf.GroupedLinearLayer(384, 1536, 2).to(device, s["dtype"])
+    benchmark.group = f"grouped_linear {s['ffn'][0]}->{s['ffn'][1]} G=2{' + GELU' if activation else ''} fwd+bwd"
+    module = hf.GroupedLinearLayer(*s["ffn"], 2).to(device, s["dtype"])
     torch.nn.init.normal_(module.weight, std=0.02)
     torch.nn.init.zeros_(module.bias)
-    (x,) = leaves(device, s["dtype"], (s["batch"], s["seq_len"], 384))
+    (x,) = leaves(device, s["dtype"], (s["batch"], s["seq_len"], s["ffn"][0]))
     if provider == "transformers":
-        fn = module
+        def fn(x):  # ConvBertIntermediate: the grouped layer, then the activation
+            return torch.nn.functional.gelu(module(x)) if activation else module(x)
     else:
         def fn(x):
             with cf.use_backend(provider):
-                return cf.ops.grouped_linear(x, module.weight, module.bias)
+                return cf.ops.grouped_linear(x, module.weight, module.bias, activation=activation)
     run_fwd_bwd(benchmark, device, fn, [x])

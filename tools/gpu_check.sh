@@ -42,13 +42,16 @@ if ! python -c "import tensorflow" 2>/dev/null; then  # GPU images often lack it
     test_args+=(--ignore=tests/test_tf_checkpoint.py)
     skip tf-tests "tensorflow is not installed here: tests/test_tf_checkpoint.py not run"
 fi
-step tests 300 python -m pytest "${test_args[@]}"
+# one Triton config instead of autotuning every test shape (the benchmarks below autotune)
+step tests 300 env CONVBERT_FAST_TRITON_AUTOTUNE=0 python -m pytest "${test_args[@]}"
 
 sanitized_tests=(tests/test_ops.py -q -p no:cacheprovider -k "cuda and (matches_reference or strided_slice or nan_spreads or only_some) and not float16")
 if command -v compute-sanitizer >/dev/null; then
+    export CONVBERT_FAST_TRITON_AUTOTUNE=0
     step memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 99 python -m pytest "${sanitized_tests[@]}"
     step racecheck 180 compute-sanitizer --tool racecheck --error-exitcode 99 \
         python -m pytest tests/test_ops.py -q -p no:cacheprovider -k "cuda and dynamic_span_conv_matches_reference and float32"
+    unset CONVBERT_FAST_TRITON_AUTOTUNE
 else
     skip memcheck "compute-sanitizer is not on PATH"
     skip racecheck "compute-sanitizer is not on PATH"

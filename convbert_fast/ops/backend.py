@@ -8,6 +8,7 @@ load, it warns once, so a slow path is never taken silently.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from typing import Callable, Iterator
 
@@ -16,15 +17,35 @@ import torch
 OP_NAMES = ("separable_conv1d", "dynamic_span_conv", "grouped_linear")
 BACKEND_NAMES = ("eager", "cpp", "triton")
 
-# Fastest first. `eager` is last everywhere: it always loads.
+# Fastest first. `eager` is last everywhere: it always loads. Triton on the CPU is the interpreter: never auto.
 _AUTO_PREFERENCE = {"cuda": ("cpp", "triton", "eager"), "cpu": ("cpp", "eager")}
+
+# `auto` on CUDA: per GPU family and op, the backend that a committed benchmark record under
+# benchmarks/results/ measured faster ((family, op) -> backend, each entry citing its record). No GPU record
+# exists yet, so `cpp` leads everywhere.
+MEASURED_CUDA_CHOICE: dict[tuple[str, str], str] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_family(device_index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return {9: "hopper", 8: "ampere"}.get(major, f"sm{major}{minor}")
+
+
+def _auto_order(op_name: str, device: torch.device) -> tuple[str, ...]:
+    order = _AUTO_PREFERENCE.get(device.type, ("eager",))
+    if device.type == "cuda":
+        choice = MEASURED_CUDA_CHOICE.get((gpu_family(device.index or 0), op_name))
+        if choice is not None:
+            order = (choice, *(name for name in order if name != choice))
+    return order
 
 _implementations: dict[str, dict[str, Callable]] = {name: {} for name in BACKEND_NAMES}
 # Why a backend cannot be used at all. A backend that ships with this build but failed to load is a
 # fallback worth warning about; one that is not part of this version is not.
 _unavailable_reason: dict[str, str] = {
     "cpp": "convbert_fast._C has not been loaded",
-    "triton": "not part of this version of convbert_fast (no Triton kernels yet)",
+    "triton": "the Triton kernels have not been loaded",
 }
 _failed_to_load: set[str] = set()
 # (backend, device type) -> why a loaded backend cannot run there (say, _C built without CUDA).
@@ -108,7 +129,7 @@ def implementation(op_name: str, device: torch.device) -> Callable:
         if gap is not None:
             raise RuntimeError(f"backend {_selected!r} cannot run on {device.type}: {gap}")
         return _implementations[_selected][op_name]
-    for name in _AUTO_PREFERENCE.get(device.type, ("eager",)):
+    for name in _auto_order(op_name, device):
         reason = _unavailable_reason.get(name) or _device_gaps.get((name, device.type))
         if reason is None:
             return _implementations[name][op_name]

@@ -11,13 +11,14 @@ from .checks import check_float_tensors, check_kernel_size, check_shape
 OP = "separable_conv1d"
 
 
-def separable_conv1d_eager(x, depthwise_weight, pointwise_weight, bias):
-    """The seed's math: transpose to [B, C, L], two nn.Conv1d convolutions, bias, transpose back."""
+def separable_conv1d_eager(x, depthwise_weight, pointwise_weight, bias, multiplier=None):
+    """The seed's math: transpose to [B, C, L], two nn.Conv1d convolutions, bias, transpose back (then the
+    multiply by the query that ConvBERT applies to this result)."""
     kernel_size = depthwise_weight.shape[-1]
     y = F.conv1d(x.transpose(1, 2), depthwise_weight, padding=kernel_size // 2, groups=x.shape[-1])  # [B, C, L]
     y = F.conv1d(y, pointwise_weight)  # [B, A, L]
-    y = y + bias.reshape(-1, 1)
-    return y.transpose(1, 2)  # [B, L, A]
+    y = (y + bias.reshape(-1, 1)).transpose(1, 2)  # [B, L, A]
+    return y if multiplier is None else torch.multiply(y, multiplier)
 
 
 backend.register("eager", OP, separable_conv1d_eager)
@@ -40,21 +41,28 @@ if cpp.LOADED:
 
     torch.library.register_autograd("convbert_fast::separable_conv1d", _backward, setup_context=_setup_context)
 
-    def separable_conv1d_cpp(x, depthwise_weight, pointwise_weight, bias):
+    def separable_conv1d_cpp(x, depthwise_weight, pointwise_weight, bias, multiplier=None):
         inputs = backend.autocast_inputs(x.device.type, x, depthwise_weight, pointwise_weight, bias)
-        return torch.ops.convbert_fast.separable_conv1d(*inputs)
+        out = torch.ops.convbert_fast.separable_conv1d(*inputs)
+        return out if multiplier is None else out * multiplier  # not fused here: the Triton kernel fuses it
 
     backend.register("cpp", OP, separable_conv1d_cpp)
 
 
 def separable_conv1d(
-    x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor, bias: torch.Tensor
+    x: torch.Tensor,
+    depthwise_weight: torch.Tensor,
+    pointwise_weight: torch.Tensor,
+    bias: torch.Tensor,
+    multiplier: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [B, L, C]; depthwise_weight [C, 1, K]; pointwise_weight [A, C, 1]; bias [A, 1] or [A] -> [B, L, A].
+    """x [B, L, C]; depthwise_weight [C, 1, K]; pointwise_weight [A, C, 1]; bias [A, 1] or [A] -> [B, L, A],
+    times `multiplier` [B, L, A] when given (ConvBERT's multiply by the query; fused by the Triton kernel).
 
     Zero padding of K // 2 on both sides, as ``nn.Conv1d(padding=K // 2)``.
     """
-    check_float_tensors(OP, x=x, depthwise_weight=depthwise_weight, pointwise_weight=pointwise_weight, bias=bias)
+    tensors = dict(x=x, depthwise_weight=depthwise_weight, pointwise_weight=pointwise_weight, bias=bias)
+    check_float_tensors(OP, **tensors, **({} if multiplier is None else {"multiplier": multiplier}))
     check_shape(OP, "x", x, (None, None, None), "[batch, seq_len, channels]")
     channels = x.shape[-1]
     check_shape(OP, "depthwise_weight", depthwise_weight, (channels, 1, None), f"[{channels}, 1, kernel_size]")
@@ -63,4 +71,7 @@ def separable_conv1d(
     out_channels = pointwise_weight.shape[0]
     if bias.shape not in ((out_channels,), (out_channels, 1)):
         raise ValueError(f"{OP}: `bias` must have shape [{out_channels}] or [{out_channels}, 1], got {list(bias.shape)}")
-    return backend.implementation(OP, x.device)(x, depthwise_weight, pointwise_weight, bias)
+    if multiplier is not None:
+        expected = (x.shape[0], x.shape[1], out_channels)
+        check_shape(OP, "multiplier", multiplier, expected, str(list(expected)))
+    return backend.implementation(OP, x.device)(x, depthwise_weight, pointwise_weight, bias, multiplier)

@@ -1,0 +1,59 @@
+"""The `triton` backend: Triton kernels registered with torch.library.triton_op, so torch.compile sees into them.
+
+On CUDA tensors the kernels are compiled for the GPU; on CPU tensors they run only under TRITON_INTERPRET=1
+(Triton's interpreter, which is how CI checks them), and the backend says so otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .. import backend
+
+try:
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+except Exception as error:  # not installed, or broken
+    AVAILABLE = False
+    backend.mark_failed("triton", f"triton did not import ({type(error).__name__}: {error}); `pip install triton`")
+else:
+    AVAILABLE = True
+
+# Read when the kernels are defined (triton.jit looks at it then), so it must be set before this import.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+
+# CONVBERT_FAST_TRITON_AUTOTUNE=0 keeps one small config (tests: many shapes, each would be autotuned).
+AUTOTUNE = os.environ.get("CONVBERT_FAST_TRITON_AUTOTUNE", "1") not in ("", "0") and not INTERPRET
+
+
+def tuning_configs(tuned):
+    """`tuned` (a list of triton.Config) when autotuning, else one small config (the interpreter runs every
+    config it is given)."""
+    if AUTOTUNE:
+        return tuned
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
+
+
+def dot_needs_upcast(dtype) -> bool:
+    """Triton's interpreter multiplies bf16 tiles as raw bits in tl.dot: there, feed it the same values as fp32
+    (bf16 x bf16 products are exact in fp32, and the accumulator is fp32 either way). GPUs take bf16 as is."""
+    import torch
+
+    return INTERPRET and dtype == torch.bfloat16
+
+
+if AVAILABLE and not INTERPRET:
+    backend.mark_device_unsupported(
+        "triton", "cpu", "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (set before importing convbert_fast)"
+    )
+
+if AVAILABLE:
+    from .grouped_linear import grouped_linear_triton
+    from .separable_conv import separable_conv1d_triton
+    from .span_conv import dynamic_span_conv_triton
+
+    backend.register("triton", "dynamic_span_conv", dynamic_span_conv_triton)
+    backend.register("triton", "separable_conv1d", separable_conv1d_triton)
+    backend.register("triton", "grouped_linear", grouped_linear_triton)

@@ -1,0 +1,231 @@
+"""separable_conv1d in Triton: the depthwise conv is computed tile by tile straight from [B, L, C] and fed to
+the pointwise GEMM in registers (the [B, L, C] intermediate never reaches memory), with the bias and an
+optional elementwise multiplier (ConvBERT multiplies the result by the query) fused into the epilogue.
+The backward uses a depthwise kernel (also for d(x), with the taps reversed), a deterministic tap-gradient
+kernel and two GEMMs."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .. import backend
+from . import INTERPRET, dot_needs_upcast, tuning_configs
+
+
+def _configs():
+    return tuning_configs([
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    ])
+
+
+@triton.jit
+def _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, K: tl.constexpr, ACC: tl.constexpr):
+    """sum_j taps[j, c] * x[row + j - K/2, c] for a [rows, cols] tile, zero outside each sequence."""
+    t = rows % seq_len
+    col_ok = cols < channels
+    acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=ACC)
+    for j in tl.static_range(K):
+        source = t + j - (K - 1) // 2
+        ok = ((source >= 0) & (source < seq_len) & (rows < total_rows))[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + (rows + j - (K - 1) // 2)[:, None] * channels + cols[None, :], mask=ok, other=0.0)
+        tap = tl.load(taps_ptr + j * channels + cols, mask=col_ok, other=0.0)
+        acc += tap.to(ACC)[None, :] * x.to(ACC)
+    return acc
+
+
+@triton.autotune(configs=_configs(), key=["channels", "out_channels", "HAS_MULTIPLIER"])
+@triton.jit
+def _separable_fwd_kernel(x_ptr, taps_ptr, pointwise_ptr, bias_ptr, multiplier_ptr, out_ptr, total_rows, seq_len,
+                          channels, out_channels,
+                          K: tl.constexpr, HAS_MULTIPLIER: tl.constexpr, ACC: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x [rows, C], taps [K, C], pointwise [A, C], bias [A], multiplier and out [rows, A], all contiguous."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for c0 in range(0, channels, BLOCK_K):
+        cols = c0 + tl.arange(0, BLOCK_K)
+        mixed = _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, K, ACC)
+        pointwise = tl.load(pointwise_ptr + outs[None, :] * channels + cols[:, None],
+                            mask=(cols < channels)[:, None] & (outs < out_channels)[None, :], other=0.0)
+        # as the eager path: the depthwise result is rounded to the input dtype before the GEMM
+        mixed = mixed.to(pointwise.dtype)
+        if UPCAST_DOT:  # see dot_needs_upcast
+            mixed, pointwise = mixed.to(tl.float32), pointwise.to(tl.float32)
+        acc += tl.dot(mixed, pointwise, input_precision=DOT_PRECISION, out_dtype=ACC)
+    acc += tl.load(bias_ptr + outs, mask=outs < out_channels, other=0.0).to(ACC)[None, :]
+    out_offsets = rows[:, None] * out_channels + outs[None, :]
+    out_mask = (rows < total_rows)[:, None] & (outs < out_channels)[None, :]
+    if HAS_MULTIPLIER:
+        acc *= tl.load(multiplier_ptr + out_offsets, mask=out_mask, other=0.0).to(ACC)
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _depthwise_kernel(x_ptr, taps_ptr, out_ptr, total_rows, seq_len, channels,
+                      K: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc = _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, K, ACC)
+    mask = (rows < total_rows)[:, None] & (cols < channels)[None, :]
+    tl.store(out_ptr + rows[:, None] * channels + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tap_grad_kernel(grad_ptr, x_ptr, partials_ptr, total_rows, seq_len, channels,
+                     K: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """partials[chunk, j, c] = sum over the chunk's rows of grad[row, c] * x[row + j - K/2, c] (no atomics: the
+    chunks are added afterwards in a fixed order)."""
+    chunk = tl.program_id(0)
+    rows = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < channels
+    grad = tl.load(grad_ptr + rows[:, None] * channels + cols[None, :],
+                   mask=(rows < total_rows)[:, None] & col_ok[None, :], other=0.0).to(ACC)
+    t = rows % seq_len
+    for j in tl.static_range(K):
+        source = t + j - (K - 1) // 2
+        ok = ((source >= 0) & (source < seq_len) & (rows < total_rows))[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + (rows + j - (K - 1) // 2)[:, None] * channels + cols[None, :], mask=ok, other=0.0)
+        tl.store(partials_ptr + (chunk * K + j) * channels + cols, tl.sum(grad * x.to(ACC), axis=0), mask=col_ok)
+
+
+def _acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+_BLOCK_M, _BLOCK_C = (16, 16) if INTERPRET else (32, 128)
+
+
+def _depthwise(x2d, taps, seq_len):
+    out = torch.empty_like(x2d)
+    rows, channels = x2d.shape
+    if out.numel():
+        grid = (triton.cdiv(rows, _BLOCK_M), triton.cdiv(channels, _BLOCK_C))
+        wrap_triton(_depthwise_kernel)[grid](x2d, taps, out, rows, seq_len, channels, K=taps.shape[0],
+                                             ACC=_acc(x2d.dtype), BLOCK_M=_BLOCK_M, BLOCK_C=_BLOCK_C)
+    return out
+
+
+def _tap_grad(grad2d, x2d, seq_len, kernel_size):
+    rows, channels = x2d.shape
+    chunks = triton.cdiv(rows, _BLOCK_M)
+    acc_dtype = torch.float64 if x2d.dtype == torch.float64 else torch.float32
+    partials = torch.zeros(chunks, kernel_size, channels, dtype=acc_dtype, device=x2d.device)
+    if x2d.numel():
+        grid = (chunks, triton.cdiv(channels, _BLOCK_C))
+        wrap_triton(_tap_grad_kernel)[grid](grad2d, x2d, partials, rows, seq_len, channels, K=kernel_size,
+                                            ACC=_acc(x2d.dtype), BLOCK_M=_BLOCK_M, BLOCK_C=_BLOCK_C)
+    return partials.sum(0).to(x2d.dtype)  # [K, C], a fixed-order reduction
+
+
+def _taps(depthwise_weight):  # [C, 1, K] -> [K, C]
+    return depthwise_weight[:, 0, :].t().contiguous()
+
+
+def _run(x, depthwise_weight, pointwise_weight, bias, multiplier):
+    batch, seq_len, channels = x.shape
+    out_channels = pointwise_weight.shape[0]
+    x2d = x.reshape(batch * seq_len, channels).contiguous()
+    out = x2d.new_empty(batch * seq_len, out_channels)
+    if out.numel():
+        dtype = x.dtype
+
+        def grid(meta):
+            return (triton.cdiv(batch * seq_len, meta["BLOCK_M"]), triton.cdiv(out_channels, meta["BLOCK_N"]))
+
+        wrap_triton(_separable_fwd_kernel)[grid](
+            x2d, _taps(depthwise_weight), pointwise_weight.reshape(out_channels, channels).contiguous(),
+            bias.reshape(out_channels).contiguous(),
+            multiplier.reshape(batch * seq_len, out_channels).contiguous() if multiplier is not None else out,
+            out, batch * seq_len, seq_len, channels, out_channels,
+            K=depthwise_weight.shape[-1], HAS_MULTIPLIER=multiplier is not None, ACC=_acc(dtype),
+            DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+            UPCAST_DOT=dot_needs_upcast(dtype),
+        )
+    return out.view(batch, seq_len, out_channels)
+
+
+@triton_op("convbert_fast_triton::separable_conv1d", mutates_args=())
+def separable_conv1d_triton_op(
+    x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    return _run(x, depthwise_weight, pointwise_weight, bias, None)
+
+
+@triton_op("convbert_fast_triton::separable_conv1d_mul", mutates_args=())
+def separable_conv1d_mul_triton_op(
+    x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor, bias: torch.Tensor,
+    multiplier: torch.Tensor,
+) -> torch.Tensor:
+    return _run(x, depthwise_weight, pointwise_weight, bias, multiplier)
+
+
+@triton_op("convbert_fast_triton::separable_conv1d_backward", mutates_args=())
+def separable_conv1d_backward_triton_op(
+    grad_out: torch.Tensor, x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor,
+    bias: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, seq_len, channels = x.shape
+    out_channels, kernel_size = pointwise_weight.shape[0], depthwise_weight.shape[-1]
+    x2d = x.reshape(batch * seq_len, channels).contiguous()
+    grad = grad_out.reshape(batch * seq_len, out_channels).contiguous()
+    pointwise = pointwise_weight.reshape(out_channels, channels)
+    taps = _taps(depthwise_weight)
+    mixed = _depthwise(x2d, taps, seq_len)  # recomputed rather than kept from the forward pass
+    grad_pointwise = (grad.t() @ mixed).view_as(pointwise_weight)
+    grad_mixed = (grad @ pointwise).contiguous()
+    # d(x)[s] = sum_j w[j] grad_mixed[s - j + K/2]: the same conv with the taps reversed
+    grad_x = _depthwise(grad_mixed, taps.flip(0).contiguous(), seq_len).view_as(x)
+    grad_taps = _tap_grad(grad_mixed, x2d, seq_len, kernel_size)
+    return grad_x, grad_taps.t().contiguous().view_as(depthwise_weight), grad_pointwise, grad.sum(0).view_as(bias)
+
+
+@separable_conv1d_triton_op.register_fake
+def _(x, depthwise_weight, pointwise_weight, bias):
+    return x.new_empty(x.shape[0], x.shape[1], pointwise_weight.shape[0])
+
+
+@separable_conv1d_mul_triton_op.register_fake
+def _(x, depthwise_weight, pointwise_weight, bias, multiplier):
+    return x.new_empty(x.shape[0], x.shape[1], pointwise_weight.shape[0])
+
+
+@separable_conv1d_backward_triton_op.register_fake
+def _(grad_out, x, depthwise_weight, pointwise_weight, bias):
+    return tuple(t.new_empty(t.shape) for t in (x, depthwise_weight, pointwise_weight, bias))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_out):
+    return separable_conv1d_backward_triton_op(grad_out, *ctx.saved_tensors)
+
+
+def _backward_mul(ctx, grad_out):
+    x, depthwise_weight, pointwise_weight, bias, multiplier = ctx.saved_tensors
+    conv = separable_conv1d_triton_op(x, depthwise_weight, pointwise_weight, bias)  # recomputed: one fused pass
+    grads = separable_conv1d_backward_triton_op(grad_out * multiplier, x, depthwise_weight, pointwise_weight, bias)
+    return (*grads, grad_out * conv)
+
+
+separable_conv1d_triton_op.register_autograd(_backward, setup_context=_setup_context)
+separable_conv1d_mul_triton_op.register_autograd(_backward_mul, setup_context=_setup_context)
+
+
+def separable_conv1d_triton(x, depthwise_weight, pointwise_weight, bias, multiplier=None):
+    if multiplier is None:
+        inputs = backend.autocast_inputs(x.device.type, x, depthwise_weight, pointwise_weight, bias)
+        return separable_conv1d_triton_op(*inputs)
+    inputs = backend.autocast_inputs(x.device.type, x, depthwise_weight, pointwise_weight, bias, multiplier)
+    return separable_conv1d_mul_triton_op(*inputs)
