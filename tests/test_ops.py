@@ -579,3 +579,34 @@ def test_auto_on_cuda_follows_the_measured_table(monkeypatch):
     monkeypatch.setitem(backend.MEASURED_CUDA_CHOICE, ("hopper", "grouped_linear"), "triton")
     assert backend._auto_order("grouped_linear", cuda) == ("triton", "cpp", "eager")
     assert backend._auto_order("dynamic_span_conv", cuda) == ("cpp", "triton", "eager")
+
+
+@NO_GPU
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend_name", ["cpp", "triton"])
+def test_full_shapes_on_gpu(backend_name, dtype, rng):
+    """ConvBERT-base shapes (L=512, 6 conv heads of 64, C=768, K=9) and medium-small's FFN, forward and backward,
+    within the low-precision rule against the fp64 oracle."""
+    device = "cuda"
+    with cf.use_backend(backend_name):
+        values, logits = on(device, span_inputs(4, 512, 6, 64, 9, dtype, rng))
+        assert_within_torch_error(cf.ops.dynamic_span_conv(values, logits, 6), dynamic_span_conv_ref(values, logits, 6),
+                                  dynamic_span_conv_ref(values.double(), logits.double(), 6))
+        inputs = on(device, separable_inputs(4, 512, 768, 384, 9, dtype, rng))
+        query = randn(4, 512, 384, dtype=dtype, gen=rng).to(device)
+        assert_within_torch_error(cf.ops.separable_conv1d(*inputs, multiplier=query),
+                                  separable_conv1d_ref(*inputs) * query,
+                                  separable_conv1d_ref(*double(inputs)) * query.double())
+        inputs = on(device, grouped_inputs((4, 512), 2, 192, 768, dtype, rng))
+        assert_within_torch_error(cf.ops.grouped_linear(*inputs, activation="gelu"),
+                                  torch.nn.functional.gelu(grouped_linear_ref(*inputs)),
+                                  torch.nn.functional.gelu(grouped_linear_ref(*double(inputs))))
+        # gradients, against autograd through the reference in the same dtype (the rule again)
+        leaves = [t.detach().requires_grad_() for t in (values, logits)]
+        grad = torch.randn(values.shape, generator=rng).to(device, dtype)
+        ours = torch.autograd.grad(cf.ops.dynamic_span_conv(*leaves, 6), leaves, grad)
+        same_dtype = torch.autograd.grad(dynamic_span_conv_ref(*leaves, 6), leaves, grad)
+        oracle_leaves = [t.detach().double().requires_grad_() for t in leaves]
+        oracle = torch.autograd.grad(dynamic_span_conv_ref(*oracle_leaves, 6), oracle_leaves, grad.double())
+        for a, b, c in zip(ours, same_dtype, oracle):
+            assert_within_torch_error(a, b, c)
