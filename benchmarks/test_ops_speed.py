@@ -26,8 +26,15 @@ def skip_unmeasurable(provider, device, tiny):
 def shapes(device, tiny):
     if tiny:  # every dimension small: the smoke run executes Triton in its interpreter
         return dict(batch=2, seq_len=16, dtype=torch.float32, channels=32, heads=2, head_size=8, ffn=(32, 64))
-    return dict(batch=32 if device.type == "cuda" else 8, seq_len=512, channels=768, heads=6, head_size=64,
-                ffn=(384, 1536), dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return dict(
+        batch=32 if device.type == "cuda" else 8,
+        seq_len=512,
+        channels=768,
+        heads=6,
+        head_size=64,
+        ffn=(384, 1536),
+        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+    )
 
 
 def synchronize(device):
@@ -74,15 +81,19 @@ def test_dynamic_span_conv(benchmark, provider, device, tiny):
     s = shapes(device, tiny)
     benchmark.group = "dynamic_span_conv fwd+bwd"
     heads = s["heads"]
-    inputs = leaves(device, s["dtype"], (s["batch"], s["seq_len"], heads * s["head_size"]),
-                    (s["batch"], s["seq_len"], heads * 9))
+    inputs = leaves(
+        device, s["dtype"], (s["batch"], s["seq_len"], heads * s["head_size"]), (s["batch"], s["seq_len"], heads * 9)
+    )
     if provider == "transformers":
+
         def fn(v, k):
             return span_conv_transformers(v, k, heads)
     else:
+
         def fn(v, k):
             with cf.use_backend(provider):
                 return cf.ops.dynamic_span_conv(v, k, heads)
+
     run_fwd_bwd(benchmark, device, fn, inputs)
 
 
@@ -95,16 +106,26 @@ def test_separable_conv1d(benchmark, provider, multiply, device, tiny):
     config = cf.ConvBertConfig()
     channels, out_channels = s["channels"], s["heads"] * s["head_size"]
     module = hf.SeparableConv1D(config, channels, out_channels, 9).to(device, s["dtype"])
-    x, query = leaves(device, s["dtype"], (s["batch"], s["seq_len"], channels), (s["batch"], s["seq_len"], out_channels))
+    x, query = leaves(
+        device, s["dtype"], (s["batch"], s["seq_len"], channels), (s["batch"], s["seq_len"], out_channels)
+    )
     if provider == "transformers":
+
         def fn(x, query):  # as ConvBertSelfAttention does it: transpose in, conv, transpose out, multiply
             out = module(x.transpose(1, 2)).transpose(1, 2)
             return torch.multiply(out, query) if multiply else out
     else:
+
         def fn(x, query):
             with cf.use_backend(provider):
-                return cf.ops.separable_conv1d(x, module.depthwise.weight, module.pointwise.weight, module.bias,
-                                               multiplier=query if multiply else None)
+                return cf.ops.separable_conv1d(
+                    x,
+                    module.depthwise.weight,
+                    module.pointwise.weight,
+                    module.bias,
+                    multiplier=query if multiply else None,
+                )
+
     run_fwd_bwd(benchmark, device, fn, [x, query])
 
 
@@ -119,10 +140,13 @@ def test_grouped_linear(benchmark, provider, activation, device, tiny):
     torch.nn.init.zeros_(module.bias)
     (x,) = leaves(device, s["dtype"], (s["batch"], s["seq_len"], s["ffn"][0]))
     if provider == "transformers":
+
         def fn(x):  # ConvBertIntermediate: the grouped layer, then the activation
             return torch.nn.functional.gelu(module(x)) if activation else module(x)
     else:
+
         def fn(x):
             with cf.use_backend(provider):
                 return cf.ops.grouped_linear(x, module.weight, module.bias, activation=activation)
+
     run_fwd_bwd(benchmark, device, fn, [x])

@@ -6,7 +6,9 @@ from transformers import ConvBertConfig
 
 RELEASED_CONFIGS = {
     "base": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, embedding_size=768, num_groups=1),
-    "medium-small": dict(hidden_size=384, num_attention_heads=8, intermediate_size=1536, embedding_size=128, num_groups=2),
+    "medium-small": dict(
+        hidden_size=384, num_attention_heads=8, intermediate_size=1536, embedding_size=128, num_groups=2
+    ),
     "small": dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, embedding_size=128, num_groups=1),
 }
 

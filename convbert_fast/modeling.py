@@ -43,7 +43,9 @@ class ConvBertEmbeddings(nn.Module):
         self.register_buffer(
             "position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False
         )
-        self.register_buffer("token_type_ids", torch.zeros(self.position_ids.size(), dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "token_type_ids", torch.zeros(self.position_ids.size(), dtype=torch.long), persistent=False
+        )
 
     def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
         seq_len = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
@@ -104,7 +106,9 @@ class ConvBertSelfAttention(nn.Module):
         self.query = nn.Linear(config.hidden_size, self.all_head_size)
         self.key = nn.Linear(config.hidden_size, self.all_head_size)
         self.value = nn.Linear(config.hidden_size, self.all_head_size)
-        self.key_conv_attn_layer = SeparableConv1D(config, config.hidden_size, self.all_head_size, self.conv_kernel_size)
+        self.key_conv_attn_layer = SeparableConv1D(
+            config, config.hidden_size, self.all_head_size, self.conv_kernel_size
+        )
         self.conv_kernel_layer = nn.Linear(self.all_head_size, self.num_attention_heads * self.conv_kernel_size)
         self.conv_out_layer = nn.Linear(config.hidden_size, self.all_head_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
@@ -335,7 +339,9 @@ def extended_attention_mask(mask, dtype):
     if mask.dim() == 2:
         mask = mask[:, None, None, :]
     elif mask.dim() != 3:
-        raise ValueError(f"attention masks must have shape [batch, seq_len] or [batch, seq_len, seq_len], got {list(mask.shape)}")
+        raise ValueError(
+            f"attention masks must have shape [batch, seq_len] or [batch, seq_len, seq_len], got {list(mask.shape)}"
+        )
     else:
         mask = mask[:, None, :, :]
     return (1.0 - mask.to(dtype)) * torch.finfo(dtype).min
@@ -401,7 +407,9 @@ class ConvBertModel(ConvBertPreTrainedModel):
         else:
             raise ValueError("You have to specify either input_ids or inputs_embeds")
         if len(input_shape) != 2:
-            raise ValueError(f"input_ids / inputs_embeds must be [batch, seq_len](, embedding), got {list(input_shape)}")
+            raise ValueError(
+                f"input_ids / inputs_embeds must be [batch, seq_len](, embedding), got {list(input_shape)}"
+            )
         batch, seq_len = input_shape
         if seq_len > self.config.max_position_embeddings:
             raise ValueError(
@@ -490,7 +498,9 @@ class ConvBertForMaskedLM(ConvBertPreTrainedModel):
             loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size), labels.view(-1))
         if not return_dict:
             return _with_loss(loss, (logits,) + outputs[1:])
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
 
 class ConvBertClassificationHead(nn.Module):

@@ -86,9 +86,7 @@ def load_tf_weights_in_convbert(model, config, tf_checkpoint_path):
     try:
         import tensorflow as tf
     except ImportError as e:
-        raise ImportError(
-            "Loading a TensorFlow checkpoint needs TensorFlow: `pip install tensorflow-cpu`"
-        ) from e
+        raise ImportError("Loading a TensorFlow checkpoint needs TensorFlow: `pip install tensorflow-cpu`") from e
     tf_path = os.path.abspath(tf_checkpoint_path)
     reader = tf.train.load_checkpoint(tf_path)
     tf_shapes = reader.get_variable_to_shape_map()

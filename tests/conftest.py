@@ -17,12 +17,18 @@ import convbert_fast as cf  # noqa: E402
 COMMON = dict(vocab_size=99, num_hidden_layers=2, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0)
 PARITY_CONFIGS = {
     "base": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, embedding_size=768),
-    "medium-small": dict(hidden_size=384, num_attention_heads=8, intermediate_size=1536, embedding_size=128, num_groups=2),
+    "medium-small": dict(
+        hidden_size=384, num_attention_heads=8, intermediate_size=1536, embedding_size=128, num_groups=2
+    ),
     "small": dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, embedding_size=128),
     # head_ratio > num_attention_heads: transformers falls back to a single head of size hidden / 2
     "one-head": dict(hidden_size=64, num_attention_heads=2, head_ratio=4, intermediate_size=128, embedding_size=64),
-    "small-k3": dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, embedding_size=128, conv_kernel_size=3),
-    "small-k5": dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, embedding_size=128, conv_kernel_size=5),
+    "small-k3": dict(
+        hidden_size=256, num_attention_heads=4, intermediate_size=1024, embedding_size=128, conv_kernel_size=3
+    ),
+    "small-k5": dict(
+        hidden_size=256, num_attention_heads=4, intermediate_size=1024, embedding_size=128, conv_kernel_size=5
+    ),
 }
 
 

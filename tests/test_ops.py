@@ -233,8 +233,9 @@ def test_separable_conv1d_gradcheck(backend_device, kernel_size, rng):
 
 
 def test_separable_conv1d_with_multiplier_gradcheck(backend_device, rng):
-    inputs = _requiring_grad((*separable_inputs(2, 6, 3, 4, 3, gen=rng), torch.randn(2, 6, 4, generator=rng)),
-                             backend_device[1])
+    inputs = _requiring_grad(
+        (*separable_inputs(2, 6, 3, 4, 3, gen=rng), torch.randn(2, 6, 4, generator=rng)), backend_device[1]
+    )
     assert gradcheck(backend_device, lambda *a: cf.ops.separable_conv1d(*a[:4], multiplier=a[4]), inputs)
 
 
@@ -253,7 +254,11 @@ def test_grouped_linear_gradcheck(backend_device, groups, activation, rng):
 
 OPS_WITH_REFERENCE = [
     ("separable_conv1d", lambda g: separable_inputs(2, 7, 5, 6, 9, torch.float64, g), separable_conv1d_ref),
-    ("dynamic_span_conv", lambda g: span_inputs(2, 7, 2, 3, 9, torch.float64, g), lambda v, k: dynamic_span_conv_ref(v, k, 2)),
+    (
+        "dynamic_span_conv",
+        lambda g: span_inputs(2, 7, 2, 3, 9, torch.float64, g),
+        lambda v, k: dynamic_span_conv_ref(v, k, 2),
+    ),
     ("grouped_linear", lambda g: grouped_inputs((2, 7), 2, 3, 4, torch.float64, g), grouped_linear_ref),
 ]
 
@@ -320,25 +325,85 @@ BAD_CALLS = [
     ("x not a tensor", lambda: cf.ops.separable_conv1d([1.0], *_sep()[1:]), TypeError, "`x` must be a torch.Tensor"),
     ("integer x", lambda: cf.ops.separable_conv1d(_sep()[0].long(), *_sep()[1:]), TypeError, "floating-point"),
     ("x 2-D", lambda: cf.ops.separable_conv1d(_sep()[0][0], *_sep()[1:]), ValueError, "`x` must have shape"),
-    ("depthwise channels", lambda: cf.ops.separable_conv1d(_sep()[0], torch.randn(5, 1, 3), *_sep()[2:]), ValueError, "depthwise_weight"),
-    ("even K", lambda: cf.ops.separable_conv1d(_sep()[0], torch.randn(4, 1, 4), *_sep()[2:]), ValueError, "must be odd"),
-    ("pointwise", lambda: cf.ops.separable_conv1d(*_sep()[:2], torch.randn(6, 5, 1), _sep()[3]), ValueError, "pointwise_weight"),
+    (
+        "depthwise channels",
+        lambda: cf.ops.separable_conv1d(_sep()[0], torch.randn(5, 1, 3), *_sep()[2:]),
+        ValueError,
+        "depthwise_weight",
+    ),
+    (
+        "even K",
+        lambda: cf.ops.separable_conv1d(_sep()[0], torch.randn(4, 1, 4), *_sep()[2:]),
+        ValueError,
+        "must be odd",
+    ),
+    (
+        "pointwise",
+        lambda: cf.ops.separable_conv1d(*_sep()[:2], torch.randn(6, 5, 1), _sep()[3]),
+        ValueError,
+        "pointwise_weight",
+    ),
     ("bias", lambda: cf.ops.separable_conv1d(*_sep()[:3], torch.randn(7)), ValueError, "`bias`"),
     ("mixed dtypes", lambda: cf.ops.separable_conv1d(_sep()[0].double(), *_sep()[1:]), TypeError, "share one dtype"),
     ("num_heads float", lambda: cf.ops.dynamic_span_conv(*_span(), 2.0), TypeError, "`num_heads` must be an int"),
     ("num_heads 0", lambda: cf.ops.dynamic_span_conv(*_span(), 0), ValueError, "at least 1"),
     ("heads do not divide A", lambda: cf.ops.dynamic_span_conv(*_span(), 3), ValueError, "not divisible by num_heads"),
     ("even span", lambda: cf.ops.dynamic_span_conv(_span()[0], torch.randn(2, 8, 8), 2), ValueError, "must be odd"),
-    ("logits length", lambda: cf.ops.dynamic_span_conv(_span()[0], torch.randn(2, 7, 6), 2), ValueError, "`kernel_logits` must have shape"),
-    ("values 2-D", lambda: cf.ops.dynamic_span_conv(_span()[0][0], _span()[1], 2), ValueError, "`values` must have shape"),
-    ("weight 2-D", lambda: cf.ops.grouped_linear(_grp()[0], torch.randn(8, 6), _grp()[2]), ValueError, "`weight` must have shape"),
-    ("x features", lambda: cf.ops.grouped_linear(torch.randn(2, 9), *_grp()[1:]), ValueError, "`x` must have shape [..., 8]"),
+    (
+        "logits length",
+        lambda: cf.ops.dynamic_span_conv(_span()[0], torch.randn(2, 7, 6), 2),
+        ValueError,
+        "`kernel_logits` must have shape",
+    ),
+    (
+        "values 2-D",
+        lambda: cf.ops.dynamic_span_conv(_span()[0][0], _span()[1], 2),
+        ValueError,
+        "`values` must have shape",
+    ),
+    (
+        "weight 2-D",
+        lambda: cf.ops.grouped_linear(_grp()[0], torch.randn(8, 6), _grp()[2]),
+        ValueError,
+        "`weight` must have shape",
+    ),
+    (
+        "x features",
+        lambda: cf.ops.grouped_linear(torch.randn(2, 9), *_grp()[1:]),
+        ValueError,
+        "`x` must have shape [..., 8]",
+    ),
     ("bias size", lambda: cf.ops.grouped_linear(*_grp()[:2], torch.randn(5)), ValueError, "`bias` must have shape [6]"),
-    ("int weight", lambda: cf.ops.grouped_linear(_grp()[0], _grp()[1].int(), _grp()[2]), TypeError, "`weight` must have a floating-point"),
-    ("groups do not divide", lambda: cf.ops.grouped_linear(torch.randn(2, 9), torch.randn(2, 4, 3), torch.randn(6)), ValueError, "num_groups 2 x 4"),
-    ("activation", lambda: cf.ops.grouped_linear(*_grp(), activation="relu"), ValueError, "`activation` must be None or 'gelu'"),
-    ("two devices", lambda: cf.ops.dynamic_span_conv(_span()[0], _span()[1].to("meta"), 2), ValueError, "`values` is on cpu, `kernel_logits` on meta"),
-    ("two devices (separable)", lambda: cf.ops.separable_conv1d(_sep()[0].to("meta"), *_sep()[1:]), ValueError, "one device"),
+    (
+        "int weight",
+        lambda: cf.ops.grouped_linear(_grp()[0], _grp()[1].int(), _grp()[2]),
+        TypeError,
+        "`weight` must have a floating-point",
+    ),
+    (
+        "groups do not divide",
+        lambda: cf.ops.grouped_linear(torch.randn(2, 9), torch.randn(2, 4, 3), torch.randn(6)),
+        ValueError,
+        "num_groups 2 x 4",
+    ),
+    (
+        "activation",
+        lambda: cf.ops.grouped_linear(*_grp(), activation="relu"),
+        ValueError,
+        "`activation` must be None or 'gelu'",
+    ),
+    (
+        "two devices",
+        lambda: cf.ops.dynamic_span_conv(_span()[0], _span()[1].to("meta"), 2),
+        ValueError,
+        "`values` is on cpu, `kernel_logits` on meta",
+    ),
+    (
+        "two devices (separable)",
+        lambda: cf.ops.separable_conv1d(_sep()[0].to("meta"), *_sep()[1:]),
+        ValueError,
+        "one device",
+    ),
 ]
 
 
@@ -385,7 +450,12 @@ def _opcheck_samples(device, gen):
         grad = torch.randn(values.shape, generator=gen).to(device)
         samples.append((ops.dynamic_span_conv_backward.default, (grad, values.detach(), logits.detach(), heads)))
         wide = torch.zeros(batch, seq_len, 2 * values.shape[-1], device=device)
-        samples.append((ops.dynamic_span_conv_into.default, (values.detach(), logits.detach(), heads, wide[..., values.shape[-1]:])))
+        samples.append(
+            (
+                ops.dynamic_span_conv_into.default,
+                (values.detach(), logits.detach(), heads, wide[..., values.shape[-1] :]),
+            )
+        )
     for batch, seq_len, channels, out_channels, kernel_size in SEPARABLE_CASES[:6]:
         if batch == 0:
             continue
@@ -423,7 +493,9 @@ def _triton_opcheck_samples(device, gen):
         inputs = on(device, separable_inputs(batch, seq_len, channels, out_channels, kernel_size, gen=gen))
         multiplier = torch.randn(batch, seq_len, out_channels, generator=gen).to(device)
         samples.append((ops.separable_conv1d.default, tuple(t.requires_grad_() for t in inputs)))
-        samples.append((ops.separable_conv1d_mul.default, tuple(t.detach().requires_grad_() for t in (*inputs, multiplier))))
+        samples.append(
+            (ops.separable_conv1d_mul.default, tuple(t.detach().requires_grad_() for t in (*inputs, multiplier)))
+        )
         grad = torch.randn(batch, seq_len, out_channels, generator=gen).to(device)
         samples.append((ops.separable_conv1d_backward.default, (grad, *(t.detach() for t in inputs))))
     for leading, groups, group_in, group_out in GROUPED_CASES[:3]:
@@ -510,7 +582,10 @@ def test_triton_on_cpu_tensors_needs_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode != 0
-    assert "backend 'triton' cannot run on cpu: Triton kernels run on CPU tensors only under TRITON_INTERPRET=1" in result.stderr
+    assert (
+        "backend 'triton' cannot run on cpu: Triton kernels run on CPU tensors only under TRITON_INTERPRET=1"
+        in result.stderr
+    )
 
 
 def _simulate_unavailable(monkeypatch, name, reason):
@@ -590,17 +665,24 @@ def test_full_shapes_on_gpu(backend_name, dtype, rng):
     device = "cuda"
     with cf.use_backend(backend_name):
         values, logits = on(device, span_inputs(4, 512, 6, 64, 9, dtype, rng))
-        assert_within_torch_error(cf.ops.dynamic_span_conv(values, logits, 6), dynamic_span_conv_ref(values, logits, 6),
-                                  dynamic_span_conv_ref(values.double(), logits.double(), 6))
+        assert_within_torch_error(
+            cf.ops.dynamic_span_conv(values, logits, 6),
+            dynamic_span_conv_ref(values, logits, 6),
+            dynamic_span_conv_ref(values.double(), logits.double(), 6),
+        )
         inputs = on(device, separable_inputs(4, 512, 768, 384, 9, dtype, rng))
         query = randn(4, 512, 384, dtype=dtype, gen=rng).to(device)
-        assert_within_torch_error(cf.ops.separable_conv1d(*inputs, multiplier=query),
-                                  separable_conv1d_ref(*inputs) * query,
-                                  separable_conv1d_ref(*double(inputs)) * query.double())
+        assert_within_torch_error(
+            cf.ops.separable_conv1d(*inputs, multiplier=query),
+            separable_conv1d_ref(*inputs) * query,
+            separable_conv1d_ref(*double(inputs)) * query.double(),
+        )
         inputs = on(device, grouped_inputs((4, 512), 2, 192, 768, dtype, rng))
-        assert_within_torch_error(cf.ops.grouped_linear(*inputs, activation="gelu"),
-                                  torch.nn.functional.gelu(grouped_linear_ref(*inputs)),
-                                  torch.nn.functional.gelu(grouped_linear_ref(*double(inputs))))
+        assert_within_torch_error(
+            cf.ops.grouped_linear(*inputs, activation="gelu"),
+            torch.nn.functional.gelu(grouped_linear_ref(*inputs)),
+            torch.nn.functional.gelu(grouped_linear_ref(*double(inputs))),
+        )
         # gradients, against autograd through the reference in the same dtype (the rule again)
         leaves = [t.detach().requires_grad_() for t in (values, logits)]
         grad = torch.randn(values.shape, generator=rng).to(device, dtype)

@@ -127,7 +127,9 @@ def test_sequence_classification_losses(problem_type, num_labels):
     theirs, ours = model_pair("ConvBertForSequenceClassification", config)
     inputs = make_inputs("ConvBertModel", config, torch.Generator().manual_seed(3), labels=False)
     gen = torch.Generator().manual_seed(4)
-    labels = torch.rand(BATCH, generator=gen) if num_labels == 1 else (torch.rand(BATCH, 3, generator=gen) > 0.5).float()
+    labels = (
+        torch.rand(BATCH, generator=gen) if num_labels == 1 else (torch.rand(BATCH, 3, generator=gen) > 0.5).float()
+    )
     with torch.no_grad():
         expected = theirs(**inputs, labels=labels)
         got = ours(**inputs, labels=labels)

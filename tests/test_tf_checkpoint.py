@@ -23,13 +23,27 @@ COLUMN = "column"  # conv bias [A] -> [A, 1]
 
 def original_variables(config):
     """{TF variable name: (TF shape, PyTorch parameter of ConvBertModel, relation)}, written from the checkpoints."""
-    C, E, I, G, K = config.hidden_size, config.embedding_size, config.intermediate_size, config.num_groups, config.conv_kernel_size
+    C, E, I, G, K = (
+        config.hidden_size,
+        config.embedding_size,
+        config.intermediate_size,
+        config.num_groups,
+        config.conv_kernel_size,
+    )
     H = max(config.num_attention_heads // config.head_ratio, 1)
     A = H * ((C // H) // 2)
     out = {
         "electra/embeddings/word_embeddings": ((config.vocab_size, E), "embeddings.word_embeddings.weight", SAME),
-        "electra/embeddings/position_embeddings": ((config.max_position_embeddings, E), "embeddings.position_embeddings.weight", SAME),
-        "electra/embeddings/token_type_embeddings": ((config.type_vocab_size, E), "embeddings.token_type_embeddings.weight", SAME),
+        "electra/embeddings/position_embeddings": (
+            (config.max_position_embeddings, E),
+            "embeddings.position_embeddings.weight",
+            SAME,
+        ),
+        "electra/embeddings/token_type_embeddings": (
+            (config.type_vocab_size, E),
+            "embeddings.token_type_embeddings.weight",
+            SAME,
+        ),
         "electra/embeddings/LayerNorm/gamma": ((E,), "embeddings.LayerNorm.weight", SAME),
         "electra/embeddings/LayerNorm/beta": ((E,), "embeddings.LayerNorm.bias", SAME),
     }
@@ -48,8 +62,18 @@ def original_variables(config):
             ("attention/self/key/bias", (A,), "attention.self.key.bias", SAME),
             ("attention/self/value/kernel", (C, A), "attention.self.value.weight", DENSE),
             ("attention/self/value/bias", (A,), "attention.self.value.bias", SAME),
-            ("attention/self/conv_attn_key/depthwise_kernel", (K, C, 1), "attention.self.key_conv_attn_layer.depthwise.weight", DEPTHWISE),
-            ("attention/self/conv_attn_key/pointwise_kernel", (1, C, A), "attention.self.key_conv_attn_layer.pointwise.weight", POINTWISE),
+            (
+                "attention/self/conv_attn_key/depthwise_kernel",
+                (K, C, 1),
+                "attention.self.key_conv_attn_layer.depthwise.weight",
+                DEPTHWISE,
+            ),
+            (
+                "attention/self/conv_attn_key/pointwise_kernel",
+                (1, C, A),
+                "attention.self.key_conv_attn_layer.pointwise.weight",
+                POINTWISE,
+            ),
             ("attention/self/conv_attn_key/bias", (A,), "attention.self.key_conv_attn_layer.bias", COLUMN),
             ("attention/self/conv_attn_kernel/kernel", (A, H * K), "attention.self.conv_kernel_layer.weight", DENSE),
             ("attention/self/conv_attn_kernel/bias", (H * K,), "attention.self.conv_kernel_layer.bias", SAME),
@@ -139,7 +163,8 @@ def test_classification_head_is_left_initialised_with_a_warning(tmp_path, caplog
     for k, v in model.classifier.state_dict().items():
         assert torch.equal(v, head_before[k])
     assert torch.equal(
-        model.convbert.embeddings.LayerNorm.weight.detach(), torch.from_numpy(arrays["electra/embeddings/LayerNorm/gamma"])
+        model.convbert.embeddings.LayerNorm.weight.detach(),
+        torch.from_numpy(arrays["electra/embeddings/LayerNorm/gamma"]),
     )
 
 
@@ -150,7 +175,9 @@ def test_missing_variable_is_named_and_nothing_is_copied(tmp_path):
     write_checkpoint(tmp_path / "model.ckpt", variables)
     model = cf.ConvBertModel(config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="no variable 'electra/encoder/layer_1/attention/self/conv_attn_key/pointwise_kernel'"):
+    with pytest.raises(
+        ValueError, match="no variable 'electra/encoder/layer_1/attention/self/conv_attn_key/pointwise_kernel'"
+    ):
         cf.load_tf_weights_in_convbert(model, config, str(tmp_path / "model.ckpt"))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k

@@ -4,7 +4,7 @@ from .backend import available_backends, get_backend, set_backend, use_backend
 from .grouped_linear import grouped_linear
 from .separable_conv import separable_conv1d
 from .span_conv import dynamic_span_conv
-from . import triton  # noqa: E402  (registers the triton backend after the op files)
+from . import triton  # noqa: F401  (registers the triton backend, after the op files)
 
 __all__ = [
     "available_backends",

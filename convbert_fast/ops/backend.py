@@ -40,6 +40,7 @@ def _auto_order(op_name: str, device: torch.device) -> tuple[str, ...]:
             order = (choice, *(name for name in order if name != choice))
     return order
 
+
 _implementations: dict[str, dict[str, Callable]] = {name: {} for name in BACKEND_NAMES}
 # Why a backend cannot be used at all. A backend that ships with this build but failed to load is a
 # fallback worth warning about; one that is not part of this version is not.

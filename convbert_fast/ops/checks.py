@@ -16,8 +16,7 @@ def check_float_tensors(op: str, **tensors: torch.Tensor) -> None:
     for name, t in rest:
         if t.device != first.device:
             raise ValueError(
-                f"{op}: all tensors must be on one device; `{first_name}` is on {first.device}, "
-                f"`{name}` on {t.device}"
+                f"{op}: all tensors must be on one device; `{first_name}` is on {first.device}, `{name}` on {t.device}"
             )
     if not torch.is_autocast_enabled(first.device.type):
         for name, t in rest:

@@ -15,7 +15,8 @@ except ImportError as error:
     LOADED = False
     backend.mark_failed(
         "cpp",
-        f"convbert_fast._C did not load ({error}); build it with `./install.sh` (pip install --no-build-isolation -e .)",
+        f"convbert_fast._C did not load ({error}); "
+        "build it with `./install.sh` (pip install --no-build-isolation -e .)",
     )
 else:
     LOADED = True

@@ -28,45 +28,52 @@ def grouped_linear_eager(x, weight, bias, activation=None):
 
 backend.register("eager", OP, grouped_linear_eager)
 
-if cpp.LOADED:
 
-    def _out_shape(x, weight):
-        return (*x.shape[:-1], weight.shape[0] * weight.shape[2])
+def register_rules(forward, forward_gelu, backward) -> None:
+    """Fake-tensor and autograd rules of a backend's grouped-linear ops: plain, with GELU (which also returns
+    the pre-activation, kept for the backward), and the backward of the linear part (cpp and triton share them)."""
 
-    @torch.library.register_fake("convbert_fast::grouped_linear")
-    def _(x, weight, bias):
-        return x.new_empty(_out_shape(x, weight))
+    def out_like(x, weight):
+        return x.new_empty(*x.shape[:-1], weight.shape[0] * weight.shape[2])
 
-    @torch.library.register_fake("convbert_fast::grouped_linear_gelu")
-    def _(x, weight, bias):
-        return x.new_empty(_out_shape(x, weight)), x.new_empty(_out_shape(x, weight))
+    torch.library.register_fake(forward, lambda x, weight, bias: out_like(x, weight))
+    torch.library.register_fake(forward_gelu, lambda x, weight, bias: (out_like(x, weight), out_like(x, weight)))
+    torch.library.register_fake(
+        backward,
+        lambda grad, x, weight: (
+            x.new_empty(x.shape),
+            weight.new_empty(weight.shape),
+            x.new_empty(weight.shape[0] * weight.shape[2]),
+        ),
+    )
 
-    @torch.library.register_fake("convbert_fast::grouped_linear_backward")
-    def _(grad_pre, x, weight):
-        return x.new_empty(x.shape), weight.new_empty(weight.shape), x.new_empty(weight.shape[0] * weight.shape[2])
-
-    def _setup_context(ctx, inputs, output):
+    def setup_context(ctx, inputs, output):
         x, weight, _ = inputs
         ctx.save_for_backward(x, weight)
 
-    def _backward(ctx, grad_out):
-        return torch.ops.convbert_fast.grouped_linear_backward(grad_out, *ctx.saved_tensors)
+    def backward_rule(ctx, grad_out):
+        return backward(grad_out, *ctx.saved_tensors)
 
-    torch.library.register_autograd("convbert_fast::grouped_linear", _backward, setup_context=_setup_context)
-
-    def _setup_context_gelu(ctx, inputs, output):
+    def setup_context_gelu(ctx, inputs, output):
         x, weight, _ = inputs
         ctx.save_for_backward(x, weight, output[1])  # output[1]: the pre-activation
 
-    def _backward_gelu(ctx, grad_out, grad_pre):
+    def backward_rule_gelu(ctx, grad_out, grad_pre):
         x, weight, pre = ctx.saved_tensors
         grad = torch.ops.aten.gelu_backward(grad_out, pre)
         if grad_pre is not None:
             grad = grad + grad_pre
-        return torch.ops.convbert_fast.grouped_linear_backward(grad, x, weight)
+        return backward(grad, x, weight)
 
-    torch.library.register_autograd(
-        "convbert_fast::grouped_linear_gelu", _backward_gelu, setup_context=_setup_context_gelu
+    torch.library.register_autograd(forward, backward_rule, setup_context=setup_context)
+    torch.library.register_autograd(forward_gelu, backward_rule_gelu, setup_context=setup_context_gelu)
+
+
+if cpp.LOADED:
+    register_rules(
+        "convbert_fast::grouped_linear",
+        "convbert_fast::grouped_linear_gelu",
+        torch.ops.convbert_fast.grouped_linear_backward.default,
     )
 
     def grouped_linear_cpp(x, weight, bias, activation=None):
@@ -85,7 +92,9 @@ def grouped_linear(
     if activation not in ACTIVATIONS:
         raise ValueError(f"{OP}: `activation` must be None or 'gelu', got {activation!r}")
     check_float_tensors(OP, x=x, weight=weight, bias=bias)
-    check_shape(OP, "weight", weight, (None, None, None), "[num_groups, in_features / num_groups, out_features / num_groups]")
+    check_shape(
+        OP, "weight", weight, (None, None, None), "[num_groups, in_features / num_groups, out_features / num_groups]"
+    )
     num_groups, group_in, group_out = weight.shape
     if x.dim() < 1 or x.shape[-1] != num_groups * group_in:
         raise ValueError(

@@ -23,23 +23,23 @@ def separable_conv1d_eager(x, depthwise_weight, pointwise_weight, bias, multipli
 
 backend.register("eager", OP, separable_conv1d_eager)
 
-if cpp.LOADED:
 
-    @torch.library.register_fake("convbert_fast::separable_conv1d")
-    def _(x, depthwise_weight, pointwise_weight, bias):
-        return x.new_empty(x.shape[0], x.shape[1], pointwise_weight.shape[0])
+def register_rules(forward, backward) -> None:
+    """Fake-tensor and autograd rules of a backend's separable-conv op pair (cpp and triton share them)."""
+    torch.library.register_fake(forward, lambda x, dw, pw, bias: x.new_empty(x.shape[0], x.shape[1], pw.shape[0]))
+    torch.library.register_fake(backward, lambda grad, *inputs: tuple(t.new_empty(t.shape) for t in inputs))
 
-    @torch.library.register_fake("convbert_fast::separable_conv1d_backward")
-    def _(grad_out, x, depthwise_weight, pointwise_weight, bias):
-        return tuple(t.new_empty(t.shape) for t in (x, depthwise_weight, pointwise_weight, bias))
-
-    def _setup_context(ctx, inputs, output):
+    def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
 
-    def _backward(ctx, grad_out):
-        return torch.ops.convbert_fast.separable_conv1d_backward(grad_out, *ctx.saved_tensors)
+    def backward_rule(ctx, grad_out):
+        return backward(grad_out, *ctx.saved_tensors)
 
-    torch.library.register_autograd("convbert_fast::separable_conv1d", _backward, setup_context=_setup_context)
+    torch.library.register_autograd(forward, backward_rule, setup_context=setup_context)
+
+
+if cpp.LOADED:
+    register_rules("convbert_fast::separable_conv1d", torch.ops.convbert_fast.separable_conv1d_backward.default)
 
     def separable_conv1d_cpp(x, depthwise_weight, pointwise_weight, bias, multiplier=None):
         inputs = backend.autocast_inputs(x.device.type, x, depthwise_weight, pointwise_weight, bias)
@@ -70,7 +70,9 @@ def separable_conv1d(
     check_shape(OP, "pointwise_weight", pointwise_weight, (None, channels, 1), f"[out_channels, {channels}, 1]")
     out_channels = pointwise_weight.shape[0]
     if bias.shape not in ((out_channels,), (out_channels, 1)):
-        raise ValueError(f"{OP}: `bias` must have shape [{out_channels}] or [{out_channels}, 1], got {list(bias.shape)}")
+        raise ValueError(
+            f"{OP}: `bias` must have shape [{out_channels}] or [{out_channels}, 1], got {list(bias.shape)}"
+        )
     if multiplier is not None:
         expected = (x.shape[0], x.shape[1], out_channels)
         check_shape(OP, "multiplier", multiplier, expected, str(list(expected)))

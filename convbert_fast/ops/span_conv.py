@@ -34,32 +34,32 @@ def dynamic_span_conv_eager(values, kernel_logits, num_heads):
 
 backend.register("eager", OP, dynamic_span_conv_eager)
 
-if cpp.LOADED:
 
-    @torch.library.register_fake("convbert_fast::dynamic_span_conv")
-    def _(values, kernel_logits, num_heads):
-        return values.new_empty(values.shape)
+def register_rules(forward, backward) -> None:
+    """Fake-tensor and autograd rules of a backend's span-conv op pair (the cpp and triton backends share them).
+    The softmax is recomputed from the logits in the backward: nothing but the inputs is kept."""
+    torch.library.register_fake(forward, lambda values, kernel_logits, num_heads: values.new_empty(values.shape))
+    torch.library.register_fake(
+        backward,
+        lambda grad, values, logits, num_heads: (values.new_empty(values.shape), logits.new_empty(logits.shape)),
+    )
+
+    def setup_context(ctx, inputs, output):
+        values, kernel_logits, ctx.num_heads = inputs
+        ctx.save_for_backward(values, kernel_logits)
+
+    def backward_rule(ctx, grad_out):
+        return (*backward(grad_out, *ctx.saved_tensors, ctx.num_heads), None)
+
+    torch.library.register_autograd(forward, backward_rule, setup_context=setup_context)
+
+
+if cpp.LOADED:
+    register_rules("convbert_fast::dynamic_span_conv", torch.ops.convbert_fast.dynamic_span_conv_backward.default)
 
     @torch.library.register_fake("convbert_fast::dynamic_span_conv_into")
     def _(values, kernel_logits, num_heads, out):
         return None
-
-    @torch.library.register_fake("convbert_fast::dynamic_span_conv_backward")
-    def _(grad_out, values, kernel_logits, num_heads):
-        return values.new_empty(values.shape), kernel_logits.new_empty(kernel_logits.shape)
-
-    def _setup_context(ctx, inputs, output):
-        values, kernel_logits, ctx.num_heads = inputs
-        ctx.save_for_backward(values, kernel_logits)
-
-    def _backward(ctx, grad_out):
-        # The softmax is recomputed from the logits: nothing but the inputs is kept between the passes.
-        grad_values, grad_logits = torch.ops.convbert_fast.dynamic_span_conv_backward(
-            grad_out, *ctx.saved_tensors, ctx.num_heads
-        )
-        return grad_values, grad_logits, None
-
-    torch.library.register_autograd("convbert_fast::dynamic_span_conv", _backward, setup_context=_setup_context)
 
     CUDA_MAX_KERNEL_SIZE = 63  # the softmax weights of a (token, head) live in shared memory
 
@@ -85,7 +85,9 @@ def dynamic_span_conv(values: torch.Tensor, kernel_logits: torch.Tensor, num_hea
     check_float_tensors(OP, values=values, kernel_logits=kernel_logits)
     check_shape(OP, "values", values, (None, None, None), "[batch, seq_len, all_head_size]")
     batch, seq_len, all_head_size = values.shape
-    check_shape(OP, "kernel_logits", kernel_logits, (batch, seq_len, None), f"[{batch}, {seq_len}, num_heads * kernel_size]")
+    check_shape(
+        OP, "kernel_logits", kernel_logits, (batch, seq_len, None), f"[{batch}, {seq_len}, num_heads * kernel_size]"
+    )
     if all_head_size % num_heads:
         raise ValueError(f"{OP}: values.shape[-1] = {all_head_size} is not divisible by num_heads = {num_heads}")
     if kernel_logits.shape[-1] % num_heads:

@@ -23,7 +23,6 @@ else:
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-
 # CONVBERT_FAST_TRITON_AUTOTUNE=0 keeps one small config (tests: many shapes, each would be autotuned).
 AUTOTUNE = os.environ.get("CONVBERT_FAST_TRITON_AUTOTUNE", "1") not in ("", "0") and not INTERPRET
 
@@ -46,7 +45,9 @@ def dot_needs_upcast(dtype) -> bool:
 
 if AVAILABLE and not INTERPRET:
     backend.mark_device_unsupported(
-        "triton", "cpu", "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (set before importing convbert_fast)"
+        "triton",
+        "cpu",
+        "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (set before importing convbert_fast)",
     )
 
 if AVAILABLE:

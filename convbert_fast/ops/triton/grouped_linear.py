@@ -12,17 +12,20 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import backend
+from ..grouped_linear import register_rules
 from . import dot_needs_upcast, tuning_configs
 
 
 def _configs():
-    return tuning_configs([  # Hopper and Ampere: 128-wide tiles with 3-4 stages, smaller ones for small groups
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=2, num_stages=5),
-    ])
+    return tuning_configs(
+        [  # Hopper and Ampere: 128-wide tiles with 3-4 stages, smaller ones for small groups
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=2, num_stages=5),
+        ]
+    )
 
 
 @triton.jit
@@ -32,12 +35,33 @@ def _gelu(x):
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_BIAS", "GELU"])
 @triton.jit
-def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, M, N, K,
-                         stride_ag, stride_am, stride_ak, stride_bg, stride_bk, stride_bn,
-                         stride_cg, stride_cm, stride_cn,
-                         HAS_BIAS: tl.constexpr, GELU: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         UPCAST_DOT: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grouped_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    bias_ptr,
+    pre_ptr,
+    M,
+    N,
+    K,
+    stride_ag,
+    stride_am,
+    stride_ak,
+    stride_bg,
+    stride_bk,
+    stride_bn,
+    stride_cg,
+    stride_cm,
+    stride_cn,
+    HAS_BIAS: tl.constexpr,
+    GELU: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """For group g: C_g[M, N] = A_g[M, K] @ B_g[K, N] (+ bias_g[N]) (then GELU; the pre-activation to pre_ptr,
     which shares C's strides). Every operand is addressed through its strides."""
     pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -47,10 +71,16 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, M, N, K,
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_group + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
-        b = tl.load(b_group + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-                    mask=(offs_k < K)[:, None] & (offs_n < N)[None, :], other=0.0)
+        a = tl.load(
+            a_group + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=(offs_m < M)[:, None] & (offs_k < K)[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_group + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+            mask=(offs_k < K)[:, None] & (offs_n < N)[None, :],
+            other=0.0,
+        )
         if UPCAST_DOT:  # see dot_needs_upcast
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc += tl.dot(a, b, input_precision=DOT_PRECISION, out_dtype=ACC)
@@ -77,9 +107,19 @@ def _launch(a, a_strides, b, b_strides, c, c_strides, groups, M, N, K, bias=None
 
     fp32 = c.dtype == torch.float32
     wrap_triton(_grouped_gemm_kernel)[grid](
-        a, b, c, bias if bias is not None else c, pre if pre is not None else c, M, N, K,
-        *a_strides, *b_strides, *c_strides,
-        HAS_BIAS=bias is not None, GELU=pre is not None,
+        a,
+        b,
+        c,
+        bias if bias is not None else c,
+        pre if pre is not None else c,
+        M,
+        N,
+        K,
+        *a_strides,
+        *b_strides,
+        *c_strides,
+        HAS_BIAS=bias is not None,
+        GELU=pre is not None,
         ACC=tl.float64 if c.dtype == torch.float64 else tl.float32,
         DOT_PRECISION="ieee" if fp32 or c.dtype == torch.float64 else "tf32",  # fp32 stays fp32 (no TF32)
         UPCAST_DOT=dot_needs_upcast(c.dtype),
@@ -93,8 +133,20 @@ def _forward(x, weight, bias, gelu):
     rows = x2d.shape[0]
     out = x2d.new_empty(rows, groups * group_out)
     pre = torch.empty_like(out) if gelu else None
-    _launch(x2d, (group_in, x2d.stride(0), 1), weight, (group_in * group_out, group_out, 1),
-            out, (group_out, out.stride(0), 1), groups, rows, group_out, group_in, bias=bias.contiguous(), pre=pre)
+    _launch(
+        x2d,
+        (group_in, x2d.stride(0), 1),
+        weight,
+        (group_in * group_out, group_out, 1),
+        out,
+        (group_out, out.stride(0), 1),
+        groups,
+        rows,
+        group_out,
+        group_in,
+        bias=bias.contiguous(),
+        pre=pre,
+    )
     shape = (*x.shape[:-1], groups * group_out)
     return out.view(shape), (pre.view(shape) if gelu else out.view(shape))
 
@@ -124,57 +176,36 @@ def grouped_linear_backward_triton_op(
     grad_x = torch.empty_like(x2d)
     grad_weight = torch.empty_like(weight)
     # d(x)_g [N, Din/G] = d(pre)_g [N, Dout/G] @ weight_g^T
-    _launch(grad2d, (group_out, grad2d.stride(0), 1), weight, (group_in * group_out, 1, group_out),
-            grad_x, (group_in, grad_x.stride(0), 1), groups, rows, group_in, group_out)
+    _launch(
+        grad2d,
+        (group_out, grad2d.stride(0), 1),
+        weight,
+        (group_in * group_out, 1, group_out),
+        grad_x,
+        (group_in, grad_x.stride(0), 1),
+        groups,
+        rows,
+        group_in,
+        group_out,
+    )
     # d(weight)_g [Din/G, Dout/G] = x_g^T [Din/G, N] @ d(pre)_g [N, Dout/G]
-    _launch(x2d, (group_in, 1, x2d.stride(0)), grad2d, (group_out, grad2d.stride(0), 1),
-            grad_weight, (group_in * group_out, group_out, 1), groups, group_in, group_out, rows)
+    _launch(
+        x2d,
+        (group_in, 1, x2d.stride(0)),
+        grad2d,
+        (group_out, grad2d.stride(0), 1),
+        grad_weight,
+        (group_in * group_out, group_out, 1),
+        groups,
+        group_in,
+        group_out,
+        rows,
+    )
     return grad_x.view(x.shape), grad_weight, grad2d.sum(0)
 
 
-def _out_shape(x, weight):
-    return (*x.shape[:-1], weight.shape[0] * weight.shape[2])
-
-
-@grouped_linear_triton_op.register_fake
-def _(x, weight, bias):
-    return x.new_empty(_out_shape(x, weight))
-
-
-@grouped_linear_gelu_triton_op.register_fake
-def _(x, weight, bias):
-    return x.new_empty(_out_shape(x, weight)), x.new_empty(_out_shape(x, weight))
-
-
-@grouped_linear_backward_triton_op.register_fake
-def _(grad_pre, x, weight):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), x.new_empty(weight.shape[0] * weight.shape[2])
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, _ = inputs
-    ctx.save_for_backward(x, weight)
-
-
-def _backward(ctx, grad_out):
-    return grouped_linear_backward_triton_op(grad_out, *ctx.saved_tensors)
-
-
-def _setup_context_gelu(ctx, inputs, output):
-    x, weight, _ = inputs
-    ctx.save_for_backward(x, weight, output[1])  # output[1]: the pre-activation
-
-
-def _backward_gelu(ctx, grad_out, grad_pre):
-    x, weight, pre = ctx.saved_tensors
-    grad = torch.ops.aten.gelu_backward(grad_out, pre)
-    if grad_pre is not None:
-        grad = grad + grad_pre
-    return grouped_linear_backward_triton_op(grad, x, weight)
-
-
-grouped_linear_triton_op.register_autograd(_backward, setup_context=_setup_context)
-grouped_linear_gelu_triton_op.register_autograd(_backward_gelu, setup_context=_setup_context_gelu)
+# Explicit fake rules (the traced ones would run the kernels, which the interpreter cannot do on fake tensors)
+register_rules(grouped_linear_triton_op, grouped_linear_gelu_triton_op, grouped_linear_backward_triton_op)
 
 
 def grouped_linear_triton(x, weight, bias, activation=None):

@@ -12,16 +12,19 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import backend
+from ..separable_conv import register_rules
 from . import INTERPRET, dot_needs_upcast, tuning_configs
 
 
 def _configs():
-    return tuning_configs([
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    ])
+    return tuning_configs(
+        [
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+        ]
+    )
 
 
 @triton.jit
@@ -41,11 +44,26 @@ def _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, 
 
 @triton.autotune(configs=_configs(), key=["channels", "out_channels", "HAS_MULTIPLIER"])
 @triton.jit
-def _separable_fwd_kernel(x_ptr, taps_ptr, pointwise_ptr, bias_ptr, multiplier_ptr, out_ptr, total_rows, seq_len,
-                          channels, out_channels,
-                          K: tl.constexpr, HAS_MULTIPLIER: tl.constexpr, ACC: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _separable_fwd_kernel(
+    x_ptr,
+    taps_ptr,
+    pointwise_ptr,
+    bias_ptr,
+    multiplier_ptr,
+    out_ptr,
+    total_rows,
+    seq_len,
+    channels,
+    out_channels,
+    K: tl.constexpr,
+    HAS_MULTIPLIER: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """x [rows, C], taps [K, C], pointwise [A, C], bias [A], multiplier and out [rows, A], all contiguous."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -54,8 +72,11 @@ def _separable_fwd_kernel(x_ptr, taps_ptr, pointwise_ptr, bias_ptr, multiplier_p
     for c0 in range(0, channels, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
         mixed = _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, K, ACC)
-        pointwise = tl.load(pointwise_ptr + outs[None, :] * channels + cols[:, None],
-                            mask=(cols < channels)[:, None] & (outs < out_channels)[None, :], other=0.0)
+        pointwise = tl.load(
+            pointwise_ptr + outs[None, :] * channels + cols[:, None],
+            mask=(cols < channels)[:, None] & (outs < out_channels)[None, :],
+            other=0.0,
+        )
         # as the eager path: the depthwise result is rounded to the input dtype before the GEMM
         mixed = mixed.to(pointwise.dtype)
         if UPCAST_DOT:  # see dot_needs_upcast
@@ -70,8 +91,18 @@ def _separable_fwd_kernel(x_ptr, taps_ptr, pointwise_ptr, bias_ptr, multiplier_p
 
 
 @triton.jit
-def _depthwise_kernel(x_ptr, taps_ptr, out_ptr, total_rows, seq_len, channels,
-                      K: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _depthwise_kernel(
+    x_ptr,
+    taps_ptr,
+    out_ptr,
+    total_rows,
+    seq_len,
+    channels,
+    K: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     acc = _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, K, ACC)
@@ -80,16 +111,29 @@ def _depthwise_kernel(x_ptr, taps_ptr, out_ptr, total_rows, seq_len, channels,
 
 
 @triton.jit
-def _tap_grad_kernel(grad_ptr, x_ptr, partials_ptr, total_rows, seq_len, channels,
-                     K: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _tap_grad_kernel(
+    grad_ptr,
+    x_ptr,
+    partials_ptr,
+    total_rows,
+    seq_len,
+    channels,
+    K: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """partials[chunk, j, c] = sum over the chunk's rows of grad[row, c] * x[row + j - K/2, c] (no atomics: the
     chunks are added afterwards in a fixed order)."""
     chunk = tl.program_id(0)
     rows = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < channels
-    grad = tl.load(grad_ptr + rows[:, None] * channels + cols[None, :],
-                   mask=(rows < total_rows)[:, None] & col_ok[None, :], other=0.0).to(ACC)
+    grad = tl.load(
+        grad_ptr + rows[:, None] * channels + cols[None, :],
+        mask=(rows < total_rows)[:, None] & col_ok[None, :],
+        other=0.0,
+    ).to(ACC)
     t = rows % seq_len
     for j in tl.static_range(K):
         source = t + j - (K - 1) // 2
@@ -110,8 +154,18 @@ def _depthwise(x2d, taps, seq_len):
     rows, channels = x2d.shape
     if out.numel():
         grid = (triton.cdiv(rows, _BLOCK_M), triton.cdiv(channels, _BLOCK_C))
-        wrap_triton(_depthwise_kernel)[grid](x2d, taps, out, rows, seq_len, channels, K=taps.shape[0],
-                                             ACC=_acc(x2d.dtype), BLOCK_M=_BLOCK_M, BLOCK_C=_BLOCK_C)
+        wrap_triton(_depthwise_kernel)[grid](
+            x2d,
+            taps,
+            out,
+            rows,
+            seq_len,
+            channels,
+            K=taps.shape[0],
+            ACC=_acc(x2d.dtype),
+            BLOCK_M=_BLOCK_M,
+            BLOCK_C=_BLOCK_C,
+        )
     return out
 
 
@@ -122,8 +176,18 @@ def _tap_grad(grad2d, x2d, seq_len, kernel_size):
     partials = torch.zeros(chunks, kernel_size, channels, dtype=acc_dtype, device=x2d.device)
     if x2d.numel():
         grid = (chunks, triton.cdiv(channels, _BLOCK_C))
-        wrap_triton(_tap_grad_kernel)[grid](grad2d, x2d, partials, rows, seq_len, channels, K=kernel_size,
-                                            ACC=_acc(x2d.dtype), BLOCK_M=_BLOCK_M, BLOCK_C=_BLOCK_C)
+        wrap_triton(_tap_grad_kernel)[grid](
+            grad2d,
+            x2d,
+            partials,
+            rows,
+            seq_len,
+            channels,
+            K=kernel_size,
+            ACC=_acc(x2d.dtype),
+            BLOCK_M=_BLOCK_M,
+            BLOCK_C=_BLOCK_C,
+        )
     return partials.sum(0).to(x2d.dtype)  # [K, C], a fixed-order reduction
 
 
@@ -143,11 +207,19 @@ def _run(x, depthwise_weight, pointwise_weight, bias, multiplier):
             return (triton.cdiv(batch * seq_len, meta["BLOCK_M"]), triton.cdiv(out_channels, meta["BLOCK_N"]))
 
         wrap_triton(_separable_fwd_kernel)[grid](
-            x2d, _taps(depthwise_weight), pointwise_weight.reshape(out_channels, channels).contiguous(),
+            x2d,
+            _taps(depthwise_weight),
+            pointwise_weight.reshape(out_channels, channels).contiguous(),
             bias.reshape(out_channels).contiguous(),
             multiplier.reshape(batch * seq_len, out_channels).contiguous() if multiplier is not None else out,
-            out, batch * seq_len, seq_len, channels, out_channels,
-            K=depthwise_weight.shape[-1], HAS_MULTIPLIER=multiplier is not None, ACC=_acc(dtype),
+            out,
+            batch * seq_len,
+            seq_len,
+            channels,
+            out_channels,
+            K=depthwise_weight.shape[-1],
+            HAS_MULTIPLIER=multiplier is not None,
+            ACC=_acc(dtype),
             DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
             UPCAST_DOT=dot_needs_upcast(dtype),
         )
@@ -163,7 +235,10 @@ def separable_conv1d_triton_op(
 
 @triton_op("convbert_fast_triton::separable_conv1d_mul", mutates_args=())
 def separable_conv1d_mul_triton_op(
-    x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor, bias: torch.Tensor,
+    x: torch.Tensor,
+    depthwise_weight: torch.Tensor,
+    pointwise_weight: torch.Tensor,
+    bias: torch.Tensor,
     multiplier: torch.Tensor,
 ) -> torch.Tensor:
     return _run(x, depthwise_weight, pointwise_weight, bias, multiplier)
@@ -171,7 +246,10 @@ def separable_conv1d_mul_triton_op(
 
 @triton_op("convbert_fast_triton::separable_conv1d_backward", mutates_args=())
 def separable_conv1d_backward_triton_op(
-    grad_out: torch.Tensor, x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor,
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    depthwise_weight: torch.Tensor,
+    pointwise_weight: torch.Tensor,
     bias: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, seq_len, channels = x.shape
@@ -189,9 +267,8 @@ def separable_conv1d_backward_triton_op(
     return grad_x, grad_taps.t().contiguous().view_as(depthwise_weight), grad_pointwise, grad.sum(0).view_as(bias)
 
 
-@separable_conv1d_triton_op.register_fake
-def _(x, depthwise_weight, pointwise_weight, bias):
-    return x.new_empty(x.shape[0], x.shape[1], pointwise_weight.shape[0])
+# Explicit fake rules (the traced ones would run the kernels, which the interpreter cannot do on fake tensors)
+register_rules(separable_conv1d_triton_op, separable_conv1d_backward_triton_op)
 
 
 @separable_conv1d_mul_triton_op.register_fake
@@ -199,17 +276,8 @@ def _(x, depthwise_weight, pointwise_weight, bias, multiplier):
     return x.new_empty(x.shape[0], x.shape[1], pointwise_weight.shape[0])
 
 
-@separable_conv1d_backward_triton_op.register_fake
-def _(grad_out, x, depthwise_weight, pointwise_weight, bias):
-    return tuple(t.new_empty(t.shape) for t in (x, depthwise_weight, pointwise_weight, bias))
-
-
-def _setup_context(ctx, inputs, output):
+def _setup_context_mul(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, grad_out):
-    return separable_conv1d_backward_triton_op(grad_out, *ctx.saved_tensors)
 
 
 def _backward_mul(ctx, grad_out):
@@ -219,8 +287,7 @@ def _backward_mul(ctx, grad_out):
     return (*grads, grad_out * conv)
 
 
-separable_conv1d_triton_op.register_autograd(_backward, setup_context=_setup_context)
-separable_conv1d_mul_triton_op.register_autograd(_backward_mul, setup_context=_setup_context)
+separable_conv1d_mul_triton_op.register_autograd(_backward_mul, setup_context=_setup_context_mul)
 
 
 def separable_conv1d_triton(x, depthwise_weight, pointwise_weight, bias, multiplier=None):

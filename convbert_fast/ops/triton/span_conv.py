@@ -10,6 +10,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import backend
+from ..span_conv import register_rules
 from . import INTERPRET
 
 
@@ -19,8 +20,9 @@ def _softmax_rows(logits_ptr, rows, seq_len, stride_l, head_offset, taps, K: tl.
     [0, L) get 0. As torch.softmax: subtract the max, so a NaN logit makes its whole row NaN."""
     row_ok = (rows >= 0) & (rows < seq_len)
     mask = row_ok[:, None] & (taps < K)[None, :]
-    logits = tl.load(logits_ptr + rows[:, None] * stride_l + head_offset + taps[None, :], mask=mask,
-                     other=float("-inf")).to(ACC)
+    logits = tl.load(
+        logits_ptr + rows[:, None] * stride_l + head_offset + taps[None, :], mask=mask, other=float("-inf")
+    ).to(ACC)
     row_max = tl.where(row_ok, tl.max(logits, axis=1), 0.0)
     e = tl.where(mask, tl.exp(logits - row_max[:, None]), 0.0)
     total = tl.sum(e, axis=1)
@@ -28,10 +30,24 @@ def _softmax_rows(logits_ptr, rows, seq_len, stride_l, head_offset, taps, K: tl.
 
 
 @triton.jit
-def _span_conv_fwd_kernel(values_ptr, logits_ptr, out_ptr, seq_len, head_size,
-                          stride_vb, stride_vl, stride_kb, stride_kl, stride_ob, stride_ol,
-                          K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                          ACC: tl.constexpr):
+def _span_conv_fwd_kernel(
+    values_ptr,
+    logits_ptr,
+    out_ptr,
+    seq_len,
+    head_size,
+    stride_vb,
+    stride_vl,
+    stride_kb,
+    stride_kl,
+    stride_ob,
+    stride_ol,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
     tile, head, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tile * BLOCK_L + tl.arange(0, BLOCK_L)
     taps = tl.arange(0, K_PAD)
@@ -47,15 +63,32 @@ def _span_conv_fwd_kernel(values_ptr, logits_ptr, out_ptr, seq_len, head_size,
             w_j = tl.sum(tl.where(taps[None, :] == j, weights, 0.0), axis=1)
             acc += w_j[:, None] * v
         store_ok = (rows < seq_len)[:, None] & (dims < head_size)[None, :]
-        tl.store(out_ptr + b * stride_ob + rows[:, None] * stride_ol + head * head_size + dims[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=store_ok)
+        tl.store(
+            out_ptr + b * stride_ob + rows[:, None] * stride_ol + head * head_size + dims[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=store_ok,
+        )
 
 
 @triton.jit
-def _span_conv_bwd_kernel(grad_ptr, values_ptr, logits_ptr, grad_values_ptr, grad_logits_ptr, seq_len, head_size,
-                          stride_lb, stride_ll, stride_kb, stride_kl,
-                          K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                          ACC: tl.constexpr):
+def _span_conv_bwd_kernel(
+    grad_ptr,
+    values_ptr,
+    logits_ptr,
+    grad_values_ptr,
+    grad_logits_ptr,
+    seq_len,
+    head_size,
+    stride_lb,
+    stride_ll,
+    stride_kb,
+    stride_kl,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """grad, values, grad_values share strides (stride_lb, stride_ll); logits and grad_logits (stride_kb, stride_kl)."""
     tile, head, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     half = (K - 1) // 2
@@ -68,8 +101,11 @@ def _span_conv_bwd_kernel(grad_ptr, values_ptr, logits_ptr, grad_values_ptr, gra
     for d0 in range(0, head_size, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
         dims_ok = (dims < head_size)[None, :]
-        grad_rows = tl.load(grad_ptr + base + rows[:, None] * stride_ll + dims[None, :],
-                            mask=(rows < seq_len)[:, None] & dims_ok, other=0.0).to(ACC)
+        grad_rows = tl.load(
+            grad_ptr + base + rows[:, None] * stride_ll + dims[None, :],
+            mask=(rows < seq_len)[:, None] & dims_ok,
+            other=0.0,
+        ).to(ACC)
         grad_values = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC)
         for j in tl.static_range(K):
             # tap j of these rows read rows + j - half: d(weight j) = grad . values there
@@ -85,12 +121,18 @@ def _span_conv_bwd_kernel(grad_ptr, values_ptr, logits_ptr, grad_values_ptr, gra
             w_j = tl.sum(tl.where(taps[None, :] == j, reader_weights, 0.0), axis=1)
             g = tl.load(grad_ptr + base + reader[:, None] * stride_ll + dims[None, :], mask=ok, other=0.0)
             grad_values += w_j[:, None] * g.to(ACC)
-        tl.store(grad_values_ptr + base + rows[:, None] * stride_ll + dims[None, :],
-                 grad_values.to(grad_values_ptr.dtype.element_ty), mask=(rows < seq_len)[:, None] & dims_ok)
+        tl.store(
+            grad_values_ptr + base + rows[:, None] * stride_ll + dims[None, :],
+            grad_values.to(grad_values_ptr.dtype.element_ty),
+            mask=(rows < seq_len)[:, None] & dims_ok,
+        )
     # softmax backward: dlogit_j = w_j (dw_j - sum_i w_i dw_i)
     grad_logits = weights * (grad_weights - tl.sum(weights * grad_weights, axis=1)[:, None])
-    tl.store(grad_logits_ptr + b * stride_kb + rows[:, None] * stride_kl + head * K + taps[None, :],
-             grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=(rows < seq_len)[:, None] & (taps < K)[None, :])
+    tl.store(
+        grad_logits_ptr + b * stride_kb + rows[:, None] * stride_kl + head * K + taps[None, :],
+        grad_logits.to(grad_logits_ptr.dtype.element_ty),
+        mask=(rows < seq_len)[:, None] & (taps < K)[None, :],
+    )
 
 
 def _config(dtype, kernel_size, head_size):
@@ -114,8 +156,18 @@ def dynamic_span_conv_triton_op(values: torch.Tensor, kernel_logits: torch.Tenso
     if out.numel():
         config = _config(values.dtype, kernel_size, head_size)
         wrap_triton(_span_conv_fwd_kernel)[(triton.cdiv(seq_len, config["BLOCK_L"]), num_heads, batch)](
-            values, kernel_logits, out, seq_len, head_size, values.stride(0), values.stride(1),
-            kernel_logits.stride(0), kernel_logits.stride(1), out.stride(0), out.stride(1), **config
+            values,
+            kernel_logits,
+            out,
+            seq_len,
+            head_size,
+            values.stride(0),
+            values.stride(1),
+            kernel_logits.stride(0),
+            kernel_logits.stride(1),
+            out.stride(0),
+            out.stride(1),
+            **config,
         )
     return out
 
@@ -131,34 +183,24 @@ def dynamic_span_conv_backward_triton_op(
     if values.numel():
         config = _config(values.dtype, kernel_size, head_size)
         wrap_triton(_span_conv_bwd_kernel)[(triton.cdiv(seq_len, config["BLOCK_L"]), num_heads, batch)](
-            grad_out, values, kernel_logits, grad_values, grad_logits, seq_len, head_size,
-            values.stride(0), values.stride(1), kernel_logits.stride(0), kernel_logits.stride(1), **config
+            grad_out,
+            values,
+            kernel_logits,
+            grad_values,
+            grad_logits,
+            seq_len,
+            head_size,
+            values.stride(0),
+            values.stride(1),
+            kernel_logits.stride(0),
+            kernel_logits.stride(1),
+            **config,
         )
     return grad_values, grad_logits
 
 
-# Explicit fake rules: the traced ones would run the kernels, which the interpreter cannot do on fake tensors.
-@dynamic_span_conv_triton_op.register_fake
-def _(values, kernel_logits, num_heads):
-    return values.new_empty(values.shape)
-
-
-@dynamic_span_conv_backward_triton_op.register_fake
-def _(grad_out, values, kernel_logits, num_heads):
-    return values.new_empty(values.shape), kernel_logits.new_empty(kernel_logits.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    values, kernel_logits, ctx.num_heads = inputs
-    ctx.save_for_backward(values, kernel_logits)
-
-
-def _backward(ctx, grad_out):
-    grad_values, grad_logits = dynamic_span_conv_backward_triton_op(grad_out, *ctx.saved_tensors, ctx.num_heads)
-    return grad_values, grad_logits, None
-
-
-dynamic_span_conv_triton_op.register_autograd(_backward, setup_context=_setup_context)
+# Explicit fake rules (the traced ones would run the kernels, which the interpreter cannot do on fake tensors)
+register_rules(dynamic_span_conv_triton_op, dynamic_span_conv_backward_triton_op)
 
 
 def dynamic_span_conv_triton(values, kernel_logits, num_heads):
