@@ -347,6 +347,55 @@ def extended_attention_mask(mask, dtype):
     return (1.0 - mask.to(dtype)) * torch.finfo(dtype).min
 
 
+def check_inputs(config, device, **inputs):
+    """Shapes, dtypes and devices of a forward's inputs, each error naming the argument; never their values
+    (that would cost a device sync and break torch.compile's graph)."""
+
+    def fail(name, expected, tensor, what="shape"):
+        got = list(tensor.shape) if what == "shape" else getattr(tensor, what)
+        raise ValueError(f"`{name}` must have {what} {expected}, got {got}")
+
+    for name, t in inputs.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if t is not None and t.device != device:
+            raise ValueError(f"`{name}` is on {t.device} but the model is on {device}")
+    ids, embeds = inputs["input_ids"], inputs["inputs_embeds"]
+    if ids is not None:
+        if ids.dim() != 2:
+            fail("input_ids", "[batch, seq_len]", ids)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"`input_ids` must hold integer token ids, got {ids.dtype}")
+        batch, seq_len = ids.shape
+    else:
+        if embeds.dim() != 3 or embeds.shape[-1] != config.embedding_size:
+            fail("inputs_embeds", f"[batch, seq_len, {config.embedding_size}] (embedding_size)", embeds)
+        if not embeds.is_floating_point():
+            raise TypeError(f"`inputs_embeds` must have a floating-point dtype, got {embeds.dtype}")
+        batch, seq_len = embeds.shape[:2]
+    if seq_len > config.max_position_embeddings:
+        raise ValueError(
+            f"sequence length {seq_len} exceeds max_position_embeddings = {config.max_position_embeddings}"
+        )
+    for name in ("token_type_ids", "position_ids"):  # [B, L], or one row for the whole batch
+        t = inputs[name]
+        if t is not None and tuple(t.shape) not in ((batch, seq_len), (1, seq_len), (seq_len,)):
+            fail(name, f"[{batch}, {seq_len}] (or [1, {seq_len}])", t)
+    mask = inputs["attention_mask"]
+    if mask is not None and tuple(mask.shape) not in ((batch, seq_len), (batch, seq_len, seq_len)):
+        fail("attention_mask", f"[{batch}, {seq_len}] (or [{batch}, {seq_len}, {seq_len}])", mask)
+    encoder_states, encoder_mask = inputs["encoder_hidden_states"], inputs["encoder_attention_mask"]
+    if encoder_states is not None:
+        if (
+            encoder_states.dim() != 3
+            or encoder_states.shape[0] != batch
+            or encoder_states.shape[2] != config.hidden_size
+        ):
+            fail("encoder_hidden_states", f"[{batch}, encoder_len, {config.hidden_size}]", encoder_states)
+        if encoder_mask is not None and tuple(encoder_mask.shape) != tuple(encoder_states.shape[:2]):
+            fail("encoder_attention_mask", list(encoder_states.shape[:2]), encoder_mask)
+
+
 class ConvBertModel(ConvBertPreTrainedModel):
     """The bare ConvBERT encoder: [B, L] token ids -> [B, L, C] hidden states."""
 
@@ -399,22 +448,23 @@ class ConvBertModel(ConvBertPreTrainedModel):
         )
         if input_ids is not None and inputs_embeds is not None:
             raise ValueError("You cannot specify both input_ids and inputs_embeds at the same time")
-        elif input_ids is not None:
-            self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
-            input_shape = input_ids.size()
-        elif inputs_embeds is not None:
-            input_shape = inputs_embeds.size()[:-1]
-        else:
+        if input_ids is None and inputs_embeds is None:
             raise ValueError("You have to specify either input_ids or inputs_embeds")
-        if len(input_shape) != 2:
-            raise ValueError(
-                f"input_ids / inputs_embeds must be [batch, seq_len](, embedding), got {list(input_shape)}"
-            )
+        check_inputs(
+            self.config,
+            self.embeddings.word_embeddings.weight.device,
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+        )
+        if input_ids is not None:
+            self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
+        input_shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         batch, seq_len = input_shape
-        if seq_len > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {seq_len} exceeds max_position_embeddings = {self.config.max_position_embeddings}"
-            )
         device = input_ids.device if input_ids is not None else inputs_embeds.device
         if attention_mask is None:
             attention_mask = torch.ones(input_shape, device=device)

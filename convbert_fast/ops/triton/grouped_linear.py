@@ -64,13 +64,13 @@ def _grouped_gemm_kernel(
 ):
     """For group g: C_g[M, N] = A_g[M, K] @ B_g[K, N] (+ bias_g[N]) (then GELU; the pre-activation to pre_ptr,
     which shares C's strides). Every operand is addressed through its strides."""
-    pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit offsets: rows x strides may pass 2^31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     a_group, b_group = a_ptr + g * stride_ag, b_ptr + g * stride_bg
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         a = tl.load(
             a_group + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
             mask=(offs_m < M)[:, None] & (offs_k < K)[None, :],

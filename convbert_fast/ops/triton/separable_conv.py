@@ -66,7 +66,7 @@ def _separable_fwd_kernel(
 ):
     """x [rows, C], taps [K, C], pointwise [A, C], bias [A], multiplier and out [rows, A], all contiguous."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit offsets: rows x C may pass 2^31
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for c0 in range(0, channels, BLOCK_K):
@@ -103,7 +103,7 @@ def _depthwise_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     acc = _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, K, ACC)
     mask = (rows < total_rows)[:, None] & (cols < channels)[None, :]
@@ -125,7 +125,7 @@ def _tap_grad_kernel(
 ):
     """partials[chunk, j, c] = sum over the chunk's rows of grad[row, c] * x[row + j - K/2, c] (no atomics: the
     chunks are added afterwards in a fixed order)."""
-    chunk = tl.program_id(0)
+    chunk = tl.program_id(0).to(tl.int64)
     rows = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < channels

@@ -48,8 +48,8 @@ def _span_conv_fwd_kernel(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    tile, head, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+    tile, head, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # 64-bit offsets
+    rows = (tile * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
     taps = tl.arange(0, K_PAD)
     weights = _softmax_rows(logits_ptr + b * stride_kb, rows, seq_len, stride_kl, head * K, taps, K, ACC)
     values = values_ptr + b * stride_vb + head * head_size
@@ -90,9 +90,9 @@ def _span_conv_bwd_kernel(
     ACC: tl.constexpr,
 ):
     """grad, values, grad_values share strides (stride_lb, stride_ll); logits and grad_logits (stride_kb, stride_kl)."""
-    tile, head, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tile, head, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # 64-bit offsets
     half = (K - 1) // 2
-    rows = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+    rows = (tile * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
     taps = tl.arange(0, K_PAD)
     logits = logits_ptr + b * stride_kb
     weights = _softmax_rows(logits, rows, seq_len, stride_kl, head * K, taps, K, ACC)
