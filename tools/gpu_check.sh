@@ -29,6 +29,12 @@ skip() { printf '%-10s SKIPPED  %s\n' "$1" "$2" | tee -a "$summary"; }
 python -c "import sys, torch, transformers; print('python', sys.version.split()[0], '| torch', torch.__version__,
            '| cuda', torch.version.cuda, '| transformers', transformers.__version__)" >>"$summary" 2>&1
 
+if ! python -c "import transformers, sys; sys.exit(int(transformers.__version__.split('.')[0]) < 5)"; then
+    echo "transformers here is older than 5.0, which convbert_fast needs: carry a transformers>=5 wheel" \
+        "and install it first (pip install --no-deps WHEEL); stopping before the build" | tee -a "$summary"
+    exit 1
+fi
+
 # Only this GPU's architecture, to build fast (setup.py defaults to 8.0;9.0).
 arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "9.0")
 if ! step build 420 env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" \
