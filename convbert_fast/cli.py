@@ -1,4 +1,4 @@
-"""`python -m convbert_fast info | demo`."""
+"""`python -m convbert_fast info | demo | bench`."""
 
 from __future__ import annotations
 
@@ -102,6 +102,47 @@ def demo(args) -> int:
     return 0
 
 
+def bench_providers():
+    from .bench import PROVIDERS
+
+    return list(PROVIDERS)
+
+
+def bench(parser, args) -> int:
+    import torch
+
+    from . import bench as bench_module
+
+    gpu = torch.cuda.is_available()
+    valid_devices = ["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if gpu else [])
+    args.device = args.device or ("cuda" if gpu else "cpu")
+    if args.device not in valid_devices:
+        parser.error(f"--device {args.device!r} is not available here; valid: {', '.join(valid_devices)}")
+    on_gpu = args.device.startswith("cuda")
+    defaults = dict(
+        dtype="bf16" if on_gpu else "fp32",
+        layers=12 if on_gpu else 2,
+        batch_size=32 if on_gpu else 8,
+        seq_len=[128, 256, 512, 1024, 2048, 4096] if on_gpu else [128, 256],
+        providers=",".join(bench_module.PROVIDERS) if on_gpu else "transformers,transformers-compile,cpp",
+        repeats=20 if on_gpu else 3,
+        warmup=3 if on_gpu else 1,
+    )
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    unknown = [p for p in args.providers if p not in bench_module.PROVIDERS]
+    if unknown or not args.providers:
+        parser.error(f"unknown provider(s) {unknown}; valid: {', '.join(bench_module.PROVIDERS)}")
+    for name in ("layers", "batch_size", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0 or any(length < 1 for length in args.seq_len):
+        parser.error("--warmup must be >= 0 and every --seq-len >= 1")
+    return bench_module.run(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convbert_fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,10 +154,33 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    b = sub.add_parser("bench", help="our ConvBERT against transformers' eager model and torch.compile of it")
+    b.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    b.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on a GPU, else fp32")
+    b.add_argument("--config", default="base", choices=["small", "medium-small", "base"])
+    b.add_argument("--layers", type=int, default=None, help="default: 12 on a GPU, 2 on the CPU")
+    b.add_argument("--batch-size", type=int, default=None, help="default: 32 on a GPU, 8 on the CPU")
+    b.add_argument(
+        "--seq-len",
+        type=int,
+        nargs="+",
+        default=None,
+        help="one or more (default: 128..4096 on a GPU, 128 256 on the CPU)",
+    )
+    b.add_argument("--providers", default=None, help="comma-separated, of: " + ", ".join(bench_providers()))
+    b.add_argument(
+        "--repeats", type=int, default=None, help="timed runs per measurement (default: 20 on a GPU, 3 on the CPU)"
+    )
+    b.add_argument("--warmup", type=int, default=None)
+    b.add_argument("--json", metavar="PATH", help="write the record here")
+    b.add_argument("--plot", metavar="PATH", help="write a PNG of speed-up against sequence length here")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
     import torch
+
+    if args.command == "bench":
+        return bench(parser, args)
 
     try:
         device = torch.device(args.device)
