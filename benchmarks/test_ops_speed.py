@@ -14,6 +14,7 @@ import torch
 from transformers.models.convbert import modeling_convbert as hf
 
 import convbert_fast as cf
+from convbert_fast.bench import copy_bandwidth, span_conv_bytes
 
 PROVIDERS = ["transformers", "eager", "cpp", "triton"]
 
@@ -95,6 +96,12 @@ def test_dynamic_span_conv(benchmark, provider, device, tiny):
                 return cf.ops.dynamic_span_conv(v, k, heads)
 
     run_fwd_bwd(benchmark, device, fn, inputs)
+    # memory-bound: the share of the copy bandwidth measured in this run
+    moved = span_conv_bytes(*inputs)
+    benchmark.extra_info["bytes_moved"] = moved
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        seconds = benchmark.stats.stats.median
+        benchmark.extra_info["bandwidth_fraction"] = moved / seconds / copy_bandwidth(device)
 
 
 @pytest.mark.parametrize("multiply", [False, True], ids=["conv", "conv*query"])

@@ -179,6 +179,12 @@ def measure_provider(provider, models, batch_size, seq_len, device, autocast_dty
     return result
 
 
+def span_conv_bytes(values, logits) -> int:
+    """Bytes a fused span conv must move in forward + backward: the forward reads values and logits and writes
+    the output; the backward reads the gradient, values and logits and writes both gradients."""
+    return values.element_size() * (5 * values.numel() + 3 * logits.numel())
+
+
 def span_conv_summary(device, dtype, warmup, repeats) -> dict:
     """The span conv at base shapes, forward + backward: eager (transformers' unfold path) against the best
     backend here, and the fraction of the copy bandwidth that backend reaches."""
@@ -197,10 +203,7 @@ def span_conv_summary(device, dtype, warmup, repeats) -> dict:
     best = "cpp" if provider_problem("cpp", device) is None else "eager"
     with cf.use_backend(best):
         best_ms, _ = _timed(step(cf.ops.dynamic_span_conv), device, warmup, repeats)
-    # bytes the fused kernels must move: forward reads values and logits and writes the output; backward
-    # reads the gradient, values and logits and writes both gradients
-    size = values.element_size()
-    moved = size * (3 * values.numel() + 2 * logits.numel() + values.numel() + logits.numel() + values.numel())
+    moved = span_conv_bytes(values, logits)
     return {
         "span_conv_backend": best,
         "span_conv_eager_ms": eager_ms,
