@@ -75,8 +75,10 @@ class SeparableConv1D(nn.Module):
         self.depthwise.weight.data.normal_(mean=0.0, std=config.initializer_range)
         self.pointwise.weight.data.normal_(mean=0.0, std=config.initializer_range)
 
-    def forward(self, hidden_states):
-        return ops.separable_conv1d(hidden_states, self.depthwise.weight, self.pointwise.weight, self.bias)
+    def forward(self, hidden_states, multiplier=None):  # multiplier [B, L, A]: fused where the backend can
+        return ops.separable_conv1d(
+            hidden_states, self.depthwise.weight, self.pointwise.weight, self.bias, multiplier=multiplier
+        )
 
 
 class ConvBertSelfAttention(nn.Module):
@@ -124,7 +126,7 @@ class ConvBertSelfAttention(nn.Module):
         mixed_query = self.query(hidden_states)  # [B, L, A]
 
         # Conv half: span weights come from the separable conv of x multiplied by the query.
-        conv_attn = self.key_conv_attn_layer(hidden_states) * mixed_query  # [B, L, A]
+        conv_attn = self.key_conv_attn_layer(hidden_states, multiplier=mixed_query)  # [B, L, A]
         kernel_logits = self.conv_kernel_layer(conv_attn)  # [B, L, H*K]
         conv_values = self.conv_out_layer(hidden_states)  # [B, L, A]
         conv_context = ops.dynamic_span_conv(conv_values, kernel_logits, self.num_attention_heads)  # [B, L, A]
@@ -182,8 +184,8 @@ class GroupedLinearLayer(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_groups, self.group_in_dim, self.group_out_dim))
         self.bias = nn.Parameter(torch.empty(output_size))
 
-    def forward(self, hidden_states):
-        return ops.grouped_linear(hidden_states, self.weight, self.bias)
+    def forward(self, hidden_states, activation=None):
+        return ops.grouped_linear(hidden_states, self.weight, self.bias, activation=activation)
 
 
 def feed_forward_dense(config, input_size, output_size):
@@ -198,8 +200,11 @@ class ConvBertIntermediate(nn.Module):
         self.dense = feed_forward_dense(config, config.hidden_size, config.intermediate_size)
         act = config.hidden_act
         self.intermediate_act_fn = ACT2FN[act] if isinstance(act, str) else act
+        self.activation_name = act if isinstance(act, str) else None
 
     def forward(self, hidden_states):
+        if isinstance(self.dense, GroupedLinearLayer) and self.activation_name == "gelu":
+            return self.dense(hidden_states, activation="gelu")  # the bias and GELU fused where possible
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
