@@ -85,7 +85,7 @@ def _timer(device: torch.device):
     return measure
 
 
-def _timed(fn, device, warmup: int, repeats: int) -> tuple[float, list[float]]:
+def time_ms(fn, device, warmup: int, repeats: int) -> tuple[float, list[float]]:
     measure = _timer(device)
     for _ in range(warmup):
         measure(fn)
@@ -98,7 +98,7 @@ def gemm_rate(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of one large dense GEMM in `dtype` on `device`, measured now."""
     n = 8192 if device.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    ms, _ = _timed(lambda: a @ b, device, warmup=2, repeats=5)
+    ms, _ = time_ms(lambda: a @ b, device, warmup=2, repeats=5)
     return 2 * n**3 / (ms / 1e3)
 
 
@@ -106,7 +106,7 @@ def copy_bandwidth(device: torch.device) -> float:
     """Bytes/s of a large tensor copy (read + write), measured now."""
     src = torch.empty(64 * 2**20 if device.type == "cuda" else 16 * 2**20, device=device)
     dst = torch.empty_like(src)
-    ms, _ = _timed(lambda: dst.copy_(src), device, warmup=2, repeats=10)
+    ms, _ = time_ms(lambda: dst.copy_(src), device, warmup=2, repeats=10)
     return 2 * src.numel() * src.element_size() / (ms / 1e3)
 
 
@@ -162,11 +162,11 @@ def measure_provider(provider, models, batch_size, seq_len, device, autocast_dty
     state = {k: v.clone() for k, v in model.state_dict().items()}  # AdamW steps must not drift between providers
     with cf.use_backend(backend):
         model.eval()
-        result.forward_ms, result.forward_ms_quantiles = _timed(forward, device, warmup, repeats)
+        result.forward_ms, result.forward_ms_quantiles = time_ms(forward, device, warmup, repeats)
         model.train()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        result.train_step_ms, result.train_step_ms_quantiles = _timed(train_step, device, warmup, repeats)
+        result.train_step_ms, result.train_step_ms_quantiles = time_ms(train_step, device, warmup, repeats)
         if device.type == "cuda":
             result.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
     model.load_state_dict(state)
@@ -199,10 +199,10 @@ def span_conv_summary(device, dtype, warmup, repeats) -> dict:
     def step(fn):
         return lambda: torch.autograd.grad(fn(values, logits, 6), (values, logits), grad)
 
-    eager_ms, _ = _timed(step(dynamic_span_conv_eager), device, warmup, repeats)
+    eager_ms, _ = time_ms(step(dynamic_span_conv_eager), device, warmup, repeats)
     best = "cpp" if provider_problem("cpp", device) is None else "eager"
     with cf.use_backend(best):
-        best_ms, _ = _timed(step(cf.ops.dynamic_span_conv), device, warmup, repeats)
+        best_ms, _ = time_ms(step(cf.ops.dynamic_span_conv), device, warmup, repeats)
     moved = span_conv_bytes(values, logits)
     return {
         "span_conv_backend": best,

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 
 
 def _cpu_name() -> str:
@@ -58,6 +56,7 @@ def demo(args) -> int:
     import torch
 
     import convbert_fast as cf
+    from convbert_fast.bench import time_ms
     from convbert_fast.configs import named_config
 
     torch.manual_seed(0)
@@ -67,18 +66,8 @@ def demo(args) -> int:
     labels = input_ids.clone()
     tokens = input_ids.numel()
 
-    def timed(fn):
-        times = []
-        for i in range(args.repeats + 1):  # the first run warms up
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if i:
-                times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    def timed(fn):  # median seconds after one warm-up run, as the benchmark times
+        return time_ms(fn, torch.device(args.device), warmup=1, repeats=args.repeats)[0] / 1e3
 
     def forward():
         with torch.no_grad():

@@ -42,8 +42,7 @@ def _auto_order(op_name: str, device: torch.device) -> tuple[str, ...]:
 
 
 _implementations: dict[str, dict[str, Callable]] = {name: {} for name in BACKEND_NAMES}
-# Why a backend cannot be used at all. A backend that ships with this build but failed to load is a
-# fallback worth warning about; one that is not part of this version is not.
+# Why a backend cannot be used at all (until it registers every op, or because it failed to load).
 _unavailable_reason: dict[str, str] = {
     "cpp": "convbert_fast._C has not been loaded",
     "triton": "the Triton kernels have not been loaded",

@@ -35,12 +35,19 @@ def tuning_configs(tuned):
     return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
 
 
-def dot_needs_upcast(dtype) -> bool:
-    """Triton's interpreter multiplies bf16 tiles as raw bits in tl.dot: there, feed it the same values as fp32
-    (bf16 x bf16 products are exact in fp32, and the accumulator is fp32 either way). GPUs take bf16 as is."""
+def numerics(dtype) -> dict:
+    """The kernels' numeric constants for inputs of `dtype`: the accumulator (fp64 for fp64, else fp32), the
+    tl.dot precision (fp32 stays IEEE fp32, no TF32), and whether tl.dot gets its bf16 tiles as fp32: Triton's
+    interpreter multiplies bf16 tiles as raw bits (bf16 x bf16 products are exact in fp32 and the accumulator
+    is fp32 either way); GPUs take bf16 as is."""
     import torch
+    import triton.language as tl
 
-    return INTERPRET and dtype == torch.bfloat16
+    return dict(
+        ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+        DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+        UPCAST_DOT=INTERPRET and dtype == torch.bfloat16,
+    )
 
 
 if AVAILABLE and not INTERPRET:

@@ -13,7 +13,7 @@ from torch.library import triton_op, wrap_triton
 
 from .. import backend
 from ..grouped_linear import register_rules
-from . import dot_needs_upcast, tuning_configs
+from . import numerics, tuning_configs
 
 
 def _configs():
@@ -81,7 +81,7 @@ def _grouped_gemm_kernel(
             mask=(offs_k < K)[:, None] & (offs_n < N)[None, :],
             other=0.0,
         )
-        if UPCAST_DOT:  # see dot_needs_upcast
+        if UPCAST_DOT:  # see numerics()
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc += tl.dot(a, b, input_precision=DOT_PRECISION, out_dtype=ACC)
     if HAS_BIAS:
@@ -105,7 +105,6 @@ def _launch(a, a_strides, b, b_strides, c, c_strides, groups, M, N, K, bias=None
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), groups)
 
-    fp32 = c.dtype == torch.float32
     wrap_triton(_grouped_gemm_kernel)[grid](
         a,
         b,
@@ -120,9 +119,7 @@ def _launch(a, a_strides, b, b_strides, c, c_strides, groups, M, N, K, bias=None
         *c_strides,
         HAS_BIAS=bias is not None,
         GELU=pre is not None,
-        ACC=tl.float64 if c.dtype == torch.float64 else tl.float32,
-        DOT_PRECISION="ieee" if fp32 or c.dtype == torch.float64 else "tf32",  # fp32 stays fp32 (no TF32)
-        UPCAST_DOT=dot_needs_upcast(c.dtype),
+        **numerics(c.dtype),
     )
 
 

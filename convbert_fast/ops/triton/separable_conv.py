@@ -13,7 +13,7 @@ from torch.library import triton_op, wrap_triton
 
 from .. import backend
 from ..separable_conv import register_rules
-from . import INTERPRET, dot_needs_upcast, tuning_configs
+from . import INTERPRET, numerics, tuning_configs
 
 
 def _configs():
@@ -79,7 +79,7 @@ def _separable_fwd_kernel(
         )
         # as the eager path: the depthwise result is rounded to the input dtype before the GEMM
         mixed = mixed.to(pointwise.dtype)
-        if UPCAST_DOT:  # see dot_needs_upcast
+        if UPCAST_DOT:  # see numerics()
             mixed, pointwise = mixed.to(tl.float32), pointwise.to(tl.float32)
         acc += tl.dot(mixed, pointwise, input_precision=DOT_PRECISION, out_dtype=ACC)
     acc += tl.load(bias_ptr + outs, mask=outs < out_channels, other=0.0).to(ACC)[None, :]
@@ -142,10 +142,6 @@ def _tap_grad_kernel(
         tl.store(partials_ptr + (chunk * K + j) * channels + cols, tl.sum(grad * x.to(ACC), axis=0), mask=col_ok)
 
 
-def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 _BLOCK_M, _BLOCK_C = (16, 16) if INTERPRET else (32, 128)
 
 
@@ -162,7 +158,7 @@ def _depthwise(x2d, taps, seq_len):
             seq_len,
             channels,
             K=taps.shape[0],
-            ACC=_acc(x2d.dtype),
+            ACC=numerics(x2d.dtype)["ACC"],
             BLOCK_M=_BLOCK_M,
             BLOCK_C=_BLOCK_C,
         )
@@ -184,7 +180,7 @@ def _tap_grad(grad2d, x2d, seq_len, kernel_size):
             seq_len,
             channels,
             K=kernel_size,
-            ACC=_acc(x2d.dtype),
+            ACC=numerics(x2d.dtype)["ACC"],
             BLOCK_M=_BLOCK_M,
             BLOCK_C=_BLOCK_C,
         )
@@ -219,9 +215,7 @@ def _run(x, depthwise_weight, pointwise_weight, bias, multiplier):
             out_channels,
             K=depthwise_weight.shape[-1],
             HAS_MULTIPLIER=multiplier is not None,
-            ACC=_acc(dtype),
-            DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
-            UPCAST_DOT=dot_needs_upcast(dtype),
+            **numerics(dtype),
         )
     return out.view(batch, seq_len, out_channels)
 

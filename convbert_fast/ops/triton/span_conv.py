@@ -11,7 +11,7 @@ from torch.library import triton_op, wrap_triton
 
 from .. import backend
 from ..span_conv import register_rules
-from . import INTERPRET
+from . import INTERPRET, numerics
 
 
 @triton.jit
@@ -136,14 +136,13 @@ def _span_conv_bwd_kernel(
 
 
 def _config(dtype, kernel_size, head_size):
-    """Launch constants: rows per program, channels per step, K padded to a power of two, accumulator dtype
-    (fp32; fp64 for fp64 inputs)."""
+    """Launch constants: rows per program, channels per step, K padded to a power of two, accumulator dtype."""
     return dict(
         BLOCK_L=16 if INTERPRET else 32,
         BLOCK_D=min(triton.next_power_of_2(max(head_size, 16)), 128),
         K=kernel_size,
         K_PAD=triton.next_power_of_2(kernel_size),
-        ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+        ACC=numerics(dtype)["ACC"],
     )
 
 
