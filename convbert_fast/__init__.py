@@ -13,6 +13,7 @@ from .modeling import (
     ConvBertPreTrainedModel,
 )
 from .ops import available_backends, get_backend, set_backend, use_backend
+from .patch import patch, unpatch
 from .tf_checkpoint import load_tf_weights_in_convbert
 
 __version__ = "0.1.0"
@@ -30,6 +31,8 @@ __all__ = [
     "get_backend",
     "load_tf_weights_in_convbert",
     "ops",
+    "patch",
     "set_backend",
+    "unpatch",
     "use_backend",
 ]

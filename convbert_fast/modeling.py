@@ -29,6 +29,8 @@ from transformers.pytorch_utils import apply_chunking_to_forward
 from . import ops
 from .tf_checkpoint import load_tf_weights_in_convbert
 
+FUSED_PROJECTION_CACHE = "_fused_projection_cache"
+
 
 class ConvBertEmbeddings(nn.Module):
     """Word + position + token-type embeddings, LayerNorm, dropout: [B, L] -> [B, L, E]."""
@@ -118,9 +120,33 @@ class ConvBertSelfAttention(nn.Module):
     def split_heads(self, x):  # [B, L, A] -> [B, H, L, D]
         return x.view(*x.shape[:-1], self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
+    def fused_projection_weights(self):
+        """[4A, C] and [4A]: the query, key, value and conv_out layers stacked, for one GEMM over x.
+
+        Concatenated on every call while autograd needs them (training: the four gradients flow back through
+        the cat) or under torch.compile (which folds it); otherwise cached and rebuilt when a parameter's
+        storage or version counter changes (optimizer steps, load_state_dict, .to()). Writes through `.data`
+        do not bump the version counter: call `model.load_state_dict(model.state_dict())` after those."""
+        layers = (self.query, self.key, self.value, self.conv_out_layer)
+        params = [layer.weight for layer in layers] + [layer.bias for layer in layers]
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return torch.cat(params[:4]), torch.cat(params[4:])
+        # inference-mode tensors cannot be saved for a backward later: a cache built there is kept apart
+        key = (torch.is_inference_mode_enabled(), *((p.data_ptr(), p._version, p.dtype) for p in params))
+        cache = self.__dict__.get(FUSED_PROJECTION_CACHE)
+        if cache is None or cache[0] != key:
+            cache = (key, torch.cat(params[:4]), torch.cat(params[4:]))
+            self.__dict__[FUSED_PROJECTION_CACHE] = cache  # a plain attribute: not in the state dict
+        return cache[1], cache[2]
+
     def forward(
         self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None, output_attentions=False
     ):
+        if ops.backend.fused_layers():
+            return self.fused_forward(
+                hidden_states, attention_mask, head_mask, encoder_hidden_states, output_attentions
+            )
+        # The seed's math, step for step (the `eager` backend).
         # Cross-attention takes keys and values from the encoder; the conv half always reads `hidden_states`.
         kv_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         mixed_query = self.query(hidden_states)  # [B, L, A]
@@ -135,15 +161,49 @@ class ConvBertSelfAttention(nn.Module):
         query = self.split_heads(mixed_query)  # [B, H, L, D]
         key = self.split_heads(self.key(kv_states))  # [B, H, Lk, D]
         value = self.split_heads(self.value(kv_states))  # [B, H, Lk, D]
+        probs = self.attention_probs(query, key, attention_mask, head_mask)  # [B, H, L, Lk]
+        attn_context = torch.matmul(probs, value).transpose(1, 2).reshape(conv_context.shape)  # [B, L, A]
+
+        context = torch.cat([attn_context, conv_context], dim=-1)  # [B, L, 2A]: attention heads first
+        return (context, probs) if output_attentions else (context,)
+
+    def attention_probs(self, query, key, attention_mask, head_mask):
         scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(self.attention_head_size)  # [B, H, L, Lk]
         if attention_mask is not None:
             scores = scores + attention_mask  # additive, [B, 1, 1, Lk]
         probs = self.dropout(nn.functional.softmax(scores, dim=-1))
-        if head_mask is not None:
-            probs = probs * head_mask  # [1, H, 1, 1]
-        attn_context = torch.matmul(probs, value).transpose(1, 2).reshape(conv_context.shape)  # [B, L, A]
+        return probs if head_mask is None else probs * head_mask  # [1, H, 1, 1]
 
-        context = torch.cat([attn_context, conv_context], dim=-1)  # [B, L, 2A]: attention heads first
+    def fused_forward(self, hidden_states, attention_mask, head_mask, encoder_hidden_states, output_attentions):
+        """The same math in fewer passes: one GEMM for the four projections of x, the query multiply inside the
+        separable conv, scaled_dot_product_attention unless probabilities or a head mask are asked for, and the
+        span conv written after the attention half of the context instead of a `cat`."""
+        if encoder_hidden_states is None:
+            weight, bias = self.fused_projection_weights()
+            projections = nn.functional.linear(hidden_states, weight, bias)  # [B, L, 4A]
+            mixed_query, mixed_key, mixed_value, conv_values = projections.split(self.all_head_size, dim=-1)
+        else:  # cross-attention: keys and values from the encoder
+            mixed_query, conv_values = self.query(hidden_states), self.conv_out_layer(hidden_states)
+            mixed_key, mixed_value = self.key(encoder_hidden_states), self.value(encoder_hidden_states)
+        conv_attn = self.key_conv_attn_layer(hidden_states, multiplier=mixed_query)  # [B, L, A]
+        kernel_logits = self.conv_kernel_layer(conv_attn)  # [B, L, H*K]
+
+        query = self.split_heads(mixed_query)  # [B, H, L, D]
+        key, value = self.split_heads(mixed_key), self.split_heads(mixed_value)  # [B, H, Lk, D]
+        probs = None
+        if output_attentions or head_mask is not None:
+            probs = self.attention_probs(query, key, attention_mask, head_mask)  # [B, H, L, Lk]
+            attn_context = torch.matmul(probs, value)  # [B, H, L, D]
+        else:
+            if attention_mask is not None and attention_mask.dtype != query.dtype:  # autocast: SDPA wants one dtype
+                attention_mask = attention_mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
+            attn_context = nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=self.dropout.p if self.training else 0.0
+            )  # [B, H, L, D]
+        # [B, L, H, D] of attention, then the H conv heads: [B, L, 2A]
+        context = ops.dynamic_span_conv(
+            conv_values, kernel_logits, self.num_attention_heads, prefix=attn_context.transpose(1, 2)
+        )
         return (context, probs) if output_attentions else (context,)
 
 
@@ -471,6 +531,8 @@ class ConvBertModel(ConvBertPreTrainedModel):
         input_shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         batch, seq_len = input_shape
         device = input_ids.device if input_ids is not None else inputs_embeds.device
+        # No mask given: the fused layers take none (SDPA's fastest kernels); the seed's math adds zeros.
+        attention_mask_given = attention_mask is not None or not ops.backend.fused_layers()
         if attention_mask is None:
             attention_mask = torch.ones(input_shape, device=device)
         if token_type_ids is None:
@@ -485,7 +547,7 @@ class ConvBertModel(ConvBertPreTrainedModel):
             encoder_mask = extended_attention_mask(encoder_attention_mask, dtype)
         return self.encoder(
             hidden_states,
-            attention_mask=extended_attention_mask(attention_mask, dtype),
+            attention_mask=extended_attention_mask(attention_mask, dtype) if attention_mask_given else None,
             head_mask=self.per_layer_head_mask(head_mask, dtype),
             encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=encoder_mask,

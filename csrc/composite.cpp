@@ -98,6 +98,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> separable_conv1d_back
   return {grad_x, grad_depthwise, grad_pointwise, grad_bias};
 }
 
+at::Tensor dynamic_span_conv_concat(const at::Tensor& prefix, const at::Tensor& values, const at::Tensor& kernel_logits,
+                                    int64_t num_heads, SpanConvIntoFn span_conv_into) {
+  check_span_conv_args(values, kernel_logits, num_heads);
+  const int64_t batch = values.size(0), seq_len = values.size(1), width = values.size(2);
+  TORCH_CHECK(prefix.dim() >= 2 && prefix.size(0) == batch && prefix.size(1) == seq_len,
+              "dynamic_span_conv_concat: prefix must be [", batch, ", ", seq_len, ", ...], got ", prefix.sizes());
+  TORCH_CHECK(prefix.scalar_type() == values.scalar_type() && prefix.device() == values.device(),
+              "dynamic_span_conv_concat: prefix must match values' dtype and device");
+  int64_t prefix_width = 1;
+  for (int64_t d = 2; d < prefix.dim(); ++d) prefix_width *= prefix.size(d);
+  at::Tensor out = at::empty({batch, seq_len, prefix_width + width}, values.options());
+  out.narrow(2, 0, prefix_width).view(prefix.sizes()).copy_(prefix);  // one strided copy, e.g. [B, H, L, D]^T
+  at::Tensor conv_half = out.narrow(2, prefix_width, width);
+  span_conv_into(values, kernel_logits, num_heads, conv_half);
+  return out;
+}
+
 // The groups are column blocks of the 2-D views [N, Din] and [N, Dout]: no permuted copies are made. On CUDA
 // one strided-batched cuBLAS GEMM covers all groups (batch stride Din/G, leading dimension Din); on the CPU
 // one GEMM per group reads and writes its block in place. The bias enters as the GEMM's C operand (beta = 1).

@@ -20,6 +20,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> separable_conv1d_back
     const at::Tensor& pointwise_weight, const at::Tensor& bias, DepthwiseConvFn depthwise,
     DepthwiseWeightGradFn depthwise_weight_grad);
 
+// values, kernel_logits, num_heads, out: the device's dynamic_span_conv_into
+using SpanConvIntoFn = void (*)(const at::Tensor&, const at::Tensor&, int64_t, at::Tensor&);
+at::Tensor dynamic_span_conv_concat(const at::Tensor& prefix, const at::Tensor& values, const at::Tensor& kernel_logits,
+                                    int64_t num_heads, SpanConvIntoFn span_conv_into);
+
 at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
 std::tuple<at::Tensor, at::Tensor> grouped_linear_gelu(const at::Tensor& x, const at::Tensor& weight,
                                                        const at::Tensor& bias);

@@ -17,6 +17,9 @@ TORCH_LIBRARY(convbert_fast, m) {
   m.def("dynamic_span_conv(Tensor values, Tensor kernel_logits, int num_heads) -> Tensor");
   // The same, written into `out` ([B, L, H*D], rows may be strided: a slice of a wider tensor).
   m.def("dynamic_span_conv_into(Tensor values, Tensor kernel_logits, int num_heads, Tensor(a!) out) -> ()");
+  // [prefix | span conv] along the channels: [B, L, P + H*D], prefix [B, L, ...] with P elements per token. The
+  // attention half of ConvBERT's context goes in as the prefix; the conv half is written in place (no cat).
+  m.def("dynamic_span_conv_concat(Tensor prefix, Tensor values, Tensor kernel_logits, int num_heads) -> Tensor");
   // -> (grad_values, grad_kernel_logits)
   m.def("dynamic_span_conv_backward(Tensor grad_out, Tensor values, Tensor kernel_logits, int num_heads)"
         " -> (Tensor, Tensor)");

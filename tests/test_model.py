@@ -83,9 +83,18 @@ def test_head_mask_of_ones_and_flat_head_mask(rng):
         ones = model(ids, mask, head_mask=torch.ones(2)).last_hidden_state
         flat = model(ids, mask, head_mask=torch.tensor([0.0, 1.0])).last_hidden_state
         per_layer = model(ids, mask, head_mask=torch.tensor([[0.0, 1.0], [0.0, 1.0]])).last_hidden_state
-    torch.testing.assert_close(ones, plain, rtol=0, atol=0)
+    # a head mask takes the explicit softmax path, no mask the fused one (scaled_dot_product_attention):
+    # the same math summed in another order, so fp32 rounding (~1e-7 relative per op) apart
+    torch.testing.assert_close(ones, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(flat, per_layer, rtol=0, atol=0)
     assert (flat - plain).abs().max() > 1e-3
+    with cf.use_backend("eager"), torch.no_grad():  # the seed's math: multiplying by ones changes nothing
+        torch.testing.assert_close(
+            model(ids, mask, head_mask=torch.ones(2)).last_hidden_state,
+            model(ids, mask).last_hidden_state,
+            rtol=0,
+            atol=0,
+        )
 
 
 def test_head_mask_of_wrong_shape_is_refused(rng):
@@ -119,7 +128,7 @@ def test_gradient_checkpointing_recomputes_and_keeps_gradients(cls, rng, monkeyp
     plain(ids, mask, **labels).loss.backward()
     calls = []
     span_conv = cf.ops.dynamic_span_conv
-    monkeypatch.setattr(cf.ops, "dynamic_span_conv", lambda *args: calls.append(1) or span_conv(*args))
+    monkeypatch.setattr(cf.ops, "dynamic_span_conv", lambda *args, **kw: calls.append(1) or span_conv(*args, **kw))
     checkpointed(ids, mask, **labels).loss.backward()
     assert len(calls) == 2 * config.num_hidden_layers  # each layer ran again in the backward pass
     grads = dict(plain.named_parameters())

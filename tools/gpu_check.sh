@@ -64,5 +64,8 @@ else
 fi
 step bench 240 python -m pytest benchmarks -q -p no:cacheprovider --bench-device cuda --benchmark-only \
     --benchmark-group-by=group --benchmark-json="$out/bench_ops.json"
+# the model: transformers (eager, compiled) against ours, bf16 autocast, 12 layers, B=32; then the breakdown
+step model 300 python -m convbert_fast bench --seq-len 512 --json "$out/bench_model.json" --plot "$out/bench_model.png"
+step breakdown 120 python benchmarks/breakdown.py --json "$out/breakdown.json"
 echo "done: $([ $failed -eq 0 ] && echo 'every step passed' || echo 'SOME STEPS FAILED')" | tee -a "$summary"
 exit $failed

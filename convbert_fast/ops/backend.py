@@ -110,6 +110,12 @@ def get_backend() -> str:
     return _selected
 
 
+def fused_layers() -> bool:
+    """Whether the model takes its fused layers (one GEMM for Q, K, V and conv_out; scaled_dot_product_attention;
+    the span conv written after the attention half): under every choice but `eager`, which is the seed's math."""
+    return _selected != "eager"
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """``set_backend(name)`` for the duration of a ``with`` block."""

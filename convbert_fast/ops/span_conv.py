@@ -6,6 +6,8 @@ t - (K-1)/2 ... t + (K-1)/2 of that head's channels (zero outside [0, L), padded
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -15,8 +17,12 @@ from .checks import check_float_tensors, check_kernel_size, check_shape
 OP = "dynamic_span_conv"
 
 
-def dynamic_span_conv_eager(values, kernel_logits, num_heads):
-    """The seed's math: per-head softmax, `unfold` into a K-times larger tensor, one matmul per (token, head)."""
+def dynamic_span_conv_eager(values, kernel_logits, num_heads, prefix=None):
+    """The seed's math: per-head softmax, `unfold` into a K-times larger tensor, one matmul per (token, head);
+    then, given a prefix, the seed's `cat` of the attention half before it."""
+    if prefix is not None:
+        conv = dynamic_span_conv_eager(values, kernel_logits, num_heads)
+        return torch.cat([prefix.reshape(*prefix.shape[:2], -1), conv], dim=-1)
     batch, seq_len, all_head_size = values.shape
     kernel_size = kernel_logits.shape[-1] // num_heads
     head_size = all_head_size // num_heads
@@ -54,8 +60,37 @@ def register_rules(forward, backward) -> None:
     torch.library.register_autograd(forward, backward_rule, setup_context=setup_context)
 
 
+def prefix_width(prefix_shape) -> int:
+    return math.prod(prefix_shape[2:])
+
+
+def register_concat_rules(concat, backward) -> None:
+    """The same for the op that writes [prefix | span conv] along the channels: the prefix's gradient is a view
+    of the incoming one, the span conv's is the span-conv backward of the rest."""
+
+    def fake(prefix, values, kernel_logits, num_heads):
+        return values.new_empty(values.shape[0], values.shape[1], prefix_width(prefix.shape) + values.shape[2])
+
+    torch.library.register_fake(concat, fake)
+
+    def setup_context(ctx, inputs, output):
+        prefix, values, kernel_logits, ctx.num_heads = inputs
+        ctx.prefix_shape = prefix.shape
+        ctx.save_for_backward(values, kernel_logits)
+
+    def backward_rule(ctx, grad_out):
+        width = prefix_width(ctx.prefix_shape)
+        grad_prefix = grad_out[..., :width].reshape(ctx.prefix_shape)
+        return grad_prefix, *backward(grad_out[..., width:], *ctx.saved_tensors, ctx.num_heads), None
+
+    torch.library.register_autograd(concat, backward_rule, setup_context=setup_context)
+
+
 if cpp.LOADED:
     register_rules("convbert_fast::dynamic_span_conv", torch.ops.convbert_fast.dynamic_span_conv_backward.default)
+    register_concat_rules(
+        "convbert_fast::dynamic_span_conv_concat", torch.ops.convbert_fast.dynamic_span_conv_backward.default
+    )
 
     @torch.library.register_fake("convbert_fast::dynamic_span_conv_into")
     def _(values, kernel_logits, num_heads, out):
@@ -63,26 +98,37 @@ if cpp.LOADED:
 
     CUDA_MAX_KERNEL_SIZE = 63  # the softmax weights of a (token, head) live in shared memory
 
-    def dynamic_span_conv_cpp(values, kernel_logits, num_heads):
+    def dynamic_span_conv_cpp(values, kernel_logits, num_heads, prefix=None):
         kernel_size = kernel_logits.shape[-1] // num_heads
         if values.device.type == "cuda" and kernel_size > CUDA_MAX_KERNEL_SIZE:
             raise ValueError(
                 f"{OP}: the cpp backend's CUDA kernels take kernel sizes up to {CUDA_MAX_KERNEL_SIZE}, got "
                 f"{kernel_size}; use the 'eager' backend for larger spans"
             )
+        if prefix is not None:
+            prefix, values, kernel_logits = backend.autocast_inputs(values.device.type, prefix, values, kernel_logits)
+            return torch.ops.convbert_fast.dynamic_span_conv_concat(prefix, values, kernel_logits, num_heads)
         values, kernel_logits = backend.autocast_inputs(values.device.type, values, kernel_logits)
         return torch.ops.convbert_fast.dynamic_span_conv(values, kernel_logits, num_heads)
 
     backend.register("cpp", OP, dynamic_span_conv_cpp)
 
 
-def dynamic_span_conv(values: torch.Tensor, kernel_logits: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """values [B, L, A]; kernel_logits [B, L, num_heads * K] (before the softmax) -> [B, L, A]."""
+def dynamic_span_conv(
+    values: torch.Tensor, kernel_logits: torch.Tensor, num_heads: int, prefix: torch.Tensor | None = None
+) -> torch.Tensor:
+    """values [B, L, A]; kernel_logits [B, L, num_heads * K] (before the softmax) -> [B, L, A].
+
+    With `prefix` [B, L, ...] (P elements per token): [B, L, P + A], the prefix's elements first, then the span
+    conv, as ``torch.cat([prefix.reshape(B, L, P), conv], -1)`` but written in place by the kernels.
+    """
     if not isinstance(num_heads, int) or isinstance(num_heads, bool):
         raise TypeError(f"{OP}: `num_heads` must be an int, got {type(num_heads).__name__}")
     if num_heads < 1:
         raise ValueError(f"{OP}: `num_heads` must be at least 1, got {num_heads}")
-    check_float_tensors(OP, values=values, kernel_logits=kernel_logits)
+    check_float_tensors(
+        OP, values=values, kernel_logits=kernel_logits, **({} if prefix is None else {"prefix": prefix})
+    )
     check_shape(OP, "values", values, (None, None, None), "[batch, seq_len, all_head_size]")
     batch, seq_len, all_head_size = values.shape
     check_shape(
@@ -95,4 +141,8 @@ def dynamic_span_conv(values: torch.Tensor, kernel_logits: torch.Tensor, num_hea
             f"{OP}: kernel_logits.shape[-1] = {kernel_logits.shape[-1]} is not divisible by num_heads = {num_heads}"
         )
     check_kernel_size(OP, kernel_logits.shape[-1] // num_heads, "kernel_logits.shape[-1] // num_heads")
-    return backend.implementation(OP, values.device)(values, kernel_logits, num_heads)
+    if prefix is None:
+        return backend.implementation(OP, values.device)(values, kernel_logits, num_heads)
+    if prefix.dim() < 2 or prefix.shape[:2] != values.shape[:2]:
+        raise ValueError(f"{OP}: `prefix` must have shape [{batch}, {seq_len}, ...], got {list(prefix.shape)}")
+    return backend.implementation(OP, values.device)(values, kernel_logits, num_heads, prefix=prefix)

@@ -333,6 +333,10 @@ TORCH_LIBRARY_IMPL(convbert_fast, CPU, m) {
   m.impl("dynamic_span_conv", &span_conv_cpu);
   m.impl("dynamic_span_conv_into", &span_conv_into_cpu);
   m.impl("dynamic_span_conv_backward", &span_conv_backward_cpu);
+  m.impl("dynamic_span_conv_concat", [](const at::Tensor& prefix, const at::Tensor& values,
+                                        const at::Tensor& kernel_logits, int64_t num_heads) {
+    return dynamic_span_conv_concat(prefix, values, kernel_logits, num_heads, &span_conv_into_cpu);
+  });
   m.impl("separable_conv1d", [](const at::Tensor& x, const at::Tensor& dw, const at::Tensor& pw, const at::Tensor& b) {
     return separable_conv1d(x, dw, pw, b, &depthwise_cpu);
   });

@@ -4,13 +4,15 @@ kernel with no atomics."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import backend
-from ..span_conv import register_rules
+from ..span_conv import register_concat_rules, register_rules
 from . import INTERPRET, numerics
 
 
@@ -146,12 +148,10 @@ def _config(dtype, kernel_size, head_size):
     )
 
 
-@triton_op("convbert_fast_triton::dynamic_span_conv", mutates_args=())
-def dynamic_span_conv_triton_op(values: torch.Tensor, kernel_logits: torch.Tensor, num_heads: int) -> torch.Tensor:
+def _span_conv_forward_into(values, kernel_logits, num_heads, out):  # out [B, L, A], rows may be strided
     values, kernel_logits = values.contiguous(), kernel_logits.contiguous()
     batch, seq_len, width = values.shape
     head_size, kernel_size = width // num_heads, kernel_logits.shape[-1] // num_heads
-    out = torch.empty_like(values)
     if out.numel():
         config = _config(values.dtype, kernel_size, head_size)
         wrap_triton(_span_conv_fwd_kernel)[(triton.cdiv(seq_len, config["BLOCK_L"]), num_heads, batch)](
@@ -168,6 +168,24 @@ def dynamic_span_conv_triton_op(values: torch.Tensor, kernel_logits: torch.Tenso
             out.stride(1),
             **config,
         )
+    return out
+
+
+@triton_op("convbert_fast_triton::dynamic_span_conv", mutates_args=())
+def dynamic_span_conv_triton_op(values: torch.Tensor, kernel_logits: torch.Tensor, num_heads: int) -> torch.Tensor:
+    out = torch.empty_like(values, memory_format=torch.contiguous_format)
+    return _span_conv_forward_into(values, kernel_logits, num_heads, out)
+
+
+@triton_op("convbert_fast_triton::dynamic_span_conv_concat", mutates_args=())
+def dynamic_span_conv_concat_triton_op(
+    prefix: torch.Tensor, values: torch.Tensor, kernel_logits: torch.Tensor, num_heads: int
+) -> torch.Tensor:
+    batch, seq_len, width = values.shape
+    prefix_width = math.prod(prefix.shape[2:])
+    out = values.new_empty(batch, seq_len, prefix_width + width)
+    out[..., :prefix_width].view(prefix.shape).copy_(prefix)
+    _span_conv_forward_into(values, kernel_logits, num_heads, out[..., prefix_width:])
     return out
 
 
@@ -200,8 +218,12 @@ def dynamic_span_conv_backward_triton_op(
 
 # Explicit fake rules (the traced ones would run the kernels, which the interpreter cannot do on fake tensors)
 register_rules(dynamic_span_conv_triton_op, dynamic_span_conv_backward_triton_op)
+register_concat_rules(dynamic_span_conv_concat_triton_op, dynamic_span_conv_backward_triton_op)
 
 
-def dynamic_span_conv_triton(values, kernel_logits, num_heads):
+def dynamic_span_conv_triton(values, kernel_logits, num_heads, prefix=None):
+    if prefix is not None:
+        prefix, values, kernel_logits = backend.autocast_inputs(values.device.type, prefix, values, kernel_logits)
+        return dynamic_span_conv_concat_triton_op(prefix, values, kernel_logits, num_heads)
     values, kernel_logits = backend.autocast_inputs(values.device.type, values, kernel_logits)
     return dynamic_span_conv_triton_op(values, kernel_logits, num_heads)

@@ -1,0 +1,116 @@
+"""Where the time of a training step goes: transformers' eager ConvBERT beside ours, by kind of work.
+
+    python benchmarks/breakdown.py [--device cpu|cuda] [--dtype fp32|bf16] [--layers 2] [--batch-size 8]
+                                   [--seq-len 256] [--json PATH]
+
+Profiles one forward+backward (after warm-up runs) of ConvBertModel with the same weights under torch.profiler and
+sums each op's self time into a category (GEMMs, attention, span conv, ...), printing a markdown table in ms and
+in shares of the step; the README's "Where the time goes" comes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+import torch
+
+import convbert_fast as cf
+from convbert_fast.bench import build_models, device_name, git_commit, versions
+from convbert_fast.configs import named_config
+
+# op-name fragments -> category, first match wins (profiler names, forward and autograd backward ops)
+CATEGORIES = [
+    ("span conv", ("dynamic_span_conv", "im2col", "col2im", "unfold")),
+    ("separable conv", ("separable_conv1d", "convolution", "conv1d", "conv_depthwise")),
+    ("grouped linear", ("grouped_linear",)),
+    ("attention (softmax, SDPA)", ("softmax", "scaled_dot_product", "flash_attention", "efficient_attention")),
+    ("GEMM (linear, matmul)", ("addmm", "::mm", "bmm", "baddbmm", "matmul", "linear")),
+    ("GELU", ("gelu",)),
+    ("LayerNorm", ("layer_norm",)),
+    ("copies (cat, transpose, contiguous)", ("copy_", "cat", "clone", "contiguous", "_to_copy")),
+    ("elementwise (add, mul, div, dropout)", ("add", "mul", "div", "dropout", "sum", "fill_", "zero_", "where")),
+    ("embeddings", ("embedding", "index_select")),
+]
+
+
+def categorize(name: str) -> str:
+    lowered = name.lower()
+    for category, fragments in CATEGORIES:
+        if any(fragment in lowered for fragment in fragments):
+            return category
+    return "other"
+
+
+def profile_step(model, ids, device, autocast_dtype, repeats=2):
+    def step():
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model(ids).last_hidden_state.float().square().mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(repeats):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        if us > 0:
+            category = categorize(event.key)
+            totals[category] = totals.get(category, 0.0) + us / 1e3 / repeats
+    return totals
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    dtype = args.dtype or ("bf16" if on_gpu else "fp32")
+    autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    layers, batch = args.layers or (12 if on_gpu else 2), args.batch_size or (32 if on_gpu else 8)
+    seq_len = args.seq_len or (512 if on_gpu else 256)
+    config = named_config("base", num_hidden_layers=layers)
+    theirs, ours = build_models(config, device, torch.float32)
+    theirs.train(), ours.train()
+    ids = torch.randint(5, config.vocab_size, (batch, seq_len), device=device)
+    results = {"transformers": profile_step(theirs, ids, device, autocast_dtype)}
+    with cf.use_backend("auto"):
+        results["convbert_fast (auto)"] = profile_step(ours, ids, device, autocast_dtype)
+
+    names = list(results)
+    categories = sorted({c for r in results.values() for c in r}, key=lambda c: -results[names[0]].get(c, 0.0))
+    print(f"training step of ConvBERT-base with {layers} layers, batch {batch} x {seq_len}, {dtype}, {device}")
+    print("| " + " | ".join(["work"] + [f"{n} ms" for n in names] + [f"{n} share" for n in names]) + " |")
+    print("|" + "---|" * (1 + 2 * len(names)))
+    sums = {n: sum(results[n].values()) for n in names}
+    for category in categories + ["total"]:
+        ms = [sums[n] if category == "total" else results[n].get(category, 0.0) for n in names]
+        shares = [f"{100 * m / sums[n]:.0f}%" for m, n in zip(ms, names)]
+        print("| " + " | ".join([category] + [f"{m:.1f}" for m in ms] + shares) + " |")
+    if args.json:
+        record = dict(device=device_name(device), versions=versions(device), git_commit=git_commit(),
+                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      layers=layers, batch_size=batch, seq_len=seq_len, dtype=dtype, breakdown_ms=results)  # fmt: skip
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

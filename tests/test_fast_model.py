@@ -1,0 +1,252 @@
+"""The fused layers (every backend but `eager`): that they are taken, that they give transformers' numbers in fp32
+and in low precision, that they train like the seed's math, compile without graph breaks, and that `cf.patch`
+makes a transformers model use them in place. fp32 parity of every class and gradient is in test_parity.py,
+whose `cpp` runs go through these layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from conftest import make_config
+from reference import assert_within_torch_error
+from test_parity import CLASSES, make_inputs, max_diff, model_pair
+from torch import nn
+
+import convbert_fast as cf
+
+ATOL = 1e-5  # fp32, as test_parity
+
+
+def tiny_config(**overrides):
+    return make_config("medium-small", hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                       embedding_size=32, **overrides)  # fmt: skip
+
+
+def sdpa_calls(monkeypatch):
+    calls = []
+    original = nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("attn_mask"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def test_fused_layers_are_taken_unless_eager(monkeypatch, rng):
+    model = cf.ConvBertModel(tiny_config()).eval()
+    ids = torch.randint(1, 99, (2, 12), generator=rng)
+    calls = sdpa_calls(monkeypatch)
+    with torch.no_grad():
+        model(ids)
+        assert len(calls) == 2 and all(mask is None for mask in calls)  # no mask given: none passed on
+        model(ids, attention_mask=torch.ones(2, 12))
+        assert len(calls) == 4 and calls[-1] is not None
+        model(ids, output_attentions=True)  # probabilities asked for: the explicit softmax
+        model(ids, head_mask=torch.ones(2))
+        assert len(calls) == 4
+        with cf.use_backend("eager"):
+            model(ids)
+        assert len(calls) == 4
+
+
+def test_fused_projection_cache_follows_parameter_updates(rng):
+    theirs, ours = model_pair("ConvBertForMaskedLM", tiny_config(hidden_dropout_prob=0, attention_probs_dropout_prob=0))
+    inputs = make_inputs("ConvBertForMaskedLM", theirs.config, rng, labels=False)
+    with torch.no_grad():
+        assert max_diff(ours(**inputs).logits, theirs(**inputs).logits) <= ATOL
+        attention = ours.convbert.encoder.layer[0].attention.self
+        cached = attention.fused_projection_weights()[0]
+        assert attention.fused_projection_weights()[0] is cached  # reused while nothing changes
+    # an optimizer step (in-place updates) on both models
+    for model in (theirs, ours):
+        model.train()
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        model.eval()
+    with torch.no_grad():
+        assert attention.fused_projection_weights()[0] is not cached
+        assert max_diff(ours(**inputs).logits, theirs(**inputs).logits) <= ATOL
+        # load_state_dict copies into the parameters: the cache follows
+        theirs.load_state_dict(cf.ConvBertForMaskedLM(theirs.config).state_dict())
+        ours.load_state_dict(theirs.state_dict())
+        assert max_diff(ours(**inputs).logits, theirs(**inputs).logits) <= ATOL
+        assert "_fused_projection_cache" not in "".join(ours.state_dict())
+
+
+def test_cross_attention_uses_separate_projections_and_matches_eager(rng):
+    config = tiny_config(is_decoder=True, add_cross_attention=True)
+    model = cf.ConvBertModel(config).eval()
+    ids = torch.randint(1, 99, (2, 10), generator=rng)
+    encoder_states = torch.randn(2, 7, config.hidden_size, generator=rng)
+    encoder_mask = torch.ones(2, 7)
+    encoder_mask[0, 5:] = 0
+    with torch.no_grad():
+        fused = model(ids, encoder_hidden_states=encoder_states, encoder_attention_mask=encoder_mask)[0]
+        with cf.use_backend("eager"):
+            seed = model(ids, encoder_hidden_states=encoder_states, encoder_attention_mask=encoder_mask)[0]
+    assert max_diff(fused, seed) <= ATOL
+
+
+def low_precision_errors(class_name, dtype, how):
+    """Our fused model's and transformers' outputs in `dtype` (autocast or a cast model) against an fp32 oracle."""
+    theirs, ours = model_pair(class_name, tiny_config(num_labels=3))
+    inputs = make_inputs(class_name, theirs.config, torch.Generator().manual_seed(3), labels=False)
+    with torch.no_grad():
+        oracle = theirs(**inputs)[0].double()
+        if how == "autocast":
+            with torch.autocast("cpu", dtype=dtype):
+                return ours(**inputs)[0], theirs(**inputs)[0], oracle
+        theirs.to(dtype), ours.to(dtype)
+        return ours(**inputs)[0], theirs(**inputs)[0], oracle
+
+
+@pytest.mark.parametrize("how", ["autocast", "cast"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_is_bounded_by_transformers_own(dtype, how):
+    """Rule of the house: in bf16/fp16 our error against the fp32 oracle is at most a small multiple of
+    transformers' own error in the same dtype (different but equally valid rounding points: fused GEMM, SDPA,
+    fp32 accumulation in our kernels). 3x leaves room for the roundings falling on different operations."""
+    for class_name in ("ConvBertForMaskedLM", "ConvBertForSequenceClassification"):
+        ours, theirs, oracle = low_precision_errors(class_name, dtype, how)
+        assert ours.dtype == theirs.dtype
+        assert_within_torch_error(ours.float(), theirs.float(), oracle, factor=3.0)
+
+
+def test_gradients_under_bf16_autocast_are_bounded_by_transformers_own():
+    theirs, ours = model_pair("ConvBertForMaskedLM", tiny_config(), train=False)
+    inputs = make_inputs("ConvBertForMaskedLM", theirs.config, torch.Generator().manual_seed(4))
+    theirs(**inputs).loss.backward()
+    oracle = {name: p.grad.double() for name, p in theirs.named_parameters()}
+    theirs.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs(**inputs).loss.backward()
+        ours(**inputs).loss.backward()
+    ours_grads = dict(ours.named_parameters())
+    for name, p in theirs.named_parameters():
+        assert_within_torch_error(ours_grads[name].grad, p.grad, oracle[name], factor=3.0)
+
+
+def mlm_losses(backend, seed, steps=100, dropout=0.1):
+    """A small ConvBERT learning a deterministic sequence task, with dropout on: its loss per step."""
+    torch.manual_seed(0)
+    config = tiny_config(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, vocab_size=32)
+    model = cf.ConvBertForMaskedLM(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    data = torch.Generator().manual_seed(7)
+    torch.manual_seed(seed)  # the dropout masks
+    losses = []
+    with cf.use_backend(backend):
+        for _ in range(steps):
+            start = torch.randint(1, 32, (16, 1), generator=data)
+            ids = (start + 3 * torch.arange(24)) % 31 + 1  # arithmetic sequences mod 31: learnable from context
+            labels = ids.clone()
+            masked = torch.rand(ids.shape, generator=data) < 0.15
+            labels[~masked] = -100
+            loss = model(ids.masked_fill(masked, 0), attention_mask=torch.ones_like(ids), labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    return torch.tensor(losses)
+
+
+def test_convergence_matches_the_seed_math_with_dropout_on():
+    """100 steps with dropout, eager vs fused (same seed). The fused attention draws its dropout masks inside
+    SDPA, so the curves are not bitwise equal: the tolerance is what dropout noise alone does to the seed's own
+    math, measured here as the gap between two eager runs with different dropout seeds (x1.5, plus 0.05)."""
+    eager = mlm_losses("eager", seed=0)
+    fused = mlm_losses("auto", seed=0)
+    eager_other_seed = mlm_losses("eager", seed=1)
+
+    def smoothed(losses):  # 10-step means: the per-step loss is dominated by which tokens were masked
+        return losses.view(10, 10).mean(1)
+
+    noise = (smoothed(eager) - smoothed(eager_other_seed)).abs().max().item()
+    gap = (smoothed(eager) - smoothed(fused)).abs().max().item()
+    assert smoothed(fused)[-1] < 0.6 * smoothed(fused)[0]  # it learns (ln 31 = 3.4 at chance)
+    assert gap <= 1.5 * noise + 0.05, f"fused vs eager {gap:.3f}, eager vs eager (other dropout seed) {noise:.3f}"
+    # without dropout the two are the same function: the curves agree to rounding, amplified by 100 steps
+    no_dropout = mlm_losses("eager", 0, steps=30, dropout=0.0) - mlm_losses("auto", 0, steps=30, dropout=0.0)
+    assert no_dropout.abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_compiles_without_graph_breaks(train, rng):
+    """torch.compile(fullgraph=True) traces the whole model, custom ops included, and gives the eager numbers."""
+    torch._dynamo.reset()
+    config = tiny_config(num_hidden_layers=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = cf.ConvBertForMaskedLM(config).train(train)
+    inputs = make_inputs("ConvBertForMaskedLM", config, rng)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    if not train:
+        with torch.no_grad():
+            assert max_diff(compiled(**inputs).logits, model(**inputs).logits) <= ATOL
+        return
+    compiled(**inputs).loss.backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(**inputs).loss.backward()
+    for p, expected in zip(model.parameters(), compiled_grads):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+# cf.patch / cf.unpatch
+
+
+@pytest.mark.parametrize("class_name", CLASSES)
+def test_patch_runs_a_transformers_model_on_our_layers_in_place(class_name, monkeypatch):
+    config = tiny_config(num_labels=3 if class_name != "ConvBertForQuestionAnswering" else 2)
+    torch.manual_seed(0)
+    model = getattr(transformers, class_name)(config).eval()
+    inputs = make_inputs(class_name, config, torch.Generator().manual_seed(5))
+    storage = {name: t.data_ptr() for name, t in model.state_dict().items()}
+    expected = model(**inputs)
+    expected.loss.backward() if class_name != "ConvBertModel" else None
+    expected_grads = [p.grad for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+
+    calls = sdpa_calls(monkeypatch)
+    assert cf.patch(model) is model
+    assert isinstance(model, getattr(transformers, class_name)) and isinstance(model, getattr(cf, class_name))
+    assert type(model).__name__ == class_name
+    assert {name: t.data_ptr() for name, t in model.state_dict().items()} == storage  # same weights, no copy
+    patched = model(**inputs)
+    assert len(calls) == config.num_hidden_layers  # our fused attention ran
+    assert max_diff(patched[0], expected[0]) <= ATOL
+    if class_name != "ConvBertModel":
+        patched.loss.backward()
+        for p, g in zip(model.parameters(), expected_grads):
+            assert max_diff(p.grad, g) <= ATOL
+    model.zero_grad(set_to_none=True)
+
+    assert cf.unpatch(model) is model
+    assert type(model) is getattr(transformers, class_name)
+    assert not any("convbert_fast" in type(m).__module__ for m in model.modules())
+    assert not any(k.startswith("_convbert_fast") or k == "activation_name" for m in model.modules() for k in vars(m))
+    with torch.no_grad():
+        assert max_diff(model(**inputs)[0], expected[0]) == 0.0  # transformers' own forward again
+
+
+def test_patched_model_saves_as_transformers_and_patches_once(tmp_path, rng):
+    model = transformers.ConvBertForMaskedLM(tiny_config()).eval()
+    cf.patch(model)
+    modules_before = [type(m) for m in model.modules()]
+    cf.patch(model)  # a no-op
+    assert [type(m) for m in model.modules()] == modules_before
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.ConvBertForMaskedLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.architectures == ["ConvBertForMaskedLM"]
+    ids = torch.randint(1, 99, (2, 12), generator=rng)
+    with torch.no_grad():
+        assert max_diff(reloaded(ids).logits, model(ids).logits) <= ATOL
+
+
+def test_patch_refuses_what_it_cannot_patch():
+    with pytest.raises(TypeError, match="already a convbert_fast model"):
+        cf.patch(cf.ConvBertModel(tiny_config()))
+    with pytest.raises(TypeError, match="takes a transformers ConvBERT model"):
+        bert = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+        cf.patch(transformers.BertModel(bert))
