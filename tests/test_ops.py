@@ -151,6 +151,24 @@ def test_dynamic_span_conv_matches_reference(backend_device, dtype, case, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SPAN_CASES[:5])
+def test_dynamic_span_conv_after_a_prefix_matches_reference(backend_device, dtype, case, rng):
+    """prefix= writes [prefix | span conv] along the channels; the prefix is a transposed [B, H, L, D] view, as
+    the model passes its attention half."""
+    _, device = backend_device
+    batch, seq_len, heads, head_size, kernel_size = case
+    values, logits = on(device, span_inputs(batch, seq_len, heads, head_size, kernel_size, dtype, rng))
+    attention = randn(batch, heads, seq_len, head_size, dtype=dtype, gen=rng).to(device).transpose(1, 2)
+    out = cf.ops.dynamic_span_conv(values, logits, heads, prefix=attention)
+    assert out.shape == (batch, seq_len, 2 * heads * head_size) and out.dtype == dtype
+    width = heads * head_size
+    assert torch.equal(out[..., :width], attention.reshape(batch, seq_len, width))  # copied exactly
+    if out.numel():
+        oracle = dynamic_span_conv_ref(values.double(), logits.double(), heads)
+        assert_within_torch_error(out[..., width:], dynamic_span_conv_ref(values, logits, heads), oracle)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", [None, "gelu"])
 @pytest.mark.parametrize("case", GROUPED_CASES)
 def test_grouped_linear_matches_reference(backend_device, dtype, activation, case, rng):
@@ -243,6 +261,15 @@ def test_separable_conv1d_with_multiplier_gradcheck(backend_device, rng):
 def test_dynamic_span_conv_gradcheck(backend_device, kernel_size, seq_len, rng):
     values, logits = _requiring_grad(span_inputs(2, seq_len, 2, 3, kernel_size, gen=rng), backend_device[1])
     assert gradcheck(backend_device, lambda v, k: cf.ops.dynamic_span_conv(v, k, 2), (values, logits))
+
+
+def test_dynamic_span_conv_after_a_prefix_gradcheck(backend_device, rng):
+    _, device = backend_device
+    values, logits = _requiring_grad(double(span_inputs(2, 5, 2, 3, 3, gen=rng)), device)
+    prefix = torch.randn(2, 2, 5, 4, dtype=torch.float64, generator=rng).to(device).transpose(1, 2).requires_grad_()
+    assert gradcheck(
+        backend_device, lambda p, v, k: cf.ops.dynamic_span_conv(v, k, 2, prefix=p), (prefix, values, logits)
+    )
 
 
 @pytest.mark.parametrize("activation", [None, "gelu"])
@@ -450,6 +477,8 @@ def _opcheck_samples(device, gen):
         grad = torch.randn(values.shape, generator=gen).to(device)
         samples.append((ops.dynamic_span_conv_backward.default, (grad, values.detach(), logits.detach(), heads)))
         wide = torch.zeros(batch, seq_len, 2 * values.shape[-1], device=device)
+        prefix = torch.randn(batch, heads, seq_len, 3, generator=gen).to(device).transpose(1, 2)
+        samples.append((ops.dynamic_span_conv_concat.default, (prefix.requires_grad_(), values, logits, heads)))
         samples.append(
             (
                 ops.dynamic_span_conv_into.default,
@@ -489,6 +518,8 @@ def _triton_opcheck_samples(device, gen):
         samples.append((ops.dynamic_span_conv.default, (values.requires_grad_(), logits.requires_grad_(), heads)))
         grad = torch.randn(values.shape, generator=gen).to(device)
         samples.append((ops.dynamic_span_conv_backward.default, (grad, values.detach(), logits.detach(), heads)))
+        prefix = torch.randn(batch, heads, seq_len, 3, generator=gen).to(device).transpose(1, 2)
+        samples.append((ops.dynamic_span_conv_concat.default, (prefix.requires_grad_(), values, logits, heads)))
     for batch, seq_len, channels, out_channels, kernel_size in SEPARABLE_CASES[:3]:
         inputs = on(device, separable_inputs(batch, seq_len, channels, out_channels, kernel_size, gen=gen))
         multiplier = torch.randn(batch, seq_len, out_channels, generator=gen).to(device)

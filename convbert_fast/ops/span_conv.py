@@ -22,7 +22,7 @@ def dynamic_span_conv_eager(values, kernel_logits, num_heads, prefix=None):
     then, given a prefix, the seed's `cat` of the attention half before it."""
     if prefix is not None:
         conv = dynamic_span_conv_eager(values, kernel_logits, num_heads)
-        return torch.cat([prefix.reshape(*prefix.shape[:2], -1), conv], dim=-1)
+        return torch.cat([prefix.reshape(*prefix.shape[:2], math.prod(prefix.shape[2:])), conv], dim=-1)
     batch, seq_len, all_head_size = values.shape
     kernel_size = kernel_logits.shape[-1] // num_heads
     head_size = all_head_size // num_heads
