@@ -250,3 +250,21 @@ def test_patch_refuses_what_it_cannot_patch():
     with pytest.raises(TypeError, match="takes a transformers ConvBERT model"):
         bert = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
         cf.patch(transformers.BertModel(bert))
+
+
+def test_patched_model_checkpoints_each_layer_once(monkeypatch, rng):
+    """transformers' layers checkpoint themselves and so does our encoder: patched, only ours does."""
+    model = transformers.ConvBertForMaskedLM(tiny_config(hidden_dropout_prob=0, attention_probs_dropout_prob=0))
+    cf.patch(model.train())
+    ids = torch.randint(1, 99, (2, 12), generator=rng)
+    model(ids, labels=ids).loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    calls = []
+    span_conv = cf.ops.dynamic_span_conv
+    monkeypatch.setattr(cf.ops, "dynamic_span_conv", lambda *a, **kw: calls.append(1) or span_conv(*a, **kw))
+    model(ids, labels=ids).loss.backward()
+    assert len(calls) == 2 * model.config.num_hidden_layers  # forward + one recomputation per layer
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
