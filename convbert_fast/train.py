@@ -38,10 +38,15 @@ MAX_EVAL_ROWS = 512
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _seed(*parts) -> int:
+    """A 63-bit seed that depends on `parts` only (not on Python's per-process hash salt)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def _generator(seed: int, step: int, tag: str) -> torch.Generator:
     """A CPU generator that depends on (seed, step, tag) only."""
-    digest = hashlib.sha256(f"{seed}/{tag}/{step}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.Generator().manual_seed(_seed(seed, tag, step))
 
 
 @functools.lru_cache(maxsize=2)
@@ -618,7 +623,7 @@ def _run(args, rank, world, device):
         rows = batch_rows(n_train, args.batch_size, step, args.seed)
         batch = objective.prepare({k: v[rows] for k, v in train_set.items()}, _generator(args.seed, step, "mask"))
         counts = {k: max(v, 1) for k, v in objective.counts(batch).items()}  # the global denominators
-        torch.manual_seed(int.from_bytes(hashlib.sha256(f"{args.seed}/{step}/{rank}".encode()).digest()[:7], "little"))
+        torch.manual_seed(_seed(args.seed, "dropout", step, rank))
         step_sums = defaultdict(float)
         try:
             for m, micro in enumerate(_micro_batches(batch, rank, world, args.grad_accum)):
@@ -677,12 +682,12 @@ def _run(args, rank, world, device):
         wall = time.perf_counter() - began
         if history:
             (s0, l0), (s1, l1) = history[0], history[-1]
-            n = min(10, len(history))
-            first, last = (sum(loss for _, loss in part) / n for part in (history[:n], history[-n:]))
-            print(
-                f"loss {l0:.4f} at step {s0} -> {l1:.4f} at step {s1} (means of the first and last {n} steps: "
-                f"{first:.4f} -> {last:.4f}) in {wall:.0f} s"
-            )
+            n = min(10, len(history) // 2)
+            means = ""
+            if n:
+                first, last = (sum(loss for _, loss in part) / n for part in (history[:n], history[-n:]))
+                means = f" (means of the first and last {n} steps: {first:.4f} -> {last:.4f})"
+            print(f"loss {l0:.4f} at step {s0} -> {l1:.4f} at step {s1}{means} in {wall:.0f} s")
         if eval_history:
             print(
                 f"eval at step {eval_history[-1][0]}: "
