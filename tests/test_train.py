@@ -182,9 +182,12 @@ def test_torchrun_two_processes_match_one(ws, tmp_path):
     two = read_metrics(tmp_path / "two")
     assert "on 2 process(es)" in result.stdout and result.stdout.count("metrics:") == 1  # rank 0 reports
     assert sorted(losses(two)) == list(range(1, 9))
+    norms = {e["step"]: e["grad_norm"] for e in one if "grad_norm" in e}
     for other in (two, accumulated):
         for step, loss in losses(one).items():
             assert losses(other)[step] == pytest.approx(loss, rel=1e-4)
+        for e in [e for e in other if "grad_norm" in e]:  # Adam hides a gradient's scale from the losses; not this
+            assert e["grad_norm"] == pytest.approx(norms[e["step"]], rel=1e-4)
         for a, b in zip(evals(one), evals(other), strict=True):
             assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
     assert losses(one)[8] < losses(one)[1]
