@@ -136,8 +136,8 @@ def add_train_parser(sub):
     t = sub.add_parser(
         "train",
         help="pretrain (masked LM or ELECTRA) or fine-tune a classifier on real text; torchrun runs it distributed",
-        description="Defaults: masked-LM pretraining of a small ConvBERT (the `small` shape, 2 layers) on the "
-        "English prose of Python's own docs (pydoc_data.topics), a few minutes on a CPU.",
+        description="Defaults: masked-LM pretraining of a small ConvBERT (the `small` shape, 2 layers on the CPU, "
+        "12 on a GPU) on the English prose of Python's own docs (pydoc_data.topics), a few minutes on a CPU.",
     )
     t.add_argument("--task", default="pretrain", choices=["pretrain", "cls"])
     t.add_argument("--objective", default="mlm", choices=["mlm", "electra"], help="pretraining objective")
@@ -154,7 +154,7 @@ def add_train_parser(sub):
     )
     t.add_argument("--config", default="small", help="small | medium-small | base | a config.json")
     t.add_argument(
-        "--layers", type=int, default=None, help="default: 2 for a named config; the file's for a config.json"
+        "--layers", type=int, default=None, help="default: 12 on a GPU, 2 on the CPU; a config.json's own number"
     )
     t.add_argument("--dropout", type=float, default=None, help="hidden and attention dropout (default: the config's)")
     t.add_argument("--init-from", help="start from this save_pretrained directory (e.g. a pretraining checkpoint)")
@@ -172,6 +172,7 @@ def add_train_parser(sub):
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (torchrun on CUDA GPUs)")
     t.add_argument("--backend", default="auto", choices=["auto", "eager", "cpp", "triton"])
+    t.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when there is a GPU")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--eval-every", type=int, default=100, help="0: only at the end")

@@ -264,11 +264,14 @@ class ElectraPretraining(nn.Module):
 # --- setup ----------------------------------------------------------------------------------------------------------
 
 
-def _distributed():
+def _distributed(device_type):
     """(rank, world size, device); initialises the process group when torchrun started several processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(f"--device cuda: process {local_rank} has no GPU ({torch.cuda.device_count()} seen)")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
@@ -344,7 +347,7 @@ def _datasets(args, tokenizer, label_ids):
     return train, {k: v[:MAX_EVAL_ROWS] for k, v in evaluation.items()}
 
 
-def _build_model(args, tokenizer, source: Path | None, label_ids):
+def _build_model(args, tokenizer, source: Path | None, label_ids, device):
     overrides = {}
     if args.dropout is not None:
         overrides = {"hidden_dropout_prob": args.dropout, "attention_probs_dropout_prob": args.dropout}
@@ -361,7 +364,8 @@ def _build_model(args, tokenizer, source: Path | None, label_ids):
         model = model_class.from_pretrained(str(source), **overrides)
     else:
         if args.config in RELEASED_CONFIGS:
-            config = named_config(args.config, num_hidden_layers=args.layers or 2, **overrides)
+            layers = args.layers or (12 if device.type == "cuda" else 2)
+            config = named_config(args.config, num_hidden_layers=layers, **overrides)
         elif os.path.isfile(args.config):
             config = cf.ConvBertConfig.from_json_file(args.config)
             for key, value in {**overrides, **({"num_hidden_layers": args.layers} if args.layers else {})}.items():
@@ -379,6 +383,26 @@ def _build_model(args, tokenizer, source: Path | None, label_ids):
         raise UsageError(
             f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings = {config.max_position_embeddings}"
         )
+    return model
+
+
+def _parallelize(model, args, world, device):
+    """Gradient checkpointing, then FSDP (each layer, then the whole) or DDP when several processes run."""
+    model.train()
+    if args.gradient_checkpointing:
+        for m in [model.generator, model.discriminator] if isinstance(model, ElectraPretraining) else [model]:
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        from .modeling import ConvBertLayer
+
+        for module in model.modules():
+            if isinstance(module, ConvBertLayer):
+                fully_shard(module)
+        fully_shard(model)
+    elif world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
 
 
@@ -509,7 +533,7 @@ def _metrics_file(output_dir, resumed_step):
 
 
 def run(args) -> int:
-    rank, world, device = _distributed()
+    rank, world, device = _distributed(args.device)
     try:
         return _run(args, rank, world, device)
     finally:
@@ -562,22 +586,7 @@ def _run(args, rank, world, device):
     else:
         eval_set = objective.prepare(eval_set, _generator(args.seed, 0, "eval"))  # the same masks at every evaluation
     torch.manual_seed(args.seed)
-    model = _build_model(args, tokenizer, source, label_ids).to(device)
-    model.train()
-    if args.gradient_checkpointing:
-        for m in [model.generator, model.discriminator] if isinstance(model, ElectraPretraining) else [model]:
-            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        from .modeling import ConvBertLayer
-
-        for module in model.modules():
-            if isinstance(module, ConvBertLayer):
-                fully_shard(module)
-        fully_shard(model)
-    elif world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = _parallelize(_build_model(args, tokenizer, source, label_ids, device).to(device), args, world, device)
 
     optimizer = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-6)
     warmup = args.warmup_steps if args.warmup_steps is not None else args.max_steps // 10

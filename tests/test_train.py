@@ -47,7 +47,7 @@ def base_args(ws, out, *extra):
     return [
         "train", "--config", ws.config, "--train-file", ws.corpus, "--vocab-size", str(VOCAB),
         "--cache-dir", ws.cache, "--seq-len", "32", "--batch-size", "8", "--lr", "5e-3", "--log-every", "1",
-        "--output-dir", str(out), *extra,
+        "--device", "cpu", "--output-dir", str(out), *extra,
     ]  # fmt: skip
 
 
@@ -172,7 +172,12 @@ def test_torchrun_two_processes_match_one(ws, tmp_path):
     args = ("--max-steps", "8", "--dropout", "0", "--eval-every", "4")
     one = run_train(ws, tmp_path / "one", *args)
     accumulated = run_train(ws, tmp_path / "accum", *args, "--grad-accum", "2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(cf.__file__).parent.parent)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(cf.__file__).parent.parent),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
          "-m", "convbert_fast", *base_args(ws, tmp_path / "two", *args)],
@@ -242,18 +247,26 @@ BAD_INPUT = {
         f"the vocabulary has 2005 tokens but the model's vocab_size is {VOCAB}",
     ),
     "resume with no checkpoint": (["--resume", "latest"], "--resume latest: no checkpoint-N directory in"),
-    "seq-len above the positions": (["--seq-len", "100"], "--seq-len 100 exceeds the model's max_position_embeddings = 64"),
+    "seq-len above the positions": (
+        ["--seq-len", "100"],
+        "--seq-len 100 exceeds the model's max_position_embeddings = 64",
+    ),
     "cls with electra": (["--task", "cls", "--objective", "electra"], "--objective electra is a pretraining objective"),
     "cls without labels": (["--task", "cls", "--train-file", "{corpus}"], "expected text<TAB>label"),
     "fp16 on the CPU": (["--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
     "fsdp on the CPU": (["--fsdp"], "--fsdp needs CUDA GPUs"),
-    "batch not divisible": (["--batch-size", "7", "--grad-accum", "2"], "must be a multiple of processes x --grad-accum"),
-}  # fmt: skip
+    "no GPU for the process": (["--device", "cuda"], "--device cuda: process 0 has no GPU"),
+    "batch not divisible": (
+        ["--batch-size", "7", "--grad-accum", "2"],
+        "must be a multiple of processes x --grad-accum",
+    ),
+}
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the fp16 and FSDP cases are CPU-only errors")
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_is_one_line_and_exit_status_2(case, ws, tmp_path, small_checkpoint, capsys):
+    if case == "no GPU for the process" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     (tmp_path / "empty.txt").write_text("\n\n")
     _vocab(tmp_path / "no_mask.txt", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the"])
     _vocab(tmp_path / "big.txt", data.SPECIAL_TOKENS + [f"w{i}" for i in range(2000)])
