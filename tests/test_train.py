@@ -152,6 +152,12 @@ def test_resume_continues_with_the_same_losses(ws, tmp_path):
     assert [e["step"] for e in resumed if "loss" in e] == [4, 5, 6]
     assert losses(resumed) == {s: v for s, v in losses(whole).items() if s > 3}  # exact
     assert evals(resumed) == [e for e in evals(whole) if e["step"] == 6]
+    # resumed in its own directory, metrics.jsonl drops what came after the checkpoint and is written again
+    shutil.rmtree(tmp_path / "whole" / "checkpoint-6")
+    (tmp_path / "whole" / "checkpoint-3.tmp").mkdir()  # a save cut short is not a checkpoint
+    again = run_train(ws, tmp_path / "whole", *args, "--resume", "latest")
+    timeless = [[{k: v for k, v in e.items() if k != "tokens_per_s"} for e in m] for m in (again, whole)]
+    assert timeless[0] == timeless[1]
     # and a different seed gives different losses, so the equality above is not vacuous
     other = run_train(ws, tmp_path / "other", *args, "--seed", "1")
     assert losses(other)[4] != losses(whole)[4]
