@@ -1,4 +1,4 @@
-"""`python -m convbert_fast info | demo | bench`."""
+"""`python -m convbert_fast info | demo | bench | train`."""
 
 from __future__ import annotations
 
@@ -132,6 +132,53 @@ def bench(parser, args) -> int:
     return bench_module.run(args)
 
 
+def add_train_parser(sub):
+    t = sub.add_parser(
+        "train",
+        help="pretrain (masked LM or ELECTRA) or fine-tune a classifier on real text; torchrun runs it distributed",
+        description="Defaults: masked-LM pretraining of a small ConvBERT (the `small` shape, 2 layers on the CPU, "
+        "12 on a GPU) on the English prose of Python's own docs (pydoc_data.topics), a few minutes on a CPU.",
+    )
+    t.add_argument("--task", default="pretrain", choices=["pretrain", "cls"])
+    t.add_argument("--objective", default="mlm", choices=["mlm", "electra"], help="pretraining objective")
+    t.add_argument(
+        "--train-file",
+        help="pretrain: plain text, one document a line (default: the built-in corpus); "
+        'cls: text<TAB>label lines, or a .jsonl of {"text", "label"}',
+    )
+    t.add_argument("--eval-file", help="cls: labelled examples to evaluate on (default: every 20th training example)")
+    t.add_argument("--vocab", help="a vocab.txt (one WordPiece token a line, with [PAD] [UNK] [CLS] [SEP] [MASK])")
+    t.add_argument("--vocab-size", type=int, default=4096, help="of the WordPiece tokenizer trained when no --vocab")
+    t.add_argument(
+        "--cache-dir", help="where trained tokenizers are cached (default ~/.cache/convbert_fast/tokenizers)"
+    )
+    t.add_argument("--config", default="small", help="small | medium-small | base | a config.json")
+    t.add_argument(
+        "--layers", type=int, default=None, help="default: 12 on a GPU, 2 on the CPU; a config.json's own number"
+    )
+    t.add_argument("--dropout", type=float, default=None, help="hidden and attention dropout (default: the config's)")
+    t.add_argument("--init-from", help="start from this save_pretrained directory (e.g. a pretraining checkpoint)")
+    t.add_argument("--resume", help="PATH of a checkpoint-N directory, or `latest` in --output-dir")
+    t.add_argument("--output-dir", default="convbert_fast_run")
+    t.add_argument("--max-steps", type=int, default=300)
+    t.add_argument("--batch-size", type=int, default=16, help="global: sequences per optimizer step, all processes")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--seq-len", type=int, default=128)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of --max-steps")
+    t.add_argument("--max-grad-norm", type=float, default=1.0, help="0 turns clipping off")
+    t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (torchrun on CUDA GPUs)")
+    t.add_argument("--backend", default="auto", choices=["auto", "eager", "cpp", "triton"])
+    t.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when there is a GPU")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--eval-every", type=int, default=100, help="0: only at the end")
+    t.add_argument("--save-every", type=int, default=0, help="0: only at the end")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convbert_fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,9 +210,14 @@ def main(argv=None) -> int:
     b.add_argument("--warmup", type=int, default=None)
     b.add_argument("--json", metavar="PATH", help="write the record here")
     b.add_argument("--plot", metavar="PATH", help="write a PNG of speed-up against sequence length here")
+    add_train_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "train":
+        from .train import main_or_exit
+
+        return main_or_exit(args)
     import torch
 
     if args.command == "bench":

@@ -1,0 +1,306 @@
+"""`python -m convbert_fast train`: the three objectives, metrics, exact resume, torchrun, transformers.Trainer,
+bad input and atomic checkpoints. Tiny models (hidden 32, one layer, 32 tokens, a 600-token vocabulary trained once
+per session on a slice of the built-in corpus) keep the file to about a minute on two CPU cores."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import convbert_fast as cf
+from convbert_fast import cli, data, train
+
+TINY = {
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "embedding_size": 32,
+    "num_hidden_layers": 1,
+    "max_position_embeddings": 64,
+}
+VOCAB = 600
+
+
+@pytest.fixture(scope="session")
+def ws(tmp_path_factory):
+    """A config file, a text file of ~40 KB of the built-in corpus, and the tokenizer cache (trained here once)."""
+    root = tmp_path_factory.mktemp("train")
+    (root / "tiny.json").write_text(json.dumps(TINY))
+    docs = data.builtin_corpus()[:300]
+    (root / "corpus.txt").write_text("\n".join(docs) + "\n")
+    tokenizer = data.train_tokenizer(docs, VOCAB, str(root / "cache"))
+    return SimpleNamespace(root=root, config=str(root / "tiny.json"), corpus=str(root / "corpus.txt"),
+                           cache=str(root / "cache"), docs=docs, tokenizer=tokenizer)  # fmt: skip
+
+
+def base_args(ws, out, *extra):
+    return [
+        "train", "--config", ws.config, "--train-file", ws.corpus, "--vocab-size", str(VOCAB),
+        "--cache-dir", ws.cache, "--seq-len", "32", "--batch-size", "8", "--lr", "5e-3", "--log-every", "1",
+        "--device", "cpu", "--output-dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+def run_train(ws, out, *extra):
+    assert cli.main(base_args(ws, out, *extra)) == 0
+    return read_metrics(out)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(entries):
+    return {e["step"]: e["loss"] for e in entries if "loss" in e}
+
+
+def evals(entries):
+    return [e for e in entries if "eval_loss" in e]
+
+
+def test_mlm_writes_metrics_and_the_loss_falls(ws, tmp_path):
+    entries = run_train(ws, tmp_path, "--max-steps", "30", "--eval-every", "10")
+    steps = [e for e in entries if "loss" in e]
+    assert [e["step"] for e in steps] == list(range(1, 31))
+    for e in steps:
+        assert {"step", "loss", "lr", "tokens_per_s", "accuracy", "grad_norm"} <= set(e)
+        assert e["tokens_per_s"] > 0 and math.isfinite(e["loss"])
+    assert steps[0]["lr"] == 0.0 and max(e["lr"] for e in steps) == pytest.approx(5e-3)  # warmup, then decay
+    assert [e["step"] for e in evals(entries)] == [10, 20, 30]
+    for e in evals(entries):
+        assert e["eval_perplexity"] == pytest.approx(math.exp(e["eval_loss"])) and 0 <= e["eval_accuracy"] <= 1
+    # The first steps predict about uniformly: loss ~ ln(600) = 6.4. Learning just the token frequencies takes it
+    # below 6 within 30 steps at this learning rate (seen: 6.4 -> ~5.7); a 5-step mean of ~200 masked tokens
+    # varies by ~0.1 by chance, so a 0.3 margin fails only if the model does not learn.
+    first, last = [e["loss"] for e in steps[:5]], [e["loss"] for e in steps[-5:]]
+    assert sum(last) / 5 < sum(first) / 5 - 0.3
+    assert evals(entries)[-1]["eval_loss"] < evals(entries)[0]["eval_loss"]
+    # the checkpoint loads as a model and a tokenizer
+    checkpoint = tmp_path / "checkpoint-30"
+    model = cf.ConvBertForMaskedLM.from_pretrained(checkpoint)
+    assert (checkpoint / "model.safetensors").is_file() and model.config.vocab_size == VOCAB
+    from transformers import AutoTokenizer
+
+    assert (
+        AutoTokenizer.from_pretrained(checkpoint)("a function")["input_ids"] == ws.tokenizer("a function")["input_ids"]
+    )
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["step"] == 30 and state["samples_seen"] == 240
+
+
+def test_electra_shares_embeddings_and_trains_both_losses(ws, tmp_path):
+    config = cf.ConvBertConfig(**TINY, vocab_size=VOCAB)
+    model = train.ElectraPretraining.from_config(config)
+    gen, disc = model.generator, model.discriminator
+    assert gen.config.hidden_size == 8 and gen.config.embedding_size == disc.config.embedding_size
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        assert getattr(gen.convbert.embeddings, name).weight is getattr(disc.embeddings, name).weight
+    assert gen.generator_lm_head.weight.data_ptr() == disc.embeddings.word_embeddings.weight.data_ptr()
+
+    entries = run_train(ws, tmp_path, "--objective", "electra", "--max-steps", "4", "--eval-every", "2")
+    for e in [e for e in entries if "loss" in e]:
+        assert math.isfinite(e["generator_loss"]) and math.isfinite(e["discriminator_loss"])
+        assert e["loss"] == pytest.approx(e["generator_loss"] + 50 * e["discriminator_loss"])
+    assert all(0 <= e["eval_discriminator_accuracy"] <= 1 for e in evals(entries))
+    loaded = train.ElectraPretraining.from_pretrained(str(tmp_path / "checkpoint-4"))
+    assert loaded.generator.convbert.embeddings is loaded.discriminator.embeddings
+    trained = cf.ConvBertModel.from_pretrained(tmp_path / "checkpoint-4" / "discriminator")
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(loaded.discriminator.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_classification_fine_tuning_learns_a_keyword(ws, tmp_path):
+    """label = whether the word "zebra" was put into a paragraph: a tiny model learns it within 60 steps."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for i, doc in enumerate(ws.docs[:240]):
+        words = doc.split()[:20]
+        if i % 2:
+            words.insert(int(torch.randint(len(words) + 1, (1,), generator=generator)), "zebra")
+        rows.append((" ".join(words), "yes" if i % 2 else "no"))
+    (tmp_path / "train.tsv").write_text("".join(f"{t}\t{y}\n" for t, y in rows[:200]))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows[200:]))
+    entries = run_train(
+        ws, tmp_path / "out", "--task", "cls", "--train-file", str(tmp_path / "train.tsv"), "--eval-file",
+        str(tmp_path / "eval.jsonl"), "--max-steps", "60", "--batch-size", "16", "--eval-every", "30",
+    )  # fmt: skip
+    first, last = [e["loss"] for e in entries if "loss" in e][:10], [e["loss"] for e in entries if "loss" in e][-10:]
+    assert sum(last) < sum(first)
+    assert evals(entries)[-1]["eval_accuracy"] > 0.7  # 40 examples, half of each label: chance is 0.5
+    model = cf.ConvBertForSequenceClassification.from_pretrained(tmp_path / "out" / "checkpoint-60")
+    assert model.config.id2label == {0: "no", 1: "yes"}
+
+
+def test_resume_continues_with_the_same_losses(ws, tmp_path):
+    """Dropout on (the config's 0.1): masks, order and dropout depend on (seed, step) only, so 6 steps in one go
+    and 3 steps + resume give bitwise the same losses on the CPU in fp32."""
+    args = ("--max-steps", "6", "--save-every", "3", "--eval-every", "3")
+    whole = run_train(ws, tmp_path / "whole", *args)
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "whole" / "checkpoint-3", resumed_dir / "checkpoint-3")
+    resumed = run_train(ws, resumed_dir, *args, "--resume", "latest")
+    assert [e["step"] for e in resumed if "loss" in e] == [4, 5, 6]
+    assert losses(resumed) == {s: v for s, v in losses(whole).items() if s > 3}  # exact
+    assert evals(resumed) == [e for e in evals(whole) if e["step"] == 6]
+    # resumed in its own directory, metrics.jsonl drops what came after the checkpoint and is written again
+    shutil.rmtree(tmp_path / "whole" / "checkpoint-6")
+    (tmp_path / "whole" / "checkpoint-3.tmp").mkdir()  # a save cut short is not a checkpoint
+    again = run_train(ws, tmp_path / "whole", *args, "--resume", "latest")
+    timeless = [[{k: v for k, v in e.items() if k != "tokens_per_s"} for e in m] for m in (again, whole)]
+    assert timeless[0] == timeless[1]
+    # and a different seed gives different losses, so the equality above is not vacuous
+    other = run_train(ws, tmp_path / "other", *args, "--seed", "1")
+    assert losses(other)[4] != losses(whole)[4]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_match_one(ws, tmp_path):
+    """--batch-size is the global batch: 2 processes x 4 rows (gloo) and 1 process x 8 rows (and 1 x 2 x 4
+    accumulated) see the same rows and masks, so the losses agree up to the order of float sums (all-reduce of
+    gradients: ~1e-7 relative per step, grown over 8 Adam steps; rtol 1e-4 leaves margin and still fails on any
+    difference in data, masks or normalisation, which moves the loss by >1e-2). Dropout is off: each process
+    draws its own dropout masks."""
+    args = ("--max-steps", "8", "--dropout", "0", "--eval-every", "4")
+    one = run_train(ws, tmp_path / "one", *args)
+    accumulated = run_train(ws, tmp_path / "accum", *args, "--grad-accum", "2")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(cf.__file__).parent.parent),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "-m", "convbert_fast", *base_args(ws, tmp_path / "two", *args)],
+        capture_output=True, text=True, timeout=240, env=env, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = read_metrics(tmp_path / "two")
+    assert "on 2 process(es)" in result.stdout and result.stdout.count("metrics:") == 1  # rank 0 reports
+    assert sorted(losses(two)) == list(range(1, 9))
+    norms = {e["step"]: e["grad_norm"] for e in one if "grad_norm" in e}
+    for other in (two, accumulated):
+        for step, loss in losses(one).items():
+            assert losses(other)[step] == pytest.approx(loss, rel=1e-4)
+        for e in [e for e in other if "grad_norm" in e]:  # Adam hides a gradient's scale from the losses; not this
+            assert e["grad_norm"] == pytest.approx(norms[e["step"]], rel=1e-4)
+        for a, b in zip(evals(one), evals(other), strict=True):
+            assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
+    assert losses(one)[8] < losses(one)[1]
+
+
+def test_transformers_trainer_trains_a_convbert_fast_model(ws, tmp_path):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    tokenizer = ws.tokenizer
+    torch.manual_seed(0)
+    model = cf.ConvBertForMaskedLM(cf.ConvBertConfig(**TINY, vocab_size=len(tokenizer), pad_token_id=0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = data.pack(ws.docs, tokenizer, 32)["input_ids"][:64]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-3, use_cpu=True,
+        report_to=[], logging_steps=1, save_strategy="no", seed=0,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=[{"input_ids": r} for r in rows],
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15),
+    )
+    result = trainer.train()
+    assert result.global_step == 3 and math.isfinite(result.training_loss)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = cf.ConvBertForMaskedLM.from_pretrained(tmp_path / "saved")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.fixture
+def small_checkpoint(ws, tmp_path):
+    path = tmp_path / "ckpt"
+    cf.ConvBertForMaskedLM(cf.ConvBertConfig(**TINY, vocab_size=VOCAB)).save_pretrained(path)
+    ws.tokenizer.save_pretrained(path)
+    return path
+
+
+def _vocab(path, tokens):
+    path.write_text("\n".join(tokens) + "\n")
+    return str(path)
+
+
+BAD_INPUT = {
+    "missing file": (["--train-file", "{tmp}/nope.txt"], "training file {tmp}/nope.txt does not exist"),
+    "empty file": (["--train-file", "{tmp}/empty.txt"], "is empty"),
+    "vocab without [MASK]": (["--vocab", "{tmp}/no_mask.txt"], "lacks the special token(s) [MASK]"),
+    "vocab larger than the model": (
+        ["--init-from", "{ckpt}", "--vocab", "{tmp}/big.txt"],
+        f"the vocabulary has 2005 tokens but the model's vocab_size is {VOCAB}",
+    ),
+    "resume with no checkpoint": (["--resume", "latest"], "--resume latest: no checkpoint-N directory in"),
+    "seq-len above the positions": (
+        ["--seq-len", "100"],
+        "--seq-len 100 exceeds the model's max_position_embeddings = 64",
+    ),
+    "cls with electra": (["--task", "cls", "--objective", "electra"], "--objective electra is a pretraining objective"),
+    "cls without labels": (["--task", "cls", "--train-file", "{corpus}"], "expected text<TAB>label"),
+    "fp16 on the CPU": (["--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
+    "fsdp on the CPU": (["--fsdp"], "--fsdp needs CUDA GPUs"),
+    "no GPU for the process": (["--device", "cuda"], "--device cuda: process 0 has no GPU"),
+    "batch not divisible": (
+        ["--batch-size", "7", "--grad-accum", "2"],
+        "must be a multiple of processes x --grad-accum",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_line_and_exit_status_2(case, ws, tmp_path, small_checkpoint, capsys):
+    if case == "no GPU for the process" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    _vocab(tmp_path / "no_mask.txt", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the"])
+    _vocab(tmp_path / "big.txt", data.SPECIAL_TOKENS + [f"w{i}" for i in range(2000)])
+    extra, message = BAD_INPUT[case]
+    fill = {"tmp": tmp_path, "ckpt": small_checkpoint, "corpus": ws.corpus}
+    argv = base_args(ws, tmp_path / "out", "--max-steps", "2") + [a.format(**fill) for a in extra]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message.format(**fill) in err, err
+    assert err.count("\n") == 1 and err.startswith("python -m convbert_fast train: error: ")  # no traceback
+    assert not (tmp_path / "out" / "checkpoint-2").exists()
+
+
+def test_a_failed_save_leaves_no_checkpoint(ws, tmp_path, monkeypatch):
+    """torch.save fails while checkpoint-2 is written: checkpoint-1 stays whole, no checkpoint-2 (nor .tmp)."""
+    real_save, calls = torch.save, []
+
+    def save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(OSError, match="disk full"):
+        cli.main(base_args(ws, tmp_path, "--max-steps", "3", "--save-every", "1"))
+    assert len(calls) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "metrics.jsonl"]
+    assert (tmp_path / "checkpoint-1" / "training_state.pt").is_file()
+    assert (tmp_path / "checkpoint-1" / "model.safetensors").is_file()
