@@ -3,9 +3,11 @@
     python benchmarks/breakdown.py [--device cpu|cuda] [--dtype fp32|bf16] [--layers 2] [--batch-size 8]
                                    [--seq-len 256] [--json PATH]
 
-Profiles one forward+backward (after warm-up runs) of ConvBertModel with the same weights under torch.profiler and
-sums each op's self time into a category (GEMMs, attention, span conv, ...), printing a markdown table in ms and
-in shares of the step; the README's "Where the time goes" comes from it.
+Profiles one forward+backward (after warm-up runs) of ConvBertModel with the same weights under torch.profiler
+(transformers; ours under the `eager` backend, the seed's math; ours under `auto`) and sums each op's self time
+into a category (GEMMs, attention, span conv, ...), printing a markdown table in ms and
+in shares of the step; the README's "Where the time goes" comes from it. Profiling inflates many small ops more
+than a few large ones: read the shares here, and take speed-ups from `python -m convbert_fast bench`.
 """
 
 from __future__ import annotations
@@ -90,8 +92,9 @@ def main(argv=None) -> int:
     theirs.train(), ours.train()
     ids = torch.randint(5, config.vocab_size, (batch, seq_len), device=device)
     results = {"transformers": profile_step(theirs, ids, device, autocast_dtype)}
-    with cf.use_backend("auto"):
-        results["convbert_fast (auto)"] = profile_step(ours, ids, device, autocast_dtype)
+    for backend in ("eager", "auto"):  # before (the seed's math) and after (fused layers, kernels)
+        with cf.use_backend(backend):
+            results[f"ours ({backend})"] = profile_step(ours, ids, device, autocast_dtype)
 
     names = list(results)
     categories = sorted({c for r in results.values() for c in r}, key=lambda c: -results[names[0]].get(c, 0.0))

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -54,3 +55,20 @@ def test_bench_rejects_unknown_provider_config_and_device():
     if not torch.cuda.is_available():
         result = bench("--device", "cuda")
         assert result.returncode == 2 and "--device 'cuda' is not available here; valid: cpu" in result.stderr
+
+
+def test_breakdown_sums_every_category_for_each_model(tmp_path):
+    """benchmarks/breakdown.py (the README's "Where the time goes") runs and accounts for the whole step."""
+    record_path = tmp_path / "breakdown.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/breakdown.py", "--device", "cpu", "--layers", "1", "--batch-size", "1",
+         "--seq-len", "16", "--json", str(record_path)],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    record = json.loads(record_path.read_text())
+    assert set(record["breakdown_ms"]) == {"transformers", "ours (eager)", "ours (auto)"}
+    for categories in record["breakdown_ms"].values():
+        assert categories["GEMM (linear, matmul)"] > 0 and sum(categories.values()) > 0
+    assert record["breakdown_ms"]["ours (auto)"].get("span conv", 0) > 0  # our op is counted as the span conv
+    assert "| total |" in result.stdout and record["device"] and record["date"]
