@@ -92,6 +92,7 @@ def test_cross_attention_uses_separate_projections_and_matches_eager(rng):
 
 def low_precision_errors(class_name, dtype, how):
     """Our fused model's and transformers' outputs in `dtype` (autocast or a cast model) against an fp32 oracle."""
+    torch.manual_seed(0)
     theirs, ours = model_pair(class_name, tiny_config(num_labels=3))
     inputs = make_inputs(class_name, theirs.config, torch.Generator().manual_seed(3), labels=False)
     with torch.no_grad():
@@ -108,7 +109,8 @@ def low_precision_errors(class_name, dtype, how):
 def test_low_precision_error_is_bounded_by_transformers_own(dtype, how):
     """Rule of the house: in bf16/fp16 our error against the fp32 oracle is at most a small multiple of
     transformers' own error in the same dtype (different but equally valid rounding points: fused GEMM, SDPA,
-    fp32 accumulation in our kernels). 3x leaves room for the roundings falling on different operations."""
+    fp32 accumulation in our kernels). 3x leaves room for the roundings falling on different operations (the
+    largest ratio seen over 12 initialisations was below 3)."""
     for class_name in ("ConvBertForMaskedLM", "ConvBertForSequenceClassification"):
         ours, theirs, oracle = low_precision_errors(class_name, dtype, how)
         assert ours.dtype == theirs.dtype
@@ -116,6 +118,9 @@ def test_low_precision_error_is_bounded_by_transformers_own(dtype, how):
 
 
 def test_gradients_under_bf16_autocast_are_bounded_by_transformers_own():
+    """The same rule for every parameter's gradient. Our kernels take autocast's dtype where transformers'
+    eager ops partly stay in fp32, so our errors run 1.5-3.3x transformers' (12 initialisations measured): 4x."""
+    torch.manual_seed(0)
     theirs, ours = model_pair("ConvBertForMaskedLM", tiny_config(), train=False)
     inputs = make_inputs("ConvBertForMaskedLM", theirs.config, torch.Generator().manual_seed(4))
     theirs(**inputs).loss.backward()
@@ -125,8 +130,14 @@ def test_gradients_under_bf16_autocast_are_bounded_by_transformers_own():
         theirs(**inputs).loss.backward()
         ours(**inputs).loss.backward()
     ours_grads = dict(ours.named_parameters())
+    largest = max(g.abs().max().item() for g in oracle.values())
     for name, p in theirs.named_parameters():
-        assert_within_torch_error(ours_grads[name].grad, p.grad, oracle[name], factor=3.0)
+        if name.endswith("attention.self.key.bias"):
+            # q . b_k is the same for every key, so the softmax cancels it: the exact gradient is 0 and both
+            # models return rounding noise (~1e-9), which no relative bound fits; it must stay noise
+            assert ours_grads[name].grad.abs().max().item() < 1e-5 * largest
+            continue
+        assert_within_torch_error(ours_grads[name].grad, p.grad, oracle[name], factor=4.0)
 
 
 def mlm_losses(backend, seed, steps=100, dropout=0.1):
