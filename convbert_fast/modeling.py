@@ -207,6 +207,17 @@ class ConvBertSelfAttention(nn.Module):
         return (context, probs) if output_attentions else (context,)
 
 
+def dense_dropout_add_norm(sublayer, hidden_states, residual):
+    """LayerNorm(dropout(dense(x)) + residual): the end of both sublayers; fused into one pass per row after the
+    dense layer unless the backend is `eager` (see ops.dropout_add_layer_norm)."""
+    if not ops.backend.fused_layers():
+        return sublayer.LayerNorm(sublayer.dropout(sublayer.dense(hidden_states)) + residual)
+    norm = sublayer.LayerNorm
+    return ops.dropout_add_layer_norm(
+        sublayer.dense(hidden_states), residual, norm.weight, norm.bias, sublayer.dropout.p, norm.eps, sublayer.training
+    )
+
+
 class ConvBertSelfOutput(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -215,7 +226,7 @@ class ConvBertSelfOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, input_tensor):
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+        return dense_dropout_add_norm(self, hidden_states, input_tensor)
 
 
 class ConvBertAttention(nn.Module):
@@ -276,7 +287,7 @@ class ConvBertOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, input_tensor):
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+        return dense_dropout_add_norm(self, hidden_states, input_tensor)
 
 
 class ConvBertLayer(nn.Module):

@@ -62,6 +62,27 @@ void check_span_conv_out(const at::Tensor& values, const at::Tensor& out) {
   TORCH_CHECK(out.size(2) <= 1 || out.stride(2) == 1, "dynamic_span_conv_into: out's last dimension must be dense");
 }
 
+void check_dropout_add_layer_norm_args(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                       const at::Tensor& bias, double p) {
+  TORCH_CHECK(x.dim() >= 1 && residual.sizes() == x.sizes(), "dropout_add_layer_norm: residual must be ", x.sizes(),
+              ", got ", residual.sizes());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1) && bias.sizes() == weight.sizes(),
+              "dropout_add_layer_norm: weight and bias must be [", x.size(-1), "], got ", weight.sizes(), " and ",
+              bias.sizes());
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type() &&
+                  bias.scalar_type() == x.scalar_type(),
+              "dropout_add_layer_norm: all tensors must share one dtype");
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, "dropout_add_layer_norm: p must be in [0, 1], got ", p);
+  TORCH_CHECK(x.size(-1) >= 1, "dropout_add_layer_norm: the normalised dimension must not be empty");
+}
+
+int64_t dropout_seed(const at::Tensor& seed) {
+  TORCH_CHECK(seed.device().is_cpu() && seed.numel() == 1 && seed.scalar_type() == at::kLong,
+              "dropout_add_layer_norm: seed must be one int64 on the CPU, got ", seed.scalar_type(), " on ",
+              seed.device(), " with ", seed.numel(), " elements");
+  return seed.item<int64_t>();
+}
+
 at::Tensor separable_conv1d(const at::Tensor& x, const at::Tensor& depthwise_weight,
                             const at::Tensor& pointwise_weight, const at::Tensor& bias, DepthwiseConvFn depthwise) {
   check_separable_args(x, depthwise_weight, pointwise_weight, bias);

@@ -34,5 +34,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward(const at:
 // Shape checks for direct torch.ops calls (the Python wrappers check first, with friendlier errors).
 void check_span_conv_args(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads);
 void check_span_conv_out(const at::Tensor& values, const at::Tensor& out);
+void check_dropout_add_layer_norm_args(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                       const at::Tensor& bias, double p);
+// The dropout seed: an int64 scalar tensor on the CPU (read without a device sync).
+int64_t dropout_seed(const at::Tensor& seed);
 
 }  // namespace convbert_fast

@@ -66,6 +66,13 @@ def self_attention_ref(module, x, additive_mask=None, head_mask=None, encoder_st
     return torch.cat([attn_context, conv_context], dim=-1), probs
 
 
+def layer_norm_ref(h, weight, bias, eps):
+    """LayerNorm over the last dimension from its definition: (h - mean) / sqrt(biased variance + eps)."""
+    mean = h.sum(-1, keepdim=True) / h.shape[-1]
+    variance = ((h - mean) ** 2).sum(-1, keepdim=True) / h.shape[-1]
+    return (h - mean) / torch.sqrt(variance + eps) * weight + bias
+
+
 def assert_within_torch_error(actual, torch_result, oracle, factor=2.0):
     """Low-precision rule (as flash-attention's tests): our error against an fp64 oracle may be at most `factor`
     times PyTorch's own error in the same dtype, plus one unit of rounding at the output's magnitude."""

@@ -271,11 +271,28 @@ def test_patched_model_checkpoints_each_layer_once(monkeypatch, rng):
     model(ids, labels=ids).loss.backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     calls = []
     span_conv = cf.ops.dynamic_span_conv
     monkeypatch.setattr(cf.ops, "dynamic_span_conv", lambda *a, **kw: calls.append(1) or span_conv(*a, **kw))
     model(ids, labels=ids).loss.backward()
     assert len(calls) == 2 * model.config.num_hidden_layers  # forward + one recomputation per layer
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+
+
+def test_checkpointing_replays_the_dropout_masks_of_the_fused_layers(rng):
+    """The fused dropout draws its seed from torch's CPU generator, which checkpointing restores before the
+    recomputation: the same masks, so the same gradients as without checkpointing (dropout 0.1)."""
+    torch.manual_seed(0)
+    model = cf.ConvBertForMaskedLM(tiny_config()).train()
+    inputs = make_inputs("ConvBertForMaskedLM", model.config, rng)
+    torch.manual_seed(1)
+    model(**inputs).loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    torch.manual_seed(1)
+    model(**inputs).loss.backward()
     for p, g in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=0)

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../composite.h"
+#include "../kernels/dropout_mask.h"
 
 namespace convbert_fast {
 namespace {
@@ -327,6 +328,165 @@ at::Tensor depthwise_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x
   return total.to(x.scalar_type());
 }
 
+at::Tensor rows_view(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
+
+// LayerNorm(dropout(x) + residual) per row of C channels, forward and backward. The mask is recomputed from
+// (seed, index) in both passes; the hash loop is branch-free so that the multi-versioned clones vectorise it.
+template <typename scalar_t>
+struct NormArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  const scalar_t* residual;
+  const scalar_t* weight;
+  const scalar_t* bias;        // forward only
+  const scalar_t* grad;        // backward only
+  scalar_t* out;               // forward: the output; backward: d(x)
+  scalar_t* grad_residual;     // backward only
+  acc_t* mean;                 // [rows]: written by the forward, read by the backward
+  acc_t* rstd;
+  acc_t* grad_times_xhat;      // backward: [rows, C], summed over rows by the caller for d(weight)
+  int64_t channels;
+  uint64_t seed;
+  uint32_t threshold;
+  acc_t scale;
+  double eps;
+};
+
+// m[c] = scale if element base + c is kept, else 0
+template <typename acc_t>
+inline void dropout_multipliers(uint64_t seed, uint64_t base, uint32_t threshold, acc_t scale, acc_t* m, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) m[c] = static_cast<acc_t>(dropout_keeps(seed, base + c, threshold)) * scale;
+}
+
+// A fixed-order sum in fp64 over 8 interleaved partial sums: vectorisable, and the same bits for any threads.
+template <typename acc_t>
+inline double row_sum(const acc_t* v, int64_t n) {
+  double partial[8] = {};
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8)
+    for (int i = 0; i < 8; ++i) partial[i] += static_cast<double>(v[c + i]);
+  for (; c < n; ++c) partial[0] += static_cast<double>(v[c]);
+  return ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+}
+
+template <typename scalar_t>
+void norm_forward_rows(const NormArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = a.channels;
+  std::vector<acc_t> h(n), m(n), d(n);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t base = row * n;
+    dropout_multipliers(a.seed, static_cast<uint64_t>(base), a.threshold, a.scale, m.data(), n);
+    for (int64_t c = 0; c < n; ++c)
+      h[c] = static_cast<acc_t>(a.x[base + c]) * m[c] + static_cast<acc_t>(a.residual[base + c]);
+    const acc_t mu = static_cast<acc_t>(row_sum(h.data(), n) / n);
+    for (int64_t c = 0; c < n; ++c) d[c] = (h[c] - mu) * (h[c] - mu);
+    const acc_t inv = static_cast<acc_t>(1.0 / std::sqrt(row_sum(d.data(), n) / n + a.eps));
+    for (int64_t c = 0; c < n; ++c)
+      a.out[base + c] = static_cast<scalar_t>((h[c] - mu) * inv * static_cast<acc_t>(a.weight[c]) +
+                                              static_cast<acc_t>(a.bias[c]));
+    a.mean[row] = mu;
+    a.rstd[row] = inv;
+  }
+}
+
+// d(h) = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = grad * weight; d(x) = d(h) * m, d(residual) = d(h)
+template <typename scalar_t>
+void norm_backward_rows(const NormArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = a.channels;
+  std::vector<acc_t> m(n), xhat(n), g(n), g_xhat(n);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t base = row * n;
+    const acc_t mu = a.mean[row], inv = a.rstd[row];
+    dropout_multipliers(a.seed, static_cast<uint64_t>(base), a.threshold, a.scale, m.data(), n);
+    for (int64_t c = 0; c < n; ++c) {
+      const acc_t h = static_cast<acc_t>(a.x[base + c]) * m[c] + static_cast<acc_t>(a.residual[base + c]);
+      xhat[c] = (h - mu) * inv;
+      const acc_t grad = static_cast<acc_t>(a.grad[base + c]);
+      g[c] = grad * static_cast<acc_t>(a.weight[c]);
+      g_xhat[c] = g[c] * xhat[c];
+      a.grad_times_xhat[base + c] = grad * xhat[c];
+    }
+    const acc_t mean_g = static_cast<acc_t>(row_sum(g.data(), n) / n);
+    const acc_t mean_g_xhat = static_cast<acc_t>(row_sum(g_xhat.data(), n) / n);
+    for (int64_t c = 0; c < n; ++c) {
+      const acc_t dh = inv * (g[c] - mean_g - xhat[c] * mean_g_xhat);
+      a.grad_residual[base + c] = static_cast<scalar_t>(dh);
+      a.out[base + c] = static_cast<scalar_t>(dh * m[c]);
+    }
+  }
+}
+
+CONVBERT_FAST_CLONED(norm_forward_rows, NormArgs)
+CONVBERT_FAST_CLONED(norm_backward_rows, NormArgs)
+
+template <typename scalar_t>
+NormArgs<scalar_t> norm_args(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double p,
+                             double eps, int64_t seed) {
+  using acc_t = at::opmath_type<scalar_t>;
+  NormArgs<scalar_t> args{};
+  args.x = x.const_data_ptr<scalar_t>();
+  args.residual = residual.const_data_ptr<scalar_t>();
+  args.weight = weight.const_data_ptr<scalar_t>();
+  args.channels = x.size(-1);
+  args.seed = static_cast<uint64_t>(seed);
+  args.threshold = dropout_threshold(p);
+  args.scale = p < 1.0 ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(0);
+  args.eps = eps;
+  return args;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
+                                                                          const at::Tensor& weight, const at::Tensor& bias,
+                                                                          double p, double eps,
+                                                                          const at::Tensor& seed_tensor) {
+  check_dropout_add_layer_norm_args(x, residual, weight, bias, p);
+  const int64_t seed = dropout_seed(seed_tensor);
+  const at::Tensor x2 = rows_view(x.contiguous()), r2 = rows_view(residual.contiguous());
+  const at::Tensor w = weight.contiguous(), b = bias.contiguous();
+  const int64_t rows = x2.size(0);
+  at::Tensor out = at::empty_like(x2);
+  const auto stat_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor mean = at::empty({rows}, x.options().dtype(stat_dtype)), rstd = at::empty_like(mean);
+  DISPATCH_FLOATS(x.scalar_type(), "dropout_add_layer_norm_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    NormArgs<scalar_t> args = norm_args<scalar_t>(x2, r2, w, p, eps, seed);
+    args.bias = b.const_data_ptr<scalar_t>();
+    args.out = out.mutable_data_ptr<scalar_t>();
+    args.mean = mean.mutable_data_ptr<acc_t>();
+    args.rstd = rstd.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, rows, grain_for(8 * x2.size(1)), [&](int64_t b, int64_t e) { norm_forward_rows_best(args, b, e); });
+  });
+  return {out.view(x.sizes()), mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, double p, const at::Tensor& seed_tensor) {
+  const int64_t seed = dropout_seed(seed_tensor);
+  const at::Tensor g2 = rows_view(grad_out.contiguous()), x2 = rows_view(x.contiguous());
+  const at::Tensor r2 = rows_view(residual.contiguous()), w = weight.contiguous();
+  const int64_t rows = x2.size(0);
+  at::Tensor grad_x = at::empty_like(x2), grad_residual = at::empty_like(x2);
+  at::Tensor grad_times_xhat = at::empty(x2.sizes(), x2.options().dtype(mean.scalar_type()));
+  DISPATCH_FLOATS(x.scalar_type(), "dropout_add_layer_norm_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    NormArgs<scalar_t> args = norm_args<scalar_t>(x2, r2, w, p, 0.0, seed);
+    args.grad = g2.const_data_ptr<scalar_t>();
+    args.out = grad_x.mutable_data_ptr<scalar_t>();
+    args.grad_residual = grad_residual.mutable_data_ptr<scalar_t>();
+    args.mean = const_cast<acc_t*>(mean.const_data_ptr<acc_t>());
+    args.rstd = const_cast<acc_t*>(rstd.const_data_ptr<acc_t>());
+    args.grad_times_xhat = grad_times_xhat.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, rows, grain_for(8 * x2.size(1)), [&](int64_t b, int64_t e) { norm_backward_rows_best(args, b, e); });
+  });
+  // the weight and bias gradients: column sums (ATen's reduction)
+  at::Tensor grad_weight = grad_times_xhat.sum(0).to(weight.scalar_type());
+  at::Tensor grad_bias = g2.sum(0, false, mean.scalar_type()).to(weight.scalar_type());
+  return {grad_x.view(x.sizes()), grad_residual.view(x.sizes()), grad_weight, grad_bias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(convbert_fast, CPU, m) {
@@ -347,6 +507,8 @@ TORCH_LIBRARY_IMPL(convbert_fast, CPU, m) {
   m.impl("grouped_linear", &grouped_linear);
   m.impl("grouped_linear_gelu", &grouped_linear_gelu);
   m.impl("grouped_linear_backward", &grouped_linear_backward);
+  m.impl("dropout_add_layer_norm", &dropout_add_layer_norm_cpu);
+  m.impl("dropout_add_layer_norm_backward", &dropout_add_layer_norm_backward_cpu);
 }
 
 }  // namespace convbert_fast

@@ -1,0 +1,99 @@
+"""dropout_add_layer_norm: LayerNorm(dropout(x) + residual), the end of every ConvBERT sublayer (the dense layer's
+bias rides in its GEMM), as one pass over each row in the C++ extension (CPU and CUDA), forward and backward.
+
+Dropout's mask is a hash of (seed, element index): the backward regenerates it instead of keeping a mask, and
+the seed is drawn in the graph from torch's CPU generator, so `torch.manual_seed` reproduces a run and activation
+checkpointing (which restores that generator) replays the same mask. The masks are not nn.Dropout's (another
+random stream with the same distribution: keep with probability 1 - p, scale 1 / (1 - p)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import backend, cpp
+from .checks import check_float_tensors, check_shape
+
+OP = "dropout_add_layer_norm"
+
+
+def dropout_add_layer_norm_eager(x, residual, weight, bias, p, eps, training):
+    """The seed's math: nn.Dropout, the residual add, nn.LayerNorm."""
+    return F.layer_norm(F.dropout(x, p, training) + residual, (x.shape[-1],), weight, bias, eps)
+
+
+def _stat_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+if cpp.LOADED:
+    _forward = torch.ops.convbert_fast.dropout_add_layer_norm.default
+    _backward = torch.ops.convbert_fast.dropout_add_layer_norm_backward.default
+
+    @torch.library.register_fake("convbert_fast::dropout_add_layer_norm")
+    def _(x, residual, weight, bias, p, eps, seed):
+        rows = math.prod(x.shape[:-1])
+        stats = x.new_empty(rows, dtype=_stat_dtype(x))
+        return x.new_empty(x.shape), stats, stats.new_empty(rows)
+
+    @torch.library.register_fake("convbert_fast::dropout_add_layer_norm_backward")
+    def _(grad_out, x, residual, weight, mean, rstd, p, seed):
+        return (
+            x.new_empty(x.shape),
+            x.new_empty(x.shape),
+            weight.new_empty(weight.shape),
+            weight.new_empty(weight.shape),
+        )
+
+    def _setup_context(ctx, inputs, output):
+        x, residual, weight, _, ctx.p, _, seed = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def _backward_rule(ctx, grad_out, _grad_mean, _grad_rstd):
+        x, residual, weight, mean, rstd, seed = ctx.saved_tensors
+        grads = _backward(grad_out, x, residual, weight, mean, rstd, ctx.p, seed)
+        return (*grads, None, None, None)
+
+    torch.library.register_autograd(
+        "convbert_fast::dropout_add_layer_norm", _backward_rule, setup_context=_setup_context
+    )
+
+
+def _fused_available(device: torch.device) -> bool:
+    return cpp.LOADED and (("cpp", device.type) not in backend.device_gaps())
+
+
+def dropout_add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    p: float = 0.0,
+    eps: float = 1e-12,
+    training: bool = False,
+) -> torch.Tensor:
+    """LayerNorm(dropout(x) + residual) over the last dimension: x, residual [..., C]; weight, bias [C].
+
+    Under the `eager` backend, or where the C++ extension cannot run, nn.Dropout + add + nn.LayerNorm."""
+    check_float_tensors(OP, x=x, residual=residual, weight=weight, bias=bias)
+    channels = x.shape[-1] if x.dim() else 0
+    if x.dim() < 1 or channels < 1:
+        raise ValueError(f"{OP}: `x` must have a non-empty last dimension, got shape {list(x.shape)}")
+    check_shape(OP, "residual", residual, tuple(x.shape), str(list(x.shape)))
+    check_shape(OP, "weight", weight, (channels,), f"[{channels}]")
+    check_shape(OP, "bias", bias, (channels,), f"[{channels}]")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{OP}: dropout probability `p` must be in [0, 1], got {p}")
+    if backend.get_backend() == "eager" or not _fused_available(x.device):
+        return dropout_add_layer_norm_eager(x, residual, weight, bias, p, eps, training)
+    p = p if training else 0.0
+    if torch.is_autocast_enabled(x.device.type):  # autocast runs LayerNorm in fp32: so does this op
+        x, residual, weight, bias = (t.float() for t in (x, residual, weight, bias))
+    # no random draw without dropout, as nn.Dropout in eval mode
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if p > 0 else torch.zeros((), dtype=torch.int64)
+    return torch.ops.convbert_fast.dropout_add_layer_norm(x, residual, weight, bias, p, eps, seed)[0]
