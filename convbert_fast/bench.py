@@ -3,6 +3,8 @@ side by side in one run, as a table, a JSON record and a plot.
 
 The model measured is the encoder (ConvBertModel) with a scalar loss on its output: the part our kernels
 change. A training step is forward + backward + AdamW step; inference is a forward under no_grad in eval mode.
+At each length the providers are timed in rounds, one call each per round, and each reports the median of its
+rounds: a drift in the machine's speed then falls on every provider alike.
 """
 
 from __future__ import annotations
@@ -89,16 +91,18 @@ def time_ms(fn, device, warmup: int, repeats: int) -> tuple[float, list[float]]:
     measure = _timer(device)
     for _ in range(warmup):
         measure(fn)
-    times = sorted(measure(fn) for _ in range(repeats))
-    quantiles = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
-    return statistics.median(times), [quantiles[0], statistics.median(times), quantiles[-1]]
+    return summary_of([measure(fn) for _ in range(repeats)])
 
 
 def gemm_rate(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of one large dense GEMM in `dtype` on `device`, measured now."""
+    """FLOP/s of one large dense GEMM in `dtype` on `device`, measured now: the fastest of 10 runs (the rate the
+    hardware reaches; a median would follow a drifting machine down)."""
     n = 8192 if device.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    ms, _ = time_ms(lambda: a @ b, device, warmup=2, repeats=5)
+    measure = _timer(device)
+    for _ in range(2):
+        measure(lambda: a @ b)
+    ms = min(measure(lambda: a @ b) for _ in range(10))
     return 2 * n**3 / (ms / 1e3)
 
 
@@ -134,49 +138,118 @@ def train_step_flops(model, batch_size, seq_len, device) -> float:
     return counter.get_total_flops()
 
 
-def measure_provider(provider, models, batch_size, seq_len, device, autocast_dtype, warmup, repeats, gemm_flops,
-                     train_flops):  # fmt: skip
-    import convbert_fast as cf
+def summary_of(times: list[float]) -> tuple[float, list[float]]:
+    """(median, [p20, p50, p80]) of timings in ms."""
+    times = sorted(times)
+    quantiles = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
+    return statistics.median(times), [quantiles[0], statistics.median(times), quantiles[-1]]
 
-    theirs, ours = models
-    model = theirs if provider.startswith("transformers") else ours
-    backend = {"eager": "eager", "cpp": "cpp", "triton": "triton"}.get(provider, "auto")
-    # static shapes: one compilation per sequence length, as a fixed-shape training run would have
-    runner = torch.compile(model, dynamic=False) if provider.endswith("compile") else model
-    ids = torch.randint(5, model.config.vocab_size, (batch_size, seq_len), device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
-    def forward():
-        with torch.no_grad(), autocast:
-            runner(ids)
+class ProviderRun:
+    """One provider at one sequence length: its runner (compiled or not), optimizer and inputs, timed one call at
+    a time so that `run` can interleave the providers round by round (a machine whose speed drifts then slows
+    every provider alike instead of whichever ran during the slow minute)."""
 
-    def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = runner(ids).last_hidden_state.float().square().mean()
+    def __init__(self, provider, models, batch_size, seq_len, device, autocast_dtype):
+        theirs, ours = models
+        self.provider, self.seq_len, self.batch_size, self.device = provider, seq_len, batch_size, device
+        self.model = theirs if provider.startswith("transformers") else ours
+        self.backend = {"eager": "eager", "cpp": "cpp", "triton": "triton"}.get(provider, "auto")
+        # static shapes: one compilation per sequence length, as a fixed-shape training run would have
+        self.runner = torch.compile(self.model, dynamic=False) if provider.endswith("compile") else self.model
+        self.ids = torch.randint(5, self.model.config.vocab_size, (batch_size, seq_len), device=device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        self.autocast_dtype = autocast_dtype
+        self.times: dict[str, list[float]] = {"forward": [], "train_step": []}
+        self.peak_memory_mb = None
+        self.measure = _timer(device)
+
+    def _autocast(self):
+        enabled = self.autocast_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled)
+
+    def forward(self):
+        with torch.no_grad(), self._autocast():
+            self.runner(self.ids)
+
+    def train_step(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.runner(self.ids).last_hidden_state.float().square().mean()
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
 
-    result = Measurement(provider, seq_len, batch_size)
-    state = {k: v.clone() for k, v in model.state_dict().items()}  # AdamW steps must not drift between providers
-    with cf.use_backend(backend):
-        model.eval()
-        result.forward_ms, result.forward_ms_quantiles = time_ms(forward, device, warmup, repeats)
-        model.train()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        result.train_step_ms, result.train_step_ms_quantiles = time_ms(train_step, device, warmup, repeats)
-        if device.type == "cuda":
-            result.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    model.load_state_dict(state)
-    tokens = batch_size * seq_len
-    result.train_tokens_per_s = tokens / (result.train_step_ms / 1e3)
-    result.inference_tokens_per_s = tokens / (result.forward_ms / 1e3)
-    if train_flops is not None:
-        result.train_flops = train_flops
-        result.gemm_rate_fraction = train_flops / (result.train_step_ms / 1e3) / gemm_flops
-    return result
+    def time(self, phase: str, record: bool = True) -> None:
+        import convbert_fast as cf
+
+        with cf.use_backend(self.backend):
+            self.model.train(phase == "train_step")
+            if phase == "train_step" and self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            ms = self.measure(getattr(self, phase))
+            if phase == "train_step" and self.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+                self.peak_memory_mb = max(self.peak_memory_mb or 0.0, peak)
+        if record:
+            self.times[phase].append(ms)
+
+    def result(self, gemm_flops, train_flops) -> Measurement:
+        result = Measurement(self.provider, self.seq_len, self.batch_size, peak_memory_mb=self.peak_memory_mb)
+        result.forward_ms, result.forward_ms_quantiles = summary_of(self.times["forward"])
+        result.train_step_ms, result.train_step_ms_quantiles = summary_of(self.times["train_step"])
+        tokens = self.batch_size * self.seq_len
+        result.train_tokens_per_s = tokens / (result.train_step_ms / 1e3)
+        result.inference_tokens_per_s = tokens / (result.forward_ms / 1e3)
+        if train_flops is not None:
+            result.train_flops = train_flops
+            result.gemm_rate_fraction = train_flops / (result.train_step_ms / 1e3) / gemm_flops
+        return result
+
+
+def failure(error: Exception) -> str:
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+        return "out of memory"
+    return f"failed: {type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+
+
+def measure_length(providers, models, args, seq_len, device, autocast_dtype, gemm_flops, train_flops, progress):
+    """Every provider at one length: warm-up calls, then `repeats` rounds that time each provider once per phase.
+    A provider that fails (a compiler bug, say, or out of memory) is recorded as skipped with the error; it never
+    ends the run."""
+    measurements, runs = [], []
+    states = {id(m): {k: v.clone() for k, v in m.state_dict().items()} for m in models}  # AdamW must not drift
+    for provider in providers:
+        problem = provider_problem(provider, device)
+        if problem:
+            measurements.append(Measurement(provider, seq_len, args.batch_size, skipped=problem))
+            progress.update(1)
+            continue
+        try:
+            run = ProviderRun(provider, models, args.batch_size, seq_len, device, autocast_dtype)
+            for phase in ("forward", "train_step"):
+                for _ in range(args.warmup):
+                    run.time(phase, record=False)
+            runs.append(run)
+        except Exception as error:  # noqa: BLE001  (reported in the record instead)
+            measurements.append(Measurement(provider, seq_len, args.batch_size, skipped=failure(error)))
+            progress.update(1)
+    for phase in ("forward", "train_step"):
+        for _ in range(args.repeats):
+            for run in list(runs):
+                try:
+                    run.time(phase)
+                except Exception as error:  # noqa: BLE001
+                    runs.remove(run)
+                    measurements.append(Measurement(run.provider, seq_len, args.batch_size, skipped=failure(error)))
+                    progress.update(1)
+    for run in runs:
+        measurements.append(run.result(gemm_flops, train_flops))
+        progress.update(1)
+    for model in models:
+        model.load_state_dict(states[id(model)])
+    order = {p: i for i, p in enumerate(providers)}
+    return sorted(measurements, key=lambda m: order[m.provider])
 
 
 def span_conv_bytes(values, logits) -> int:
@@ -359,33 +432,11 @@ def run(args) -> int:
     providers = args.providers
     ours = next((p for p in ("compile", "cpp", "triton", "eager") if p in providers), providers[-1])
     measurements = []
-    jobs = [(seq_len, p) for seq_len in args.seq_len for p in providers]
-    for seq_len, provider in tqdm(jobs, desc="bench", unit="run"):
-        problem = provider_problem(provider, device)
-        if problem:
-            measurements.append(Measurement(provider, seq_len, args.batch_size, skipped=problem))
-            continue
-        try:
-            measurements.append(
-                measure_provider(
-                    provider,
-                    models,
-                    args.batch_size,
-                    seq_len,
-                    device,
-                    autocast_dtype,
-                    args.warmup,
-                    args.repeats,
-                    gemm_flops,
-                    flops[seq_len],
-                )  # fmt: skip
+    with tqdm(total=len(args.seq_len) * len(providers), desc="bench", unit="provider") as progress:
+        for seq_len in args.seq_len:
+            measurements += measure_length(
+                providers, models, args, seq_len, device, autocast_dtype, gemm_flops, flops[seq_len], progress
             )
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            measurements.append(Measurement(provider, seq_len, args.batch_size, skipped="out of memory"))
-        except Exception as error:  # one provider failing (a compiler bug, say) must not end the whole run
-            reason = f"failed: {type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
-            measurements.append(Measurement(provider, seq_len, args.batch_size, skipped=reason))
     summary = summarize(measurements, ours)
     summary.update(span_conv_summary(device, dtype, args.warmup, args.repeats))
     title = (
