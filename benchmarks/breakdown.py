@@ -3,7 +3,8 @@
     python benchmarks/breakdown.py [--device cpu|cuda] [--dtype fp32|bf16] [--layers 2] [--batch-size 8]
                                    [--seq-len 256] [--json PATH]
 
-Profiles one forward+backward (after warm-up runs) of ConvBertModel with the same weights under torch.profiler
+Profiles forward+backward steps (after warm-up runs, the models taking turns, the smallest of --rounds per
+category) of ConvBertModel with the same weights under torch.profiler
 (transformers; ours under the `eager` backend, the seed's math; ours under `auto`) and sums each op's self time
 into a category (GEMMs, attention, span conv, ...), printing a markdown table in ms and
 in shares of the step; the README's "Where the time goes" comes from it. Profiling inflates many small ops more
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
 
 import torch
@@ -38,6 +40,14 @@ CATEGORIES = [
 ]
 
 
+def with_backend(name, fn):
+    def call():
+        with cf.use_backend(name):
+            fn()
+
+    return call
+
+
 def categorize(name: str) -> str:
     lowered = name.lower()
     for category, fragments in CATEGORIES:
@@ -46,21 +56,23 @@ def categorize(name: str) -> str:
     return "other"
 
 
-def profile_step(model, ids, device, autocast_dtype, repeats=2):
+def step_fn(model, ids, device, autocast_dtype):
     def step():
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = model(ids).last_hidden_state.float().square().mean()
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    for _ in range(2):
-        step()
+    return step
+
+
+def profile_once(step, device) -> dict[str, float]:
+    """ms of self time per category in one profiled step."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(repeats):
-            step()
+        step()
         if device.type == "cuda":
             torch.cuda.synchronize()
     totals: dict[str, float] = {}
@@ -68,8 +80,21 @@ def profile_step(model, ids, device, autocast_dtype, repeats=2):
         us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
         if us > 0:
             category = categorize(event.key)
-            totals[category] = totals.get(category, 0.0) + us / 1e3 / repeats
+            totals[category] = totals.get(category, 0.0) + us / 1e3
     return totals
+
+
+def profile_interleaved(steps: dict, device, rounds: int) -> dict[str, dict[str, float]]:
+    """Each model's step profiled once per round, the models taking turns; per category the smallest of the
+    rounds (a machine whose speed drifts only ever adds time)."""
+    for step in steps.values():
+        step(), step()  # warm-up
+    results: dict[str, dict[str, float]] = {name: {} for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            for category, ms in profile_once(step, device).items():
+                results[name][category] = min(results[name].get(category, math.inf), ms)
+    return results
 
 
 def main(argv=None) -> int:
@@ -79,6 +104,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="profiled steps per model, taken in turns")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -91,10 +117,10 @@ def main(argv=None) -> int:
     theirs, ours = build_models(config, device, torch.float32)
     theirs.train(), ours.train()
     ids = torch.randint(5, config.vocab_size, (batch, seq_len), device=device)
-    results = {"transformers": profile_step(theirs, ids, device, autocast_dtype)}
+    steps = {"transformers": step_fn(theirs, ids, device, autocast_dtype)}
     for backend in ("eager", "auto"):  # before (the seed's math) and after (fused layers, kernels)
-        with cf.use_backend(backend):
-            results[f"ours ({backend})"] = profile_step(ours, ids, device, autocast_dtype)
+        steps[f"ours ({backend})"] = with_backend(backend, step_fn(ours, ids, device, autocast_dtype))
+    results = profile_interleaved(steps, device, args.rounds)
 
     names = list(results)
     categories = sorted({c for r in results.values() for c in r}, key=lambda c: -results[names[0]].get(c, 0.0))

@@ -354,13 +354,14 @@ struct NormArgs {
 
 // m[c] = scale if element base + c is kept, else 0
 template <typename acc_t>
-inline void dropout_multipliers(uint64_t seed, uint64_t base, uint32_t threshold, acc_t scale, acc_t* m, int64_t n) {
+inline void dropout_multipliers(uint64_t seed, uint64_t base, uint32_t threshold, acc_t scale, acc_t* __restrict__ m,
+                                int64_t n) {
   for (int64_t c = 0; c < n; ++c) m[c] = static_cast<acc_t>(dropout_keeps(seed, base + c, threshold)) * scale;
 }
 
 // A fixed-order sum in fp64 over 8 interleaved partial sums: vectorisable, and the same bits for any threads.
 template <typename acc_t>
-inline double row_sum(const acc_t* v, int64_t n) {
+inline double row_sum(const acc_t* __restrict__ v, int64_t n) {
   double partial[8] = {};
   int64_t c = 0;
   for (; c + 8 <= n; c += 8)
@@ -373,18 +374,24 @@ template <typename scalar_t>
 void norm_forward_rows(const NormArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = a.channels;
-  std::vector<acc_t> h(n), m(n), d(n);
+  const scalar_t* __restrict__ x = a.x;  // restrict: lets the compiler vectorise without alias checks
+  const scalar_t* __restrict__ residual = a.residual;
+  const scalar_t* __restrict__ weight = a.weight;
+  const scalar_t* __restrict__ bias = a.bias;
+  scalar_t* __restrict__ out = a.out;
+  std::vector<acc_t> h_buffer(n), m_buffer(n), d_buffer(n);
+  acc_t* __restrict__ h = h_buffer.data();
+  acc_t* __restrict__ m = m_buffer.data();
+  acc_t* __restrict__ d = d_buffer.data();
   for (int64_t row = begin; row < end; ++row) {
     const int64_t base = row * n;
-    dropout_multipliers(a.seed, static_cast<uint64_t>(base), a.threshold, a.scale, m.data(), n);
-    for (int64_t c = 0; c < n; ++c)
-      h[c] = static_cast<acc_t>(a.x[base + c]) * m[c] + static_cast<acc_t>(a.residual[base + c]);
-    const acc_t mu = static_cast<acc_t>(row_sum(h.data(), n) / n);
+    dropout_multipliers(a.seed, static_cast<uint64_t>(base), a.threshold, a.scale, m, n);
+    for (int64_t c = 0; c < n; ++c) h[c] = static_cast<acc_t>(x[base + c]) * m[c] + static_cast<acc_t>(residual[base + c]);
+    const acc_t mu = static_cast<acc_t>(row_sum(h, n) / n);
     for (int64_t c = 0; c < n; ++c) d[c] = (h[c] - mu) * (h[c] - mu);
-    const acc_t inv = static_cast<acc_t>(1.0 / std::sqrt(row_sum(d.data(), n) / n + a.eps));
+    const acc_t inv = static_cast<acc_t>(1.0 / std::sqrt(row_sum(d, n) / n + a.eps));
     for (int64_t c = 0; c < n; ++c)
-      a.out[base + c] = static_cast<scalar_t>((h[c] - mu) * inv * static_cast<acc_t>(a.weight[c]) +
-                                              static_cast<acc_t>(a.bias[c]));
+      out[base + c] = static_cast<scalar_t>((h[c] - mu) * inv * static_cast<acc_t>(weight[c]) + static_cast<acc_t>(bias[c]));
     a.mean[row] = mu;
     a.rstd[row] = inv;
   }
@@ -395,25 +402,36 @@ template <typename scalar_t>
 void norm_backward_rows(const NormArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = a.channels;
-  std::vector<acc_t> m(n), xhat(n), g(n), g_xhat(n);
+  const scalar_t* __restrict__ x = a.x;
+  const scalar_t* __restrict__ residual = a.residual;
+  const scalar_t* __restrict__ weight = a.weight;
+  const scalar_t* __restrict__ grad = a.grad;
+  scalar_t* __restrict__ grad_x = a.out;
+  scalar_t* __restrict__ grad_residual = a.grad_residual;
+  acc_t* __restrict__ grad_times_xhat = a.grad_times_xhat;
+  std::vector<acc_t> buffers(4 * n);
+  acc_t* __restrict__ m = buffers.data();
+  acc_t* __restrict__ xhat = m + n;
+  acc_t* __restrict__ g = xhat + n;
+  acc_t* __restrict__ g_xhat = g + n;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t base = row * n;
     const acc_t mu = a.mean[row], inv = a.rstd[row];
-    dropout_multipliers(a.seed, static_cast<uint64_t>(base), a.threshold, a.scale, m.data(), n);
+    dropout_multipliers(a.seed, static_cast<uint64_t>(base), a.threshold, a.scale, m, n);
     for (int64_t c = 0; c < n; ++c) {
-      const acc_t h = static_cast<acc_t>(a.x[base + c]) * m[c] + static_cast<acc_t>(a.residual[base + c]);
+      const acc_t h = static_cast<acc_t>(x[base + c]) * m[c] + static_cast<acc_t>(residual[base + c]);
       xhat[c] = (h - mu) * inv;
-      const acc_t grad = static_cast<acc_t>(a.grad[base + c]);
-      g[c] = grad * static_cast<acc_t>(a.weight[c]);
+      const acc_t go = static_cast<acc_t>(grad[base + c]);
+      g[c] = go * static_cast<acc_t>(weight[c]);
       g_xhat[c] = g[c] * xhat[c];
-      a.grad_times_xhat[base + c] = grad * xhat[c];
+      grad_times_xhat[base + c] = go * xhat[c];
     }
-    const acc_t mean_g = static_cast<acc_t>(row_sum(g.data(), n) / n);
-    const acc_t mean_g_xhat = static_cast<acc_t>(row_sum(g_xhat.data(), n) / n);
+    const acc_t mean_g = static_cast<acc_t>(row_sum(g, n) / n);
+    const acc_t mean_g_xhat = static_cast<acc_t>(row_sum(g_xhat, n) / n);
     for (int64_t c = 0; c < n; ++c) {
       const acc_t dh = inv * (g[c] - mean_g - xhat[c] * mean_g_xhat);
-      a.grad_residual[base + c] = static_cast<scalar_t>(dh);
-      a.out[base + c] = static_cast<scalar_t>(dh * m[c]);
+      grad_residual[base + c] = static_cast<scalar_t>(dh);
+      grad_x[base + c] = static_cast<scalar_t>(dh * m[c]);
     }
   }
 }
