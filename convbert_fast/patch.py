@@ -74,7 +74,3 @@ def unpatch(model: nn.Module) -> nn.Module:
         vars(module).pop(modeling.FUSED_PROJECTION_CACHE, None)
         module.__class__ = original
     return model
-
-
-def is_patched(model: nn.Module) -> bool:
-    return _ORIGINAL in vars(model)

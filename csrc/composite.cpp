@@ -39,6 +39,30 @@ int64_t rows_of(const at::Tensor& x) {
   return rows;
 }
 
+void check_dropout_add_layer_norm_args(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                       const at::Tensor& bias, double p) {
+  TORCH_CHECK(x.dim() >= 1 && residual.sizes() == x.sizes(), "dropout_add_layer_norm: residual must be ", x.sizes(),
+              ", got ", residual.sizes());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1) && bias.sizes() == weight.sizes(),
+              "dropout_add_layer_norm: weight and bias must be [", x.size(-1), "], got ", weight.sizes(), " and ",
+              bias.sizes());
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type() &&
+                  bias.scalar_type() == x.scalar_type(),
+              "dropout_add_layer_norm: all tensors must share one dtype");
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, "dropout_add_layer_norm: p must be in [0, 1], got ", p);
+  TORCH_CHECK(x.size(-1) >= 1, "dropout_add_layer_norm: the normalised dimension must not be empty");
+}
+
+at::ScalarType stat_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The dropout seed: an int64 scalar tensor on the CPU (read without a device sync).
+int64_t dropout_seed(const at::Tensor& seed) {
+  TORCH_CHECK(seed.device().is_cpu() && seed.numel() == 1 && seed.scalar_type() == at::kLong,
+              "dropout_add_layer_norm: seed must be one int64 on the CPU, got ", seed.scalar_type(), " on ",
+              seed.device(), " with ", seed.numel(), " elements");
+  return seed.item<int64_t>();
+}
+
 }  // namespace
 
 void check_span_conv_args(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads) {
@@ -60,27 +84,6 @@ void check_span_conv_out(const at::Tensor& values, const at::Tensor& out) {
   TORCH_CHECK(out.scalar_type() == values.scalar_type() && out.device() == values.device(),
               "dynamic_span_conv_into: out must match values' dtype and device");
   TORCH_CHECK(out.size(2) <= 1 || out.stride(2) == 1, "dynamic_span_conv_into: out's last dimension must be dense");
-}
-
-void check_dropout_add_layer_norm_args(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-                                       const at::Tensor& bias, double p) {
-  TORCH_CHECK(x.dim() >= 1 && residual.sizes() == x.sizes(), "dropout_add_layer_norm: residual must be ", x.sizes(),
-              ", got ", residual.sizes());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1) && bias.sizes() == weight.sizes(),
-              "dropout_add_layer_norm: weight and bias must be [", x.size(-1), "], got ", weight.sizes(), " and ",
-              bias.sizes());
-  TORCH_CHECK(residual.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type() &&
-                  bias.scalar_type() == x.scalar_type(),
-              "dropout_add_layer_norm: all tensors must share one dtype");
-  TORCH_CHECK(p >= 0.0 && p <= 1.0, "dropout_add_layer_norm: p must be in [0, 1], got ", p);
-  TORCH_CHECK(x.size(-1) >= 1, "dropout_add_layer_norm: the normalised dimension must not be empty");
-}
-
-int64_t dropout_seed(const at::Tensor& seed) {
-  TORCH_CHECK(seed.device().is_cpu() && seed.numel() == 1 && seed.scalar_type() == at::kLong,
-              "dropout_add_layer_norm: seed must be one int64 on the CPU, got ", seed.scalar_type(), " on ",
-              seed.device(), " with ", seed.numel(), " elements");
-  return seed.item<int64_t>();
 }
 
 at::Tensor separable_conv1d(const at::Tensor& x, const at::Tensor& depthwise_weight,
@@ -134,6 +137,36 @@ at::Tensor dynamic_span_conv_concat(const at::Tensor& prefix, const at::Tensor& 
   at::Tensor conv_half = out.narrow(2, prefix_width, width);
   span_conv_into(values, kernel_logits, num_heads, conv_half);
   return out;
+}
+
+// Checks, [rows, C] views, allocations and the weight and bias gradients (column sums, ATen's reduction) around
+// the device's row kernels.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                                      const at::Tensor& weight, const at::Tensor& bias,
+                                                                      double p, double eps, const at::Tensor& seed,
+                                                                      NormForwardFn rows_forward) {
+  check_dropout_add_layer_norm_args(x, residual, weight, bias, p);
+  const int64_t rows = rows_of(x), channels = x.size(-1);
+  const at::Tensor x2 = x.contiguous().view({rows, channels}), r2 = residual.contiguous().view({rows, channels});
+  at::Tensor out = at::empty_like(x2);
+  at::Tensor mean = at::empty({rows}, x.options().dtype(stat_dtype(x))), rstd = at::empty_like(mean);
+  rows_forward(x2, r2, weight.contiguous(), bias.contiguous(), p, eps, dropout_seed(seed), out, mean, rstd);
+  return {out.view(x.sizes()), mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, double p, const at::Tensor& seed, NormBackwardFn rows_backward) {
+  const int64_t rows = rows_of(x), channels = x.size(-1);
+  const at::Tensor g2 = grad_out.contiguous().view({rows, channels});
+  const at::Tensor x2 = x.contiguous().view({rows, channels}), r2 = residual.contiguous().view({rows, channels});
+  at::Tensor grad_x = at::empty_like(x2), grad_residual = at::empty_like(x2);
+  at::Tensor grad_times_xhat = at::empty({rows, channels}, x.options().dtype(stat_dtype(x)));
+  rows_backward(g2, x2, r2, weight.contiguous(), mean, rstd, p, dropout_seed(seed), grad_x, grad_residual,
+                grad_times_xhat);
+  at::Tensor grad_weight = grad_times_xhat.sum(0).to(weight.scalar_type());
+  at::Tensor grad_bias = g2.sum(0, false, stat_dtype(x)).to(weight.scalar_type());
+  return {grad_x.view(x.sizes()), grad_residual.view(x.sizes()), grad_weight, grad_bias};
 }
 
 // The groups are column blocks of the 2-D views [N, Din] and [N, Dout]: no permuted copies are made. On CUDA

@@ -25,6 +25,23 @@ using SpanConvIntoFn = void (*)(const at::Tensor&, const at::Tensor&, int64_t, a
 at::Tensor dynamic_span_conv_concat(const at::Tensor& prefix, const at::Tensor& values, const at::Tensor& kernel_logits,
                                     int64_t num_heads, SpanConvIntoFn span_conv_into);
 
+// The device's row kernels of dropout_add_layer_norm on [rows, C] contiguous tensors; mean, rstd [rows] and
+// grad_times_xhat [rows, C] in the accumulation dtype (fp32; fp64 for fp64).
+using NormForwardFn = void (*)(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                               const at::Tensor& bias, double p, double eps, int64_t seed, at::Tensor& out,
+                               at::Tensor& mean, at::Tensor& rstd);
+using NormBackwardFn = void (*)(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& residual,
+                                const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd, double p,
+                                int64_t seed, at::Tensor& grad_x, at::Tensor& grad_residual,
+                                at::Tensor& grad_times_xhat);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                                      const at::Tensor& weight, const at::Tensor& bias,
+                                                                      double p, double eps, const at::Tensor& seed,
+                                                                      NormForwardFn rows_forward);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, double p, const at::Tensor& seed, NormBackwardFn rows_backward);
+
 at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
 std::tuple<at::Tensor, at::Tensor> grouped_linear_gelu(const at::Tensor& x, const at::Tensor& weight,
                                                        const at::Tensor& bias);
@@ -34,9 +51,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward(const at:
 // Shape checks for direct torch.ops calls (the Python wrappers check first, with friendlier errors).
 void check_span_conv_args(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads);
 void check_span_conv_out(const at::Tensor& values, const at::Tensor& out);
-void check_dropout_add_layer_norm_args(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-                                       const at::Tensor& bias, double p);
-// The dropout seed: an int64 scalar tensor on the CPU (read without a device sync).
-int64_t dropout_seed(const at::Tensor& seed);
+
 
 }  // namespace convbert_fast

@@ -328,8 +328,6 @@ at::Tensor depthwise_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x
   return total.to(x.scalar_type());
 }
 
-at::Tensor rows_view(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
-
 // LayerNorm(dropout(x) + residual) per row of C channels, forward and backward. The mask is recomputed from
 // (seed, index) in both passes; the hash loop is branch-free so that the multi-versioned clones vectorise it.
 template <typename scalar_t>
@@ -455,54 +453,33 @@ NormArgs<scalar_t> norm_args(const at::Tensor& x, const at::Tensor& residual, co
   return args;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
-                                                                          const at::Tensor& weight, const at::Tensor& bias,
-                                                                          double p, double eps,
-                                                                          const at::Tensor& seed_tensor) {
-  check_dropout_add_layer_norm_args(x, residual, weight, bias, p);
-  const int64_t seed = dropout_seed(seed_tensor);
-  const at::Tensor x2 = rows_view(x.contiguous()), r2 = rows_view(residual.contiguous());
-  const at::Tensor w = weight.contiguous(), b = bias.contiguous();
-  const int64_t rows = x2.size(0);
-  at::Tensor out = at::empty_like(x2);
-  const auto stat_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor mean = at::empty({rows}, x.options().dtype(stat_dtype)), rstd = at::empty_like(mean);
+void norm_forward_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, const at::Tensor& bias,
+                      double p, double eps, int64_t seed, at::Tensor& out, at::Tensor& mean, at::Tensor& rstd) {
   DISPATCH_FLOATS(x.scalar_type(), "dropout_add_layer_norm_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    NormArgs<scalar_t> args = norm_args<scalar_t>(x2, r2, w, p, eps, seed);
-    args.bias = b.const_data_ptr<scalar_t>();
+    NormArgs<scalar_t> args = norm_args<scalar_t>(x, residual, weight, p, eps, seed);
+    args.bias = bias.const_data_ptr<scalar_t>();
     args.out = out.mutable_data_ptr<scalar_t>();
     args.mean = mean.mutable_data_ptr<acc_t>();
     args.rstd = rstd.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, rows, grain_for(8 * x2.size(1)), [&](int64_t b, int64_t e) { norm_forward_rows_best(args, b, e); });
+    at::parallel_for(0, x.size(0), grain_for(8 * x.size(1)), [&](int64_t b, int64_t e) { norm_forward_rows_best(args, b, e); });
   });
-  return {out.view(x.sizes()), mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-    const at::Tensor& mean, const at::Tensor& rstd, double p, const at::Tensor& seed_tensor) {
-  const int64_t seed = dropout_seed(seed_tensor);
-  const at::Tensor g2 = rows_view(grad_out.contiguous()), x2 = rows_view(x.contiguous());
-  const at::Tensor r2 = rows_view(residual.contiguous()), w = weight.contiguous();
-  const int64_t rows = x2.size(0);
-  at::Tensor grad_x = at::empty_like(x2), grad_residual = at::empty_like(x2);
-  at::Tensor grad_times_xhat = at::empty(x2.sizes(), x2.options().dtype(mean.scalar_type()));
+void norm_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                       const at::Tensor& mean, const at::Tensor& rstd, double p, int64_t seed, at::Tensor& grad_x,
+                       at::Tensor& grad_residual, at::Tensor& grad_times_xhat) {
   DISPATCH_FLOATS(x.scalar_type(), "dropout_add_layer_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    NormArgs<scalar_t> args = norm_args<scalar_t>(x2, r2, w, p, 0.0, seed);
-    args.grad = g2.const_data_ptr<scalar_t>();
+    NormArgs<scalar_t> args = norm_args<scalar_t>(x, residual, weight, p, 0.0, seed);
+    args.grad = grad.const_data_ptr<scalar_t>();
     args.out = grad_x.mutable_data_ptr<scalar_t>();
     args.grad_residual = grad_residual.mutable_data_ptr<scalar_t>();
     args.mean = const_cast<acc_t*>(mean.const_data_ptr<acc_t>());
     args.rstd = const_cast<acc_t*>(rstd.const_data_ptr<acc_t>());
     args.grad_times_xhat = grad_times_xhat.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, rows, grain_for(8 * x2.size(1)), [&](int64_t b, int64_t e) { norm_backward_rows_best(args, b, e); });
+    at::parallel_for(0, x.size(0), grain_for(8 * x.size(1)), [&](int64_t b, int64_t e) { norm_backward_rows_best(args, b, e); });
   });
-  // the weight and bias gradients: column sums (ATen's reduction)
-  at::Tensor grad_weight = grad_times_xhat.sum(0).to(weight.scalar_type());
-  at::Tensor grad_bias = g2.sum(0, false, mean.scalar_type()).to(weight.scalar_type());
-  return {grad_x.view(x.sizes()), grad_residual.view(x.sizes()), grad_weight, grad_bias};
 }
 
 }  // namespace
@@ -525,8 +502,15 @@ TORCH_LIBRARY_IMPL(convbert_fast, CPU, m) {
   m.impl("grouped_linear", &grouped_linear);
   m.impl("grouped_linear_gelu", &grouped_linear_gelu);
   m.impl("grouped_linear_backward", &grouped_linear_backward);
-  m.impl("dropout_add_layer_norm", &dropout_add_layer_norm_cpu);
-  m.impl("dropout_add_layer_norm_backward", &dropout_add_layer_norm_backward_cpu);
+  m.impl("dropout_add_layer_norm", [](const at::Tensor& x, const at::Tensor& r, const at::Tensor& w, const at::Tensor& b,
+                                      double p, double eps, const at::Tensor& seed) {
+    return dropout_add_layer_norm(x, r, w, b, p, eps, seed, &norm_forward_cpu);
+  });
+  m.impl("dropout_add_layer_norm_backward", [](const at::Tensor& g, const at::Tensor& x, const at::Tensor& r,
+                                               const at::Tensor& w, const at::Tensor& mean, const at::Tensor& rstd,
+                                               double p, const at::Tensor& seed) {
+    return dropout_add_layer_norm_backward(g, x, r, w, mean, rstd, p, seed, &norm_backward_cpu);
+  });
 }
 
 }  // namespace convbert_fast

@@ -94,44 +94,27 @@ at::Tensor depthwise_weight_grad_cuda(const at::Tensor& grad, const at::Tensor& 
   return partials.sum(0).to(x.scalar_type());  // a fixed-order reduction: the same bits every run
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_cuda(const at::Tensor& x,
-                                                                           const at::Tensor& residual,
-                                                                           const at::Tensor& weight,
-                                                                           const at::Tensor& bias, double p, double eps,
-                                                                           const at::Tensor& seed_tensor) {
-  check_dropout_add_layer_norm_args(x, residual, weight, bias, p);
-  const int64_t seed = dropout_seed(seed_tensor);
+void norm_forward_cuda(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, const at::Tensor& bias,
+                       double p, double eps, int64_t seed, at::Tensor& out, at::Tensor& mean, at::Tensor& rstd) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous(), rc = residual.contiguous(), w = weight.contiguous(), b = bias.contiguous();
-  const int64_t channels = x.size(-1), rows = channels == 0 ? 0 : x.numel() / channels;
-  at::Tensor out = at::empty_like(xc);
-  at::Tensor mean = at::empty({rows}, x.options().dtype(acc_dtype(x))), rstd = at::empty_like(mean);
-  check_launch(dropout_add_layer_norm_forward(dtype_of(x), xc.const_data_ptr(), rc.const_data_ptr(), w.const_data_ptr(),
-                                              b.const_data_ptr(), out.mutable_data_ptr(), mean.mutable_data_ptr(),
-                                              rstd.mutable_data_ptr(), rows, channels, static_cast<uint64_t>(seed), p,
-                                              eps, c10::cuda::getCurrentCUDAStream()),
+  check_launch(dropout_add_layer_norm_forward(dtype_of(x), x.const_data_ptr(), residual.const_data_ptr(),
+                                              weight.const_data_ptr(), bias.const_data_ptr(), out.mutable_data_ptr(),
+                                              mean.mutable_data_ptr(), rstd.mutable_data_ptr(), x.size(0), x.size(1),
+                                              static_cast<uint64_t>(seed), p, eps, c10::cuda::getCurrentCUDAStream()),
                "dropout_add_layer_norm");
-  return {out, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-    const at::Tensor& mean, const at::Tensor& rstd, double p, const at::Tensor& seed_tensor) {
-  const int64_t seed = dropout_seed(seed_tensor);
+void norm_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& residual,
+                        const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd, double p,
+                        int64_t seed, at::Tensor& grad_x, at::Tensor& grad_residual, at::Tensor& grad_times_xhat) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor g = grad_out.contiguous(), xc = x.contiguous(), rc = residual.contiguous(), w = weight.contiguous();
-  const int64_t channels = x.size(-1), rows = channels == 0 ? 0 : x.numel() / channels;
-  at::Tensor grad_x = at::empty_like(xc), grad_residual = at::empty_like(xc);
-  at::Tensor grad_times_xhat = at::empty({rows, channels}, x.options().dtype(acc_dtype(x)));
-  check_launch(dropout_add_layer_norm_backward(dtype_of(x), g.const_data_ptr(), xc.const_data_ptr(), rc.const_data_ptr(),
-                                               w.const_data_ptr(), mean.const_data_ptr(), rstd.const_data_ptr(),
-                                               grad_x.mutable_data_ptr(), grad_residual.mutable_data_ptr(),
-                                               grad_times_xhat.mutable_data_ptr(), rows, channels,
-                                               static_cast<uint64_t>(seed), p, c10::cuda::getCurrentCUDAStream()),
+  check_launch(dropout_add_layer_norm_backward(dtype_of(x), grad.const_data_ptr(), x.const_data_ptr(),
+                                               residual.const_data_ptr(), weight.const_data_ptr(), mean.const_data_ptr(),
+                                               rstd.const_data_ptr(), grad_x.mutable_data_ptr(),
+                                               grad_residual.mutable_data_ptr(), grad_times_xhat.mutable_data_ptr(),
+                                               x.size(0), x.size(1), static_cast<uint64_t>(seed), p,
+                                               c10::cuda::getCurrentCUDAStream()),
                "dropout_add_layer_norm_backward");
-  at::Tensor grad_weight = grad_times_xhat.sum(0).to(weight.scalar_type());
-  at::Tensor grad_bias = g.reshape({rows, channels}).sum(0, false, acc_dtype(x)).to(weight.scalar_type());
-  return {grad_x, grad_residual, grad_weight, grad_bias};
 }
 
 }  // namespace
@@ -144,8 +127,15 @@ TORCH_LIBRARY_IMPL(convbert_fast, CUDA, m) {
                                         const at::Tensor& kernel_logits, int64_t num_heads) {
     return dynamic_span_conv_concat(prefix, values, kernel_logits, num_heads, &span_conv_into_cuda);
   });
-  m.impl("dropout_add_layer_norm", &dropout_add_layer_norm_cuda);
-  m.impl("dropout_add_layer_norm_backward", &dropout_add_layer_norm_backward_cuda);
+  m.impl("dropout_add_layer_norm", [](const at::Tensor& x, const at::Tensor& r, const at::Tensor& w, const at::Tensor& b,
+                                      double p, double eps, const at::Tensor& seed) {
+    return dropout_add_layer_norm(x, r, w, b, p, eps, seed, &norm_forward_cuda);
+  });
+  m.impl("dropout_add_layer_norm_backward", [](const at::Tensor& g, const at::Tensor& x, const at::Tensor& r,
+                                               const at::Tensor& w, const at::Tensor& mean, const at::Tensor& rstd,
+                                               double p, const at::Tensor& seed) {
+    return dropout_add_layer_norm_backward(g, x, r, w, mean, rstd, p, seed, &norm_backward_cuda);
+  });
   m.impl("separable_conv1d", [](const at::Tensor& x, const at::Tensor& dw, const at::Tensor& pw, const at::Tensor& b) {
     return separable_conv1d(x, dw, pw, b, &depthwise_cuda);
   });
