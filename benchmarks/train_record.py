@@ -39,7 +39,8 @@ def main(argv=None) -> int:
             return result.returncode
         metrics = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     wall = re.search(r"loss .* in (\d+) s", result.stdout)
-    device = torch.device("cuda" if "--device" not in args.train_args and torch.cuda.is_available() else "cpu")
+    given = args.train_args[args.train_args.index("--device") + 1] if "--device" in args.train_args else None
+    device = torch.device(given or ("cuda" if torch.cuda.is_available() else "cpu"))
     record = {
         "kind": "train",
         "device": device_name(device),

@@ -3,8 +3,10 @@ side by side in one run, as a table, a JSON record and a plot.
 
 The model measured is the encoder (ConvBertModel) with a scalar loss on its output: the part our kernels
 change. A training step is forward + backward + AdamW step; inference is a forward under no_grad in eval mode.
-At each length the providers are timed in rounds, one call each per round, and each reports the median of its
-rounds: a drift in the machine's speed then falls on every provider alike.
+At each batch (L tokens a row, and with --pad a padded batch of the same L) the providers are timed in rounds,
+one call each per round, and each reports the median of its rounds: a drift in the machine's speed then falls
+on every provider alike. Compiled providers get fresh graphs per batch, and dynamo's counts say they ran them;
+each provider's memory is measured alone. `--markdown` writes the README's tables from committed records.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import gc
 import json
 import math
 import platform
-import statistics
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -773,13 +775,40 @@ def breakdown_markdown(record, path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def train_markdown(record, path) -> str:
+    steps = [m for m in record["metrics"] if "loss" in m]
+    evals = [m for m in record["metrics"] if "eval_loss" in m]
+    last = steps[-1]["step"]
+    shown = [m for m in steps if m["step"] == 1 or m["step"] % 30 == 0 or m["step"] == last]
+    n = min(10, len(steps) // 2)
+    first_mean, last_mean = (statistics.mean(m["loss"] for m in part) for part in (steps[:n], steps[-n:]))
+    held_out = "; ".join(
+        f"step {m['step']}: loss {m['eval_loss']:.2f}"
+        + (f", accuracy {100 * m['eval_accuracy']:.1f}% on the masked tokens" if "eval_accuracy" in m else "")
+        + (f", perplexity {m['eval_perplexity']:.0f}" if "eval_perplexity" in m else "")
+        for m in evals
+    )
+    tokens_per_s = statistics.median(m["tokens_per_s"] for m in steps)
+    loop = f"{record['train_loop_s']} s of training, " if record.get("train_loop_s") is not None else ""
+    return "\n".join([
+        "| step | " + " | ".join(str(m["step"]) for m in shown) + " |",
+        "|---" * (1 + len(shown)) + "|",
+        "| training loss | " + " | ".join(f"{m['loss']:.2f}" for m in shown) + " |",
+        "",
+        f"Means of the first and last {n} steps' losses: {first_mean:.2f} and {last_mean:.2f}. Held out: {held_out}. "
+        f"{loop}median {tokens_per_s:.0f} tokens/s. `{record['command']}`. " + _source(record, path),
+    ]) + "\n"  # fmt: skip
+
+
 def markdown_blocks(paths) -> dict[str, str]:
-    """README block name -> its markdown, from bench records (blocks `model`, `ops`) and breakdown records
-    (`breakdown`), in the order given."""
+    """README block name -> its markdown, from bench records (blocks `model`, `ops`), breakdown records
+    (`breakdown`) and training records (`training`, benchmarks/train_record.py), in the order given."""
     parts: dict[str, list[str]] = {}
     for path in paths:
         record = json.loads(Path(path).read_text())
-        if "breakdown_ms" in record:
+        if record.get("kind") == "train":
+            parts.setdefault("training", []).append(train_markdown(record, path))
+        elif "breakdown_ms" in record:
             parts.setdefault("breakdown", []).append(breakdown_markdown(record, path))
         else:
             parts.setdefault("model", []).append(model_markdown(record, path))
