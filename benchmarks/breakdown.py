@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    began = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **provenance()}
     on_gpu = device.type == "cuda"
     dtype = args.dtype or ("bf16" if on_gpu else "fp32")
     autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -139,8 +140,7 @@ def main(argv=None) -> int:
         shares = [f"{100 * m / sums[n]:.0f}%" for m, n in zip(ms, names)]
         print("| " + " | ".join([category] + [f"{m:.1f}" for m in ms] + shares) + " |")
     if args.json:
-        record = dict(device=device_name(device), versions=versions(device), **provenance(),
-                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        record = dict(device=device_name(device), versions=versions(device), **began,
                       layers=layers, batch_size=batch, seq_len=seq_len, dtype=dtype, rounds=args.rounds,
                       breakdown_ms=results, rounds_ms=all_rounds)  # fmt: skip
         with open(args.json, "w") as f:

@@ -615,6 +615,7 @@ def run(args) -> int:
     from .configs import named_config
 
     device = torch.device(args.device)
+    began = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **provenance()}
     # a position table long enough for every length asked for (speed does not depend on its size)
     config = named_config(args.config, num_hidden_layers=args.layers, max_position_embeddings=max(512, *args.seq_len))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -659,8 +660,7 @@ def run(args) -> int:
     record = {
         "device": device_name(device),
         "versions": versions(device),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **provenance(),
+        **began,  # the code that ran: the tree when the run began
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "command", "markdown", "readme",
                                                                        "check")},  # fmt: skip
         "memory_tool": memory_tool,
@@ -698,7 +698,8 @@ def _source(record, path) -> str:
 def model_markdown(record, path) -> str:
     s = record["settings"]
     lines = [
-        f"ConvBERT-{s['config']} encoder with {s['layers']} layers, B={s['batch_size']}, {s['dtype']}: medians of "
+        f"ConvBERT-{s['config']} encoder with {s['layers']} layer{'s' if s['layers'] != 1 else ''}, "
+        f"B={s['batch_size']}, {s['dtype']}: medians of "
         f"{s['repeats']} rounds in which the providers take turns; padded rows draw each row's length uniformly "
         "from [L/2, L] and pass the attention mask to both models; tokens/s counts real tokens; peak memory is "
         f"one training step of the provider alone ({record['memory_tool']}), activations are the peak less "
@@ -775,40 +776,13 @@ def breakdown_markdown(record, path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def train_markdown(record, path) -> str:
-    steps = [m for m in record["metrics"] if "loss" in m]
-    evals = [m for m in record["metrics"] if "eval_loss" in m]
-    last = steps[-1]["step"]
-    shown = [m for m in steps if m["step"] == 1 or m["step"] % 30 == 0 or m["step"] == last]
-    n = min(10, len(steps) // 2)
-    first_mean, last_mean = (statistics.mean(m["loss"] for m in part) for part in (steps[:n], steps[-n:]))
-    held_out = "; ".join(
-        f"step {m['step']}: loss {m['eval_loss']:.2f}"
-        + (f", accuracy {100 * m['eval_accuracy']:.1f}% on the masked tokens" if "eval_accuracy" in m else "")
-        + (f", perplexity {m['eval_perplexity']:.0f}" if "eval_perplexity" in m else "")
-        for m in evals
-    )
-    tokens_per_s = statistics.median(m["tokens_per_s"] for m in steps)
-    loop = f"{record['train_loop_s']} s of training, " if record.get("train_loop_s") is not None else ""
-    return "\n".join([
-        "| step | " + " | ".join(str(m["step"]) for m in shown) + " |",
-        "|---" * (1 + len(shown)) + "|",
-        "| training loss | " + " | ".join(f"{m['loss']:.2f}" for m in shown) + " |",
-        "",
-        f"Means of the first and last {n} steps' losses: {first_mean:.2f} and {last_mean:.2f}. Held out: {held_out}. "
-        f"{loop}median {tokens_per_s:.0f} tokens/s. `{record['command']}`. " + _source(record, path),
-    ]) + "\n"  # fmt: skip
-
-
 def markdown_blocks(paths) -> dict[str, str]:
-    """README block name -> its markdown, from bench records (blocks `model`, `ops`), breakdown records
-    (`breakdown`) and training records (`training`, benchmarks/train_record.py), in the order given."""
+    """README block name -> its markdown, from bench records (blocks `model`, `ops`) and breakdown records
+    (`breakdown`), in the order given."""
     parts: dict[str, list[str]] = {}
     for path in paths:
         record = json.loads(Path(path).read_text())
-        if record.get("kind") == "train":
-            parts.setdefault("training", []).append(train_markdown(record, path))
-        elif "breakdown_ms" in record:
+        if "breakdown_ms" in record:
             parts.setdefault("breakdown", []).append(breakdown_markdown(record, path))
         else:
             parts.setdefault("model", []).append(model_markdown(record, path))
