@@ -159,9 +159,10 @@ def train_step_flops(model, batch_size, seq_len, device) -> float:
 
 
 def summary_of(times: list[float]) -> tuple[float, list[float]]:
-    """(median, [p20, p50, p80]) of timings in ms."""
+    """(median, [p20, p50, p80]) of timings in ms; the quantiles interpolate between the rounds (the default
+    `exclusive` method extrapolates past them, to below zero with 3 rounds)."""
     times = sorted(times)
-    quantiles = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
+    quantiles = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
     return statistics.median(times), [quantiles[0], statistics.median(times), quantiles[-1]]
 
 

@@ -124,6 +124,11 @@ def test_padded_batches_are_seeded_and_masked():
     assert mask is None and tokens == 18
 
 
+def test_quantiles_stay_within_the_rounds():
+    median, (p20, p50, p80) = bench_module.summary_of([300.0, 100.0, 200.0])
+    assert median == p50 == 200.0 and 100.0 <= p20 < 200.0 < p80 <= 300.0
+
+
 def test_cpu_peak_counts_what_a_step_allocates():
     keep = []
 
