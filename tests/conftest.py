@@ -50,6 +50,14 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(f"{label:<56} {diff:.3e}")
 
 
+def unless_runs(backend_name: str, device: str):
+    """A mark that skips the test, with the reason, where `backend_name` cannot run on `device` with these
+    versions: torch 2.11's wrap_triton refuses Triton's interpreted kernels, triton < 3.9's interpreter fails
+    on numpy 2.4, and on a GPU machine the interpreter is off."""
+    gap = cf.ops.backend.device_gaps().get((backend_name, device))
+    return pytest.mark.skipif(gap is not None, reason=f"{backend_name} on {device}: {gap}")
+
+
 @pytest.fixture(autouse=True)
 def _default_backend():
     """Every test starts on `auto` and leaves it there."""

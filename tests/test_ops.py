@@ -16,6 +16,7 @@ from reference import (
 )
 
 import convbert_fast as cf
+from conftest import unless_runs
 from convbert_fast.ops import backend
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -59,7 +60,8 @@ NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 BACKEND_DEVICES = [
     pytest.param(("eager", "cpu"), id="eager-cpu"),
     pytest.param(("cpp", "cpu"), id="cpp-cpu"),
-    pytest.param(("triton", "cpu"), id="triton-cpu"),  # the interpreter (tests/conftest.py sets it)
+    # the interpreter (tests/conftest.py sets it)
+    pytest.param(("triton", "cpu"), id="triton-cpu", marks=unless_runs("triton", "cpu")),
     pytest.param(("eager", "cuda"), id="eager-cuda", marks=NO_GPU),
     pytest.param(("cpp", "cuda"), id="cpp-cuda", marks=NO_GPU),
     pytest.param(("triton", "cuda"), id="triton-cuda", marks=NO_GPU),
