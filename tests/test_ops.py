@@ -547,7 +547,9 @@ def _triton_opcheck_samples(device, gen):
     return samples
 
 
-@pytest.mark.parametrize("device", CPP_DEVICES)
+@pytest.mark.parametrize(
+    "device", [pytest.param("cpu", id="cpu", marks=unless_runs("triton", "cpu")), *CPP_DEVICES[1:]]
+)
 def test_opcheck_every_triton_sample(device, rng):
     """The same checks for the Triton ops. The interpreter cannot run a kernel on the fake tensors of AOT
     dispatch, so on the CPU that one check is left to the GPU run (tools/gpu_check.sh)."""
