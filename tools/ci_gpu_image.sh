@@ -47,7 +47,7 @@ make_venv() {  # the cached venv of the image's versions; a half-made one (no .c
         return
     fi
     echo "ci_gpu_image: making $venv (torch 2.11.0 with its CUDA libraries: several GB to download)"
-    rm -rf "$venv"
+    rm -rf "$(dirname "$venv")"/gpu-image-*  # this one half-made, or others of older requirements (5 GB each)
     "$base_python" -m venv "$venv"
     "$venv/bin/python" -m pip install -q -r "$requirements"
     touch "$venv/.complete"
@@ -89,7 +89,8 @@ print('ci_gpu_image: python', sys.version.split()[0], '| torch', torch.__version
 timed "the metadata check" check_metadata
 
 work=$(mktemp -d)
-trap 'rm -rf "$work"; "$python" -m pip uninstall -q -y convbert_fast >/dev/null 2>&1 || true' EXIT
+# the venv stays as it was made: the editable install of this copy goes with the copy
+trap 'cd /; "$python" -m pip uninstall -q -y convbert_fast >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 git ls-files -z -co --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$work"
 cd "$work"
 timed "the CUDA build (sm_80, sm_90)" env TORCH_CUDA_ARCH_LIST="$arches" \
