@@ -23,10 +23,12 @@ import argparse
 import ast
 import contextlib
 import hashlib
+import importlib
 import io
 import json
 import multiprocessing
 import os
+import pkgutil
 import re
 import resource
 import shutil
@@ -103,11 +105,13 @@ class _Recorder:
 
 
 def record_launches():
-    from convbert_fast.ops.triton import grouped_linear, separable_conv, span_conv
+    import convbert_fast.ops.triton as package
 
-    log, context = [], {}
-    for module in (grouped_linear, separable_conv, span_conv):
+    log, context, op = [], {}, {}
+    for info in pkgutil.iter_modules(package.__path__):  # every launcher module, whatever its file is called
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
         module.wrap_triton = lambda kernel: _Recorder(log, context, kernel)
+        op.update({name: getattr(module, name) for name in dir(module) if name.endswith("_triton_op")})
 
     def empty(*shape, dtype):  # nothing runs: only shapes, dtypes, strides and alignment count
         return torch.empty(*shape, dtype=dtype)
@@ -116,25 +120,25 @@ def record_launches():
         x, dw, pw = empty(b, l, c, dtype=dtype), empty(c, 1, k, dtype=dtype), empty(a, c, 1, dtype=dtype)
         bias, mult = empty(a, 1, dtype=dtype), empty(b, l, a, dtype=dtype)
         context["K"] = k
-        separable_conv.separable_conv1d_triton_op(x, dw, pw, bias)
-        separable_conv.separable_conv1d_mul_triton_op(x, dw, pw, bias, mult)
-        separable_conv.separable_conv1d_backward_triton_op(mult, x, dw, pw, bias)
+        op["separable_conv1d_triton_op"](x, dw, pw, bias)
+        op["separable_conv1d_mul_triton_op"](x, dw, pw, bias, mult)
+        op["separable_conv1d_backward_triton_op"](mult, x, dw, pw, bias)
 
     def span(b, l, heads, d, k, dtype, prefix=False):
         values, logits = empty(b, l, heads * d, dtype=dtype), empty(b, l, heads * k, dtype=dtype)
         context["K"] = k
-        span_conv.dynamic_span_conv_triton_op(values, logits, heads)
+        op["dynamic_span_conv_triton_op"](values, logits, heads)
         if prefix:  # as the model calls it: the attention context [B, H, L, D] transposed
             attention = empty(b, heads, l, d, dtype=dtype).transpose(1, 2)
-            span_conv.dynamic_span_conv_concat_triton_op(attention, values, logits, heads)
-        span_conv.dynamic_span_conv_backward_triton_op(values, values, logits, heads)
+            op["dynamic_span_conv_concat_triton_op"](attention, values, logits, heads)
+        op["dynamic_span_conv_backward_triton_op"](values, values, logits, heads)
 
     def grouped(lead, g, gin, gout, dtype):
         x, w, bias = empty(*lead, g * gin, dtype=dtype), empty(g, gin, gout, dtype=dtype), empty(g * gout, dtype=dtype)
         context["K"] = None
-        grouped_linear.grouped_linear_triton_op(x, w, bias)
-        grouped_linear.grouped_linear_gelu_triton_op(x, w, bias)
-        grouped_linear.grouped_linear_backward_triton_op(empty(*lead, g * gout, dtype=dtype), x, w)
+        op["grouped_linear_triton_op"](x, w, bias)
+        op["grouped_linear_gelu_triton_op"](x, w, bias)
+        op["grouped_linear_backward_triton_op"](empty(*lead, g * gout, dtype=dtype), x, w)
 
     for label, dtype, matmul_precision in DTYPES:
         torch.set_float32_matmul_precision(matmul_precision)  # fp32 dots follow it: IEEE or TF32 configs
@@ -277,7 +281,7 @@ def run(tasks, jobs, budget, cache_path):
     print(f"triton_aot_check: {len(tasks)} compiles, {len(tasks) - len(todo)} cached, {len(todo)} to run", flush=True)
     _TASKS[:] = tasks
     if todo:
-        todo.sort(key=lambda i: -(tasks[i][1].get("K") or 0))  # the largest K (the longest compiles) first
+        todo.sort(key=lambda i: (tasks[i][1]["suite"] != "models", -(tasks[i][1].get("K") or 0)))
         scratch = tempfile.mkdtemp(prefix="triton-aot-")
         pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("fork"), _worker_init, (scratch,))
         with contextlib.ExitStack() as cleanup, pool:
@@ -321,7 +325,8 @@ def problems(labels, result):
 
 
 def report(rows):
-    """One line per kernel, dtype, config and arch: the worst over its specialisations (shapes, K)."""
+    """One line per kernel, dtype, config and arch: the worst over its specialisations (shapes, K): registers,
+    bytes of spill stores (ptxas), shared memory per block (Triton), CPU seconds of the slowest compile."""
     table = {}
     for labels, result in rows:
         line = (labels["kernel"], labels["dtype"], labels["config"], labels["arch"])
@@ -333,16 +338,16 @@ def report(rows):
             entry["error"] = True
             continue
         entry["regs"] = max(entry["regs"], result["regs"])
-        entry["spill"] = max(entry["spill"], result["spill_stores"] + result["spill_loads"])
+        entry["spill"] = max(entry["spill"], result["spill_stores"])
         entry["shared"] = max(entry["shared"], result["shared"])
         entry["seconds"] = max(entry["seconds"], result["seconds"])
-    header = f"{'kernel':<24} {'dtype':<5} {'config':<22} {'sm':>3} {'n':>3} {'regs':>5} {'spill B':>8} "
+    header = f"{'kernel':<30} {'dtype':<5} {'config':<22} {'sm':>3} {'n':>3} {'regs':>5} {'spill st':>8} "
     print(header + f"{'smem B':>8} {'max s':>6}  K")
     for (kernel, dtype, config, arch), e in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3])):
         ks = ",".join(str(k) for k in sorted(e["K"]))
         flag = "  FAILED" if e.get("error") else ""
         print(
-            f"{kernel:<24} {dtype:<5} {config:<22} {arch:>3} {e['n']:>3} {e['regs']:>5} {e['spill']:>8} "
+            f"{kernel:<30} {dtype:<5} {config:<22} {arch:>3} {e['n']:>3} {e['regs']:>5} {e['spill']:>8} "
             f"{e['shared']:>8} {e['seconds']:>6.1f}  {ks}{flag}"
         )
 

@@ -25,7 +25,8 @@ def _config(m, n, k, warps):
 # Tile configs per dot family (see numerics.dot_family); tools/triton_aot_check.py checks that each fits the
 # A100's and H100's shared memory and registers.
 _CONFIGS = {
-    "16bit": [_config(128, 128, 32, 8), _config(64, 128, 32, 8), _config(64, 64, 32, 4)],
+    # 128x128x32: 44 B spilled on sm_80 (triton 3.6)
+    "16bit": [_config(128, 128, 16, 8), _config(64, 128, 32, 8), _config(64, 64, 32, 4)],
     # the depthwise tile is computed in registers from K loads of it: 4-byte tiles take a shorter BLOCK_K
     "tf32": [_config(128, 128, 16, 8), _config(64, 128, 16, 8), _config(64, 64, 16, 4)],
     # FMA dots hold their operands' rows and columns over all of BLOCK_K in registers: a short BLOCK_K
@@ -35,16 +36,20 @@ _CONFIGS = {
 
 
 @triton.jit
-def _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, K: tl.constexpr, ACC: tl.constexpr):
-    """sum_j taps[j, c] * x[row + j - K/2, c] for a [rows, cols] tile, zero outside each sequence."""
+def _depthwise_tile(
+    x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, kernel_size, K: tl.constexpr, ACC: tl.constexpr,
+    UNROLL: tl.constexpr
+):
+    """sum_j taps[j, c] * x[row + j - K/2, c] for a [rows, cols] tile, zero outside each sequence. kernel_size is
+    K as a runtime value: the loop's trip count when it is not unrolled."""
     t = rows % seq_len
     col_ok = cols < channels
     acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=ACC)
-    if K <= MAX_UNROLL:
+    if UNROLL and K <= MAX_UNROLL:
         for j in tl.static_range(K):
             acc = _depthwise_tap(acc, x_ptr, taps_ptr, rows, t, seq_len, total_rows, channels, cols, col_ok, j, K, ACC)
-    else:  # a loop, not K unrolled copies: compile time
-        for j in range(K):
+    else:
+        for j in range(0, kernel_size):
             acc = _depthwise_tap(acc, x_ptr, taps_ptr, rows, t, seq_len, total_rows, channels, cols, col_ok, j, K, ACC)
     return acc
 
@@ -70,6 +75,7 @@ def _separable_fwd_kernel(
     seq_len,
     channels,
     out_channels,
+    kernel_size,
     K: tl.constexpr,
     HAS_MULTIPLIER: tl.constexpr,
     ACC: tl.constexpr,
@@ -86,7 +92,9 @@ def _separable_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for c0 in range(0, channels, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
-        mixed = _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, K, ACC)
+        # a loop over the taps even for small K: the K loads of an unrolled tile, in registers beside the dot's
+        # accumulator, spilled (up to 72 B at K = 9 on sm_80)
+        mixed = _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, kernel_size, K, ACC, False)
         pointwise = tl.load(
             pointwise_ptr + outs[None, :] * channels + cols[:, None],
             mask=(cols < channels)[:, None] & (outs < out_channels)[None, :],
@@ -122,6 +130,7 @@ def _depthwise_kernel(
     total_rows,
     seq_len,
     channels,
+    kernel_size,
     K: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -129,7 +138,7 @@ def _depthwise_kernel(
 ):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    acc = _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, K, ACC)
+    acc = _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, kernel_size, K, ACC, True)
     mask = (rows < total_rows)[:, None] & (cols < channels)[None, :]
     tl.store(out_ptr + rows[:, None] * channels + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -142,6 +151,7 @@ def _tap_grad_kernel(
     total_rows,
     seq_len,
     channels,
+    kernel_size,
     K: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -162,8 +172,8 @@ def _tap_grad_kernel(
     if K <= MAX_UNROLL:
         for j in tl.static_range(K):
             _tap_grad_tap(grad, x_ptr, partials_ptr, chunk, rows, t, seq_len, total_rows, channels, cols, col_ok, j, K, ACC)
-    else:  # a loop, not K unrolled copies: compile time
-        for j in range(K):
+    else:
+        for j in range(0, kernel_size):
             _tap_grad_tap(grad, x_ptr, partials_ptr, chunk, rows, t, seq_len, total_rows, channels, cols, col_ok, j, K, ACC)
 
 
@@ -192,6 +202,7 @@ def _depthwise(x2d, taps, seq_len):
             rows,
             seq_len,
             channels,
+            taps.shape[0],
             K=taps.shape[0],
             ACC=numerics(x2d.dtype)["ACC"],
             BLOCK_M=_BLOCK_M,
@@ -215,6 +226,7 @@ def _tap_grad(grad2d, x2d, seq_len, kernel_size):
             rows,
             seq_len,
             channels,
+            kernel_size,
             K=kernel_size,
             ACC=numerics(x2d.dtype)["ACC"],
             BLOCK_M=_BLOCK_M,
@@ -250,6 +262,7 @@ def _run(x, depthwise_weight, pointwise_weight, bias, multiplier):
             seq_len,
             channels,
             out_channels,
+            depthwise_weight.shape[-1],
             K=depthwise_weight.shape[-1],
             HAS_MULTIPLIER=multiplier is not None,
             **numerics(dtype),

@@ -38,6 +38,7 @@ def _span_conv_fwd_kernel(
     out_ptr,
     seq_len,
     head_size,
+    kernel_size,
     stride_vb,
     stride_vl,
     stride_kb,
@@ -61,8 +62,8 @@ def _span_conv_fwd_kernel(
         if K <= MAX_UNROLL:
             for j in tl.static_range(K):
                 acc = _value_tap(acc, values, weights, rows, dims, seq_len, head_size, stride_vl, taps, j, K, ACC)
-        else:  # a loop, not K unrolled copies: compile time
-            for j in range(K):
+        else:
+            for j in range(0, kernel_size):
                 acc = _value_tap(acc, values, weights, rows, dims, seq_len, head_size, stride_vl, taps, j, K, ACC)
         store_ok = (rows < seq_len)[:, None] & (dims < head_size)[None, :]
         tl.store(
@@ -91,6 +92,7 @@ def _span_conv_grad_logits_kernel(
     probs_ptr,
     seq_len,
     head_size,
+    kernel_size,
     stride_lb,
     stride_ll,
     stride_kb,
@@ -122,8 +124,8 @@ def _span_conv_grad_logits_kernel(
             for j in tl.static_range(K):
                 grad_weights = _grad_weight_tap(grad_weights, grad_rows, values_ptr + base, rows, dims, dims_ok,
                                                 seq_len, stride_ll, taps, j, K, ACC)
-        else:  # a loop, not K unrolled copies: compile time
-            for j in range(K):
+        else:
+            for j in range(0, kernel_size):
                 grad_weights = _grad_weight_tap(grad_weights, grad_rows, values_ptr + base, rows, dims, dims_ok,
                                                 seq_len, stride_ll, taps, j, K, ACC)
     # softmax backward: dlogit_j = w_j (dw_j - sum_i w_i dw_i)
@@ -151,6 +153,7 @@ def _span_conv_grad_values_kernel(
     grad_values_ptr,
     seq_len,
     head_size,
+    kernel_size,
     stride_lb,
     stride_ll,
     stride_kb,
@@ -175,8 +178,8 @@ def _span_conv_grad_values_kernel(
             for j in tl.static_range(K):
                 acc = _grad_value_tap(acc, grad_ptr + base, probs, rows, dims, dims_ok, seq_len, stride_ll,
                                       stride_kl, j, K, ACC)
-        else:  # a loop, not K unrolled copies: compile time
-            for j in range(K):
+        else:
+            for j in range(0, kernel_size):
                 acc = _grad_value_tap(acc, grad_ptr + base, probs, rows, dims, dims_ok, seq_len, stride_ll,
                                       stride_kl, j, K, ACC)
         tl.store(
@@ -219,6 +222,7 @@ def _span_conv_forward_into(values, kernel_logits, num_heads, out):  # out [B, L
             out,
             seq_len,
             head_size,
+            kernel_size,
             values.stride(0),
             values.stride(1),
             kernel_logits.stride(0),
@@ -265,11 +269,11 @@ def dynamic_span_conv_backward_triton_op(
                             torch.float32, device=values.device)
         strides = (values.stride(0), values.stride(1), kernel_logits.stride(0), kernel_logits.stride(1))
         wrap_triton(_span_conv_grad_logits_kernel)[grid](
-            grad_out, values, kernel_logits, grad_logits, probs, seq_len, head_size, *strides, **config
+            grad_out, values, kernel_logits, grad_logits, probs, seq_len, head_size, kernel_size, *strides, **config
         )
         del config["K_PAD"]  # the second kernel reads the weights, not the logits
         wrap_triton(_span_conv_grad_values_kernel)[grid](
-            grad_out, probs, grad_values, seq_len, head_size, *strides, **config
+            grad_out, probs, grad_values, seq_len, head_size, kernel_size, *strides, **config
         )
     return grad_values, grad_logits
 
