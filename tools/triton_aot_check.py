@@ -55,8 +55,21 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 # The shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin): A100, H100.
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
-# Spills tolerated: (kernel, dtype) -> why. Anything else that spills fails the check.
-SPILL_EXCEPTIONS: dict[tuple[str, str], str] = {}
+# Spills tolerated: (kernel, dtype) -> (most bytes of spill stores, why). Anything else that spills fails.
+_FP64 = "fp64: twice the registers per value; only the fp64 gradchecks/tests launch it"
+SPILL_EXCEPTIONS: dict[tuple[str, str], tuple[int, str]] = {
+    ("_depthwise_kernel", "fp64"): (512, _FP64 + " (288 B on sm_90, triton 3.6)"),
+    ("_tap_grad_kernel", "fp64"): (64, _FP64),
+    ("_span_conv_fwd_kernel", "fp64"): (64, _FP64),
+    ("_span_conv_grad_values_kernel", "fp64"): (64, _FP64),
+    ("_separable_fwd_kernel", "fp64"): (64, _FP64),
+    ("_span_conv_grad_logits_kernel", "fp64"): (64, _FP64),
+    # Not fp64, still open: sm_80 only, 4-8 B, in test-case launches (the no-autotune 16x16x16 config at K=9,
+    # and K=5 for the span kernel), not in the models' tuned launches.
+    ("_separable_fwd_kernel", "bf16"): (16, "open: sm_80, no-autotune config, 8 B (triton 3.6)"),
+    ("_separable_fwd_kernel", "fp16"): (16, "open: sm_80, no-autotune config, 8 B (triton 3.9)"),
+    ("_span_conv_grad_logits_kernel", "bf16"): (8, "open: triton 3.6, sm_80, K=5, 4 B"),
+}
 
 # (label, dtype, torch.set_float32_matmul_precision): fp32 twice, its dots in IEEE fp32 and in TF32
 DTYPES = [
@@ -319,7 +332,8 @@ def problems(labels, result):
     if result["shared"] > SHARED_LIMIT[labels["arch"]]:
         found.append(f"shared memory {result['shared']} B > {SHARED_LIMIT[labels['arch']]} B")
     spills = result["spill_stores"] + result["spill_loads"]
-    if spills and (labels["kernel"], labels["dtype"]) not in SPILL_EXCEPTIONS:
+    allowed = SPILL_EXCEPTIONS.get((labels["kernel"], labels["dtype"]), (0, ""))[0]
+    if result["spill_stores"] > allowed or (spills and not allowed):
         found.append(f"spills {result['spill_stores']} B stored, {result['spill_loads']} B loaded")
     return found
 
