@@ -63,6 +63,31 @@ def test_available_backends_reports_each_backend():
     assert status == {"eager": "ok", "cpp": "ok", "triton": "ok"}  # ./install.sh builds _C and installs triton
 
 
+@pytest.mark.parametrize("setting,expected", [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")])
+def test_triton_fp32_dots_follow_torchs_matmul_precision(monkeypatch, setting, expected):
+    """fp32 dots take TF32 exactly when torch's own fp32 matmuls do (torch.set_float32_matmul_precision); fp64
+    stays IEEE and fp16/bf16 are unaffected. Checked on what the launchers pass to the kernels."""
+    from convbert_fast.ops.triton import grouped_linear, separable_conv1d
+
+    launches = []
+
+    class Record:  # stands in for wrap_triton(kernel): kernel[grid](*args, **kwargs) is logged, not run
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    for module in (grouped_linear, separable_conv1d):
+        monkeypatch.setattr(module, "wrap_triton", lambda kernel: Record())
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(setting)
+    try:
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            grouped_linear.grouped_linear_triton_op(*grouped_inputs((2, 3), 2, 4, 4, dtype))
+            separable_conv1d.separable_conv1d_triton_op(*separable_inputs(1, 5, 4, 4, 3, dtype))
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert [kw["DOT_PRECISION"] for kw in launches] == [expected] * 2 + ["ieee"] * 2 + ["tf32"] * 2
+
+
 def test_triton_on_cpu_tensors_needs_the_interpreter():
     import subprocess
     import sys

@@ -61,25 +61,57 @@ def interpreter_gap() -> str | None:
 AUTOTUNE = os.environ.get("CONVBERT_FAST_TRITON_AUTOTUNE", "1") not in ("", "0") and not INTERPRET
 
 
+# Loops over the K taps are unrolled up to this K (ConvBERT's own K is 9); longer ones run as loops over a runtime
+# trip count (kernel_size), so that neither Triton nor LLVM unrolls them: unrolled, K = 15 spilled up to 7 KB
+# and K = 63 took minutes to compile.
+MAX_UNROLL = triton.language.constexpr(9) if AVAILABLE else None
+# two warps: with one, 8 B spilled on sm_90 (triton 3.6, fp16 separable conv)
+NO_AUTOTUNE_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=2) if AVAILABLE else None
+
+
 def tuning_configs(tuned):
     """`tuned` (a list of triton.Config) when autotuning, else one small config (the interpreter runs every
     config it is given)."""
     if AUTOTUNE:
         return tuned
-    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
+    return [NO_AUTOTUNE_CONFIG]
+
+
+def fp32_dots_take_tf32() -> bool:
+    """Whether torch's own CUDA matmuls take TF32 for fp32 now (torch.backends.cuda.matmul.fp32_precision, which
+    torch.set_float32_matmul_precision and the legacy allow_tf32 flag also set); the fp32 dots follow it."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9; "none" inherits the global setting, shown here
+        return matmul.fp32_precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+def dot_family(dtype) -> str:
+    """How the kernels' dots run for inputs of `dtype`, each with its own tile configs: "16bit" (fp16/bf16 on
+    tensor cores), "tf32" (fp32 as TF32 on tensor cores), "ieee" (fp32 in full precision: FMA dots whose
+    accumulators live in registers, so smaller tiles) or "fp64"."""
+    import torch
+
+    if dtype == torch.float64:
+        return "fp64"
+    if dtype == torch.float32:
+        return "tf32" if fp32_dots_take_tf32() else "ieee"
+    return "16bit"
 
 
 def numerics(dtype) -> dict:
     """The kernels' numeric constants for inputs of `dtype`: the accumulator (fp64 for fp64, else fp32), the
-    tl.dot precision (fp32 stays IEEE fp32, no TF32), and whether tl.dot gets its bf16 tiles as fp32: Triton's
-    interpreter multiplies bf16 tiles as raw bits (bf16 x bf16 products are exact in fp32 and the accumulator
-    is fp32 either way); GPUs take bf16 as is."""
+    tl.dot precision (see dot_family), and whether tl.dot gets its bf16 tiles as fp32: Triton's interpreter
+    multiplies bf16 tiles as raw bits (bf16 x bf16 products are exact in fp32 and the accumulator is fp32 either
+    way); GPUs take bf16 as is."""
     import torch
     import triton.language as tl
 
     return dict(
         ACC=tl.float64 if dtype == torch.float64 else tl.float32,
-        DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+        DOT_PRECISION="ieee" if dot_family(dtype) in ("ieee", "fp64") else "tf32",
         UPCAST_DOT=INTERPRET and dtype == torch.bfloat16,
     )
 

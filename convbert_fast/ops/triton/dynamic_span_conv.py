@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import INTERPRET, numerics
+from . import INTERPRET, MAX_UNROLL, numerics
 
 
 @triton.jit
@@ -36,6 +36,7 @@ def _span_conv_fwd_kernel(
     out_ptr,
     seq_len,
     head_size,
+    kernel_size,
     stride_vb,
     stride_vl,
     stride_kb,
@@ -60,12 +61,12 @@ def _span_conv_fwd_kernel(
     for d0 in range(0, head_size, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
         acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC)
-        for j in tl.static_range(K):
-            source = rows + j - (K - 1) // 2
-            ok = ((source >= 0) & (source < seq_len))[:, None] & (dims < head_size)[None, :]
-            v = tl.load(values + source[:, None] * stride_vl + dims[None, :], mask=ok, other=0.0).to(ACC)
-            w_j = tl.sum(tl.where(taps[None, :] == j, weights, 0.0), axis=1)
-            acc += w_j[:, None] * v
+        if K <= MAX_UNROLL:
+            for j in tl.static_range(K):
+                acc = _value_tap(acc, values, weights, rows, dims, seq_len, head_size, stride_vl, taps, j, K, ACC)
+        else:
+            for j in range(0, kernel_size):
+                acc = _value_tap(acc, values, weights, rows, dims, seq_len, head_size, stride_vl, taps, j, K, ACC)
         store_ok = (rows < seq_len)[:, None] & (dims < head_size)[None, :]
         tl.store(
             out_ptr + b * stride_ob + rows[:, None] * stride_ol + head * head_size + dims[None, :],
@@ -75,14 +76,25 @@ def _span_conv_fwd_kernel(
 
 
 @triton.jit
-def _span_conv_bwd_kernel(
+def _value_tap(acc, values, weights, rows, dims, seq_len, head_size, stride_vl, taps, j, K, ACC):
+    """acc += weight j of each row x values at row + j - K/2."""
+    source = rows + j - (K - 1) // 2
+    ok = ((source >= 0) & (source < seq_len))[:, None] & (dims < head_size)[None, :]
+    v = tl.load(values + source[:, None] * stride_vl + dims[None, :], mask=ok, other=0.0).to(ACC)
+    w_j = tl.sum(tl.where(taps[None, :] == j, weights, 0.0), axis=1)
+    return acc + w_j[:, None] * v
+
+
+@triton.jit
+def _span_conv_grad_logits_kernel(
     grad_ptr,
     values_ptr,
     logits_ptr,
-    grad_values_ptr,
     grad_logits_ptr,
+    probs_ptr,
     seq_len,
     head_size,
+    kernel_size,
     stride_lb,
     stride_ll,
     stride_kb,
@@ -93,13 +105,13 @@ def _span_conv_bwd_kernel(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """grad, values, grad_values share strides (stride_lb, stride_ll); logits and grad_logits (stride_kb, stride_kl)."""
+    """d(logits) of a tile of rows of one head: d(weight j) = grad . values at row + j - K/2, then the softmax
+    backward. The softmax weights go to probs (logits' strides, ACC dtype) for _span_conv_grad_values_kernel.
+    grad and values share strides (stride_lb, stride_ll); logits, grad_logits and probs (stride_kb, stride_kl)."""
     tile, head, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # 64-bit offsets
-    half = (K - 1) // 2
     rows = (tile * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
     taps = tl.arange(0, K_PAD)
-    logits = logits_ptr + b * stride_kb
-    weights = _softmax_rows(logits, rows, seq_len, stride_kl, head * K, taps, K, ACC)
+    weights = _softmax_rows(logits_ptr + b * stride_kb, rows, seq_len, stride_kl, head * K, taps, K, ACC)
     base = b * stride_lb + head * head_size
     grad_weights = tl.zeros([BLOCK_L, K_PAD], dtype=ACC)
     for d0 in range(0, head_size, BLOCK_D):
@@ -110,39 +122,89 @@ def _span_conv_bwd_kernel(
             mask=(rows < seq_len)[:, None] & dims_ok,
             other=0.0,
         ).to(ACC)
-        grad_values = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC)
-        for j in tl.static_range(K):
-            # tap j of these rows read rows + j - half: d(weight j) = grad . values there
-            source = rows + j - half
-            ok = ((source >= 0) & (source < seq_len))[:, None] & dims_ok
-            v = tl.load(values_ptr + base + source[:, None] * stride_ll + dims[None, :], mask=ok, other=0.0)
-            g_j = tl.sum(grad_rows * v.to(ACC), axis=1)
-            grad_weights += tl.where(taps[None, :] == j, g_j[:, None], 0.0)
-            # these rows were read by tap j of rows - j + half: gather their weight j and gradient
-            reader = rows - j + half
-            ok = ((reader >= 0) & (reader < seq_len))[:, None] & dims_ok
-            reader_weights = _softmax_rows(logits, reader, seq_len, stride_kl, head * K, taps, K, ACC)
-            w_j = tl.sum(tl.where(taps[None, :] == j, reader_weights, 0.0), axis=1)
-            g = tl.load(grad_ptr + base + reader[:, None] * stride_ll + dims[None, :], mask=ok, other=0.0)
-            grad_values += w_j[:, None] * g.to(ACC)
-        tl.store(
-            grad_values_ptr + base + rows[:, None] * stride_ll + dims[None, :],
-            grad_values.to(grad_values_ptr.dtype.element_ty),
-            mask=(rows < seq_len)[:, None] & dims_ok,
-        )
+        if K <= MAX_UNROLL:
+            for j in tl.static_range(K):
+                grad_weights = _grad_weight_tap(grad_weights, grad_rows, values_ptr + base, rows, dims, dims_ok,
+                                                seq_len, stride_ll, taps, j, K, ACC)
+        else:
+            for j in range(0, kernel_size):
+                grad_weights = _grad_weight_tap(grad_weights, grad_rows, values_ptr + base, rows, dims, dims_ok,
+                                                seq_len, stride_ll, taps, j, K, ACC)
     # softmax backward: dlogit_j = w_j (dw_j - sum_i w_i dw_i)
     grad_logits = weights * (grad_weights - tl.sum(weights * grad_weights, axis=1)[:, None])
-    tl.store(
-        grad_logits_ptr + b * stride_kb + rows[:, None] * stride_kl + head * K + taps[None, :],
-        grad_logits.to(grad_logits_ptr.dtype.element_ty),
-        mask=(rows < seq_len)[:, None] & (taps < K)[None, :],
-    )
+    offsets = b * stride_kb + rows[:, None] * stride_kl + head * K + taps[None, :]
+    mask = (rows < seq_len)[:, None] & (taps < K)[None, :]
+    tl.store(grad_logits_ptr + offsets, grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+    tl.store(probs_ptr + offsets, weights, mask=mask)
+
+
+@triton.jit
+def _grad_weight_tap(grad_weights, grad_rows, values, rows, dims, dims_ok, seq_len, stride_ll, taps, j, K, ACC):
+    """grad_weights[:, j] += grad . values at rows + j - K/2 (tap j of these rows read there)."""
+    source = rows + j - (K - 1) // 2
+    ok = ((source >= 0) & (source < seq_len))[:, None] & dims_ok
+    v = tl.load(values + source[:, None] * stride_ll + dims[None, :], mask=ok, other=0.0)
+    g_j = tl.sum(grad_rows * v.to(ACC), axis=1)
+    return grad_weights + tl.where(taps[None, :] == j, g_j[:, None], 0.0)
+
+
+@triton.jit
+def _span_conv_grad_values_kernel(
+    grad_ptr,
+    probs_ptr,
+    grad_values_ptr,
+    seq_len,
+    head_size,
+    kernel_size,
+    stride_lb,
+    stride_ll,
+    stride_kb,
+    stride_kl,
+    K: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """d(values) of a tile of rows of one head: these rows were read by tap j of rows - j + K/2, so they gather
+    that row's weight j (from probs) times its gradient. grad and grad_values share (stride_lb, stride_ll); probs
+    has (stride_kb, stride_kl)."""
+    tile, head, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # 64-bit offsets
+    rows = (tile * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
+    base = b * stride_lb + head * head_size
+    probs = probs_ptr + b * stride_kb + head * K
+    for d0 in range(0, head_size, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        dims_ok = (dims < head_size)[None, :]
+        acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC)
+        if K <= MAX_UNROLL:
+            for j in tl.static_range(K):
+                acc = _grad_value_tap(acc, grad_ptr + base, probs, rows, dims, dims_ok, seq_len, stride_ll,
+                                      stride_kl, j, K, ACC)
+        else:
+            for j in range(0, kernel_size):
+                acc = _grad_value_tap(acc, grad_ptr + base, probs, rows, dims, dims_ok, seq_len, stride_ll,
+                                      stride_kl, j, K, ACC)
+        tl.store(
+            grad_values_ptr + base + rows[:, None] * stride_ll + dims[None, :],
+            acc.to(grad_values_ptr.dtype.element_ty),
+            mask=(rows < seq_len)[:, None] & dims_ok,
+        )
+
+
+@triton.jit
+def _grad_value_tap(acc, grad, probs, rows, dims, dims_ok, seq_len, stride_ll, stride_kl, j, K, ACC):
+    reader = rows - j + (K - 1) // 2
+    reader_ok = (reader >= 0) & (reader < seq_len)
+    w_j = tl.load(probs + reader * stride_kl + j, mask=reader_ok, other=0.0)
+    g = tl.load(grad + reader[:, None] * stride_ll + dims[None, :], mask=reader_ok[:, None] & dims_ok, other=0.0)
+    return acc + w_j[:, None].to(ACC) * g.to(ACC)
 
 
 def _config(dtype, kernel_size, head_size):
     """Launch constants: rows per program, channels per step, K padded to a power of two, accumulator dtype."""
     return dict(
         BLOCK_L=16 if INTERPRET else 32,
+        num_warps=8,  # [32, BLOCK_D] tiles times the K loads in flight: with 4 warps, 254 registers at K = 9
         BLOCK_D=min(triton.next_power_of_2(max(head_size, 16)), 128),
         K=kernel_size,
         K_PAD=triton.next_power_of_2(kernel_size),
@@ -162,6 +224,7 @@ def _span_conv_forward_into(values, kernel_logits, num_heads, out):  # out [B, L
             out,
             seq_len,
             head_size,
+            kernel_size,
             values.stride(0),
             values.stride(1),
             kernel_logits.stride(0),
@@ -201,19 +264,18 @@ def dynamic_span_conv_backward_triton_op(
     grad_values, grad_logits = torch.empty_like(values), torch.empty_like(kernel_logits)
     if values.numel():
         config = _config(values.dtype, kernel_size, head_size)
-        wrap_triton(_span_conv_bwd_kernel)[(triton.cdiv(seq_len, config["BLOCK_L"]), num_heads, batch)](
-            grad_out,
-            values,
-            kernel_logits,
-            grad_values,
-            grad_logits,
-            seq_len,
-            head_size,
-            values.stride(0),
-            values.stride(1),
-            kernel_logits.stride(0),
-            kernel_logits.stride(1),
-            **config,
+        grid = (triton.cdiv(seq_len, config["BLOCK_L"]), num_heads, batch)
+        # the softmax weights, written by the first kernel and gathered by the second (instead of recomputing
+        # K softmaxes per row there)
+        probs = torch.empty(kernel_logits.shape, dtype=torch.float64 if values.dtype == torch.float64 else
+                            torch.float32, device=values.device)
+        strides = (values.stride(0), values.stride(1), kernel_logits.stride(0), kernel_logits.stride(1))
+        wrap_triton(_span_conv_grad_logits_kernel)[grid](
+            grad_out, values, kernel_logits, grad_logits, probs, seq_len, head_size, kernel_size, *strides, **config
+        )
+        del config["K_PAD"]  # the second kernel reads the weights, not the logits
+        wrap_triton(_span_conv_grad_values_kernel)[grid](
+            grad_out, probs, grad_values, seq_len, head_size, kernel_size, *strides, **config
         )
     return grad_values, grad_logits
 

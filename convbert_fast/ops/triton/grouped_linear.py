@@ -11,19 +11,32 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import numerics, tuning_configs
+from . import dot_family, numerics, tuning_configs
 
 
-def _configs():
-    return tuning_configs(
-        [  # Hopper and Ampere: 128-wide tiles with 3-4 stages, smaller ones for small groups
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=2, num_stages=5),
-        ]
-    )
+def _config(m, n, k, warps, stages):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+
+
+# Tile configs per dot family (see numerics.dot_family), each fitting the A100's 163 KB of shared memory per block
+# (stages x (BLOCK_M + BLOCK_N) x BLOCK_K x element size) and its registers without spilling
+# (tools/triton_aot_check.py checks both on sm_80 and sm_90).
+_CONFIGS = {
+    # tensor cores, 2-byte tiles: 128-wide tiles with 3-4 stages (at most 96 KB), smaller ones for small groups
+    "16bit": [
+        _config(128, 128, 64, 8, 3),
+        _config(64, 128, 32, 4, 4),  # BLOCK_K 64: 8 B spilled on sm_80 (triton 3.6)
+        _config(64, 64, 32, 4, 4),
+        _config(32, 64, 32, 2, 5),
+    ],
+    # tensor cores, 4-byte tiles: BLOCK_K 32 keeps the 16-bit configs' shared memory
+    "tf32": [_config(128, 128, 32, 8, 3), _config(64, 128, 32, 4, 4), _config(64, 64, 32, 4, 4)],
+    # FMA dots: each thread holds its rows of A and columns of B over all of BLOCK_K in registers, so a short
+    # BLOCK_K: 16, the least tl.dot takes on triton 3.6 (with BLOCK_K 32, 9.8 KB spilled on sm_80)
+    "ieee": [_config(128, 64, 16, 8, 3), _config(32, 64, 16, 4, 3)],  # 64x64x16 w4: 8 B spilled on sm_80 (3.6)
+    # FMA dots on 8-byte values: smaller tiles
+    "fp64": [_config(64, 32, 16, 4, 2), _config(32, 32, 16, 4, 2)],
+}
 
 
 @triton.jit
@@ -31,7 +44,6 @@ def _gelu(x):
     return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))  # exact (erf) GELU, as nn.functional.gelu
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_BIAS", "GELU"])
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr,
@@ -92,6 +104,15 @@ def _grouped_gemm_kernel(
     tl.store(c_ptr + c_offsets, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
+# one autotuner per dot family: its own configs and its own record of the best one
+_TUNED = {
+    family: triton.autotune(configs=tuning_configs(configs), key=["M", "N", "K", "HAS_BIAS", "GELU"])(
+        _grouped_gemm_kernel
+    )
+    for family, configs in _CONFIGS.items()
+}
+
+
 def _launch(a, a_strides, b, b_strides, c, c_strides, groups, M, N, K, bias=None, pre=None):
     """a_strides: (group, m, k); b_strides: (group, k, n); c_strides: (group, m, n), in elements."""
     if M == 0 or N == 0:
@@ -103,7 +124,7 @@ def _launch(a, a_strides, b, b_strides, c, c_strides, groups, M, N, K, bias=None
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), groups)
 
-    wrap_triton(_grouped_gemm_kernel)[grid](
+    wrap_triton(_TUNED[dot_family(c.dtype)])[grid](
         a,
         b,
         c,

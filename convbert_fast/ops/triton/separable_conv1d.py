@@ -11,36 +11,56 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import INTERPRET, numerics, tuning_configs
+from . import INTERPRET, MAX_UNROLL, dot_family, numerics, tuning_configs
 
 
-def _configs():
-    return tuning_configs(
-        [
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-        ]
-    )
+def _config(m, n, k, warps):
+    # one stage: the K depthwise loads of each step would otherwise each be buffered num_stages times in shared
+    # memory (K x stages x BLOCK_M x BLOCK_K x element size: 346 KB for fp32 128x128x32 with K = 9 and 3 stages)
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=1)
+
+
+# Tile configs per dot family (see numerics.dot_family); tools/triton_aot_check.py checks that each fits the
+# A100's and H100's shared memory and registers.
+_CONFIGS = {
+    # 128x128x32: 44 B spilled on sm_80 (triton 3.6)
+    "16bit": [_config(128, 128, 16, 8), _config(64, 128, 32, 8), _config(64, 64, 32, 4)],
+    # the depthwise tile is computed in registers from K loads of it: 4-byte tiles take a shorter BLOCK_K
+    "tf32": [_config(128, 128, 16, 8), _config(64, 128, 16, 8), _config(64, 64, 16, 4)],
+    # FMA dots hold their operands' rows and columns over all of BLOCK_K in registers: a short BLOCK_K
+    "ieee": [_config(128, 64, 16, 8), _config(64, 64, 16, 4)],  # 16: the least tl.dot takes on triton 3.6
+    "fp64": [_config(64, 32, 16, 4), _config(32, 32, 16, 4)],
+}
 
 
 @triton.jit
-def _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, K: tl.constexpr, ACC: tl.constexpr):
-    """sum_j taps[j, c] * x[row + j - K/2, c] for a [rows, cols] tile, zero outside each sequence."""
+def _depthwise_tile(
+    x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, kernel_size, K: tl.constexpr, ACC: tl.constexpr,
+    UNROLL: tl.constexpr
+):
+    """sum_j taps[j, c] * x[row + j - K/2, c] for a [rows, cols] tile, zero outside each sequence. kernel_size is
+    K as a runtime value: the loop's trip count when it is not unrolled."""
     t = rows % seq_len
     col_ok = cols < channels
     acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=ACC)
-    for j in tl.static_range(K):
-        source = t + j - (K - 1) // 2
-        ok = ((source >= 0) & (source < seq_len) & (rows < total_rows))[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + (rows + j - (K - 1) // 2)[:, None] * channels + cols[None, :], mask=ok, other=0.0)
-        tap = tl.load(taps_ptr + j * channels + cols, mask=col_ok, other=0.0)
-        acc += tap.to(ACC)[None, :] * x.to(ACC)
+    if UNROLL and K <= MAX_UNROLL:
+        for j in tl.static_range(K):
+            acc = _depthwise_tap(acc, x_ptr, taps_ptr, rows, t, seq_len, total_rows, channels, cols, col_ok, j, K, ACC)
+    else:
+        for j in range(0, kernel_size):
+            acc = _depthwise_tap(acc, x_ptr, taps_ptr, rows, t, seq_len, total_rows, channels, cols, col_ok, j, K, ACC)
     return acc
 
 
-@triton.autotune(configs=_configs(), key=["channels", "out_channels", "HAS_MULTIPLIER"])
+@triton.jit
+def _depthwise_tap(acc, x_ptr, taps_ptr, rows, t, seq_len, total_rows, channels, cols, col_ok, j, K, ACC):
+    source = t + j - (K - 1) // 2
+    ok = ((source >= 0) & (source < seq_len) & (rows < total_rows))[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + (rows + j - (K - 1) // 2)[:, None] * channels + cols[None, :], mask=ok, other=0.0)
+    tap = tl.load(taps_ptr + j * channels + cols, mask=col_ok, other=0.0)
+    return acc + tap.to(ACC)[None, :] * x.to(ACC)
+
+
 @triton.jit
 def _separable_fwd_kernel(
     x_ptr,
@@ -53,6 +73,7 @@ def _separable_fwd_kernel(
     seq_len,
     channels,
     out_channels,
+    kernel_size,
     K: tl.constexpr,
     HAS_MULTIPLIER: tl.constexpr,
     ACC: tl.constexpr,
@@ -69,7 +90,9 @@ def _separable_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for c0 in range(0, channels, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
-        mixed = _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, K, ACC)
+        # a loop over the taps even for small K: the K loads of an unrolled tile, in registers beside the dot's
+        # accumulator, spilled (up to 72 B at K = 9 on sm_80)
+        mixed = _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, kernel_size, K, ACC, False)
         pointwise = tl.load(
             pointwise_ptr + outs[None, :] * channels + cols[:, None],
             mask=(cols < channels)[:, None] & (outs < out_channels)[None, :],
@@ -88,6 +111,15 @@ def _separable_fwd_kernel(
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+# one autotuner per dot family: its own configs and its own record of the best one
+_TUNED = {
+    family: triton.autotune(configs=tuning_configs(configs), key=["channels", "out_channels", "HAS_MULTIPLIER"])(
+        _separable_fwd_kernel
+    )
+    for family, configs in _CONFIGS.items()
+}
+
+
 @triton.jit
 def _depthwise_kernel(
     x_ptr,
@@ -96,6 +128,7 @@ def _depthwise_kernel(
     total_rows,
     seq_len,
     channels,
+    kernel_size,
     K: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -106,7 +139,7 @@ def _depthwise_kernel(
     cdiv(C, BLOCK_C))."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    acc = _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, K, ACC)
+    acc = _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, kernel_size, K, ACC, True)
     mask = (rows < total_rows)[:, None] & (cols < channels)[None, :]
     tl.store(out_ptr + rows[:, None] * channels + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -119,6 +152,7 @@ def _tap_grad_kernel(
     total_rows,
     seq_len,
     channels,
+    kernel_size,
     K: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -136,14 +170,25 @@ def _tap_grad_kernel(
         other=0.0,
     ).to(ACC)
     t = rows % seq_len
-    for j in tl.static_range(K):
-        source = t + j - (K - 1) // 2
-        ok = ((source >= 0) & (source < seq_len) & (rows < total_rows))[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + (rows + j - (K - 1) // 2)[:, None] * channels + cols[None, :], mask=ok, other=0.0)
-        tl.store(partials_ptr + (chunk * K + j) * channels + cols, tl.sum(grad * x.to(ACC), axis=0), mask=col_ok)
+    if K <= MAX_UNROLL:
+        for j in tl.static_range(K):
+            _tap_grad_tap(grad, x_ptr, partials_ptr, chunk, rows, t, seq_len, total_rows, channels, cols, col_ok, j, K, ACC)
+    else:
+        for j in range(0, kernel_size):
+            _tap_grad_tap(grad, x_ptr, partials_ptr, chunk, rows, t, seq_len, total_rows, channels, cols, col_ok, j, K, ACC)
+
+
+@triton.jit
+def _tap_grad_tap(grad, x_ptr, partials_ptr, chunk, rows, t, seq_len, total_rows, channels, cols, col_ok, j, K, ACC):
+    source = t + j - (K - 1) // 2
+    ok = ((source >= 0) & (source < seq_len) & (rows < total_rows))[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + (rows + j - (K - 1) // 2)[:, None] * channels + cols[None, :], mask=ok, other=0.0)
+    tl.store(partials_ptr + (chunk * K + j) * channels + cols, tl.sum(grad * x.to(ACC), axis=0), mask=col_ok)
 
 
 _BLOCK_M, _BLOCK_C = (16, 16) if INTERPRET else (32, 128)
+# 8 warps: 16 values of a [32, 128] tile per thread, times the K loads in flight (with 4, 255 registers at K = 9)
+_WARPS = 8
 
 
 def _depthwise(x2d, taps, seq_len):
@@ -158,10 +203,12 @@ def _depthwise(x2d, taps, seq_len):
             rows,
             seq_len,
             channels,
+            taps.shape[0],
             K=taps.shape[0],
             ACC=numerics(x2d.dtype)["ACC"],
             BLOCK_M=_BLOCK_M,
             BLOCK_C=_BLOCK_C,
+            num_warps=_WARPS,
         )
     return out
 
@@ -180,10 +227,12 @@ def _tap_grad(grad2d, x2d, seq_len, kernel_size):
             rows,
             seq_len,
             channels,
+            kernel_size,
             K=kernel_size,
             ACC=numerics(x2d.dtype)["ACC"],
             BLOCK_M=_BLOCK_M,
             BLOCK_C=_BLOCK_C,
+            num_warps=_WARPS,
         )
     return partials.sum(0).to(x2d.dtype)  # [K, C], a fixed-order reduction
 
@@ -203,7 +252,7 @@ def _run(x, depthwise_weight, pointwise_weight, bias, multiplier):
         def grid(meta):
             return (triton.cdiv(batch * seq_len, meta["BLOCK_M"]), triton.cdiv(out_channels, meta["BLOCK_N"]))
 
-        wrap_triton(_separable_fwd_kernel)[grid](
+        wrap_triton(_TUNED[dot_family(dtype)])[grid](
             x2d,
             _taps(depthwise_weight),
             pointwise_weight.reshape(out_channels, channels).contiguous(),
@@ -214,6 +263,7 @@ def _run(x, depthwise_weight, pointwise_weight, bias, multiplier):
             seq_len,
             channels,
             out_channels,
+            depthwise_weight.shape[-1],
             K=depthwise_weight.shape[-1],
             HAS_MULTIPLIER=multiplier is not None,
             **numerics(dtype),
