@@ -4,8 +4,21 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace convbert_fast {
+
+// Which kernels run, from CONVBERT_FAST_CUDA_KERNELS (read at every launch, so a benchmark can switch it):
+// "v2" or unset, the tiled kernels where they apply (K = 9, head_size <= 64; LayerNorm rows of up to 256
+// 16-byte vectors) and the general v1 kernels elsewhere; "v1", the general kernels everywhere. Both stay until
+// a GPU has run them side by side (issue 17). Any other value: kInvalid (the glue raises).
+enum class KernelChoice { kV1, kV2, kInvalid };
+inline KernelChoice cuda_kernel_choice() {
+  const char* value = std::getenv("CONVBERT_FAST_CUDA_KERNELS");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "v2") == 0) return KernelChoice::kV2;
+  return std::strcmp(value, "v1") == 0 ? KernelChoice::kV1 : KernelChoice::kInvalid;
+}
 
 enum class DType { Float32, Float64, Float16, BFloat16 };
 
@@ -18,11 +31,16 @@ cudaError_t span_conv_forward(DType dtype, const void* values, const void* logit
                               int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
                               int64_t out_batch_stride, int64_t out_row_stride, cudaStream_t stream);
 
-// grad_values and grad_logits, all contiguous. `weights` ([B, L, H, K], fp64 for Float64, else fp32)
-// receives the softmax weights between the two passes.
+// grad_values and grad_logits, values and logits contiguous; grad_out rows at grad_batch_stride / grad_row_stride
+// elements, channels dense, when span_conv_backward_reads_strided_grad() says so, else contiguous. `weights`
+// ([B, L, H, K], fp64 for Float64, else fp32) receives the softmax weights between the two passes of the
+// general kernels (the tiled ones need no workspace).
 cudaError_t span_conv_backward(DType dtype, const void* grad_out, const void* values, const void* logits,
                                void* grad_values, void* grad_logits, void* weights, int64_t batch, int64_t seq_len,
-                               int64_t heads, int64_t head_size, int64_t kernel_size, cudaStream_t stream);
+                               int64_t heads, int64_t head_size, int64_t kernel_size, int64_t grad_batch_stride,
+                               int64_t grad_row_stride, cudaStream_t stream);
+bool span_conv_backward_reads_strided_grad(int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size,
+                                           int64_t kernel_size, int64_t grad_row_stride);
 
 // out[b, t, c] = sum_j taps[j, c] * x[b, t + j - K/2, c]; x, taps [K, C], out contiguous.
 cudaError_t depthwise_conv_forward(DType dtype, const void* x, const void* taps, void* out, int64_t batch,
