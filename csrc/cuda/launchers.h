@@ -47,10 +47,12 @@ cudaError_t depthwise_conv_forward(DType dtype, const void* x, const void* taps,
                                    int64_t seq_len, int64_t channels, int64_t kernel_size, cudaStream_t stream);
 
 // partials[chunk, j, c] = sum over the rows of `chunk` of grad[row, c] * x[row + j - K/2, c]
-// (fp64 for Float64, else fp32); summing them over chunks gives d(taps).
+// (fp64 for Float64, else fp32; [depthwise_conv_weight_grad_chunks(...), K, C], every entry written); summing
+// them over chunks gives d(taps).
+int64_t depthwise_conv_weight_grad_chunks(int64_t batch, int64_t seq_len, int64_t channels, int64_t kernel_size);
 cudaError_t depthwise_conv_weight_grad_partials(DType dtype, const void* grad, const void* x, void* partials,
                                                 int64_t batch, int64_t seq_len, int64_t channels,
-                                                int64_t kernel_size, int64_t chunk_rows, cudaStream_t stream);
+                                                int64_t kernel_size, cudaStream_t stream);
 
 // out = LayerNorm(dropout(x) + residual) per row (all [rows, C] contiguous, weight and bias [C]); mean and rstd
 // [rows] in fp32 (fp64 for Float64). The dropout mask is dropout_keeps(seed, row * C + c) (kernels/dropout_mask.h).
