@@ -66,8 +66,9 @@ def ceil_div(a, b):
 
 
 SPAN_TILES = B * H * ceil_div(L, 64)  # v2: one warp per (batch, head, 64 tokens)
-LN_ROWS_PER_WARP = 4  # v2 LayerNorm (kernels/dropout_layer_norm_tiled.cuh)
-LN_PARTIAL_ROWS = 32  # v2 LayerNorm backward: rows per block of partial sums
+LN_ROWS_PER_WARP = 4  # v2 LayerNorm forward (kernels/dropout_layer_norm_tiled.cuh)
+LN_BACKWARD_ROWS_PER_WARP = 8  # v2 LayerNorm backward
+LN_PARTIAL_ROWS = 4 * LN_BACKWARD_ROWS_PER_WARP  # rows per block of partial sums
 DW_TILE = 32  # v2 depthwise: tokens per thread
 DW_WG_TILE = 128  # v2 depthwise weight gradient: tokens per chunk
 
@@ -110,14 +111,14 @@ KERNELS = [
            bytes=BF16 * 2 * ROWS * C + FP32 * B * ceil_div(L, DW_WG_TILE) * K * C,
            note=f"loop: {DW_WG_TILE} tokens, {K} per unrolled body; a lane per 2 channels"),
     Kernel("LayerNorm fwd", "v2", "dropout_layer_norm.cu",
-           r"dropout_add_layer_norm_forward_tiled_kernelI13__nv_bfloat16Li3E",
+           r"dropout_add_layer_norm_forward_tiled_kernelI13__nv_bfloat16Li3ELb1E",
            warps=ROWS // LN_ROWS_PER_WARP, trips=[LN_ROWS_PER_WARP], bytes=BF16 * 3 * ROWS * C + FP32 * 2 * ROWS,
            note=f"a warp per row, {LN_ROWS_PER_WARP} rows per warp"),
     Kernel("LayerNorm bwd", "v2", "dropout_layer_norm.cu",
-           r"dropout_add_layer_norm_backward_tiled_kernelI13__nv_bfloat16Li3E",
-           warps=ROWS // LN_ROWS_PER_WARP, trips=[LN_ROWS_PER_WARP],
+           r"dropout_add_layer_norm_backward_tiled_kernelI13__nv_bfloat16Li3ELb1E",
+           warps=ROWS // LN_BACKWARD_ROWS_PER_WARP, trips=[LN_BACKWARD_ROWS_PER_WARP, C // 128, C // 128],
            bytes=BF16 * 5 * ROWS * C + FP32 * (2 * ROWS + 2 * (ROWS // LN_PARTIAL_ROWS) * C),
-           note=f"per-block partial sums for d(weight), d(bias) over {LN_PARTIAL_ROWS} rows"),
+           note=f"loops: {LN_BACKWARD_ROWS_PER_WARP} rows per warp; the block's column sums of d(weight), d(bias)"),
 ]
 
 

@@ -10,8 +10,8 @@
 namespace convbert_fast {
 
 // Which kernels run, from CONVBERT_FAST_CUDA_KERNELS (read at every launch, so a benchmark can switch it):
-// "v2" or unset, the tiled kernels where they apply (K = 9, head_size <= 64; LayerNorm rows of up to 256
-// 16-byte vectors) and the general v1 kernels elsewhere; "v1", the general kernels everywhere. Both stay until
+// "v2" or unset, the tiled kernels where they apply (K = 9 and head_size <= 64 for the convs; LayerNorm rows of
+// up to 8 16-byte vectors per lane, aligned) and the general v1 kernels elsewhere; "v1", the general kernels everywhere. Both stay until
 // a GPU has run them side by side (issue 17). Any other value: kInvalid (the glue raises).
 enum class KernelChoice { kV1, kV2, kInvalid };
 inline KernelChoice cuda_kernel_choice() {
@@ -60,11 +60,20 @@ cudaError_t dropout_add_layer_norm_forward(DType dtype, const void* x, const voi
                                            const void* bias, void* out, void* mean, void* rstd, int64_t rows,
                                            int64_t channels, uint64_t seed, double p, double eps, cudaStream_t stream);
 
-// grad_x, grad_residual [rows, C]; grad_times_xhat [rows, C] in the accumulation dtype (summed over rows by the
-// caller: d(weight)).
+// grad_x, grad_residual [rows, C]; weight_partials [P, C] and bias_partials [Q, C] in the accumulation dtype, P and
+// Q from dropout_add_layer_norm_backward_partials (same arguments), every entry written: their column sums are
+// d(weight) and d(bias). The general kernels write grad * xhat per row (P = rows) and no bias partials (Q = 0:
+// the caller sums grad); the tiled ones one row of each per block of rows.
+struct NormPartials {
+  int64_t weight_rows, bias_rows;
+};
+NormPartials dropout_add_layer_norm_backward_partials(DType dtype, const void* grad, const void* x,
+                                                      const void* residual, const void* weight, const void* grad_x,
+                                                      const void* grad_residual, int64_t rows, int64_t channels);
 cudaError_t dropout_add_layer_norm_backward(DType dtype, const void* grad, const void* x, const void* residual,
                                             const void* weight, const void* mean, const void* rstd, void* grad_x,
-                                            void* grad_residual, void* grad_times_xhat, int64_t rows, int64_t channels,
-                                            uint64_t seed, double p, cudaStream_t stream);
+                                            void* grad_residual, void* weight_partials, void* bias_partials,
+                                            int64_t rows, int64_t channels, uint64_t seed, double p,
+                                            cudaStream_t stream);
 
 }  // namespace convbert_fast
