@@ -35,17 +35,13 @@ void launch_forward_tiled(int nv, const void* x, const void* residual, const voi
   const uint32_t threshold = dropout_threshold(p);
   const unsigned blocks = static_cast<unsigned>(ceil_div(rows, kNormWarps * kNormForwardRows));
   CONVBERT_FAST_WITH_VECTORS(nv, NV,
-    if (threshold == 0) {
-      dropout_add_layer_norm_forward_tiled_kernel<T, NV, false><<<blocks, kNormWarps * 32, 0, stream>>>(
-          static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const T*>(weight),
-          static_cast<const T*>(bias), static_cast<T*>(out), static_cast<A*>(mean), static_cast<A*>(rstd), rows,
-          static_cast<int>(channels), seed, threshold, scale, static_cast<A>(eps));
-    } else {
-      dropout_add_layer_norm_forward_tiled_kernel<T, NV, true><<<blocks, kNormWarps * 32, 0, stream>>>(
-          static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const T*>(weight),
-          static_cast<const T*>(bias), static_cast<T*>(out), static_cast<A*>(mean), static_cast<A*>(rstd), rows,
-          static_cast<int>(channels), seed, threshold, scale, static_cast<A>(eps));
-    })
+    // without dropout (p = 0: eval, or a caller's choice) the instantiation that computes no hash
+    const auto kernel = threshold == 0 ? dropout_add_layer_norm_forward_tiled_kernel<T, NV, false>
+                                       : dropout_add_layer_norm_forward_tiled_kernel<T, NV, true>;
+    kernel<<<blocks, kNormWarps * 32, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const T*>(weight),
+        static_cast<const T*>(bias), static_cast<T*>(out), static_cast<A*>(mean), static_cast<A*>(rstd), rows,
+        static_cast<int>(channels), seed, threshold, scale, static_cast<A>(eps)))
 }
 
 template <typename T>
@@ -58,19 +54,13 @@ void launch_backward_tiled(int nv, const void* grad, const void* x, const void* 
   const uint32_t threshold = dropout_threshold(p);
   const unsigned blocks = static_cast<unsigned>(ceil_div(rows, kNormWarps * kNormBackwardRows));
   CONVBERT_FAST_WITH_VECTORS(nv, NV,
-    if (threshold == 0) {
-      dropout_add_layer_norm_backward_tiled_kernel<T, NV, false><<<blocks, kNormWarps * 32, 0, stream>>>(
-          static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<const T*>(residual),
-          static_cast<const T*>(weight), static_cast<const A*>(mean), static_cast<const A*>(rstd),
-          static_cast<T*>(grad_x), static_cast<T*>(grad_residual), static_cast<A*>(weight_partials),
-          static_cast<A*>(bias_partials), rows, static_cast<int>(channels), seed, threshold, scale);
-    } else {
-      dropout_add_layer_norm_backward_tiled_kernel<T, NV, true><<<blocks, kNormWarps * 32, 0, stream>>>(
-          static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<const T*>(residual),
-          static_cast<const T*>(weight), static_cast<const A*>(mean), static_cast<const A*>(rstd),
-          static_cast<T*>(grad_x), static_cast<T*>(grad_residual), static_cast<A*>(weight_partials),
-          static_cast<A*>(bias_partials), rows, static_cast<int>(channels), seed, threshold, scale);
-    })
+    const auto kernel = threshold == 0 ? dropout_add_layer_norm_backward_tiled_kernel<T, NV, false>
+                                       : dropout_add_layer_norm_backward_tiled_kernel<T, NV, true>;
+    kernel<<<blocks, kNormWarps * 32, 0, stream>>>(
+        static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<const T*>(residual),
+        static_cast<const T*>(weight), static_cast<const A*>(mean), static_cast<const A*>(rstd),
+        static_cast<T*>(grad_x), static_cast<T*>(grad_residual), static_cast<A*>(weight_partials),
+        static_cast<A*>(bias_partials), rows, static_cast<int>(channels), seed, threshold, scale))
 }
 
 template <typename T>
