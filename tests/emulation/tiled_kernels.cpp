@@ -345,7 +345,28 @@ void layer_norm_case(const char* name, int rows, int channels, double p, double 
   expect_close(label, db, db_ref, acc_rtol);
 }
 
+// the GPU's 32-bit form of the dropout hash (dropout_mask.h) against splitmix64, around each decision's threshold
+void dropout_words_case() {
+  std::mt19937_64 rng(20);
+  long long mismatches = 0, checked = 0;
+  for (int i = 0; i < 2000000; ++i) {
+    const uint64_t z = i < 1000 ? (i < 500 ? uint64_t(i) : ~uint64_t(0) - i) : rng();
+    uint64_t mixed = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    mixed = (mixed ^ (mixed >> 27)) * 0x94D049BB133111EBull;
+    const uint32_t top = static_cast<uint32_t>((mixed ^ (mixed >> 31)) >> 40);
+    for (uint32_t threshold : {0u, top, top + 1, top > 0 ? top - 1 : 0u, 1u << 24}) {
+      const bool want = top >= threshold;
+      mismatches += dropout_keeps_words(static_cast<uint32_t>(z), static_cast<uint32_t>(z >> 32), threshold) != want;
+      ++checked;
+    }
+  }
+  failures += mismatches != 0;
+  std::printf("%-60s %lld of %lld decisions differ %s\n", "dropout hash, 32-bit words", mismatches, checked,
+              mismatches ? "FAIL" : "ok");
+}
+
 int main() {
+  dropout_words_case();
   // fp32: errors of fp32 accumulation (~1e-6 relative); bf16: the output's rounding (2^-8) on top
   span_conv_case<float, true>("fp32 D=64 L=70 vector", 2, 70, 3, 64, 0, 2e-6);
   span_conv_case<float, true>("fp32 D=40 L=33 vector, out rows padded by 8", 2, 33, 2, 40, 8, 2e-6);
