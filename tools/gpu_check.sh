@@ -52,14 +52,16 @@ fi
 step tests 300 env CONVBERT_FAST_TRITON_AUTOTUNE=0 python -m pytest "${test_args[@]}"
 # the general (v1) CUDA kernels too, while both sets exist (README: two sets of CUDA kernels)
 step tests-v1 150 env CONVBERT_FAST_CUDA_KERNELS=v1 CONVBERT_FAST_TRITON_AUTOTUNE=0 \
-    python -m pytest tests/test_ops.py -q -p no:cacheprovider -k cuda
+    python -m pytest tests/test_dynamic_span_conv.py tests/test_separable_conv1d.py \
+    tests/test_dropout_add_layer_norm.py -q -p no:cacheprovider -k cuda
 
-sanitized_tests=(tests/test_ops.py -q -p no:cacheprovider -k "cuda and (matches_reference or strided_slice or nan_spreads or only_some) and not float16")
+sanitized_tests=(tests/test_separable_conv1d.py tests/test_dynamic_span_conv.py tests/test_grouped_linear.py
+                 tests/test_dropout_add_layer_norm.py -q -p no:cacheprovider -k "cuda and (matches_reference or strided_slice or nan_spreads or only_some) and not float16")
 if command -v compute-sanitizer >/dev/null; then
     export CONVBERT_FAST_TRITON_AUTOTUNE=0
     step memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 99 python -m pytest "${sanitized_tests[@]}"
     step racecheck 180 compute-sanitizer --tool racecheck --error-exitcode 99 \
-        python -m pytest tests/test_ops.py -q -p no:cacheprovider -k "cuda and dynamic_span_conv_matches_reference and float32"
+        python -m pytest tests/test_dynamic_span_conv.py -q -p no:cacheprovider -k "cuda and dynamic_span_conv_matches_reference and float32"
     unset CONVBERT_FAST_TRITON_AUTOTUNE
 else
     skip memcheck "compute-sanitizer is not on PATH"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import os
 import re
 import shutil
@@ -38,9 +37,19 @@ ISSUE_RATE = 132 * 4 * 1.75e9  # warp-instructions per second
 BANDWIDTH = 3.0e12  # bytes per second
 RATIO_TARGET = 0.7
 # as CMakeLists.txt's CUDA_FLAGS (torch's extension defines), plus sm_90 and ptxas' report
-NVCC_FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
-              "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-              "-arch=sm_90", "-cubin", "-Xptxas", "-v"]
+NVCC_FLAGS = [
+    "-std=c++17",
+    "-O3",
+    "--expt-relaxed-constexpr",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+    "-arch=sm_90",
+    "-cubin",
+    "-Xptxas",
+    "-v",
+]
 
 # ConvBERT-base at the issue's sizes
 B, L, H, D, K, C = 32, 512, 6, 64, 9, 768
@@ -66,7 +75,7 @@ def ceil_div(a, b):
 
 
 SPAN_TILES = B * H * ceil_div(L, 64)  # v2: one warp per (batch, head, 64 tokens)
-LN_ROWS_PER_WARP = 4  # v2 LayerNorm forward (kernels/dropout_layer_norm_tiled.cuh)
+LN_ROWS_PER_WARP = 4  # v2 LayerNorm forward (csrc/cuda/dropout_add_layer_norm.cu)
 LN_BACKWARD_ROWS_PER_WARP = 8  # v2 LayerNorm backward
 LN_PARTIAL_ROWS = 4 * LN_BACKWARD_ROWS_PER_WARP  # rows per block of partial sums
 DW_TILE = 32  # v2 depthwise: tokens per thread
@@ -74,51 +83,137 @@ DW_WG_TILE = 128  # v2 depthwise weight gradient: tokens per chunk
 
 KERNELS = [
     # --- the general (v1) kernels: one warp per (token, head), one thread per element, one block per row
-    Kernel("span conv fwd", "v1", "span_conv.cu", r"span_conv_forward_kernelI13__nv_bfloat16Li9E",
-           warps=B * L * H, trips=[2], bytes=BF16 * (2 * ROWS * W + ROWS * H * K),
-           note="loop: the lane's 2 channels of 64"),
-    Kernel("span conv bwd: logits", "v1", "span_conv.cu", r"span_conv_backward_logits_kernelI13__nv_bfloat16Li9E",
-           warps=B * L * H, trips=[K, 2], bytes=BF16 * (2 * ROWS * W + 2 * ROWS * H * K) + FP32 * ROWS * H * K,
-           note="loops: taps, the lane's 2 channels; writes the fp32 weights"),
-    Kernel("span conv bwd: values", "v1", "span_conv.cu", r"span_conv_backward_values_kernelI13__nv_bfloat16Li9E",
-           warps=B * L * H, trips=[2, K], bytes=BF16 * 2 * ROWS * W + FP32 * ROWS * H * K,
-           note="loops: the lane's 2 channels, taps"),
-    Kernel("depthwise fwd", "v1", "depthwise_conv.cu", r"depthwise_conv_forward_kernelI13__nv_bfloat16Li9E",
-           warps=ROWS * C // 32, trips=[1], bytes=BF16 * 2 * ROWS * C, note="grid-stride loop: once"),
-    Kernel("depthwise weight grad", "v1", "depthwise_conv.cu", r"depthwise_conv_weight_grad_kernelI13__nv_bfloat16E",
-           warps=ceil_div(C, 256) * (ROWS // 64) * 8, trips=[0, 0, 0, K, 64 // 4],
-           bytes=BF16 * 2 * ROWS * C + FP32 * (ROWS // 64) * K * C,
-           note="loops: 3 for an empty chunk (not run), taps, 64 rows 4 per iteration"),
-    Kernel("LayerNorm fwd", "v1", "dropout_layer_norm.cu", r"dropout_add_layer_norm_forward_kernelI13__nv_bfloat16E",
-           warps=ROWS * 8, trips=[C // 256] * 3, bytes=BF16 * 3 * ROWS * C + FP32 * 2 * ROWS,
-           note="a block of 8 warps per row; 3 passes of 3 elements per thread"),
-    Kernel("LayerNorm bwd", "v1", "dropout_layer_norm.cu", r"dropout_add_layer_norm_backward_kernelI13__nv_bfloat16E",
-           warps=ROWS * 8, trips=[C // 256] * 2, bytes=BF16 * 5 * ROWS * C + FP32 * (2 * ROWS + ROWS * C),
-           note="writes grad * xhat in fp32 [rows, C], summed by ATen"),
+    Kernel(
+        "span conv fwd",
+        "v1",
+        "dynamic_span_conv.cu",
+        r"span_conv_forward_kernelI13__nv_bfloat16Li9E",
+        warps=B * L * H,
+        trips=[2],
+        bytes=BF16 * (2 * ROWS * W + ROWS * H * K),
+        note="loop: the lane's 2 channels of 64",
+    ),
+    Kernel(
+        "span conv bwd: logits",
+        "v1",
+        "dynamic_span_conv.cu",
+        r"span_conv_backward_logits_kernelI13__nv_bfloat16Li9E",
+        warps=B * L * H,
+        trips=[K, 2],
+        bytes=BF16 * (2 * ROWS * W + 2 * ROWS * H * K) + FP32 * ROWS * H * K,
+        note="loops: taps, the lane's 2 channels; writes the fp32 weights",
+    ),
+    Kernel(
+        "span conv bwd: values",
+        "v1",
+        "dynamic_span_conv.cu",
+        r"span_conv_backward_values_kernelI13__nv_bfloat16Li9E",
+        warps=B * L * H,
+        trips=[2, K],
+        bytes=BF16 * 2 * ROWS * W + FP32 * ROWS * H * K,
+        note="loops: the lane's 2 channels, taps",
+    ),
+    Kernel(
+        "depthwise fwd",
+        "v1",
+        "separable_conv1d.cu",
+        r"depthwise_conv_forward_kernelI13__nv_bfloat16Li9E",
+        warps=ROWS * C // 32,
+        trips=[1],
+        bytes=BF16 * 2 * ROWS * C,
+        note="grid-stride loop: once",
+    ),
+    Kernel(
+        "depthwise weight grad",
+        "v1",
+        "separable_conv1d.cu",
+        r"depthwise_conv_weight_grad_kernelI13__nv_bfloat16E",
+        warps=ceil_div(C, 256) * (ROWS // 64) * 8,
+        trips=[0, 0, 0, K, 64 // 4],
+        bytes=BF16 * 2 * ROWS * C + FP32 * (ROWS // 64) * K * C,
+        note="loops: 3 for an empty chunk (not run), taps, 64 rows 4 per iteration",
+    ),
+    Kernel(
+        "LayerNorm fwd",
+        "v1",
+        "dropout_add_layer_norm.cu",
+        r"dropout_add_layer_norm_forward_kernelI13__nv_bfloat16E",
+        warps=ROWS * 8,
+        trips=[C // 256] * 3,
+        bytes=BF16 * 3 * ROWS * C + FP32 * 2 * ROWS,
+        note="a block of 8 warps per row; 3 passes of 3 elements per thread",
+    ),
+    Kernel(
+        "LayerNorm bwd",
+        "v1",
+        "dropout_add_layer_norm.cu",
+        r"dropout_add_layer_norm_backward_kernelI13__nv_bfloat16E",
+        warps=ROWS * 8,
+        trips=[C // 256] * 2,
+        bytes=BF16 * 5 * ROWS * C + FP32 * (2 * ROWS + ROWS * C),
+        note="writes grad * xhat in fp32 [rows, C], summed by ATen",
+    ),
     # --- the tiled (v2) kernels
-    Kernel("span conv fwd", "v2", "span_conv.cu", r"span_conv_forward_tiled_kernelI13__nv_bfloat16Li9ELb1E",
-           warps=SPAN_TILES, trips=[], bytes=BF16 * (2 * ROWS * W + ROWS * H * K),
-           note="unrolled: 2 x 32 tokens x 9 taps per warp"),
-    Kernel("span conv bwd", "v2", "span_conv.cu", r"span_conv_backward_tiled_kernelI13__nv_bfloat16Li9ELb1E",
-           warps=SPAN_TILES, trips=[3], bytes=BF16 * (3 * ROWS * W + 2 * ROWS * H * K),
-           note="loop: 3 softmax rounds (64 + 8 tokens); both gradients in one pass"),
-    Kernel("depthwise fwd", "v2", "depthwise_conv.cu", r"depthwise_conv_forward_tiled_kernelI13__nv_bfloat16Li9ELb1E",
-           warps=B * ceil_div(L, DW_TILE) * ceil_div(C, 32 * 4), trips=[], bytes=BF16 * 2 * ROWS * C,
-           note=f"unrolled: a lane per 4 channels and {DW_TILE} tokens"),
-    Kernel("depthwise weight grad", "v2", "depthwise_conv.cu",
-           r"depthwise_conv_weight_grad_tiled_kernelI13__nv_bfloat16Li9ELb1E",
-           warps=B * ceil_div(L, DW_WG_TILE) * ceil_div(C, 32 * 2), trips=[ceil_div(DW_WG_TILE, K)],
-           bytes=BF16 * 2 * ROWS * C + FP32 * B * ceil_div(L, DW_WG_TILE) * K * C,
-           note=f"loop: {DW_WG_TILE} tokens, {K} per unrolled body; a lane per 2 channels"),
-    Kernel("LayerNorm fwd", "v2", "dropout_layer_norm.cu",
-           r"dropout_add_layer_norm_forward_tiled_kernelI13__nv_bfloat16Li3ELb1E",
-           warps=ROWS // LN_ROWS_PER_WARP, trips=[LN_ROWS_PER_WARP], bytes=BF16 * 3 * ROWS * C + FP32 * 2 * ROWS,
-           note=f"a warp per row, {LN_ROWS_PER_WARP} rows per warp"),
-    Kernel("LayerNorm bwd", "v2", "dropout_layer_norm.cu",
-           r"dropout_add_layer_norm_backward_tiled_kernelI13__nv_bfloat16Li3ELb1E",
-           warps=ROWS // LN_BACKWARD_ROWS_PER_WARP, trips=[LN_BACKWARD_ROWS_PER_WARP, C // 128, C // 128],
-           bytes=BF16 * 5 * ROWS * C + FP32 * (2 * ROWS + 2 * (ROWS // LN_PARTIAL_ROWS) * C),
-           note=f"loops: {LN_BACKWARD_ROWS_PER_WARP} rows per warp; the block's column sums of d(weight), d(bias)"),
+    Kernel(
+        "span conv fwd",
+        "v2",
+        "dynamic_span_conv.cu",
+        r"span_conv_forward_tiled_kernelI13__nv_bfloat16Li9ELb1E",
+        warps=SPAN_TILES,
+        trips=[],
+        bytes=BF16 * (2 * ROWS * W + ROWS * H * K),
+        note="unrolled: 2 x 32 tokens x 9 taps per warp",
+    ),
+    Kernel(
+        "span conv bwd",
+        "v2",
+        "dynamic_span_conv.cu",
+        r"span_conv_backward_tiled_kernelI13__nv_bfloat16Li9ELb1E",
+        warps=SPAN_TILES,
+        trips=[3],
+        bytes=BF16 * (3 * ROWS * W + 2 * ROWS * H * K),
+        note="loop: 3 softmax rounds (64 + 8 tokens); both gradients in one pass",
+    ),
+    Kernel(
+        "depthwise fwd",
+        "v2",
+        "separable_conv1d.cu",
+        r"depthwise_conv_forward_tiled_kernelI13__nv_bfloat16Li9ELb1E",
+        warps=B * ceil_div(L, DW_TILE) * ceil_div(C, 32 * 4),
+        trips=[],
+        bytes=BF16 * 2 * ROWS * C,
+        note=f"unrolled: a lane per 4 channels and {DW_TILE} tokens",
+    ),
+    Kernel(
+        "depthwise weight grad",
+        "v2",
+        "separable_conv1d.cu",
+        r"depthwise_conv_weight_grad_tiled_kernelI13__nv_bfloat16Li9ELb1E",
+        warps=B * ceil_div(L, DW_WG_TILE) * ceil_div(C, 32 * 2),
+        trips=[ceil_div(DW_WG_TILE, K)],
+        bytes=BF16 * 2 * ROWS * C + FP32 * B * ceil_div(L, DW_WG_TILE) * K * C,
+        note=f"loop: {DW_WG_TILE} tokens, {K} per unrolled body; a lane per 2 channels",
+    ),
+    Kernel(
+        "LayerNorm fwd",
+        "v2",
+        "dropout_add_layer_norm.cu",
+        r"dropout_add_layer_norm_forward_tiled_kernelI13__nv_bfloat16Li3ELb1E",
+        warps=ROWS // LN_ROWS_PER_WARP,
+        trips=[LN_ROWS_PER_WARP],
+        bytes=BF16 * 3 * ROWS * C + FP32 * 2 * ROWS,
+        note=f"a warp per row, {LN_ROWS_PER_WARP} rows per warp",
+    ),
+    Kernel(
+        "LayerNorm bwd",
+        "v2",
+        "dropout_add_layer_norm.cu",
+        r"dropout_add_layer_norm_backward_tiled_kernelI13__nv_bfloat16Li3ELb1E",
+        warps=ROWS // LN_BACKWARD_ROWS_PER_WARP,
+        trips=[LN_BACKWARD_ROWS_PER_WARP, C // 128, C // 128],
+        bytes=BF16 * 5 * ROWS * C + FP32 * (2 * ROWS + 2 * (ROWS // LN_PARTIAL_ROWS) * C),
+        note=f"loops: {LN_BACKWARD_ROWS_PER_WARP} rows per warp; the block's column sums of d(weight), d(bias)",
+    ),
 ]
 
 
@@ -141,8 +236,12 @@ def find_tool(name: str, nvcc: str) -> str | None:
 def compile_source(nvcc: str, source: str, outdir: str) -> tuple[str, dict[str, dict]]:
     """The cubin of csrc/cuda/<source> for sm_90, and ptxas' registers/stack/spills per mangled name."""
     cubin = os.path.join(outdir, source.replace(".cu", ".cubin"))
-    result = subprocess.run([nvcc, *NVCC_FLAGS, "-o", cubin, os.path.join(ROOT, "csrc", "cuda", source)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [nvcc, *NVCC_FLAGS, "-o", cubin, os.path.join(ROOT, "csrc", "cuda", source)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0:
         sys.exit(f"kernel_cost: nvcc failed on {source}:\n{result.stderr}")
     info: dict[str, dict] = {}
@@ -150,8 +249,13 @@ def compile_source(nvcc: str, source: str, outdir: str) -> tuple[str, dict[str, 
     for line in result.stderr.splitlines():
         if m := re.search(r"Compiling entry function '(\w+)' for 'sm_90'", line):
             current = info.setdefault(m.group(1), {})
-        elif current is not None and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
-                                                     r"(\d+) bytes spill loads", line)):
+        elif current is not None and (
+            m := re.search(
+                r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                r"(\d+) bytes spill loads",
+                line,
+            )
+        ):
             current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
         elif current is not None and (m := re.search(r"Used (\d+) registers", line)):
             current["registers"] = int(m.group(1))
@@ -174,8 +278,10 @@ def sass_functions(cuobjdump: str, cubin: str) -> dict[str, list[tuple[int, str]
     return functions
 
 
-BRANCH = re.compile(r"^(@!?U?P\w+\s+)?BRA(\.DIV)?(?:\.\w+)*\s+(?:!?U?P\w+,\s*|U?R\d+,\s*)?"
-                    r"(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)")
+BRANCH = re.compile(
+    r"^(@!?U?P\w+\s+)?BRA(\.DIV)?(?:\.\w+)*\s+(?:!?U?P\w+,\s*|U?R\d+,\s*)?"
+    r"(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)"
+)
 STOP = re.compile(r"^(EXIT|RET|BRA\s+(0x|`))")  # unpredicated: no fall-through
 
 
@@ -196,7 +302,7 @@ def control_flow(body: list[tuple[int, str]]):
     blocks, successors = {}, {}
     for n, s in enumerate(starts):
         end = position[starts[n + 1]] if n + 1 < len(starts) else len(addresses)
-        blocks[s] = addresses[position[s]:end]
+        blocks[s] = addresses[position[s] : end]
         last = text[blocks[s][-1]]
         succ = []
         m = BRANCH.match(last)
@@ -249,8 +355,10 @@ def warp_instructions(kernel: Kernel, instructions: list[tuple[int, str]]) -> tu
     loops = natural_loops(blocks, successors)
     if len(loops) != len(kernel.trips):
         found = ", ".join(f"{h:#x} ({len(m)} instructions)" for h, m in loops)
-        sys.exit(f"kernel_cost: {kernel.version} {kernel.name}: expected {len(kernel.trips)} loops, SASS has "
-                 f"{len(loops)}: {found or 'none'}; update its trips")
+        sys.exit(
+            f"kernel_cost: {kernel.version} {kernel.name}: expected {len(kernel.trips)} loops, SASS has "
+            f"{len(loops)}: {found or 'none'}; update its trips"
+        )
     static = per_warp = 0
     for members in blocks.values():
         for address in members:
@@ -280,8 +388,9 @@ def main(argv=None) -> int:
         return 1
     cuobjdump = find_tool("cuobjdump", nvcc)
     if cuobjdump is None:
-        print("kernel_cost: cuobjdump not found (PATH, beside nvcc, or Triton's bundled one); no table",
-              file=sys.stderr)
+        print(
+            "kernel_cost: cuobjdump not found (PATH, beside nvcc, or Triton's bundled one); no table", file=sys.stderr
+        )
         return 1
     outdir = args.sass or tempfile.mkdtemp(prefix="kernel_cost_")
     os.makedirs(outdir, exist_ok=True)
@@ -293,10 +402,14 @@ def main(argv=None) -> int:
             with open(os.path.join(outdir, source.replace(".cu", ".sass")), "w") as f:
                 subprocess.run([cuobjdump, "-sass", cubin], stdout=f, check=True)
 
-    header = (f"{'kernel':<24}{'ver':<5}{'bytes':>10}{'mem us':>8}{'SASS':>7}{'warp-ins':>11}{'issue us':>10}"
-              f"{'ratio':>7}{'regs':>6}{'spill':>7}  loops (trips per warp)")
-    print(f"ConvBERT-base bf16, B={B}, L={L}, H={H}, D={D}, K={K}, C={C}; sm_90 SASS; "
-          f"{BANDWIDTH / 1e12:.1f} TB/s, {ISSUE_RATE / 1e12:.3f} T warp-instructions/s")
+    header = (
+        f"{'kernel':<24}{'ver':<5}{'bytes':>10}{'mem us':>8}{'SASS':>7}{'warp-ins':>11}{'issue us':>10}"
+        f"{'ratio':>7}{'regs':>6}{'spill':>7}  loops (trips per warp)"
+    )
+    print(
+        f"ConvBERT-base bf16, B={B}, L={L}, H={H}, D={D}, K={K}, C={C}; sm_90 SASS; "
+        f"{BANDWIDTH / 1e12:.1f} TB/s, {ISSUE_RATE / 1e12:.3f} T warp-instructions/s"
+    )
     print(header)
     print("-" * len(header))
     failures = []
@@ -312,9 +425,11 @@ def main(argv=None) -> int:
         ratio = issue_s / memory_s
         ptxas = info.get(name, {})
         spills = ptxas.get("spill_stores", 0) + ptxas.get("spill_loads", 0)
-        print(f"{kernel.name:<24}{kernel.version:<5}{fmt_bytes(kernel.bytes):>10}{memory_s * 1e6:>8.1f}{static:>7}"
-              f"{total / 1e6:>10.2f}M{issue_s * 1e6:>10.1f}{ratio:>7.2f}{ptxas.get('registers', -1):>6}"
-              f"{spills:>7}  {kernel.trips or '-'} {kernel.note}")
+        print(
+            f"{kernel.name:<24}{kernel.version:<5}{fmt_bytes(kernel.bytes):>10}{memory_s * 1e6:>8.1f}{static:>7}"
+            f"{total / 1e6:>10.2f}M{issue_s * 1e6:>10.1f}{ratio:>7.2f}{ptxas.get('registers', -1):>6}"
+            f"{spills:>7}  {kernel.trips or '-'} {kernel.note}"
+        )
         if kernel.version == "v2" and (ratio > RATIO_TARGET or spills or ptxas.get("stack", 0)):
             failures.append(f"{kernel.name}: ratio {ratio:.2f}, spills {spills} B, stack {ptxas.get('stack')} B")
     if failures:

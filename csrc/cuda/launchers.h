@@ -10,9 +10,10 @@
 namespace convbert_fast {
 
 // Which kernels run, from CONVBERT_FAST_CUDA_KERNELS (read at every launch, so a benchmark can switch it):
-// "v2" or unset, the tiled kernels where they apply (K = 9 and head_size <= 64 for the convs; LayerNorm rows of
-// up to 8 16-byte vectors per lane, aligned) and the general v1 kernels elsewhere; "v1", the general kernels everywhere. Both stay until
-// a GPU has run them side by side (issue 17). Any other value: kInvalid (the glue raises).
+// "v2" or unset, the tiled kernels where they apply (K = 9, and head_size <= 64 for the span conv; LayerNorm rows
+// of up to 4 16-byte vectors per lane; any alignment for the convs, 16 bytes for the LayerNorm) and the general
+// v1 kernels elsewhere; "v1", the general kernels everywhere. Both stay until a GPU has run them side by side
+// (issue 17). Any other value: kInvalid (the glue raises).
 enum class KernelChoice { kV1, kV2, kInvalid };
 inline KernelChoice cuda_kernel_choice() {
   const char* value = std::getenv("CONVBERT_FAST_CUDA_KERNELS");
@@ -55,7 +56,7 @@ cudaError_t depthwise_conv_weight_grad_partials(DType dtype, const void* grad, c
                                                 int64_t kernel_size, cudaStream_t stream);
 
 // out = LayerNorm(dropout(x) + residual) per row (all [rows, C] contiguous, weight and bias [C]); mean and rstd
-// [rows] in fp32 (fp64 for Float64). The dropout mask is dropout_keeps(seed, row * C + c) (kernels/dropout_mask.h).
+// [rows] in fp32 (fp64 for Float64). The dropout mask is dropout_keeps(seed, row * C + c) (csrc/dropout_mask.h).
 cudaError_t dropout_add_layer_norm_forward(DType dtype, const void* x, const void* residual, const void* weight,
                                            const void* bias, void* out, void* mean, void* rstd, int64_t rows,
                                            int64_t channels, uint64_t seed, double p, double eps, cudaStream_t stream);

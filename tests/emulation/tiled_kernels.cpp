@@ -87,9 +87,10 @@ using std::fma;
 using std::min;
 using std::sqrt;
 
-#include "../../csrc/kernels/depthwise_conv_tiled.cuh"
-#include "../../csrc/kernels/dropout_layer_norm_tiled.cuh"
-#include "../../csrc/kernels/span_conv_tiled.cuh"
+// the kernels of each .cu (their launchers are nvcc-only)
+#include "../../csrc/cuda/dropout_add_layer_norm.cu"
+#include "../../csrc/cuda/dynamic_span_conv.cu"
+#include "../../csrc/cuda/separable_conv1d.cu"
 
 using namespace convbert_fast;
 
@@ -194,7 +195,7 @@ void span_conv_case(const char* name, int batch, int seq_len, int heads, int hea
         for (int j = 0; j < K; ++j) dot += w[task * K + j] * grad_w[j];
         for (int j = 0; j < K; ++j) grad_logits_ref[task * K + j] = w[task * K + j] * (grad_w[j] - dot);
       }
-  // the kernels, with the launcher's geometry (csrc/cuda/span_conv.cu)
+  // the kernels, with the launcher's geometry (csrc/cuda/dynamic_span_conv.cu)
   const int tiles = ceil_div(seq_len, kSpanTile), tasks = batch * heads * tiles, warps = span_tile_warps<T>();
   std::vector<T> out(out_ref.size(), to_t<T>(0.0)), grad_values(values.t.size()), grad_logits(logits.t.size());
   launch(ceil_div(tasks, warps), warps * 32, [&] {
@@ -345,7 +346,7 @@ void layer_norm_case(const char* name, int rows, int channels, double p, double 
   expect_close(label, db, db_ref, acc_rtol);
 }
 
-// the GPU's 32-bit form of the dropout hash (dropout_mask.h) against splitmix64, around each decision's threshold
+// the GPU's 32-bit form of the dropout hash (csrc/dropout_mask.h) against splitmix64, around each decision's threshold
 void dropout_words_case() {
   std::mt19937_64 rng(20);
   long long mismatches = 0, checked = 0;
