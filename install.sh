@@ -12,7 +12,8 @@ if "$PYTHON" -c "import torch" 2>/dev/null; then
 else
     "$PYTHON" -m pip install "${TORCH_SPEC:-torch==2.13.0}"
 fi
-"$PYTHON" -m pip install "setuptools>=64" wheel
+# pyproject.toml's build requirements (--no-build-isolation skips them): setuptools 66.1 is the first on Python 3.12
+"$PYTHON" -m pip install "setuptools>=64; python_version < '3.12'" "setuptools>=66.1; python_version >= '3.12'" wheel
 extras=""
 if [ "${1:-}" = "test" ]; then extras="[test]"; fi
 "$PYTHON" -m pip install --no-build-isolation -e ".${extras}"

@@ -9,9 +9,29 @@ Metadata lives in pyproject.toml.
 
 import glob
 import os
+import shutil
 
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def find_cuda_home():
+    """The CUDA toolkit holding nvcc and its headers, else None. torch takes nvcc's grandparent folder, which is
+    wrong when the nvcc on PATH is a wrapper outside the toolkit (/usr/local/bin/nvcc running
+    /usr/local/cuda-13.0/bin/nvcc): then the usual install prefixes, newest first."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for home in candidates:
+        if all(os.path.isfile(os.path.join(home, *f)) for f in (("bin", "nvcc"), ("include", "cuda_runtime.h"))):
+            return home
+    return None
+
+
+# Read by torch.utils.cpp_extension when imported, so found first; a CUDA_HOME or CUDA_PATH set by hand wins.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and (toolkit := find_cuda_home()):
+    os.environ["CUDA_HOME"] = toolkit
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def cuda_build_reason():
@@ -36,7 +56,8 @@ os.environ.setdefault("MAX_JOBS", str(memory_capped_jobs()))
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
 sources = ["csrc/ops.cpp", "csrc/composite.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-compile_args = {"cxx": ["-O3", "-DPy_LIMITED_API=0x03090000"]}
+# py_limited_api: torch defines Py_LIMITED_API as its own oldest Python (3.10 for torch 2.11 to 2.13)
+compile_args = {"cxx": ["-O3"]}
 skip_reason = cuda_build_reason()
 if skip_reason is None:
     sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
@@ -50,5 +71,5 @@ else:
 setup(
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},  # requires-python >= 3.10
 )

@@ -3,8 +3,8 @@
     python benchmarks/breakdown.py [--device cpu|cuda] [--dtype fp32|bf16] [--layers 2] [--batch-size 8]
                                    [--seq-len 256] [--json PATH]
 
-Profiles forward+backward steps (after warm-up runs, the models taking turns, the smallest of --rounds per
-category) of ConvBertModel with the same weights under torch.profiler
+Profiles forward+backward steps (after warm-up runs, the models taking turns; per model the round whose total
+is the median of --rounds, a step that really ran) of ConvBertModel with the same weights under torch.profiler
 (transformers; ours under the `eager` backend, the seed's math; ours under `auto`) and sums each op's self time
 into a category (GEMMs, attention, span conv, ...), printing a markdown table in ms and
 in shares of the step; the README's "Where the time goes" comes from it. Profiling inflates many small ops more
@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import sys
 
 import torch
 
 import convbert_fast as cf
-from convbert_fast.bench import build_models, device_name, git_commit, versions
+from convbert_fast.bench import build_models, device_name, provenance, versions
 from convbert_fast.configs import named_config
 
 # op-name fragments -> category, first match wins (profiler names, forward and autograd backward ops)
@@ -84,17 +83,23 @@ def profile_once(step, device) -> dict[str, float]:
     return totals
 
 
-def profile_interleaved(steps: dict, device, rounds: int) -> dict[str, dict[str, float]]:
-    """Each model's step profiled once per round, the models taking turns; per category the smallest of the
-    rounds (a machine whose speed drifts only ever adds time)."""
+def profile_interleaved(steps: dict, device, rounds: int) -> dict[str, list[dict[str, float]]]:
+    """Each model's step profiled once per round, the models taking turns: per model, every round's
+    categories."""
     for step in steps.values():
         step(), step()  # warm-up
-    results: dict[str, dict[str, float]] = {name: {} for name in steps}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            for category, ms in profile_once(step, device).items():
-                results[name][category] = min(results[name].get(category, math.inf), ms)
+            results[name].append(profile_once(step, device))
     return results
+
+
+def median_round(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """The round whose total is the median (the lower one of an even count): a step that happened, not a sum
+    of each category's best over different rounds."""
+    ordered = sorted(rounds, key=lambda r: sum(r.values()))
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def main(argv=None) -> int:
@@ -108,6 +113,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    began = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **provenance()}
     on_gpu = device.type == "cuda"
     dtype = args.dtype or ("bf16" if on_gpu else "fp32")
     autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -120,7 +126,8 @@ def main(argv=None) -> int:
     steps = {"transformers": step_fn(theirs, ids, device, autocast_dtype)}
     for backend in ("eager", "auto"):  # before (the seed's math) and after (fused layers, kernels)
         steps[f"ours ({backend})"] = with_backend(backend, step_fn(ours, ids, device, autocast_dtype))
-    results = profile_interleaved(steps, device, args.rounds)
+    all_rounds = profile_interleaved(steps, device, args.rounds)
+    results = {name: median_round(rounds) for name, rounds in all_rounds.items()}
 
     names = list(results)
     categories = sorted({c for r in results.values() for c in r}, key=lambda c: -results[names[0]].get(c, 0.0))
@@ -133,9 +140,9 @@ def main(argv=None) -> int:
         shares = [f"{100 * m / sums[n]:.0f}%" for m, n in zip(ms, names)]
         print("| " + " | ".join([category] + [f"{m:.1f}" for m in ms] + shares) + " |")
     if args.json:
-        record = dict(device=device_name(device), versions=versions(device), git_commit=git_commit(),
-                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                      layers=layers, batch_size=batch, seq_len=seq_len, dtype=dtype, breakdown_ms=results)  # fmt: skip
+        record = dict(device=device_name(device), versions=versions(device), **began,
+                      layers=layers, batch_size=batch, seq_len=seq_len, dtype=dtype, rounds=args.rounds,
+                      breakdown_ms=results, rounds_ms=all_rounds)  # fmt: skip
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)
     return 0

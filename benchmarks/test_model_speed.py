@@ -79,9 +79,11 @@ def test_model(benchmark, config_name, provider, phase, device, tiny, model_cach
             benchmark.pedantic(target, rounds=5, iterations=1, warmup_rounds=1)
         elif phase == "backward":
 
-            def setup():
+            def setup():  # the forward, finished before the backward's clock starts
                 model.zero_grad(set_to_none=True)
-                return (loss(),), {}
+                value = loss()
+                sync()
+                return (value,), {}
 
             def target(value):
                 value.backward()

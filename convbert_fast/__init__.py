@@ -11,6 +11,7 @@ from .modeling import (
     ConvBertForTokenClassification,
     ConvBertModel,
     ConvBertPreTrainedModel,
+    enable_checkpointing,
 )
 from .ops import available_backends, get_backend, set_backend, use_backend
 from .patch import patch, unpatch
@@ -28,6 +29,7 @@ __all__ = [
     "ConvBertModel",
     "ConvBertPreTrainedModel",
     "available_backends",
+    "enable_checkpointing",
     "get_backend",
     "load_tf_weights_in_convbert",
     "ops",

@@ -78,11 +78,22 @@ def bench_providers():
     return list(PROVIDERS)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
 def bench(parser, args) -> int:
     import torch
 
     from . import bench as bench_module
 
+    if args.markdown:
+        return bench_module.markdown_main(args)
+    if args.readme or args.check:
+        parser.error("--readme and --check go with --markdown RECORD...")
     gpu = torch.cuda.is_available()
     valid_devices = ["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if gpu else [])
     args.device = args.device or ("cuda" if gpu else "cpu")
@@ -93,7 +104,7 @@ def bench(parser, args) -> int:
         dtype="bf16" if on_gpu else "fp32",
         layers=12 if on_gpu else 2,
         batch_size=32 if on_gpu else 8,
-        seq_len=[128, 256, 512, 1024, 2048, 4096] if on_gpu else [128, 256],
+        seq_len=[[128, 256, 512, 1024, 2048, 4096]] if on_gpu else [[128, 256]],
         providers=",".join(bench_module.PROVIDERS) if on_gpu else "transformers,transformers-compile,cpp",
         repeats=20 if on_gpu else 3,
         warmup=3 if on_gpu else 1,
@@ -101,6 +112,7 @@ def bench(parser, args) -> int:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    args.seq_len = [length for lengths in args.seq_len for length in lengths]  # "16,24 32" -> [16, 24, 32]
     args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     unknown = [p for p in args.providers if p not in bench_module.PROVIDERS]
     if unknown or not args.providers:
@@ -179,18 +191,34 @@ def main(argv=None) -> int:
     b.add_argument("--batch-size", type=int, default=None, help="default: 32 on a GPU, 8 on the CPU")
     b.add_argument(
         "--seq-len",
-        type=int,
+        type=_int_list,
         nargs="+",
         default=None,
-        help="one or more (default: 128..4096 on a GPU, 128 256 on the CPU)",
+        help="one or more, by spaces or commas (default: 128..4096 on a GPU, 128 256 on the CPU)",
     )
     b.add_argument("--providers", default=None, help="comma-separated, of: " + ", ".join(bench_providers()))
     b.add_argument(
         "--repeats", type=int, default=None, help="timed runs per measurement (default: 20 on a GPU, 3 on the CPU)"
     )
     b.add_argument("--warmup", type=int, default=None)
+    b.add_argument(
+        "--pad",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="besides full rows, measure padded batches: lengths uniform in [L/2, L] (seeded), with an attention "
+        "mask for both models (default: on)",
+    )
     b.add_argument("--json", metavar="PATH", help="write the record here")
     b.add_argument("--plot", metavar="PATH", help="write a PNG of speed-up against sequence length here")
+    b.add_argument(
+        "--markdown",
+        nargs="+",
+        metavar="RECORD",
+        help="measure nothing: write the README's performance tables from these JSON records (bench and "
+        "breakdown records)",
+    )
+    b.add_argument("--readme", metavar="PATH", help="with --markdown: rewrite the generated blocks of this file")
+    b.add_argument("--check", action="store_true", help="with --readme: exit 1 if the file is not what it writes")
     add_train_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "info":

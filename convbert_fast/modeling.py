@@ -402,6 +402,17 @@ class ConvBertPreTrainedModel(PreTrainedModel):
             init.zeros_(module.token_type_ids)
 
 
+def enable_checkpointing(model: PreTrainedModel, **checkpoint_kwargs) -> None:
+    """Gradient checkpointing of every layer of `model` (ours or a transformers model), with
+    `checkpoint_kwargs` for torch.utils.checkpoint. transformers up to 5.17 at least names it
+    `gradient_checkpointing_enable`; later 5.x versions `activation_checkpointing_enable` and keep the old
+    name as a deprecated alias that warns."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs or None)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs or None)
+
+
 def _resolve_output_flags(config, output_attentions, output_hidden_states, return_dict):
     return (
         config.output_attentions if output_attentions is None else output_attentions,

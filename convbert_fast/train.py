@@ -391,7 +391,7 @@ def _parallelize(model, args, world, device):
     model.train()
     if args.gradient_checkpointing:
         for m in [model.generator, model.discriminator] if isinstance(model, ElectraPretraining) else [model]:
-            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            cf.enable_checkpointing(m, use_reentrant=False)
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
 

@@ -81,6 +81,21 @@ def test_triton_on_cpu_tensors_needs_the_interpreter():
     )
 
 
+def test_triton_on_cpu_names_the_version_clash(monkeypatch):
+    """triton < 3.9's interpreter fails on numpy >= 2.4: the backend refuses CPU tensors with that reason."""
+    import numpy
+    import triton
+
+    import convbert_fast.ops.triton as triton_backend
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.0")
+    assert "numpy < 2.4 or triton >= 3.9 work" in triton_backend.interpreter_gap()
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    gap = triton_backend.interpreter_gap()  # what is left: torch 2.11's wrap_triton, or nothing
+    assert gap is None or "wrap_triton" in gap
+
+
 def _simulate_unavailable(monkeypatch, name, reason):
     monkeypatch.setattr(backend, "_unavailable_reason", {**backend._unavailable_reason, name: reason})
 

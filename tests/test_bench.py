@@ -1,8 +1,10 @@
-"""`python -m convbert_fast bench` as a user runs it: a table, a JSON record and a PNG; clear errors."""
+"""`python -m convbert_fast bench` as a user runs it: a table, a JSON record and a PNG; clear errors; compiled
+providers really compiled; memory, padding and the README's tables from committed records."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -11,10 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from convbert_fast import bench as bench_module
+from convbert_fast import cli
+from convbert_fast.configs import named_config
+
+ROOT = Path(__file__).parent.parent
+
 
 def bench(*args):
     return subprocess.run(
-        [sys.executable, "-m", "convbert_fast", "bench", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "convbert_fast", "bench", *args], capture_output=True, text=True, timeout=900, cwd=ROOT
     )
 
 
@@ -22,28 +30,116 @@ def bench(*args):
 def test_bench_writes_table_json_and_plot(tmp_path):
     record_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
     result = bench(
-        "--config", "small", "--layers", "1", "--batch-size", "1", "--seq-len", "8", "16", "--repeats", "1",
+        "--config", "small", "--layers", "1", "--batch-size", "2", "--seq-len", "8,16", "--repeats", "1",
         "--warmup", "0", "--providers", "transformers,eager,cpp,triton",
         "--json", str(record_path), "--plot", str(plot_path),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "train x eager" in result.stdout and "span conv fwd+bwd at base shapes" in result.stdout
+    assert "train x eager" in result.stdout and "dynamic_span_conv fwd+bwd at base shapes" in result.stdout
     if not torch.cuda.is_available():  # a provider that cannot run here is skipped with its reason
         assert re.search(r"triton\s+skipped: Triton", result.stdout)
     record = json.loads(record_path.read_text())
-    for key in ("device", "versions", "date", "git_commit", "measurements", "summary"):
+    for key in ("device", "versions", "date", "git_commit", "git_dirty", "memory_tool", "measurements", "ops"):
         assert key in record
+    assert re.fullmatch(r"[0-9a-f]{40}", record["git_commit"]) and isinstance(record["git_dirty"], bool)
     assert set(record["versions"]) == {"python", "torch", "triton", "transformers", "cuda", "driver"}
     summary = record["summary"]
     for key in ("train_step_vs_eager", "train_step_vs_compile", "inference_vs_eager", "peak_memory_vs_eager",
-                "span_conv_vs_eager", "span_conv_bandwidth_fraction"):  # fmt: skip
+                "padded_train_step_vs_eager", "span_conv_vs_eager", "span_conv_bandwidth_fraction"):  # fmt: skip
         assert key in summary
     assert summary["train_step_vs_eager"] > 0 and summary["span_conv_vs_eager"] > 0
     assert summary["train_step_vs_compile"] is None  # transformers-compile was not asked for
+    for op in ("dynamic_span_conv", "separable_conv1d", "grouped_linear"):
+        assert record["ops"][op]["eager_ms"] > 0 and record["ops"][op]["ms"] > 0
     measured = [m for m in record["measurements"] if m["skipped"] is None]
-    assert {(m["provider"], m["seq_len"]) for m in measured} >= {("transformers", 8), ("cpp", 16)}
-    assert all(m["train_step_ms"] > 0 and m["forward_ms"] > 0 for m in measured)
+    # every length both unpadded and padded, each with its own memory measured alone
+    assert {(m["provider"], m["seq_len"], m["padded"]) for m in measured} == {
+        (p, length, padded) for p in ("transformers", "eager", "cpp") for length in (8, 16) for padded in (False, True)
+    }
+    for m in measured:
+        assert m["train_step_ms"] > 0 and m["forward_ms"] > 0
+        assert m["peak_memory_mb"] > m["activation_memory_mb"] > 0
+        assert m["compiled"] is None and m["dynamo"] is None  # not compiled providers
+        full = m["batch_size"] * m["seq_len"]
+        assert m["tokens"] == full if not m["padded"] else full / 2 <= m["tokens"] <= full
+    # each provider alone: its weights, gradients and AdamW's two moments (4x the fp32 weights), not two models
+    at = {(m["provider"], m["seq_len"], m["padded"]): m for m in measured}
+    weights_mb = sum(p.numel() for p in _small_model().parameters()) * 4 / 2**20
+    for m in measured:
+        assert m["peak_memory_mb"] - m["activation_memory_mb"] == pytest.approx(4 * weights_mb, rel=1e-3)
+    assert at["transformers", 16, False]["activation_memory_mb"] > at["transformers", 8, False]["activation_memory_mb"]
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _small_model():
+    import transformers
+
+    return transformers.ConvBertModel(named_config("small", num_hidden_layers=1, max_position_embeddings=512))
+
+
+@pytest.mark.timeout(300)  # torch.compile of a model for two lengths and two modes: 80 s on a loaded 2-core EPYC
+def test_compiled_providers_get_a_graph_per_length_and_phase(tmp_path, monkeypatch):
+    """Two lengths with dynamo's recompile limit at 2, the graphs one length needs (eval and training): without a
+    reset per length the second would run eagerly and be marked so."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    record_path = tmp_path / "bench.json"
+    args = ["bench", "--config", "small", "--layers", "1", "--batch-size", "1", "--seq-len", "8,16", "--repeats", "1",
+            "--warmup", "1", "--no-pad", "--providers", "compile", "--json", str(record_path)]  # fmt: skip
+    assert cli.main(args) == 0
+    measurements = json.loads(record_path.read_text())["measurements"]
+    assert [(m["seq_len"], m["padded"]) for m in measurements] == [(8, False), (16, False)]
+    for m in measurements:
+        assert m["skipped"] is None and m["compiled"] is True, m
+        for phase in ("forward", "train_step"):
+            counts = m["dynamo"][phase]
+            assert counts["graphs"] >= 1 and counts["frames_ok"] == counts["frames"] >= 1, (phase, counts)
+
+
+def test_a_frame_left_to_eager_is_marked_not_compiled(monkeypatch):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    fn = torch.compile(lambda x: x.sin() + 1, dynamic=False)
+    first, second = bench_module.DynamoCounts(), bench_module.DynamoCounts()
+    first.around(lambda: fn(torch.ones(3)))
+    second.around(lambda: fn(torch.ones(4)))  # a second shape: past the limit, dynamo runs it eagerly
+    assert first.compiled and first.counts["graphs"] == 1
+    assert not second.compiled and second.counts["frames"] == 1 and second.counts["frames_ok"] == 0
+    label = bench_module.provider_label({"provider": "compile", "compiled": second.compiled})
+    assert label == "compile (NOT compiled: fell back to eager)"
+    torch._dynamo.reset()
+
+
+def test_padded_batches_are_seeded_and_masked():
+    config = named_config("small", num_hidden_layers=1)
+    ids, mask, tokens = bench_module.make_batch(config, 64, 9, True, torch.device("cpu"), seed=3)
+    again = bench_module.make_batch(config, 64, 9, True, torch.device("cpu"), seed=3)
+    assert torch.equal(ids, again[0]) and torch.equal(mask, again[1])
+    lengths = mask.sum(1)
+    assert lengths.min() >= 5 and lengths.max() <= 9 and len(set(lengths.tolist())) > 1 and tokens == lengths.sum()
+    assert torch.equal(mask, (torch.arange(9) < lengths[:, None]).long())  # real tokens first, then padding
+    assert (ids[mask == 0] == config.pad_token_id).all() and (ids[mask == 1] >= 5).all()
+    ids, mask, tokens = bench_module.make_batch(config, 2, 9, False, torch.device("cpu"))
+    assert mask is None and tokens == 18
+
+
+def test_quantiles_stay_within_the_rounds():
+    median, (p20, p50, p80) = bench_module.summary_of([300.0, 100.0, 200.0])
+    assert median == p50 == 200.0 and 100.0 <= p20 < 200.0 < p80 <= 300.0
+
+
+def test_cpu_peak_counts_what_a_step_allocates():
+    keep = []
+
+    def step():  # 4 MiB and 2 MiB alive together, then 8 MiB after both are freed: the peak is 8 MiB
+        a, b = torch.empty(2**20), torch.empty(2**19)
+        del a, b
+        keep.append(torch.empty(2**21))
+
+    assert bench_module.cpu_peak_bytes(step) == 8 * 2**20
 
 
 @pytest.mark.timeout(300)  # several child processes, each importing torch and transformers: 40 s loaded
@@ -55,24 +151,57 @@ def test_bench_rejects_unknown_provider_config_and_device():
     )
     result = bench("--config", "large")
     assert result.returncode == 2 and "invalid choice: 'large'" in result.stderr
+    result = bench("--seq-len", "16,x")
+    assert result.returncode == 2 and "'16,x' is not a comma-separated list of integers" in result.stderr
+    result = bench("--check")
+    assert result.returncode == 2 and "--readme and --check go with --markdown RECORD..." in result.stderr
     if not torch.cuda.is_available():
         result = bench("--device", "cuda")
         assert result.returncode == 2 and "--device 'cuda' is not available here; valid: cpu" in result.stderr
 
 
+def test_readme_tables_are_the_committed_records():
+    """CI's check: the README's performance tables are what `bench --markdown` writes from benchmarks/results."""
+    records = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks" / "results").glob("*.json"))
+    assert records
+    result = bench("--markdown", *records, "--readme", "README.md", "--check")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.timeout(300)  # four child processes, each importing torch and transformers
+def test_markdown_check_fails_on_an_edited_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the records named as the CLI below names them
+    records = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks" / "results").glob("*.json"))
+    blocks = bench_module.markdown_blocks(records)
+    readme = tmp_path / "README.md"
+    readme.write_text("".join(f"intro\n<!-- bench:{name} -->\nstale\n<!-- /bench:{name} -->\n" for name in blocks))
+    assert bench("--markdown", *records, "--readme", str(readme), "--check").returncode == 1
+    assert bench("--markdown", *records, "--readme", str(readme)).returncode == 0  # rewrites the blocks
+    text = readme.read_text()
+    assert "stale" not in text and bench("--markdown", *records, "--readme", str(readme), "--check").returncode == 0
+    for name, body in blocks.items():
+        assert f"<!-- bench:{name} -->\n{body}<!-- /bench:{name} -->" in text
+    with pytest.raises(ValueError, match="generated blocks"):
+        bench_module.render_readme("no blocks here", blocks)
+
+
 @pytest.mark.timeout(300)  # profiles three models in a child process: 24 s loaded
-def test_breakdown_sums_every_category_for_each_model(tmp_path):
+def test_breakdown_reports_a_real_round_for_each_model(tmp_path):
     """benchmarks/breakdown.py (the README's "Where the time goes") runs and accounts for the whole step."""
     record_path = tmp_path / "breakdown.json"
     result = subprocess.run(
         [sys.executable, "benchmarks/breakdown.py", "--device", "cpu", "--layers", "1", "--batch-size", "1",
-         "--seq-len", "16", "--json", str(record_path)],
-        capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent,
+         "--seq-len", "16", "--rounds", "3", "--json", str(record_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     record = json.loads(record_path.read_text())
     assert set(record["breakdown_ms"]) == {"transformers", "ours (eager)", "ours (auto)"}
-    for categories in record["breakdown_ms"].values():
-        assert categories["GEMM (linear, matmul)"] > 0 and sum(categories.values()) > 0
+    for name, categories in record["breakdown_ms"].items():
+        assert categories["GEMM (linear, matmul)"] > 0
+        rounds = record["rounds_ms"][name]
+        assert len(rounds) == 3 and categories in rounds  # one round as it happened, the median by total
+        totals = sorted(sum(r.values()) for r in rounds)
+        assert math.isclose(sum(categories.values()), totals[1])
     assert record["breakdown_ms"]["ours (auto)"].get("span conv", 0) > 0  # our op is counted as the span conv
-    assert "| total |" in result.stdout and record["device"] and record["date"]
+    assert "| total |" in result.stdout and record["device"] and record["date"] and "git_dirty" in record

@@ -273,7 +273,7 @@ def test_patched_model_checkpoints_each_layer_once(monkeypatch, rng):
     model(ids, labels=ids).loss.backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.activation_checkpointing_enable()
+    cf.enable_checkpointing(model)
     calls = []
     span_conv = cf.ops.dynamic_span_conv
     monkeypatch.setattr(cf.ops, "dynamic_span_conv", lambda *a, **kw: calls.append(1) or span_conv(*a, **kw))
@@ -293,7 +293,7 @@ def test_checkpointing_replays_the_dropout_masks_of_the_fused_layers(rng):
     model(**inputs).loss.backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.activation_checkpointing_enable()
+    cf.enable_checkpointing(model)
     torch.manual_seed(1)
     model(**inputs).loss.backward()
     for p, g in zip(model.parameters(), expected):

@@ -104,14 +104,6 @@ def test_head_mask_of_wrong_shape_is_refused(rng):
         model(ids, head_mask=torch.ones(3))
 
 
-def _enable_checkpointing(model):
-    # transformers 5.x renamed gradient_checkpointing_enable (now a deprecated alias)
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable()
-    else:
-        model.gradient_checkpointing_enable()
-
-
 @pytest.mark.parametrize("cls", [cf.ConvBertForMaskedLM, cf.ConvBertForQuestionAnswering])
 def test_gradient_checkpointing_recomputes_and_keeps_gradients(cls, rng, monkeypatch):
     config = make_config("medium-small", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -119,7 +111,7 @@ def test_gradient_checkpointing_recomputes_and_keeps_gradients(cls, rng, monkeyp
     plain = cls(config).train()
     checkpointed = cls(config).train()
     checkpointed.load_state_dict(plain.state_dict())
-    _enable_checkpointing(checkpointed)
+    cf.enable_checkpointing(checkpointed)
     ids, mask = padded_batch(config, gen=rng)
     if cls is cf.ConvBertForMaskedLM:
         labels = dict(labels=ids)

@@ -120,6 +120,17 @@ def test_electra_shares_embeddings_and_trains_both_losses(ws, tmp_path):
         torch.testing.assert_close(loaded.discriminator.state_dict()[key], value, rtol=0, atol=0)
 
 
+@pytest.mark.timeout(300)  # two ELECTRA training runs
+def test_gradient_checkpointing_keeps_the_losses(ws, tmp_path):
+    """--gradient-checkpointing (cf.enable_checkpointing on the generator and the discriminator, on every
+    transformers 5.x) recomputes the same activations, dropout masks included: the same losses step by step."""
+    args = ("--objective", "electra", "--max-steps", "3", "--seed", "5")
+    plain = losses(run_train(ws, tmp_path / "plain", *args))
+    checkpointed = losses(run_train(ws, tmp_path / "checkpointed", *args, "--gradient-checkpointing"))
+    assert sorted(plain) == [1, 2, 3]
+    assert checkpointed == pytest.approx(plain, rel=0, abs=1e-6)
+
+
 @pytest.mark.timeout(300)  # a tokenizer and a training run: 59 s loaded
 def test_classification_fine_tuning_learns_a_keyword(ws, tmp_path):
     """label = whether the word "zebra" was put into a paragraph: a tiny model learns it within 60 steps."""

@@ -57,6 +57,12 @@ step tests-v1 150 env CONVBERT_FAST_CUDA_KERNELS=v1 CONVBERT_FAST_TRITON_AUTOTUN
 
 sanitized_tests=(tests/test_separable_conv1d.py tests/test_dynamic_span_conv.py tests/test_grouped_linear.py
                  tests/test_dropout_add_layer_norm.py -q -p no:cacheprovider -k "cuda and (matches_reference or strided_slice or nan_spreads or only_some) and not float16")
+# PATH may hold only a wrapper nvcc outside the toolkit: then the toolkit's own bin/, as setup.py finds it
+for toolkit in "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-*; do
+    if ! command -v compute-sanitizer >/dev/null && [ -x "$toolkit/bin/compute-sanitizer" ]; then
+        PATH="$PATH:$toolkit/bin"
+    fi
+done
 if command -v compute-sanitizer >/dev/null; then
     export CONVBERT_FAST_TRITON_AUTOTUNE=0
     step memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 99 python -m pytest "${sanitized_tests[@]}"

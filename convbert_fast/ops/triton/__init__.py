@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from .. import backend
 
 try:
@@ -21,10 +23,38 @@ except Exception as error:  # not installed, or broken
     AVAILABLE = False
     backend.mark_failed("triton", f"triton did not import ({type(error).__name__}: {error}); `pip install triton`")
 else:
-    AVAILABLE = True
+    AVAILABLE = hasattr(torch.library, "triton_op")
+    if not AVAILABLE:
+        backend.mark_failed("triton", f"torch {torch.__version__} has no torch.library.triton_op (torch >= 2.6 has)")
 
 # Read when the kernels are defined (triton.jit looks at it then), so it must be set before this import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _version(text: str) -> tuple[int, int]:
+    return tuple(int(part) for part in text.split(".")[:2])
+
+
+def interpreter_gap() -> str | None:
+    """Why Triton's interpreter cannot run our kernels on CPU tensors with these versions, else None."""
+    import numpy
+
+    if _version(triton.__version__) < (3, 9) and _version(numpy.__version__) >= (2, 4):
+        # seen with triton 3.6; 3.9 is the first release run with numpy 2.4 here
+        return (
+            f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} (its scalars become "
+            "shape-(1,) arrays); numpy < 2.4 or triton >= 3.9 work"
+        )
+
+    @triton.jit
+    def probe(x):
+        pass
+
+    try:
+        torch.library.wrap_triton(probe)
+    except RuntimeError as error:  # torch 2.11: only triton.jit's JITFunction, not the interpreter's function
+        return f"Triton's interpreted kernels are refused by torch {torch.__version__}'s wrap_triton ({error})"
+    return None
 
 
 # CONVBERT_FAST_TRITON_AUTOTUNE=0 keeps one small config (tests: many shapes, each would be autotuned).
@@ -60,3 +90,5 @@ if AVAILABLE and not INTERPRET:
         "cpu",
         "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (set before importing convbert_fast)",
     )
+elif AVAILABLE and (gap := interpreter_gap()):
+    backend.mark_device_unsupported("triton", "cpu", gap)

@@ -1,0 +1,82 @@
+"""Checks a CUDA build of convbert_fast._C without a GPU: the library loads (so it linked against this torch),
+every op schema in csrc/ops.cpp has a CUDA kernel registered with the dispatcher, and the library holds a cubin
+for each architecture asked for. Fails naming what is missing.
+
+    python tools/check_cuda_build.py [--arch 8.0;9.0]     (run from the tree the extension was built in)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def schema_names() -> list[str]:
+    """The op names that csrc/ops.cpp defines (`m.def("name(...`)."""
+    names = re.findall(r'm\.def\(\s*"(\w+)\(', (ROOT / "csrc" / "ops.cpp").read_text())
+    if not names:
+        raise SystemExit("check_cuda_build: no m.def(...) schema found in csrc/ops.cpp")
+    return names
+
+
+def cubin_arches(library: str) -> set[str] | None:
+    """{"sm_80", ...} of the cubins in `library`, by cuobjdump (the toolkit's, else the one Triton's wheel ships);
+    None when none is found."""
+    folders = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin")]
+    with contextlib.suppress(ImportError):
+        import triton
+
+        folders.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"))
+    paths = [os.path.join(folder, "cuobjdump") for folder in folders]
+    cuobjdump = shutil.which("cuobjdump") or next((path for path in paths if os.path.isfile(path)), None)
+    if cuobjdump is None:
+        return None
+    listing = subprocess.run([cuobjdump, "--list-elf", library], capture_output=True, text=True, check=True).stdout
+    return set(re.findall(r"\.(sm_\d+a?)\.cubin", listing))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default=os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0"))
+    args = parser.parse_args()
+
+    import torch
+
+    if torch.version.cuda is None:
+        print(f"check_cuda_build: torch {torch.__version__} is a CPU build: nothing to check", file=sys.stderr)
+        return 1
+    sys.path.insert(0, str(ROOT))  # the tree it was built in, not an installed copy
+    import convbert_fast._C as library  # the import itself is the link check: unresolved symbols fail here
+
+    print(f"loaded {library.__file__} (torch {torch.__version__}, CUDA {torch.version.cuda})")
+    names = schema_names()
+    missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(f"convbert_fast::{n}", "CUDA")]
+    print(f"{len(names) - len(missing)} of {len(names)} ops have a CUDA kernel registered")
+    failed = bool(missing)
+    if missing:
+        print("no CUDA kernel registered for: " + ", ".join(missing), file=sys.stderr)
+
+    arches = [a.split("+")[0] for a in re.split(r"[;\s]+", args.arch) if a]  # "8.0+PTX": its cubin too
+    wanted = {"sm_" + a.replace(".", "") for a in arches}
+    found = cubin_arches(library.__file__)
+    if found is None:
+        print("cuobjdump not found: the cubins' architectures were not checked", file=sys.stderr)
+        failed = True
+    else:
+        print("cubins for: " + ", ".join(sorted(found)))
+        if wanted - found:
+            print("no cubin for: " + ", ".join(sorted(wanted - found)), file=sys.stderr)
+            failed = True
+    return int(failed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
