@@ -4,10 +4,15 @@
 
 Shapes are the issues': B=8, L=512 on the CPU (B=32 on a GPU), 6 conv heads of 64 (A=384, C=768), K=9;
 grouped linear 384 -> 1536 in 2 groups (conv-bert-medium-small's FFN). CPU: fp32; GPU: bf16. The Triton
-provider runs on a GPU (on the CPU only in the tiny smoke run, in Triton's interpreter).
+provider runs on a GPU (on the CPU only in the tiny smoke run, in Triton's interpreter). On a GPU, `cpp` runs
+the tiled (v2) CUDA kernels and `cpp-v1` the first, general ones (CONVBERT_FAST_CUDA_KERNELS=v1, issue 17):
+side by side until one of them is deleted.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
 
 import pytest
 import torch
@@ -16,12 +21,29 @@ from transformers.models.convbert import modeling_convbert as hf
 import convbert_fast as cf
 from convbert_fast.bench import copy_bandwidth, span_conv_bytes
 
-PROVIDERS = ["transformers", "eager", "cpp", "triton"]
+PROVIDERS = ["transformers", "eager", "cpp", "cpp-v1", "triton"]
 
 
 def skip_unmeasurable(provider, device, tiny):
     if provider == "triton" and device.type == "cpu" and not tiny:
         pytest.skip("Triton runs on the CPU only in its interpreter: not a speed to measure")
+    if provider == "cpp-v1" and device.type != "cuda":
+        pytest.skip("cpp-v1 picks the CUDA kernels; on the CPU it is the cpp provider again")
+
+
+@contextlib.contextmanager
+def backend_of(provider):
+    """The provider's backend; for cpp-v1, the cpp backend with the general CUDA kernels (read at each launch)."""
+    saved = os.environ.get("CONVBERT_FAST_CUDA_KERNELS")
+    os.environ["CONVBERT_FAST_CUDA_KERNELS"] = "v1" if provider == "cpp-v1" else "v2"
+    try:
+        with cf.use_backend(provider.removesuffix("-v1")):
+            yield
+    finally:
+        if saved is None:
+            del os.environ["CONVBERT_FAST_CUDA_KERNELS"]
+        else:
+            os.environ["CONVBERT_FAST_CUDA_KERNELS"] = saved
 
 
 def shapes(device, tiny):
@@ -92,7 +114,7 @@ def test_dynamic_span_conv(benchmark, provider, device, tiny):
     else:
 
         def fn(v, k):
-            with cf.use_backend(provider):
+            with backend_of(provider):
                 return cf.ops.dynamic_span_conv(v, k, heads)
 
     run_fwd_bwd(benchmark, device, fn, inputs)
@@ -124,7 +146,7 @@ def test_separable_conv1d(benchmark, provider, multiply, device, tiny):
     else:
 
         def fn(x, query):
-            with cf.use_backend(provider):
+            with backend_of(provider):
                 return cf.ops.separable_conv1d(
                     x,
                     module.depthwise.weight,
@@ -140,6 +162,8 @@ def test_separable_conv1d(benchmark, provider, multiply, device, tiny):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_grouped_linear(benchmark, provider, activation, device, tiny):
     skip_unmeasurable(provider, device, tiny)
+    if provider == "cpp-v1":
+        pytest.skip("grouped_linear has no CUDA kernel of its own (cuBLAS): nothing to compare")
     s = shapes(device, tiny)
     benchmark.group = f"grouped_linear {s['ffn'][0]}->{s['ffn'][1]} G=2{' + GELU' if activation else ''} fwd+bwd"
     module = hf.GroupedLinearLayer(*s["ffn"], 2).to(device, s["dtype"])
@@ -153,7 +177,28 @@ def test_grouped_linear(benchmark, provider, activation, device, tiny):
     else:
 
         def fn(x):
-            with cf.use_backend(provider):
+            with backend_of(provider):
                 return cf.ops.grouped_linear(x, module.weight, module.bias, activation=activation)
 
     run_fwd_bwd(benchmark, device, fn, [x])
+
+
+@pytest.mark.parametrize("provider", [p for p in PROVIDERS if p != "triton"])  # no Triton kernel for this op
+def test_dropout_add_layer_norm(benchmark, provider, device, tiny):
+    skip_unmeasurable(provider, device, tiny)
+    s = shapes(device, tiny)
+    benchmark.group = f"dropout_add_layer_norm C={s['channels']} p=0.1 fwd+bwd"
+    norm = torch.nn.LayerNorm(s["channels"], eps=1e-12).to(device, s["dtype"])
+    dropout = torch.nn.Dropout(0.1)
+    x, residual = leaves(device, s["dtype"], *[(s["batch"], s["seq_len"], s["channels"])] * 2)
+    if provider == "transformers":
+
+        def fn(x, residual):  # ConvBertSelfOutput / ConvBertOutput: dropout, add, LayerNorm
+            return norm(dropout(x) + residual)
+    else:
+
+        def fn(x, residual):
+            with backend_of(provider):
+                return cf.ops.dropout_add_layer_norm(x, residual, norm.weight, norm.bias, 0.1, 1e-12, training=True)
+
+    run_fwd_bwd(benchmark, device, fn, [x, residual])

@@ -161,11 +161,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
   const at::Tensor g2 = grad_out.contiguous().view({rows, channels});
   const at::Tensor x2 = x.contiguous().view({rows, channels}), r2 = residual.contiguous().view({rows, channels});
   at::Tensor grad_x = at::empty_like(x2), grad_residual = at::empty_like(x2);
-  at::Tensor grad_times_xhat = at::empty({rows, channels}, x.options().dtype(stat_dtype(x)));
+  at::Tensor weight_partials, bias_partials;  // allocated by rows_backward (composite.h)
   rows_backward(g2, x2, r2, weight.contiguous(), mean, rstd, p, dropout_seed(seed), grad_x, grad_residual,
-                grad_times_xhat);
-  at::Tensor grad_weight = grad_times_xhat.sum(0).to(weight.scalar_type());
-  at::Tensor grad_bias = g2.sum(0, false, stat_dtype(x)).to(weight.scalar_type());
+                weight_partials, bias_partials);
+  at::Tensor grad_weight = weight_partials.sum(0).to(weight.scalar_type());
+  at::Tensor grad_bias =
+      (bias_partials.defined() ? bias_partials.sum(0) : g2.sum(0, false, stat_dtype(x))).to(weight.scalar_type());
   return {grad_x.view(x.sizes()), grad_residual.view(x.sizes()), grad_weight, grad_bias};
 }
 

@@ -25,15 +25,17 @@ using SpanConvIntoFn = void (*)(const at::Tensor&, const at::Tensor&, int64_t, a
 at::Tensor dynamic_span_conv_concat(const at::Tensor& prefix, const at::Tensor& values, const at::Tensor& kernel_logits,
                                     int64_t num_heads, SpanConvIntoFn span_conv_into);
 
-// The device's row kernels of dropout_add_layer_norm on [rows, C] contiguous tensors; mean, rstd [rows] and
-// grad_times_xhat [rows, C] in the accumulation dtype (fp32; fp64 for fp64).
+// The device's row kernels of dropout_add_layer_norm on [rows, C] contiguous tensors; mean, rstd [rows] in the
+// accumulation dtype (fp32; fp64 for fp64). The backward allocates and fills weight_partials [P, C] (accumulation
+// dtype) whose column sums are d(weight), and either bias_partials [Q, C] likewise for d(bias) or nothing (then
+// the caller sums grad): grad * xhat per row on the CPU, one row per block of rows in CUDA's tiled kernels.
 using NormForwardFn = void (*)(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                                const at::Tensor& bias, double p, double eps, int64_t seed, at::Tensor& out,
                                at::Tensor& mean, at::Tensor& rstd);
 using NormBackwardFn = void (*)(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& residual,
                                 const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd, double p,
                                 int64_t seed, at::Tensor& grad_x, at::Tensor& grad_residual,
-                                at::Tensor& grad_times_xhat);
+                                at::Tensor& weight_partials, at::Tensor& bias_partials);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
                                                                       const at::Tensor& weight, const at::Tensor& bias,
                                                                       double p, double eps, const at::Tensor& seed,

@@ -50,6 +50,10 @@ if ! python -c "import tensorflow" 2>/dev/null; then  # GPU images often lack it
 fi
 # one Triton config instead of autotuning every test shape (the benchmarks below autotune)
 step tests 300 env CONVBERT_FAST_TRITON_AUTOTUNE=0 python -m pytest "${test_args[@]}"
+# the general (v1) CUDA kernels too, while both sets exist (README: two sets of CUDA kernels)
+step tests-v1 150 env CONVBERT_FAST_CUDA_KERNELS=v1 CONVBERT_FAST_TRITON_AUTOTUNE=0 \
+    python -m pytest tests/test_dynamic_span_conv.py tests/test_separable_conv1d.py \
+    tests/test_dropout_add_layer_norm.py -q -p no:cacheprovider -k cuda
 
 sanitized_tests=(tests/test_separable_conv1d.py tests/test_dynamic_span_conv.py tests/test_grouped_linear.py
                  tests/test_dropout_add_layer_norm.py -q -p no:cacheprovider -k "cuda and (matches_reference or strided_slice or nan_spreads or only_some) and not float16")

@@ -146,7 +146,8 @@ void norm_forward_cpu(const at::Tensor& x, const at::Tensor& residual, const at:
 
 void norm_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                        const at::Tensor& mean, const at::Tensor& rstd, double p, int64_t seed, at::Tensor& grad_x,
-                       at::Tensor& grad_residual, at::Tensor& grad_times_xhat) {
+                       at::Tensor& grad_residual, at::Tensor& grad_times_xhat, at::Tensor& /*bias_partials*/) {
+  grad_times_xhat = at::empty(x.sizes(), x.options().dtype(mean.scalar_type()));  // the column sums: d(weight)
   DISPATCH_FLOATS(x.scalar_type(), "dropout_add_layer_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     NormArgs<scalar_t> args = norm_args<scalar_t>(x, residual, weight, p, 0.0, seed);

@@ -1,7 +1,17 @@
-// LayerNorm(dropout(x) + residual), forward and backward: one block per row of C channels, h = dropout(x) +
-// residual recomputed in each pass (the mask from (seed, index), see dropout_mask.h) instead of kept.
-// The kernels, then their launchers (torch-free: see launchers.h).
+// LayerNorm(dropout(x) + residual), forward and backward; two sets of kernels while both stay (launchers.h:
+// CONVBERT_FAST_CUDA_KERNELS). Both recompute h = dropout(x) + residual in the backward (the mask from (seed,
+// index), see dropout_mask.h) instead of keeping it.
+// v1, general: one block per row of C channels, h recomputed in each pass.
+// v2, tiled (rows of up to 4 16-byte vectors per lane): a warp per row, lane l holding vectors l, l + 32, ... of
+// the row in registers, so x and residual are read once, the dropout hash runs once per element (one multiply
+// per vector: consecutive indices are kDropoutStep apart), and the statistics are warp sums. Weight and bias stay
+// in registers for the warp's rows. The backward adds grad * xhat and grad over its block's rows in registers and
+// writes one partial row per block for d(weight) and for d(bias) (summed by the caller in a fixed order:
+// deterministic), instead of an fp32 [rows, C] buffer.
+// The kernels, then their launchers (torch-free; nvcc only: tests/emulation/tiled_kernels.cpp compiles the
+// kernels with g++).
 #include <cstdint>
+#include <initializer_list>
 
 #include "../dropout_mask.h"
 #include "common.cuh"
@@ -98,7 +108,242 @@ __global__ void dropout_add_layer_norm_backward_kernel(
   }
 }
 
+constexpr int kNormWarps = 4;
+constexpr int kNormForwardRows = 4;   // rows per warp
+constexpr int kNormBackwardRows = 8;  // rows per warp: a block's partial sums cover 32 rows
+
+template <typename T>
+constexpr int norm_vec() {
+  return 16 / static_cast<int>(sizeof(T));
+}
+
+// h = dropout(x) + residual for the lane's vectors of `row`; masked vectors (v >= vectors) hold zeros.
+template <typename T, int NV, bool Dropout>
+__device__ __forceinline__ void dropped_sum(const T* x, const T* residual, int64_t row, int channels, int lane,
+                                            uint64_t seed, uint32_t threshold, typename AccType<T>::type scale,
+                                            typename AccType<T>::type (&h)[NV][norm_vec<T>()],
+                                            bool (&keep)[NV][norm_vec<T>()]) {
+  using A = typename AccType<T>::type;
+  constexpr int VEC = norm_vec<T>();
+  const int vectors = channels / VEC;
+  const int64_t base = row * channels;
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int v = lane + 32 * i;
+    const bool on = v < vectors;
+    A xv[VEC], rv[VEC];
+    load_vec<T, VEC, true>(x + base + v * VEC, on, VEC, xv);
+    load_vec<T, VEC, true>(residual + base + v * VEC, on, VEC, rv);
+    // the mixer's input of element index base + v * VEC + e, as dropout_keeps(seed, index, threshold)
+    const uint64_t z = seed + static_cast<uint64_t>(base + v * VEC + 1) * kDropoutStep;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      keep[i][e] = !Dropout || dropout_keeps_mixed(z + static_cast<uint64_t>(e) * kDropoutStep, threshold);
+      h[i][e] = keep[i][e] ? fma(xv[e], scale, rv[e]) : rv[e];  // one rounding, in both passes
+    }
+  }
+}
+
+template <typename T, int NV, bool Dropout>
+__global__ void __launch_bounds__(kNormWarps * 32, 1)
+    dropout_add_layer_norm_forward_tiled_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+                                                const T* __restrict__ weight, const T* __restrict__ bias,
+                                                T* __restrict__ out, typename AccType<T>::type* __restrict__ mean,
+                                                typename AccType<T>::type* __restrict__ rstd, int64_t rows,
+                                                int channels, uint64_t seed, uint32_t threshold,
+                                                typename AccType<T>::type scale, typename AccType<T>::type eps) {
+  using A = typename AccType<T>::type;
+  constexpr int VEC = norm_vec<T>();
+  const int lane = threadIdx.x & 31, vectors = channels / VEC;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kNormWarps + (threadIdx.x >> 5)) * kNormForwardRows;
+  A w[NV][VEC], b[NV][VEC];
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int v = lane + 32 * i;
+    load_vec<T, VEC, true>(weight + v * VEC, v < vectors, VEC, w[i]);
+    load_vec<T, VEC, true>(bias + v * VEC, v < vectors, VEC, b[i]);
+  }
+  for (int64_t row = first; row < first + kNormForwardRows && row < rows; ++row) {
+    A h[NV][VEC];
+    bool keep[NV][VEC];
+    dropped_sum<T, NV, Dropout>(x, residual, row, channels, lane, seed, threshold, scale, h, keep);
+    A sum = 0;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) sum += h[i][e];
+    }
+    const A mu = warp_sum(sum) / static_cast<A>(channels);
+    A squares = 0;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      if (lane + 32 * i < vectors) {  // a masked vector's zeros are not the row's
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) squares += (h[i][e] - mu) * (h[i][e] - mu);
+      }
+    }
+    const A inv = A(1) / sqrt(warp_sum(squares) / static_cast<A>(channels) + eps);
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int v = lane + 32 * i;
+      A o[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) o[e] = (h[i][e] - mu) * inv * w[i][e] + b[i][e];
+      store_vec<T, VEC, true>(out + row * channels + v * VEC, v < vectors, VEC, o);
+    }
+    if (lane == 0) {
+      mean[row] = mu;
+      rstd[row] = inv;
+    }
+  }
+}
+
+// partial[c] = the block's column sums of `mine` (one array per warp), added in warp order: deterministic.
+template <typename A, int NV, int VEC>
+__device__ __forceinline__ void block_column_sums(A (&columns)[kNormWarps][NV * 32 * VEC], const A (&mine)[NV][VEC],
+                                                  A* partial, int channels) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) columns[warp][(lane + 32 * i) * VEC + e] = mine[i][e];
+  }
+  __syncthreads();
+#pragma unroll 1
+  for (int c = threadIdx.x; c < channels; c += kNormWarps * 32) {
+    A total = columns[0][c];
+#pragma unroll
+    for (int k = 1; k < kNormWarps; ++k) total += columns[k][c];
+    partial[c] = total;
+  }
+  __syncthreads();
+}
+
+// d(h) = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = grad * weight; d(x) = d(h) * mask * scale,
+// d(residual) = d(h). weight_partials[block, c] = sum over the block's rows of grad * xhat, bias_partials of grad.
+template <typename T, int NV, bool Dropout>
+__global__ void __launch_bounds__(kNormWarps * 32, 1)
+    dropout_add_layer_norm_backward_tiled_kernel(const T* __restrict__ grad, const T* __restrict__ x,
+                                                 const T* __restrict__ residual, const T* __restrict__ weight,
+                                                 const typename AccType<T>::type* __restrict__ mean,
+                                                 const typename AccType<T>::type* __restrict__ rstd,
+                                                 T* __restrict__ grad_x, T* __restrict__ grad_residual,
+                                                 typename AccType<T>::type* __restrict__ weight_partials,
+                                                 typename AccType<T>::type* __restrict__ bias_partials, int64_t rows,
+                                                 int channels, uint64_t seed, uint32_t threshold,
+                                                 typename AccType<T>::type scale) {
+  using A = typename AccType<T>::type;
+  constexpr int VEC = norm_vec<T>();
+  __shared__ A columns[kNormWarps][NV * 32 * VEC];  // the warps' column sums, added in warp order
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, vectors = channels / VEC;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kNormWarps + warp) * kNormBackwardRows;
+  A w[NV][VEC], dw[NV][VEC], db[NV][VEC];
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int v = lane + 32 * i;
+    load_vec<T, VEC, true>(weight + v * VEC, v < vectors, VEC, w[i]);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) dw[i][e] = db[i][e] = A(0);
+  }
+  for (int64_t row = first; row < first + kNormBackwardRows && row < rows; ++row) {
+    A h[NV][VEC], g[NV][VEC];
+    bool keep[NV][VEC];
+    dropped_sum<T, NV, Dropout>(x, residual, row, channels, lane, seed, threshold, scale, h, keep);
+    const A mu = mean[row], inv = rstd[row];
+    A sum_g = 0, sum_g_xhat = 0;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int v = lane + 32 * i;
+      load_vec<T, VEC, true>(grad + row * channels + v * VEC, v < vectors, VEC, g[i]);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const A xhat = v < vectors ? (h[i][e] - mu) * inv : A(0);
+        const A gw = g[i][e] * w[i][e];
+        sum_g += gw;
+        sum_g_xhat += gw * xhat;
+        dw[i][e] += g[i][e] * xhat;
+        db[i][e] += g[i][e];
+        h[i][e] = xhat;
+      }
+    }
+    const A mean_g = warp_sum(sum_g) / static_cast<A>(channels);
+    const A mean_g_xhat = warp_sum(sum_g_xhat) / static_cast<A>(channels);
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int v = lane + 32 * i;
+      A dh[VEC], dx[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        dh[e] = inv * (g[i][e] * w[i][e] - mean_g - h[i][e] * mean_g_xhat);
+        dx[e] = keep[i][e] ? dh[e] * scale : A(0);
+      }
+      store_vec<T, VEC, true>(grad_residual + row * channels + v * VEC, v < vectors, VEC, dh);
+      store_vec<T, VEC, true>(grad_x + row * channels + v * VEC, v < vectors, VEC, dx);
+    }
+  }
+  block_column_sums<A, NV, VEC>(columns, dw, weight_partials + static_cast<int64_t>(blockIdx.x) * channels, channels);
+  block_column_sums<A, NV, VEC>(columns, db, bias_partials + static_cast<int64_t>(blockIdx.x) * channels, channels);
+}
+
+#if defined(__CUDACC__)
 namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The 16-byte vectors per lane the tiled kernels need for a row of C (1 to 4: C <= 1024 in fp16/bf16, 512 in fp32;
+// more would not fit in registers), or 0 when they do not apply: v1 chosen, C not a whole number of vectors or
+// over 4 per lane, or a pointer not aligned.
+int vectors_per_lane(DType dtype, int64_t channels, std::initializer_list<const void*> pointers) {
+  const int64_t element = dtype == DType::Float64 ? 8 : dtype == DType::Float32 ? 4 : 2, vec = 16 / element;
+  if (cuda_kernel_choice() != KernelChoice::kV2 || !vectors_aligned(vec, element, pointers, {channels})) return 0;
+  const int64_t needed = ceil_div(channels, 32 * vec);
+  return needed <= 4 ? static_cast<int>(needed) : 0;
+}
+
+#define CONVBERT_FAST_WITH_VECTORS(NV_VALUE, NV, ...) \
+  switch (NV_VALUE) {                                 \
+    case 1: { constexpr int NV = 1; __VA_ARGS__; } break; \
+    case 2: { constexpr int NV = 2; __VA_ARGS__; } break; \
+    case 3: { constexpr int NV = 3; __VA_ARGS__; } break; \
+    default: { constexpr int NV = 4; __VA_ARGS__; } break; \
+  }
+
+template <typename T>
+void launch_forward_tiled(int nv, const void* x, const void* residual, const void* weight, const void* bias, void* out,
+                          void* mean, void* rstd, int64_t rows, int64_t channels, uint64_t seed, double p, double eps,
+                          cudaStream_t stream) {
+  using A = typename AccType<T>::type;
+  const A scale = p < 1.0 ? static_cast<A>(1.0 / (1.0 - p)) : A(0);
+  const uint32_t threshold = dropout_threshold(p);
+  const unsigned blocks = static_cast<unsigned>(ceil_div(rows, kNormWarps * kNormForwardRows));
+  CONVBERT_FAST_WITH_VECTORS(nv, NV,
+    // without dropout (p = 0: eval, or a caller's choice) the instantiation that computes no hash
+    const auto kernel = threshold == 0 ? dropout_add_layer_norm_forward_tiled_kernel<T, NV, false>
+                                       : dropout_add_layer_norm_forward_tiled_kernel<T, NV, true>;
+    kernel<<<blocks, kNormWarps * 32, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const T*>(weight),
+        static_cast<const T*>(bias), static_cast<T*>(out), static_cast<A*>(mean), static_cast<A*>(rstd), rows,
+        static_cast<int>(channels), seed, threshold, scale, static_cast<A>(eps)))
+}
+
+template <typename T>
+void launch_backward_tiled(int nv, const void* grad, const void* x, const void* residual, const void* weight,
+                           const void* mean, const void* rstd, void* grad_x, void* grad_residual,
+                           void* weight_partials, void* bias_partials, int64_t rows, int64_t channels, uint64_t seed,
+                           double p, cudaStream_t stream) {
+  using A = typename AccType<T>::type;
+  const A scale = p < 1.0 ? static_cast<A>(1.0 / (1.0 - p)) : A(0);
+  const uint32_t threshold = dropout_threshold(p);
+  const unsigned blocks = static_cast<unsigned>(ceil_div(rows, kNormWarps * kNormBackwardRows));
+  CONVBERT_FAST_WITH_VECTORS(nv, NV,
+    const auto kernel = threshold == 0 ? dropout_add_layer_norm_backward_tiled_kernel<T, NV, false>
+                                       : dropout_add_layer_norm_backward_tiled_kernel<T, NV, true>;
+    kernel<<<blocks, kNormWarps * 32, 0, stream>>>(
+        static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<const T*>(residual),
+        static_cast<const T*>(weight), static_cast<const A*>(mean), static_cast<const A*>(rstd),
+        static_cast<T*>(grad_x), static_cast<T*>(grad_residual), static_cast<A*>(weight_partials),
+        static_cast<A*>(bias_partials), rows, static_cast<int>(channels), seed, threshold, scale))
+}
 
 template <typename T>
 void launch_forward(const void* x, const void* residual, const void* weight, const void* bias, void* out, void* mean,
@@ -130,21 +375,43 @@ cudaError_t dropout_add_layer_norm_forward(DType dtype, const void* x, const voi
                                            const void* bias, void* out, void* mean, void* rstd, int64_t rows,
                                            int64_t channels, uint64_t seed, double p, double eps, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
+  if (const int nv = vectors_per_lane(dtype, channels, {x, residual, weight, bias, out}); nv > 0) {
+    CONVBERT_FAST_DISPATCH(dtype, launch_forward_tiled, nv, x, residual, weight, bias, out, mean, rstd, rows, channels,
+                           seed, p, eps, stream);
+    return cudaGetLastError();
+  }
   if (rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // one block per row (grid.x)
   CONVBERT_FAST_DISPATCH(dtype, launch_forward, x, residual, weight, bias, out, mean, rstd, rows, channels, seed, p, eps,
                          stream);
   return cudaGetLastError();
 }
 
+NormPartials dropout_add_layer_norm_backward_partials(DType dtype, const void* grad, const void* x,
+                                                      const void* residual, const void* weight, const void* grad_x,
+                                                      const void* grad_residual, int64_t rows, int64_t channels) {
+  if (vectors_per_lane(dtype, channels, {grad, x, residual, weight, grad_x, grad_residual}) > 0) {
+    const int64_t blocks = ceil_div(rows, kNormWarps * kNormBackwardRows);
+    return {blocks, blocks};
+  }
+  return {rows, 0};
+}
+
 cudaError_t dropout_add_layer_norm_backward(DType dtype, const void* grad, const void* x, const void* residual,
                                             const void* weight, const void* mean, const void* rstd, void* grad_x,
-                                            void* grad_residual, void* grad_times_xhat, int64_t rows, int64_t channels,
-                                            uint64_t seed, double p, cudaStream_t stream) {
+                                            void* grad_residual, void* weight_partials, void* bias_partials,
+                                            int64_t rows, int64_t channels, uint64_t seed, double p,
+                                            cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
+  if (const int nv = vectors_per_lane(dtype, channels, {grad, x, residual, weight, grad_x, grad_residual}); nv > 0) {
+    CONVBERT_FAST_DISPATCH(dtype, launch_backward_tiled, nv, grad, x, residual, weight, mean, rstd, grad_x,
+                           grad_residual, weight_partials, bias_partials, rows, channels, seed, p, stream);
+    return cudaGetLastError();
+  }
   if (rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   CONVBERT_FAST_DISPATCH(dtype, launch_backward, grad, x, residual, weight, mean, rstd, grad_x, grad_residual,
-                         grad_times_xhat, rows, channels, seed, p, stream);
+                         weight_partials, rows, channels, seed, p, stream);
   return cudaGetLastError();
 }
+#endif  // __CUDACC__
 
 }  // namespace convbert_fast

@@ -1,7 +1,18 @@
-// The dynamic span conv. One warp per (token row, head): the warp computes that head's softmax over its
-// K logits into shared memory, then each lane accumulates D/32 channels over the K taps in fp32.
-// Nothing of size K x values is materialised; value rows are re-read by the K neighbouring warps from cache.
-// The kernels, then their launchers (torch-free: see launchers.h).
+// The dynamic span conv, two sets of kernels while both stay (launchers.h: CONVBERT_FAST_CUDA_KERNELS).
+// v1, general: one warp per (token row, head) computes that head's softmax over its K logits into shared memory,
+// then each lane accumulates D/32 channels over the K taps in fp32; value rows are re-read by the K neighbouring
+// warps from cache.
+// v2, tiled (K = 9, head_size <= 64): one warp per (batch, head, tile of 64 tokens); each half-warp runs along
+// 32 consecutive tokens, its lane s owning the head's channels 4s .. 4s + 3, read as one vector (8 bytes in
+// bf16). The tile's softmax runs one lane per token into shared memory, from where each token's K weights are
+// broadcast as 16-byte loads. The K rows a token needs sit in a ring of registers, so a run loads each of its
+// 32 + K - 1 rows once; the loop is unrolled at compile time (K fixed), so the ring costs no moves. Offsets inside
+// a sequence are 32-bit (pointers step by a row), from a 64-bit base per (batch, head): the launcher checks they
+// fit. Nothing of size K x values is materialised by either.
+// The kernels, then their launchers (torch-free; nvcc only: tests/emulation/tiled_kernels.cpp compiles the
+// kernels with g++).
+#include <algorithm>
+#include <climits>
 #include <cstdint>
 
 #include "common.cuh"
@@ -133,6 +144,239 @@ __global__ void __launch_bounds__(kSpanWarpsPerBlock * 32)
   }
 }
 
+constexpr int kSpanTile = 64;  // tokens per warp
+constexpr int kSpanRun = 32;   // tokens per half-warp
+
+// Warps per block: 4, or 2 in fp64 (shared memory is 48 KB a block).
+template <typename T>
+constexpr int span_tile_warps() {
+  return sizeof(typename AccType<T>::type) == 8 ? 2 : 4;
+}
+
+// Row stride of a token's weights in shared memory: K rounded up to whole 16-byte vectors.
+template <typename A, int K>
+constexpr int padded_taps() {
+  return (K * static_cast<int>(sizeof(A)) + 15) / 16 * 16 / static_cast<int>(sizeof(A));
+}
+
+// w = softmax(logits[0, K)) (x - max, as torch.softmax; times 1 / sum: one division, not K), zeros when
+// !valid. One lane, one token.
+template <typename T, int K>
+__device__ __forceinline__ void token_softmax(const T* logits, bool valid, typename AccType<T>::type (&w)[K]) {
+  using A = typename AccType<T>::type;
+#pragma unroll
+  for (int j = 0; j < K; ++j) w[j] = valid ? to_acc(logits[j]) : A(0);
+  A top = w[0];
+#pragma unroll
+  for (int j = 1; j < K; ++j) top = w[j] > top ? w[j] : top;
+  A total = 0;
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    w[j] = exp(w[j] - top);
+    total += w[j];
+  }
+  const A scale = valid ? A(1) / total : A(0);
+#pragma unroll
+  for (int j = 0; j < K; ++j) w[j] *= scale;
+}
+
+// w[0, KP) from a 16-byte-aligned shared-memory row of KP (a whole number of 16-byte vectors) values.
+template <typename A, int KP>
+__device__ __forceinline__ void load_taps(const A* row, A (&w)[KP]) {
+#pragma unroll
+  for (int q = 0; q < KP * static_cast<int>(sizeof(A)) / 16; ++q) {
+    if constexpr (sizeof(A) == 4) {
+      const float4 v = reinterpret_cast<const float4*>(row)[q];
+      w[4 * q] = v.x, w[4 * q + 1] = v.y, w[4 * q + 2] = v.z, w[4 * q + 3] = v.w;
+    } else {
+      const double2 v = reinterpret_cast<const double2*>(row)[q];
+      w[2 * q] = v.x, w[2 * q + 1] = v.y;
+    }
+  }
+}
+
+// Reduce-scatter of 32 values over groups of 2 x Offset lanes: each level halves the values a lane holds and
+// adds its partner's half (one shuffle and two selects per value kept), in a fixed order. From <16, 16> lane l
+// ends with the sum of v[l] over the warp in v[0]; from <16, 8>, lane l with the sums of v[2 (l % 16)] and
+// v[2 (l % 16) + 1] over its half-warp in v[0], v[1]. One template per level: a loop over the levels left v in
+// local memory (its selects became selects of addresses).
+template <int Keep, int Offset, typename A>
+__device__ __forceinline__ void reduce_scatter(A (&v)[32], int lane) {
+  const bool upper = (lane & Offset) != 0;
+#pragma unroll
+  for (int i = 0; i < Keep; ++i) {
+    const A a = v[i], b = v[i + Keep];
+    const A send = upper ? a : b;
+    const A keep = upper ? b : a;
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, Offset);
+  }
+  if constexpr (Offset > 1) reduce_scatter<Keep / 2, Offset / 2>(v, lane);
+}
+
+// Which (batch, head, tile) a warp owns: tasks are ordered tile-fastest, so a block's warps share halo rows.
+struct SpanTask {
+  int batch, head, t0;
+};
+__device__ __forceinline__ SpanTask span_task(int task, int tiles, int heads) {
+  const int bh = task / tiles;
+  return {bh / heads, bh % heads, (task - bh * tiles) * kSpanTile};
+}
+
+template <typename T, int K, bool Vector>
+__global__ void __launch_bounds__(span_tile_warps<T>() * 32)
+    span_conv_forward_tiled_kernel(const T* __restrict__ values, const T* __restrict__ logits, T* __restrict__ out,
+                                   int tasks, int tiles, int seq_len, int heads, int head_size,
+                                   int64_t out_batch_stride, int out_row_stride) {
+  using A = typename AccType<T>::type;
+  constexpr int KP = padded_taps<A, K>(), half = K / 2, warps = span_tile_warps<T>();
+  __shared__ __align__(16) A taps_smem[warps][kSpanTile * KP];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int task = blockIdx.x * warps + warp;
+  if (task >= tasks) return;  // whole warps leave together
+  const SpanTask at = span_task(task, tiles, heads);
+  const int width = heads * head_size;
+  A* taps = taps_smem[warp];
+#pragma unroll
+  for (int round = 0; round < kSpanTile / 32; ++round) {  // token t0 + k, one per lane
+    const int k = round * 32 + lane, t = at.t0 + k;
+    A w[K];
+    token_softmax<T, K>(logits + (static_cast<int64_t>(at.batch) * seq_len + t) * (heads * K) + at.head * K,
+                        t < seq_len, w);
+#pragma unroll
+    for (int j = 0; j < K; ++j) taps[k * KP + j] = w[j];
+  }
+  __syncwarp();
+  const int run = lane >> 4, c = 4 * (lane & 15), count = head_size - c;
+  const int first = at.t0 + run * kSpanRun;  // this half-warp's first token
+  const T* v = values + static_cast<int64_t>(at.batch) * seq_len * width + (first - half) * width +
+               at.head * head_size + c;
+  T* o = out + at.batch * out_batch_stride + first * out_row_stride + at.head * head_size + c;
+  const A* run_taps = taps + run * kSpanRun * KP;
+  A ring[K][4];  // row first - half + i in ring[i % K]
+  int r = first - half;
+#pragma unroll
+  for (int i = 0; i < kSpanRun + K - 1; ++i, ++r, v += width) {
+    load_vec<T, 4, Vector>(v, count > 0 && static_cast<unsigned>(r) < static_cast<unsigned>(seq_len), count,
+                             ring[i % K]);
+    if (i >= K - 1) {  // token first + k: its rows first + k - half + j are ring[(k + j) % K]
+      const int k = i - (K - 1);
+      A w[KP];
+      load_taps(run_taps + k * KP, w);
+      A acc[4] = {0, 0, 0, 0};
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[q] += w[j] * ring[(k + j) % K][q];
+      }
+      store_vec<T, 4, Vector>(o, count > 0 && first + k < seq_len, count, acc);
+      o += out_row_stride;
+    }
+  }
+}
+
+// Both gradients in one pass over the tile, nothing materialised between them:
+//   d(values)[s] = sum_j w[s + half - j][j] * grad[s + half - j]   (the transposed span; no atomics)
+//   d(w)[s][j]  = grad[s] . values[s + j - half]                    (lane partials, reduce-scattered)
+//   d(logits)[s][j] = w[s][j] * (d(w)[s][j] - sum_i w[s][i] d(w)[s][i])
+// The softmax runs for the tile's 64 tokens and its K - 1 halo tokens; grad is read through its strides.
+// Up to 168 registers (3 blocks of 4 warps per SM): the two rings and 32 partials need ~130, and ptxas' own
+// choice (128) spilled.
+template <typename T, int K, bool Vector>
+__global__ void __launch_bounds__(span_tile_warps<T>() * 32, 3)
+    span_conv_backward_tiled_kernel(const T* __restrict__ grad, const T* __restrict__ values,
+                                    const T* __restrict__ logits, T* __restrict__ grad_values,
+                                    T* __restrict__ grad_logits, int tasks, int tiles, int seq_len, int heads,
+                                    int head_size, int64_t grad_batch_stride, int grad_row_stride) {
+  using A = typename AccType<T>::type;
+  using A2 = std::conditional_t<sizeof(A) == 8, double2, float2>;
+  constexpr int KP = padded_taps<A, K>(), half = K / 2, warps = span_tile_warps<T>();
+  // diag[k][j]: weight j of token t0 + k + half - j, the token whose tap j reads row t0 + k;
+  // own[k][j]: weight j of token t0 + k; grad_taps[k * K + j]: d(w)[t0 + k][j]
+  __shared__ __align__(16) A diag_smem[warps][kSpanTile * KP];
+  __shared__ __align__(16) A own_smem[warps][kSpanTile * KP];
+  __shared__ __align__(16) A grad_taps_smem[warps][kSpanTile * K];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int task = blockIdx.x * warps + warp;
+  if (task >= tasks) return;
+  const SpanTask at = span_task(task, tiles, heads);
+  const int width = heads * head_size;
+  A *diag = diag_smem[warp], *own = own_smem[warp], *grad_taps = grad_taps_smem[warp];
+  for (int q = lane; q < kSpanTile + K - 1; q += 32) {  // token t0 - half + q
+    const int t = at.t0 - half + q;
+    A w[K];
+    token_softmax<T, K>(logits + (static_cast<int64_t>(at.batch) * seq_len + t) * (heads * K) + at.head * K,
+                        t >= 0 && t < seq_len, w);
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const int k = q + j - 2 * half;
+      if (k >= 0 && k < kSpanTile) diag[k * KP + j] = w[j];
+      if (q >= half && q < half + kSpanTile) own[(q - half) * KP + j] = w[j];
+    }
+  }
+  __syncwarp();
+  const int run = lane >> 4, c = 4 * (lane & 15), count = head_size - c;
+  const int first = at.t0 + run * kSpanRun;
+  const int64_t sequence = static_cast<int64_t>(at.batch) * seq_len * width + at.head * head_size + c;
+  const T* g = grad + at.batch * grad_batch_stride + (first - half) * grad_row_stride + at.head * head_size + c;
+  const T* v = values + sequence + (first - half) * width;
+  T* gv = grad_values + sequence + first * width;
+  const A* run_diag = diag + run * kSpanRun * KP;
+  A* run_grad_taps = grad_taps + run * kSpanRun * K;
+  A g_ring[K][4], v_ring[K][4];  // row first - half + i in slot i % K
+  A partial[32];                 // d(w) lane partials: value m = k * K + j in partial[m % 32]
+  int r = first - half;
+#pragma unroll
+  for (int i = 0; i < kSpanRun + K - 1; ++i, ++r, g += grad_row_stride, v += width) {
+    const bool row_on = count > 0 && static_cast<unsigned>(r) < static_cast<unsigned>(seq_len);
+    load_vec<T, 4, Vector>(g, row_on, count, g_ring[i % K]);
+    load_vec<T, 4, Vector>(v, row_on, count, v_ring[i % K]);
+    if (i >= K - 1) {  // row s = first + k: rows s - half .. s + half are slots (k + j) % K
+      const int k = i - (K - 1);
+      A w[KP];
+      load_taps(run_diag + k * KP, w);
+      A acc[4] = {0, 0, 0, 0};
+#pragma unroll
+      for (int j = 0; j < K; ++j) {  // grad row s + half - j is slot (k + 2 half - j) % K
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[q] += w[j] * g_ring[(k + 2 * half - j) % K][q];
+      }
+      store_vec<T, 4, Vector>(gv, count > 0 && first + k < seq_len, count, acc);
+      gv += width;
+#pragma unroll
+      for (int j = 0; j < K; ++j) {  // grad row s is slot (k + half) % K
+        const int m = k * K + j;
+        const A* gs = g_ring[(k + half) % K];
+        const A* vs = v_ring[(k + j) % K];
+        partial[m % 32] = gs[0] * vs[0] + gs[1] * vs[1] + gs[2] * vs[2] + gs[3] * vs[3];
+        if (m % 32 == 31) {  // values m - 31 .. m: lane l ends with 2 (l % 16) and 2 (l % 16) + 1 of them
+          reduce_scatter<16, 8>(partial, lane);
+          A2 sums;
+          sums.x = partial[0], sums.y = partial[1];
+          *reinterpret_cast<A2*>(run_grad_taps + m - 31 + 2 * (lane & 15)) = sums;
+        }
+      }
+    }
+  }
+  __syncwarp();
+#pragma unroll
+  for (int round = 0; round < kSpanTile / 32; ++round) {  // d(logits) of token t0 + k, one per lane
+    const int k = round * 32 + lane, t = at.t0 + k;
+    if (t < seq_len) {
+      A w[KP], dw[K], dot = 0;
+      load_taps(own + k * KP, w);
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        dw[j] = grad_taps[k * K + j];
+        dot += w[j] * dw[j];
+      }
+      T* out = grad_logits + (static_cast<int64_t>(at.batch) * seq_len + t) * (heads * K) + at.head * K;
+#pragma unroll
+      for (int j = 0; j < K; ++j) out[j] = from_acc<T>(w[j] * (dw[j] - dot));
+    }
+  }
+}
+
+#if defined(__CUDACC__)
 namespace {
 
 template <typename T>
@@ -140,10 +384,56 @@ using Acc = typename AccType<T>::type;
 
 int64_t blocks_for(int64_t tasks) { return (tasks + kSpanWarpsPerBlock - 1) / kSpanWarpsPerBlock; }
 
+int64_t tiles_for(int64_t seq_len) { return (seq_len + kSpanTile - 1) / kSpanTile; }
+
+// Whether the tiled kernels take this shape: K = 9, a head within a half-warp's channels, and the 32-bit
+// offsets (row r < L + 64 times the largest row stride) and task count within int.
+bool tiled(int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
+           int64_t row_stride) {
+  const int64_t width = heads * head_size;
+  return cuda_kernel_choice() == KernelChoice::kV2 && kernel_size == 9 && head_size <= 2 * 32 && row_stride >= 0 &&
+         (seq_len + kSpanTile) * std::max(width, row_stride) < INT_MAX &&
+         batch * heads * tiles_for(seq_len) < INT_MAX - 4;
+}
+
+template <typename T, bool Vector>
+void forward_tiled(const void* values, const void* logits, void* out, int64_t batch, int64_t seq_len, int64_t heads,
+                   int64_t head_size, int64_t out_batch_stride, int64_t out_row_stride, cudaStream_t stream) {
+  const int64_t tiles = tiles_for(seq_len), tasks = batch * heads * tiles;
+  constexpr int warps = span_tile_warps<T>();
+  span_conv_forward_tiled_kernel<T, 9, Vector><<<(tasks + warps - 1) / warps, warps * 32, 0, stream>>>(
+          static_cast<const T*>(values), static_cast<const T*>(logits), static_cast<T*>(out),
+          static_cast<int>(tasks), static_cast<int>(tiles), static_cast<int>(seq_len), static_cast<int>(heads),
+          static_cast<int>(head_size), out_batch_stride, static_cast<int>(out_row_stride));
+}
+
+template <typename T, bool Vector>
+void backward_tiled(const void* grad_out, const void* values, const void* logits, void* grad_values,
+                    void* grad_logits, int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size,
+                    int64_t grad_batch_stride, int64_t grad_row_stride, cudaStream_t stream) {
+  const int64_t tiles = tiles_for(seq_len), tasks = batch * heads * tiles;
+  constexpr int warps = span_tile_warps<T>();
+  span_conv_backward_tiled_kernel<T, 9, Vector><<<(tasks + warps - 1) / warps, warps * 32, 0, stream>>>(
+          static_cast<const T*>(grad_out), static_cast<const T*>(values), static_cast<const T*>(logits),
+          static_cast<T*>(grad_values), static_cast<T*>(grad_logits), static_cast<int>(tasks),
+          static_cast<int>(tiles), static_cast<int>(seq_len), static_cast<int>(heads), static_cast<int>(head_size),
+          grad_batch_stride, static_cast<int>(grad_row_stride));
+}
+
 template <typename T>
 void forward(const void* values, const void* logits, void* out, int64_t batch, int64_t seq_len, int64_t heads,
              int64_t head_size, int64_t kernel_size, int64_t out_batch_stride, int64_t out_row_stride,
              cudaStream_t stream) {
+  if (tiled(batch, seq_len, heads, head_size, kernel_size, out_row_stride)) {
+    if (vectors_aligned(4, sizeof(T), {values, out}, {head_size, out_batch_stride, out_row_stride})) {
+      forward_tiled<T, true>(values, logits, out, batch, seq_len, heads, head_size, out_batch_stride, out_row_stride,
+                             stream);
+    } else {
+      forward_tiled<T, false>(values, logits, out, batch, seq_len, heads, head_size, out_batch_stride,
+                              out_row_stride, stream);
+    }
+    return;
+  }
   const int64_t tasks = batch * seq_len * heads;
   CONVBERT_FAST_WITH_KERNEL_SIZE(kernel_size, KS,
       span_conv_forward_kernel<T, KS><<<blocks_for(tasks), kSpanWarpsPerBlock * 32, 0, stream>>>(
@@ -155,7 +445,18 @@ void forward(const void* values, const void* logits, void* out, int64_t batch, i
 template <typename T>
 void backward(const void* grad_out, const void* values, const void* logits, void* grad_values, void* grad_logits,
               void* weights, int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
-              cudaStream_t stream) {
+              int64_t grad_batch_stride, int64_t grad_row_stride, cudaStream_t stream) {
+  if (tiled(batch, seq_len, heads, head_size, kernel_size, grad_row_stride)) {
+    if (vectors_aligned(4, sizeof(T), {grad_out, values, grad_values},
+                        {head_size, grad_batch_stride, grad_row_stride})) {
+      backward_tiled<T, true>(grad_out, values, logits, grad_values, grad_logits, batch, seq_len, heads, head_size,
+                              grad_batch_stride, grad_row_stride, stream);
+    } else {
+      backward_tiled<T, false>(grad_out, values, logits, grad_values, grad_logits, batch, seq_len, heads, head_size,
+                               grad_batch_stride, grad_row_stride, stream);
+    }
+    return;
+  }
   const int64_t tasks = batch * seq_len * heads;
   CONVBERT_FAST_WITH_KERNEL_SIZE(kernel_size, KS,
       span_conv_backward_logits_kernel<T, KS><<<blocks_for(tasks), kSpanWarpsPerBlock * 32, 0, stream>>>(
@@ -181,12 +482,19 @@ cudaError_t span_conv_forward(DType dtype, const void* values, const void* logit
 
 cudaError_t span_conv_backward(DType dtype, const void* grad_out, const void* values, const void* logits,
                                void* grad_values, void* grad_logits, void* weights, int64_t batch, int64_t seq_len,
-                               int64_t heads, int64_t head_size, int64_t kernel_size, cudaStream_t stream) {
+                               int64_t heads, int64_t head_size, int64_t kernel_size, int64_t grad_batch_stride,
+                               int64_t grad_row_stride, cudaStream_t stream) {
   if (kernel_size < 1 || kernel_size > kMaxCudaKernelSize) return cudaErrorInvalidValue;
   if (batch * seq_len * heads == 0) return cudaSuccess;
   CONVBERT_FAST_DISPATCH(dtype, backward, grad_out, values, logits, grad_values, grad_logits, weights, batch,
-                         seq_len, heads, head_size, kernel_size, stream)
+                         seq_len, heads, head_size, kernel_size, grad_batch_stride, grad_row_stride, stream)
   return cudaGetLastError();
 }
+
+bool span_conv_backward_reads_strided_grad(int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size,
+                                           int64_t kernel_size, int64_t grad_row_stride) {
+  return tiled(batch, seq_len, heads, head_size, kernel_size, grad_row_stride);
+}
+#endif  // __CUDACC__
 
 }  // namespace convbert_fast

@@ -28,6 +28,13 @@ void check_launch(cudaError_t status, const char* what) {
   TORCH_CHECK(status == cudaSuccess, "convbert_fast: ", what, " failed: ", cudaGetErrorString(status));
 }
 
+// CONVBERT_FAST_CUDA_KERNELS picks the kernels at each launch (launchers.h); a value it does not know is an error.
+void check_kernel_choice() {
+  TORCH_CHECK_VALUE(cuda_kernel_choice() != KernelChoice::kInvalid,
+                    "convbert_fast: CONVBERT_FAST_CUDA_KERNELS must be v1 or v2 (or unset: v2), got '",
+                    std::getenv("CONVBERT_FAST_CUDA_KERNELS"), "'");
+}
+
 void check_cuda_kernel_size(int64_t kernel_size) {
   // A ValueError in Python; the Python wrapper relies on this check (the limit lives only in launchers.h).
   TORCH_CHECK_VALUE(kernel_size <= kMaxCudaKernelSize, "dynamic_span_conv: the cpp backend's CUDA kernels take ",
@@ -39,6 +46,7 @@ void span_conv_into_cuda(const at::Tensor& values, const at::Tensor& kernel_logi
                          at::Tensor& out) {
   check_span_conv_args(values, kernel_logits, num_heads);
   check_span_conv_out(values, out);
+  check_kernel_choice();
   const c10::cuda::CUDAGuard guard(values.device());
   const at::Tensor v = values.contiguous(), k = kernel_logits.contiguous();
   const int64_t kernel_size = k.size(2) / num_heads;
@@ -58,21 +66,30 @@ at::Tensor span_conv_cuda(const at::Tensor& values, const at::Tensor& kernel_log
 std::tuple<at::Tensor, at::Tensor> span_conv_backward_cuda(const at::Tensor& grad_out, const at::Tensor& values,
                                                            const at::Tensor& kernel_logits, int64_t num_heads) {
   check_span_conv_args(values, kernel_logits, num_heads);
+  check_kernel_choice();
   const c10::cuda::CUDAGuard guard(values.device());
-  const at::Tensor g = grad_out.contiguous(), v = values.contiguous(), k = kernel_logits.contiguous();
-  const int64_t kernel_size = k.size(2) / num_heads;
+  const at::Tensor v = values.contiguous(), k = kernel_logits.contiguous();
+  const int64_t kernel_size = k.size(2) / num_heads, head_size = v.size(2) / num_heads;
   check_cuda_kernel_size(kernel_size);
+  // the tiled kernels read grad_out through its row strides (the concat's slice of a wider gradient, uncopied)
+  const bool strided = grad_out.sizes() == v.sizes() && (grad_out.size(2) <= 1 || grad_out.stride(2) == 1) &&
+                       span_conv_backward_reads_strided_grad(v.size(0), v.size(1), num_heads, head_size, kernel_size,
+                                                             grad_out.stride(1));
+  const at::Tensor g = strided ? grad_out : grad_out.contiguous();
   at::Tensor grad_values = at::empty_like(v), grad_logits = at::empty_like(k);
-  at::Tensor weights = at::empty(k.sizes(), k.options().dtype(acc_dtype(k)));  // the softmax weights
+  // the softmax weights between the general kernels' two passes (the tiled kernels need none)
+  const at::TensorOptions acc = k.options().dtype(acc_dtype(k));
+  at::Tensor weights = strided ? at::empty({0}, acc) : at::empty(k.sizes(), acc);
   check_launch(span_conv_backward(dtype_of(v), g.const_data_ptr(), v.const_data_ptr(), k.const_data_ptr(),
                                   grad_values.mutable_data_ptr(), grad_logits.mutable_data_ptr(),
-                                  weights.mutable_data_ptr(), v.size(0), v.size(1), num_heads,
-                                  v.size(2) / num_heads, kernel_size, c10::cuda::getCurrentCUDAStream()),
+                                  weights.mutable_data_ptr(), v.size(0), v.size(1), num_heads, head_size, kernel_size,
+                                  g.stride(0), g.stride(1), c10::cuda::getCurrentCUDAStream()),
                "dynamic_span_conv_backward");
   return {grad_values, grad_logits};
 }
 
 at::Tensor depthwise_cuda(const at::Tensor& x, const at::Tensor& taps) {
+  check_kernel_choice();
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   check_launch(depthwise_conv_forward(dtype_of(x), x.const_data_ptr(), taps.const_data_ptr(), out.mutable_data_ptr(),
@@ -85,19 +102,18 @@ at::Tensor depthwise_cuda(const at::Tensor& x, const at::Tensor& taps) {
 at::Tensor depthwise_weight_grad_cuda(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size) {
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor g = grad.contiguous();
-  const int64_t rows = x.size(0) * x.size(1);
-  const int64_t chunk_rows = std::max<int64_t>(64, (rows + 65534) / 65535);  // at most 65535 chunks (grid.y)
-  const int64_t chunks = (rows + chunk_rows - 1) / chunk_rows;
-  at::Tensor partials = at::zeros({chunks, kernel_size, x.size(2)}, x.options().dtype(acc_dtype(x)));
+  const int64_t chunks = depthwise_conv_weight_grad_chunks(x.size(0), x.size(1), x.size(2), kernel_size);
+  at::Tensor partials = at::empty({chunks, kernel_size, x.size(2)}, x.options().dtype(acc_dtype(x)));  // all written
   check_launch(depthwise_conv_weight_grad_partials(dtype_of(x), g.const_data_ptr(), x.const_data_ptr(),
                                                    partials.mutable_data_ptr(), x.size(0), x.size(1), x.size(2),
-                                                   kernel_size, chunk_rows, c10::cuda::getCurrentCUDAStream()),
+                                                   kernel_size, c10::cuda::getCurrentCUDAStream()),
                "depthwise conv weight gradient");
   return partials.sum(0).to(x.scalar_type());  // a fixed-order reduction: the same bits every run
 }
 
 void norm_forward_cuda(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, const at::Tensor& bias,
                        double p, double eps, int64_t seed, at::Tensor& out, at::Tensor& mean, at::Tensor& rstd) {
+  check_kernel_choice();
   const c10::cuda::CUDAGuard guard(x.device());
   check_launch(dropout_add_layer_norm_forward(dtype_of(x), x.const_data_ptr(), residual.const_data_ptr(),
                                               weight.const_data_ptr(), bias.const_data_ptr(), out.mutable_data_ptr(),
@@ -108,13 +124,22 @@ void norm_forward_cuda(const at::Tensor& x, const at::Tensor& residual, const at
 
 void norm_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& residual,
                         const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd, double p,
-                        int64_t seed, at::Tensor& grad_x, at::Tensor& grad_residual, at::Tensor& grad_times_xhat) {
+                        int64_t seed, at::Tensor& grad_x, at::Tensor& grad_residual, at::Tensor& weight_partials,
+                        at::Tensor& bias_partials) {
+  check_kernel_choice();
   const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), channels = x.size(1);
+  const NormPartials sizes = dropout_add_layer_norm_backward_partials(
+      dtype_of(x), grad.const_data_ptr(), x.const_data_ptr(), residual.const_data_ptr(), weight.const_data_ptr(),
+      grad_x.const_data_ptr(), grad_residual.const_data_ptr(), rows, channels);
+  weight_partials = at::empty({sizes.weight_rows, channels}, x.options().dtype(acc_dtype(x)));
+  if (sizes.bias_rows > 0) bias_partials = at::empty({sizes.bias_rows, channels}, weight_partials.options());
   check_launch(dropout_add_layer_norm_backward(dtype_of(x), grad.const_data_ptr(), x.const_data_ptr(),
                                                residual.const_data_ptr(), weight.const_data_ptr(), mean.const_data_ptr(),
                                                rstd.const_data_ptr(), grad_x.mutable_data_ptr(),
-                                               grad_residual.mutable_data_ptr(), grad_times_xhat.mutable_data_ptr(),
-                                               x.size(0), x.size(1), static_cast<uint64_t>(seed), p,
+                                               grad_residual.mutable_data_ptr(), weight_partials.mutable_data_ptr(),
+                                               sizes.bias_rows > 0 ? bias_partials.mutable_data_ptr() : nullptr, rows,
+                                               channels, static_cast<uint64_t>(seed), p,
                                                c10::cuda::getCurrentCUDAStream()),
                "dropout_add_layer_norm_backward");
 }

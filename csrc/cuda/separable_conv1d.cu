@@ -1,7 +1,15 @@
-// The depthwise half of the separable conv on the [B, L, C] layout: one thread per output element,
-// consecutive threads on consecutive channels (coalesced), taps stored [K, C] for the same reason.
-// The kernels, then their launchers (torch-free: see launchers.h).
+// The depthwise half of the separable conv on the [B, L, C] layout, taps stored [K, C]; two sets of kernels while
+// both stay (launchers.h: CONVBERT_FAST_CUDA_KERNELS).
+// v1, general: one thread per output element, consecutive threads on consecutive channels (coalesced).
+// v2, tiled (K = 9): a warp owns (batch, tile of tokens, 32 x N channels), lane l channels N l .. N l + N - 1 of
+// the group, read as one vector. The K taps of its channels sit in registers, the K input rows a token needs in
+// a ring of registers (each row loaded once per tile, plus K - 1 halo rows), the loop unrolled at compile time
+// (K fixed) so the ring costs no moves and nothing divides. Offsets inside a sequence are 32-bit, from a 64-bit
+// base: the launcher checks (L + tile) * C fits.
+// The kernels, then their launchers (torch-free; nvcc only: tests/emulation/tiled_kernels.cpp compiles the
+// kernels with g++).
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 
 #include "common.cuh"
@@ -56,13 +64,171 @@ __global__ void depthwise_conv_weight_grad_kernel(const T* __restrict__ grad, co
   }
 }
 
+constexpr int kDepthwiseWarps = 4;
+constexpr int kDepthwiseTile = 32;  // forward: tokens per warp
+constexpr int kDepthwiseVec = 4;    // forward: channels per lane
+constexpr int kWeightGradChunk = 128;  // weight gradient: tokens per partial sum
+constexpr int kWeightGradVec = 2;      // weight gradient: channels per lane (more warps in flight)
+
+// Task = (batch * tiles + tile) * groups + group: a block's warps take neighbouring channel groups of a tile.
+struct DepthwiseTask {
+  int batch, tile, channel;
+};
+template <int N>
+__device__ __forceinline__ DepthwiseTask depthwise_task(int task, int tiles, int groups, int lane) {
+  const int bt = task / groups, group = task - bt * groups;
+  return {bt / tiles, bt % tiles, (group * 32 + lane) * N};
+}
+
+// out[b, t, c] = sum_j taps[j, c] * x[b, t + j - K/2, c], zero padding; fp32 accumulation in tap order.
+template <typename T, int K, bool Vector>
+__global__ void __launch_bounds__(kDepthwiseWarps * 32)
+    depthwise_conv_forward_tiled_kernel(const T* __restrict__ x, const T* __restrict__ taps, T* __restrict__ out,
+                                        int tasks, int tiles, int groups, int seq_len, int channels) {
+  using A = typename AccType<T>::type;
+  constexpr int N = kDepthwiseVec, half = K / 2;
+  const int lane = threadIdx.x & 31, task = blockIdx.x * kDepthwiseWarps + (threadIdx.x >> 5);
+  if (task >= tasks) return;
+  const DepthwiseTask at = depthwise_task<N>(task, tiles, groups, lane);
+  const int count = channels - at.channel, t0 = at.tile * kDepthwiseTile;
+  const bool on = count > 0;
+  A w[K][N];
+#pragma unroll
+  for (int j = 0; j < K; ++j) load_vec<T, N, Vector>(taps + j * channels + at.channel, on, count, w[j]);
+  const int64_t sequence = static_cast<int64_t>(at.batch) * seq_len * channels + at.channel;
+  const T* src = x + sequence + (t0 - half) * channels;
+  T* dst = out + sequence + t0 * channels;
+  A ring[K][N];  // row t0 - half + i in ring[i % K]
+  int r = t0 - half;
+#pragma unroll
+  for (int i = 0; i < kDepthwiseTile + K - 1; ++i, ++r, src += channels) {
+    load_vec<T, N, Vector>(src, on && static_cast<unsigned>(r) < static_cast<unsigned>(seq_len), count, ring[i % K]);
+    if (i >= K - 1) {  // token t0 + k: rows t0 + k - half + j are ring[(k + j) % K]
+      const int k = i - (K - 1);
+      A acc[N];
+#pragma unroll
+      for (int q = 0; q < N; ++q) acc[q] = A(0);
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+#pragma unroll
+        for (int q = 0; q < N; ++q) acc[q] += w[j][q] * ring[(k + j) % K][q];
+      }
+      store_vec<T, N, Vector>(dst, on && t0 + k < seq_len, count, acc);
+      dst += channels;
+    }
+  }
+}
+
+// partials[b * chunks + chunk, j, c] = sum over the chunk's tokens s of grad[b, s, c] * x[b, s + j - K/2, c]
+// (fp32; fp64 for fp64), summed over chunks by the caller in a fixed order: deterministic, no atomics. Rows
+// outermost, K x N accumulators per lane; the x rows in a ring, the loop body K tokens (one turn of the ring).
+template <typename T, int K, bool Vector>
+__global__ void __launch_bounds__(kDepthwiseWarps * 32)
+    depthwise_conv_weight_grad_tiled_kernel(const T* __restrict__ grad, const T* __restrict__ x,
+                                            typename AccType<T>::type* __restrict__ partials, int tasks, int chunks,
+                                            int groups, int seq_len, int channels) {
+  using A = typename AccType<T>::type;
+  constexpr int N = kWeightGradVec, half = K / 2;
+  const int lane = threadIdx.x & 31, task = blockIdx.x * kDepthwiseWarps + (threadIdx.x >> 5);
+  if (task >= tasks) return;
+  const DepthwiseTask at = depthwise_task<N>(task, chunks, groups, lane);
+  const int count = channels - at.channel, s0 = at.tile * kWeightGradChunk;
+  const int s_end = min(s0 + kWeightGradChunk, seq_len);
+  const bool on = count > 0;
+  const int64_t sequence = static_cast<int64_t>(at.batch) * seq_len * channels + at.channel;
+  const T* xs = x + sequence + (s0 - half) * channels;
+  const T* gs = grad + sequence + s0 * channels;
+  A acc[K][N];
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+#pragma unroll
+    for (int q = 0; q < N; ++q) acc[j][q] = A(0);
+  }
+  A ring[K][N];  // row s0 - half + i in ring[i % K]
+  int r = s0 - half;
+#pragma unroll
+  for (int i = 0; i < K - 1; ++i, ++r, xs += channels) {
+    load_vec<T, N, Vector>(xs, on && static_cast<unsigned>(r) < static_cast<unsigned>(seq_len), count, ring[i]);
+  }
+#pragma unroll 1
+  for (int base = 0; base < kWeightGradChunk; base += K) {  // base % K == 0: the ring's slots are fixed
+#pragma unroll
+    for (int u = 0; u < K; ++u, ++r, xs += channels, gs += channels) {
+      load_vec<T, N, Vector>(xs, on && static_cast<unsigned>(r) < static_cast<unsigned>(seq_len), count,
+                             ring[(u + K - 1) % K]);
+      if (s0 + base + u < s_end) {  // the same for the whole warp
+        A g[N];
+        load_vec<T, N, Vector>(gs, on, count, g);
+#pragma unroll
+        for (int j = 0; j < K; ++j) {  // token s = s0 + base + u reads rows s - half + j: ring[(u + j) % K]
+#pragma unroll
+          for (int q = 0; q < N; ++q) acc[j][q] += g[q] * ring[(u + j) % K][q];
+        }
+      }
+    }
+  }
+  if (!on) return;
+  A* dst = partials + (static_cast<int64_t>(at.batch) * chunks + at.tile) * K * channels + at.channel;
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+#pragma unroll
+    for (int q = 0; q < N; ++q) {
+      if (Vector || q < count) dst[j * channels + q] = acc[j][q];
+    }
+  }
+}
+
+#if defined(__CUDACC__)
 namespace {
 
 constexpr int kThreads = 256;
 
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Whether the tiled kernels take this shape: K = 9 and 32-bit offsets inside a sequence (rows < L + tile).
+bool tiled(int64_t batch, int64_t seq_len, int64_t channels, int64_t kernel_size, int64_t tile) {
+  return cuda_kernel_choice() == KernelChoice::kV2 && kernel_size == 9 && (seq_len + tile) * channels < INT_MAX &&
+         batch * ceil_div(seq_len, tile) * ceil_div(channels, 32) < INT_MAX - kDepthwiseWarps;
+}
+
+// v1: chunks of chunk_rows consecutive rows of [B * L, C], at most 65535 (grid.y);
+// v2: chunks of kWeightGradChunk tokens inside each sequence.
+int64_t v1_chunk_rows(int64_t rows) { return std::max<int64_t>(64, ceil_div(rows, 65535)); }
+
+template <typename T, bool Vector>
+void forward_tiled(const void* x, const void* taps, void* out, int64_t batch, int64_t seq_len, int64_t channels,
+                   cudaStream_t stream) {
+  const int64_t tiles = ceil_div(seq_len, kDepthwiseTile), groups = ceil_div(channels, 32 * kDepthwiseVec);
+  const int64_t tasks = batch * tiles * groups;
+  depthwise_conv_forward_tiled_kernel<T, 9, Vector>
+      <<<ceil_div(tasks, kDepthwiseWarps), kDepthwiseWarps * 32, 0, stream>>>(
+          static_cast<const T*>(x), static_cast<const T*>(taps), static_cast<T*>(out), static_cast<int>(tasks),
+          static_cast<int>(tiles), static_cast<int>(groups), static_cast<int>(seq_len), static_cast<int>(channels));
+}
+
+template <typename T, bool Vector>
+void weight_grad_tiled(const void* grad, const void* x, void* partials, int64_t batch, int64_t seq_len,
+                       int64_t channels, cudaStream_t stream) {
+  const int64_t chunks = ceil_div(seq_len, kWeightGradChunk), groups = ceil_div(channels, 32 * kWeightGradVec);
+  const int64_t tasks = batch * chunks * groups;
+  depthwise_conv_weight_grad_tiled_kernel<T, 9, Vector>
+      <<<ceil_div(tasks, kDepthwiseWarps), kDepthwiseWarps * 32, 0, stream>>>(
+          static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<typename AccType<T>::type*>(partials),
+          static_cast<int>(tasks), static_cast<int>(chunks), static_cast<int>(groups), static_cast<int>(seq_len),
+          static_cast<int>(channels));
+}
+
 template <typename T>
 void forward(const void* x, const void* taps, void* out, int64_t batch, int64_t seq_len, int64_t channels,
              int64_t kernel_size, cudaStream_t stream) {
+  if (tiled(batch, seq_len, channels, kernel_size, kDepthwiseTile)) {
+    if (vectors_aligned(kDepthwiseVec, sizeof(T), {x, taps, out}, {channels})) {
+      forward_tiled<T, true>(x, taps, out, batch, seq_len, channels, stream);
+    } else {
+      forward_tiled<T, false>(x, taps, out, batch, seq_len, channels, stream);
+    }
+    return;
+  }
   const int64_t total = batch * seq_len * channels;
   const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 30);  // grid-stride loop
   CONVBERT_FAST_WITH_KERNEL_SIZE(kernel_size, KS,
@@ -73,8 +239,16 @@ void forward(const void* x, const void* taps, void* out, int64_t batch, int64_t 
 
 template <typename T>
 void weight_grad(const void* grad, const void* x, void* partials, int64_t batch, int64_t seq_len, int64_t channels,
-                 int64_t kernel_size, int64_t chunk_rows, cudaStream_t stream) {
-  const int64_t rows = batch * seq_len, chunks = (rows + chunk_rows - 1) / chunk_rows;
+                 int64_t kernel_size, cudaStream_t stream) {
+  if (tiled(batch, seq_len, channels, kernel_size, kWeightGradChunk)) {
+    if (vectors_aligned(kWeightGradVec, sizeof(T), {grad, x}, {channels})) {
+      weight_grad_tiled<T, true>(grad, x, partials, batch, seq_len, channels, stream);
+    } else {
+      weight_grad_tiled<T, false>(grad, x, partials, batch, seq_len, channels, stream);
+    }
+    return;
+  }
+  const int64_t rows = batch * seq_len, chunk_rows = v1_chunk_rows(rows), chunks = ceil_div(rows, chunk_rows);
   const dim3 grid(static_cast<unsigned>((channels + kThreads - 1) / kThreads), static_cast<unsigned>(chunks));
   depthwise_conv_weight_grad_kernel<T><<<grid, kThreads, 0, stream>>>(
       static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<typename AccType<T>::type*>(partials), rows,
@@ -90,15 +264,19 @@ cudaError_t depthwise_conv_forward(DType dtype, const void* x, const void* taps,
   return cudaGetLastError();
 }
 
+int64_t depthwise_conv_weight_grad_chunks(int64_t batch, int64_t seq_len, int64_t channels, int64_t kernel_size) {
+  if (tiled(batch, seq_len, channels, kernel_size, kWeightGradChunk)) return batch * ceil_div(seq_len, kWeightGradChunk);
+  const int64_t rows = batch * seq_len;
+  return ceil_div(rows, v1_chunk_rows(rows));
+}
+
 cudaError_t depthwise_conv_weight_grad_partials(DType dtype, const void* grad, const void* x, void* partials,
                                                 int64_t batch, int64_t seq_len, int64_t channels,
-                                                int64_t kernel_size, int64_t chunk_rows, cudaStream_t stream) {
-  const int64_t chunks = (batch * seq_len + chunk_rows - 1) / chunk_rows;
-  if (channels == 0 || chunks == 0) return cudaSuccess;
-  if (chunk_rows < 1 || chunks > 65535) return cudaErrorInvalidValue;  // grid.y limit: the caller sizes chunks
-  CONVBERT_FAST_DISPATCH(dtype, weight_grad, grad, x, partials, batch, seq_len, channels, kernel_size, chunk_rows,
-                         stream)
+                                                int64_t kernel_size, cudaStream_t stream) {
+  if (channels == 0 || batch * seq_len == 0) return cudaSuccess;
+  CONVBERT_FAST_DISPATCH(dtype, weight_grad, grad, x, partials, batch, seq_len, channels, kernel_size, stream)
   return cudaGetLastError();
 }
+#endif  // __CUDACC__
 
 }  // namespace convbert_fast
