@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import NO_GPU
+from conftest import NO_GPU, unless_runs
 from reference import (
     assert_within_torch_error,
     dynamic_span_conv_ref,
@@ -130,6 +130,7 @@ def test_auto_picks_cpp_on_cpu(rng):
         assert backend.implementation(op, torch.device("cpu")) is backend._implementations["cpp"][op]
 
 
+@unless_runs("triton", "cpu")
 def test_dropout_add_layer_norm_is_in_the_registry_and_runs_as_auto_where_a_backend_lacks_it(rng):
     """`triton` has no dropout_add_layer_norm: chosen, that op runs as under `auto` (cpp on the CPU), the others
     on Triton; `eager` gives the seed's math."""
