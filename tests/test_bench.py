@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -17,6 +18,7 @@ def bench(*args):
     )
 
 
+@pytest.mark.timeout(300)  # a benchmark run in a child process, compile included: 65 s on a loaded 2-core AMD EPYC
 def test_bench_writes_table_json_and_plot(tmp_path):
     record_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
     result = bench(
@@ -44,6 +46,7 @@ def test_bench_writes_table_json_and_plot(tmp_path):
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.timeout(300)  # several child processes, each importing torch and transformers: 40 s loaded
 def test_bench_rejects_unknown_provider_config_and_device():
     result = bench("--providers", "transformers,fastest")
     assert (
@@ -57,6 +60,7 @@ def test_bench_rejects_unknown_provider_config_and_device():
         assert result.returncode == 2 and "--device 'cuda' is not available here; valid: cpu" in result.stderr
 
 
+@pytest.mark.timeout(300)  # profiles three models in a child process: 24 s loaded
 def test_breakdown_sums_every_category_for_each_model(tmp_path):
     """benchmarks/breakdown.py (the README's "Where the time goes") runs and accounts for the whole step."""
     record_path = tmp_path / "breakdown.json"

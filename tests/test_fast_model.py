@@ -164,6 +164,7 @@ def mlm_losses(backend, seed, steps=100, dropout=0.1):
     return torch.tensor(losses)
 
 
+@pytest.mark.timeout(600)  # three 100-step training runs: 160 s on a loaded 2-core AMD EPYC
 def test_convergence_matches_the_seed_math_with_dropout_on():
     """100 steps with dropout, eager vs fused (same seed). The fused attention draws its dropout masks inside
     SDPA, so the curves are not bitwise equal: the tolerance is what dropout noise alone does to the seed's own
@@ -184,6 +185,7 @@ def test_convergence_matches_the_seed_math_with_dropout_on():
     assert no_dropout.abs().max().item() < 1e-3
 
 
+@pytest.mark.timeout(300)  # inductor compiles the model cold: ~10 s idle, 52 s loaded (2-core AMD EPYC)
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
 def test_compiles_without_graph_breaks(train, rng):
     """torch.compile(fullgraph=True) traces the whole model, custom ops included, and gives the eager numbers."""

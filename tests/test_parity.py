@@ -218,6 +218,7 @@ def test_cross_attention_decoder_matches_transformers():
     assert out.cross_attentions[0].shape == (BATCH, 2, SEQ_LEN, SEQ_LEN)
 
 
+@pytest.mark.timeout(300)  # the Triton interpreter runs a masked-LM model forward and backward: 20 s loaded
 def test_triton_backend_matches_transformers():
     """The model through the Triton kernels (Triton's interpreter without a GPU: a small config), forward and
     every parameter's gradient, with the separable conv's query multiply and the grouped GELU fused."""

@@ -29,6 +29,42 @@ def small_model(cls=cf.ConvBertModel, **overrides):
     return cls(make_config("small", **overrides)).eval()
 
 
+# --- the host CPU -------------------------------------------------------------------------------------------------
+
+
+def _cpu_has_avx512_fp16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " avx512_fp16" in line for line in cpuinfo)
+    except OSError:
+        return False
+
+
+# On such CPUs oneDNN's JIT of an fp16 depthwise kernel with K >= 33 never returns (torch 2.13): without the guard in
+# separable_conv1d_eager this child hangs. A child process, because no timeout can interrupt a thread stuck in C++.
+WIDE_FP16_CONV = """
+import torch, convbert_fast as cf
+cf.set_backend("eager")
+x = torch.randn(1, 70, 8, dtype=torch.float16, requires_grad=True)
+taps, pointwise, bias = torch.randn(8, 1, 63).half(), torch.randn(16, 8, 1).half(), torch.zeros(16).half()
+cf.ops.separable_conv1d(x, taps, pointwise, bias).sum().backward()
+print("returned")
+"""
+
+
+@pytest.mark.skipif(
+    not _cpu_has_avx512_fp16(),
+    reason="the oneDNN fp16 depthwise hang needs a CPU with AVX512-FP16 (`grep avx512_fp16 /proc/cpuinfo`); this one "
+    "has none, so the test could not fail here",
+)
+def test_eager_fp16_wide_depthwise_conv_returns_on_avx512_fp16_cpus():
+    try:
+        child = subprocess.run([sys.executable, "-c", WIDE_FP16_CONV], capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("an fp16 depthwise conv with K=63 on this CPU did not return within 180 s (oneDNN's JIT hang)")
+    assert child.returncode == 0 and "returned" in child.stdout, child.stderr[-2000:]
+
+
 # --- the model's entry points -------------------------------------------------------------------------------------
 
 BAD_MODEL_CALLS = [
@@ -99,6 +135,7 @@ def test_bad_encoder_states_raise_clearly():
         model(ids, encoder_hidden_states=torch.rand(2, 5, 256), encoder_attention_mask=torch.ones(2, 6))
 
 
+@pytest.mark.timeout(300)  # the Triton interpreter runs a whole model: 55 s loaded at L=64
 @pytest.mark.parametrize("backend_name", FAST_BACKENDS)
 @pytest.mark.parametrize("batch,seq_len", [(0, 8), (2, 1), (2, 3), (1, 64)])  # B = 0, L = 1, L < K, L = max
 def test_edge_shapes_through_the_model(backend_name, batch, seq_len, rng):
@@ -306,6 +343,7 @@ SIMULATE = {
 }
 
 
+@pytest.mark.timeout(300)  # a child process imports torch, transformers and convbert_fast: 19 s loaded
 @pytest.mark.parametrize("broken", ["cpp", "triton"])
 def test_a_backend_that_fails_to_load(broken):
     code = f"""{SIMULATE[broken]}

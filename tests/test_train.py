@@ -68,6 +68,7 @@ def evals(entries):
     return [e for e in entries if "eval_loss" in e]
 
 
+@pytest.mark.timeout(300)  # a training run in a child process: 28 s on a loaded 2-core AMD EPYC
 def test_mlm_writes_metrics_and_the_loss_falls(ws, tmp_path):
     entries = run_train(ws, tmp_path, "--max-steps", "30", "--eval-every", "10")
     steps = [e for e in entries if "loss" in e]
@@ -119,6 +120,7 @@ def test_electra_shares_embeddings_and_trains_both_losses(ws, tmp_path):
         torch.testing.assert_close(loaded.discriminator.state_dict()[key], value, rtol=0, atol=0)
 
 
+@pytest.mark.timeout(300)  # a tokenizer and a training run: 59 s loaded
 def test_classification_fine_tuning_learns_a_keyword(ws, tmp_path):
     """label = whether the word "zebra" was put into a paragraph: a tiny model learns it within 60 steps."""
     generator = torch.Generator().manual_seed(0)
@@ -141,6 +143,7 @@ def test_classification_fine_tuning_learns_a_keyword(ws, tmp_path):
     assert model.config.id2label == {0: "no", 1: "yes"}
 
 
+@pytest.mark.timeout(300)  # three training runs: 20 s loaded
 def test_resume_continues_with_the_same_losses(ws, tmp_path):
     """Dropout on (the config's 0.1): masks, order and dropout depend on (seed, step) only, so 6 steps in one go
     and 3 steps + resume give bitwise the same losses on the CPU in fp32."""
@@ -169,6 +172,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.timeout(300)  # torchrun with two gloo processes, then one: 36 s loaded
 def test_torchrun_two_processes_match_one(ws, tmp_path):
     """--batch-size is the global batch: 2 processes x 4 rows (gloo) and 1 process x 8 rows (and 1 x 2 x 4
     accumulated) see the same rows and masks, so the losses agree up to the order of float sums (all-reduce of

@@ -9,13 +9,22 @@ from . import backend, cpp
 from .checks import check_float_tensors, check_kernel_size, check_shape
 
 OP = "separable_conv1d"
+# The widest fp16 depthwise kernel oneDNN was seen to JIT on an AVX512-FP16 CPU (K = 33, 41, 49, 57 and 63 hung; 31 took 18 ms).
+ONEDNN_FP16_SAFE_KERNEL_SIZE = 31
 
 
 def separable_conv1d_eager(x, depthwise_weight, pointwise_weight, bias, multiplier=None):
     """The seed's math: transpose to [B, C, L], two nn.Conv1d convolutions, bias, transpose back (then the
     multiply by the query that ConvBERT applies to this result)."""
     kernel_size = depthwise_weight.shape[-1]
-    y = F.conv1d(x.transpose(1, 2), depthwise_weight, padding=kernel_size // 2, groups=x.shape[-1])  # [B, C, L]
+    x_t, taps = x.transpose(1, 2), depthwise_weight  # [B, C, L], [C, 1, K]
+    if x.device.type == "cpu" and x.dtype == torch.float16 and kernel_size > ONEDNN_FP16_SAFE_KERNEL_SIZE:
+        # On CPUs with AVX512-FP16, oneDNN's JIT for fp16 depthwise kernels wider than 31 taps never returns
+        # (jit_brdgmm_kernel_base_t::generate; transformers' ConvBERT hangs the same way). fp32 and one rounding
+        # back is the same math: the fp16 kernel accumulates in fp32 too.
+        y = F.conv1d(x_t.float(), taps.float(), padding=kernel_size // 2, groups=x.shape[-1]).to(x.dtype)
+    else:
+        y = F.conv1d(x_t, taps, padding=kernel_size // 2, groups=x.shape[-1])  # [B, C, L]
     y = F.conv1d(y, pointwise_weight)  # [B, A, L]
     y = (y + bias.reshape(-1, 1)).transpose(1, 2)  # [B, L, A]
     return y if multiplier is None else torch.multiply(y, multiplier)
