@@ -216,6 +216,8 @@ sanitize)
     [ -n "$sanitizer" ] || say "               compute-sanitizer: not found on PATH nor under the CUDA toolkit"
     [ "$gpu" = 1 ] || stop memcheck "$no_gpu"
     [ -n "$sanitizer" ] || stop memcheck "compute-sanitizer, not found on PATH nor under the CUDA toolkit's bin"
+    # the step's own limit replaces pytest-timeout's per-test one: everything runs far slower under the sanitizer
+    pytest_base+=(-o timeout=0)
     # the cpp and Triton CUDA kernels of all four ops, forward and backward, fp32 (and fp64 for the gradients);
     # the caching allocator off, so that an access past a tensor's end leaves its cudaMalloc block
     picks="matches_reference and float32 and not multiplier and not prefix or gradients_match_reference or strided_slice or nan"

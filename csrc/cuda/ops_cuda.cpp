@@ -17,7 +17,7 @@ DType dtype_of(const at::Tensor& t) {
     case at::kHalf: return DType::Float16;
     case at::kBFloat16: return DType::BFloat16;
     default:
-      TORCH_CHECK(false, "convbert_fast CUDA kernels take float32, float64, float16 or bfloat16, got ", t.scalar_type());
+      TORCH_CHECK_TYPE(false, "convbert_fast CUDA kernels take float32, float64, float16 or bfloat16, got ", t.scalar_type());
   }
 }
 
@@ -36,7 +36,7 @@ void check_cuda_kernel_size(int64_t kernel_size) {
 void span_conv_into_cuda(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads,
                          at::Tensor& out) {
   check_span_conv_args(values, kernel_logits, num_heads);
-  check_span_conv_out(values, out);
+  check_span_conv_out(values, kernel_logits, out);
   const c10::cuda::CUDAGuard guard(values.device());
   const at::Tensor v = values.contiguous(), k = kernel_logits.contiguous();
   const int64_t kernel_size = k.size(2) / num_heads;
@@ -56,6 +56,7 @@ at::Tensor span_conv_cuda(const at::Tensor& values, const at::Tensor& kernel_log
 std::tuple<at::Tensor, at::Tensor> span_conv_backward_cuda(const at::Tensor& grad_out, const at::Tensor& values,
                                                            const at::Tensor& kernel_logits, int64_t num_heads) {
   check_span_conv_args(values, kernel_logits, num_heads);
+  check_span_conv_grad(grad_out, values);
   const c10::cuda::CUDAGuard guard(values.device());
   const at::Tensor g = grad_out.contiguous(), v = values.contiguous(), k = kernel_logits.contiguous();
   const int64_t kernel_size = k.size(2) / num_heads;
