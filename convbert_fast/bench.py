@@ -262,7 +262,7 @@ def span_conv_summary(device, dtype, warmup, repeats) -> dict:
     """The span conv at base shapes, forward + backward: eager (transformers' unfold path) against the best
     backend here, and the fraction of the copy bandwidth that backend reaches."""
     import convbert_fast as cf
-    from convbert_fast.ops.span_conv import dynamic_span_conv_eager
+    from convbert_fast.ops.dynamic_span_conv import dynamic_span_conv_eager
 
     batch = 32 if device.type == "cuda" else 8
     values = torch.randn(batch, 512, 384, device=device, dtype=dtype, requires_grad=True)
@@ -317,9 +317,9 @@ def versions(device) -> dict:
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from .cli import _cpu_name
+    from .env import cpu_name
 
-    return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def git_commit() -> str | None:

@@ -3,51 +3,32 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def info() -> int:
     import torch
-    import transformers
 
     import convbert_fast as cf
+    from convbert_fast import env
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception as e:  # not installed, or broken
-        triton_version = f"not available ({type(e).__name__}: {e})"
+    found = env.versions()
     print(f"convbert_fast  {cf.__version__}")
-    print(f"python         {platform.python_version()}")
-    print(f"torch          {torch.__version__}")
-    print(f"transformers   {transformers.__version__}")
-    print(f"triton         {triton_version}")
-    print(f"CUDA (torch)   {torch.version.cuda or 'none (CPU build)'}")
+    print(f"python         {found['python']}")
+    print(f"torch          {found['torch']}")
+    print(f"transformers   {found['transformers']}")
+    print(f"triton         {found['triton'] or f'not available ({env.triton_problem()})'}")
+    print(f"CUDA (torch)   {found['cuda'] or 'none (CPU build)'}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"device         cuda:{i} {torch.cuda.get_device_name(i)}")
     else:
-        print(f"device         cpu: {_cpu_name()}, {torch.get_num_threads()} threads (no CUDA device)")
+        print(f"device         cpu: {env.cpu_name()}, {torch.get_num_threads()} threads (no CUDA device)")
     print(f"backend        {cf.get_backend()} (selected)")
-    gaps = cf.ops.backend.device_gaps()
-    for name, status in cf.available_backends().items():
+    for name, (status, *gaps) in env.backend_status().items():
         print(f"  {name:<8}     {status}")
-        for (gap_backend, device_type), reason in gaps.items():
-            if gap_backend == name and status == "ok":
-                print(f"  {'':<8}     but not on {device_type}: {reason}")
+        for gap in gaps:
+            print(f"  {'':<8}     {gap}")
     return 0
 
 

@@ -1,5 +1,5 @@
 // The op schemas: one TORCH_LIBRARY for the whole package. CPU and CUDA implementations register
-// themselves beside their kernels (cpu/ops_cpu.cpp, cuda/ops_cuda.cpp).
+// themselves beside their kernels (csrc/cpu/<op>.cpp, csrc/cuda/ops_cuda.cpp).
 #include <Python.h>
 #include <torch/library.h>
 

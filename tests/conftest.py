@@ -13,6 +13,16 @@ if not torch.cuda.is_available():
 
 import convbert_fast as cf  # noqa: E402
 
+NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=NO_GPU)]
+# Every backend on every device (Triton on the CPU: the interpreter, set above)
+BACKEND_DEVICES = [
+    pytest.param((name, device), id=f"{name}-{device}", marks=() if device == "cpu" else NO_GPU)
+    for device in ("cpu", "cuda")
+    for name in ("eager", "cpp", "triton")
+]
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
 # Two layers and a small vocabulary keep CI fast; widths, heads, groups and K are the released ones.
 COMMON = dict(vocab_size=99, num_hidden_layers=2, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0)
 PARITY_CONFIGS = {
@@ -61,3 +71,34 @@ def _default_backend():
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(params=BACKEND_DEVICES)
+def backend_device(request):
+    """(backend, device), with that backend chosen for the test."""
+    name, device = request.param
+    with cf.use_backend(name):
+        yield name, device
+
+
+@pytest.fixture(params=DEVICES)
+def device_name(request):
+    return request.param
+
+
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def opcheck(samples, namespace, device):
+    """torch.library's schema, fake-tensor, autograd-registration and AOT-dispatch checks on every (op, args) of
+    `samples`. Triton's interpreter cannot run a kernel on the fake tensors of AOT dispatch, so for the Triton ops
+    on the CPU that one check is left to the GPU run (tools/gpu_check.sh)."""
+    utils = OPCHECK_UTILS
+    if namespace == "convbert_fast_triton" and device == "cpu" and INTERPRETED:
+        utils = OPCHECK_UTILS[:3]
+    for op, args in samples:
+        torch.library.opcheck(op, args, test_utils=utils)
+
+
+# Each op's opcheck test runs over both op namespaces (the cpp and triton backends' kernels)
+NAMESPACES = ["convbert_fast", "convbert_fast_triton"]

@@ -84,3 +84,37 @@ def assert_within_torch_error(actual, torch_result, oracle, factor=2.0):
         f"{actual.dtype}: error {our_error:.3e} against the fp64 oracle exceeds {factor} x PyTorch's own "
         f"{torch_error:.3e} + {rounding:.3e}"
     )
+
+
+def assert_gradients_match(op, ref, inputs, gen):
+    """Gradients of every input of `op` against autograd through `ref`, fp64."""
+    inputs = [t.requires_grad_() for t in inputs]
+    ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out, ref_out = op(*inputs), ref(*ref_inputs)
+    grad = torch.randn(out.shape, dtype=out.dtype, generator=gen).to(out.device)
+    for a, b in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref_out, ref_inputs, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def assert_gradients_for_only_some_inputs(op, ref, inputs):
+    """With one input requiring a gradient at a time: its gradient as `ref`'s, none for the others."""
+    for wanted in range(len(inputs)):
+        leaves = [t.detach().clone().requires_grad_(i == wanted) for i, t in enumerate(inputs)]
+        ref_leaves = [t.detach().clone().requires_grad_(i == wanted) for i, t in enumerate(inputs)]
+        op(*leaves).sum().backward()
+        ref(*ref_leaves).sum().backward()
+        for i, (a, b) in enumerate(zip(leaves, ref_leaves)):
+            if i == wanted:
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10)
+            else:
+                assert a.grad is None
+
+
+def assert_backward_bitwise_repeatable(op, inputs):
+    grads = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        op(*leaves).square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

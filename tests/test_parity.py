@@ -201,7 +201,7 @@ def test_cross_attention_decoder_matches_transformers():
     gen = torch.Generator().manual_seed(8)
     inputs = make_inputs("ConvBertModel", config, gen, labels=False)
     # transformers 5 reshapes keys with the decoder's length, so it only runs when the lengths agree;
-    # test_head_mask.py checks other encoder lengths against the reference math.
+    # tests/test_model.py checks other encoder lengths against the reference math.
     encoder_states = torch.randn(BATCH, SEQ_LEN, config.hidden_size, generator=gen)
     encoder_mask = torch.ones(BATCH, SEQ_LEN)
     encoder_mask[1, 7:] = 0

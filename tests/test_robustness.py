@@ -15,12 +15,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import convbert_fast as cf
-from conftest import make_config
+from conftest import NO_GPU, make_config
+from convbert_fast.ops.dynamic_span_conv import dynamic_span_conv_eager
 from convbert_fast.ops.grouped_linear import grouped_linear_eager
-from convbert_fast.ops.separable_conv import separable_conv1d_eager
-from convbert_fast.ops.span_conv import dynamic_span_conv_eager
+from convbert_fast.ops.separable_conv1d import separable_conv1d_eager
+from samples import span_inputs
 
-NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 FAST_BACKENDS = ["cpp", "triton"]  # each against `eager`, the transformers math
 
 
@@ -153,14 +153,10 @@ def test_edge_shapes_through_the_model(backend_name, batch, seq_len, rng):
 # --- NaN, inf and overflow spread as in the eager math ------------------------------------------------------------
 
 
-def _span_inputs(gen, dtype=torch.float32):
-    return torch.randn(2, 11, 8, generator=gen).to(dtype), torch.randn(2, 11, 2 * 5, generator=gen).to(dtype)
-
-
 @pytest.mark.parametrize("backend_name", FAST_BACKENDS)
 @pytest.mark.parametrize("special", [float("nan"), float("inf"), float("-inf")])
 def test_nan_and_inf_spread_as_in_eager(backend_name, special, rng):
-    values, logits = _span_inputs(rng)
+    values, logits = span_inputs(2, 11, 2, 4, 5, gen=rng)
     values[0, 4, 1], values[1, 0, 6] = special, special
     logits[1, 7, 3] = special
     x, dw, pw, bias = torch.randn(2, 11, 6, generator=rng), torch.randn(6, 1, 3), torch.randn(4, 6, 1), torch.randn(4)
@@ -187,7 +183,7 @@ def test_nan_and_inf_spread_as_in_eager(backend_name, special, rng):
 
 @pytest.mark.parametrize("backend_name", FAST_BACKENDS)
 def test_extreme_span_logits_stay_finite(backend_name, rng):
-    values, logits = _span_inputs(rng)
+    values, logits = span_inputs(2, 11, 2, 4, 5, gen=rng)
     logits = torch.where(torch.rand(logits.shape, generator=rng) > 0.5, 1e4, -1e4)
     expected = dynamic_span_conv_eager(values, logits, 2)
     with cf.use_backend(backend_name):

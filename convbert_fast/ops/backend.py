@@ -1,6 +1,7 @@
-"""Backend choice for the three hot-spot ops.
+"""Backend choice for the four ops.
 
-Each backend registers one implementation per op. ``auto`` takes the first available backend of a
+Each backend registers one implementation per op it covers (`triton` has no dropout_add_layer_norm); an op
+that the chosen backend does not cover runs as under `auto`. ``auto`` takes the first available backend of a
 per-device preference list; when it has to skip a backend that ships with this build but failed to
 load, it warns once, so a slow path is never taken silently.
 """
@@ -14,8 +15,10 @@ from typing import Callable, Iterator
 
 import torch
 
-OP_NAMES = ("separable_conv1d", "dynamic_span_conv", "grouped_linear")
+OP_NAMES = ("separable_conv1d", "dynamic_span_conv", "grouped_linear", "dropout_add_layer_norm")
 BACKEND_NAMES = ("eager", "cpp", "triton")
+# The ops each backend implements: it is available once it registered them all.
+BACKEND_OPS = {"eager": OP_NAMES, "cpp": OP_NAMES, "triton": OP_NAMES[:3]}
 
 # Fastest first. `eager` is last everywhere: it always loads. Triton on the CPU is the interpreter: never auto.
 _AUTO_PREFERENCE = {"cuda": ("cpp", "triton", "eager"), "cpu": ("cpp", "eager")}
@@ -42,7 +45,7 @@ def _auto_order(op_name: str, device: torch.device) -> tuple[str, ...]:
 
 
 _implementations: dict[str, dict[str, Callable]] = {name: {} for name in BACKEND_NAMES}
-# Why a backend cannot be used at all (until it registers every op, or because it failed to load).
+# Why a backend cannot be used at all (until it registers its ops, or because it failed to load).
 _unavailable_reason: dict[str, str] = {
     "cpp": "convbert_fast._C has not been loaded",
     "triton": "the Triton kernels have not been loaded",
@@ -55,10 +58,10 @@ _selected = "auto"
 
 
 def register(backend: str, op_name: str, fn: Callable) -> None:
-    if backend not in BACKEND_NAMES or op_name not in OP_NAMES:
+    if backend not in BACKEND_NAMES or op_name not in BACKEND_OPS[backend]:
         raise ValueError(f"unknown backend/op pair {backend!r}/{op_name!r}")
     _implementations[backend][op_name] = fn
-    if len(_implementations[backend]) == len(OP_NAMES):
+    if len(_implementations[backend]) == len(BACKEND_OPS[backend]):
         _unavailable_reason.pop(backend, None)
 
 
@@ -100,7 +103,7 @@ def _check_usable(name: str) -> None:
 
 
 def set_backend(name: str) -> None:
-    """Use `name` ("auto", "eager", "cpp" or "triton") for every op from now on."""
+    """Use `name` ("auto", "eager", "cpp" or "triton") for every op it covers from now on."""
     global _selected
     _check_usable(name)
     _selected = name
@@ -130,12 +133,14 @@ def use_backend(name: str) -> Iterator[None]:
 
 def implementation(op_name: str, device: torch.device) -> Callable:
     """The function that runs `op_name` for tensors on `device` under the current backend choice."""
-    if _selected != "auto":
+    if _selected != "auto" and op_name in _implementations[_selected]:
         gap = _device_gaps.get((_selected, device.type))
         if gap is not None:
             raise RuntimeError(f"backend {_selected!r} cannot run on {device.type}: {gap}")
         return _implementations[_selected][op_name]
     for name in _auto_order(op_name, device):
+        if op_name not in BACKEND_OPS[name]:
+            continue
         reason = _unavailable_reason.get(name) or _device_gaps.get((name, device.type))
         if reason is None:
             return _implementations[name][op_name]

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import backend, cpp
+from . import backend, cpp, triton
 from .checks import check_float_tensors, check_shape
 
 OP = "grouped_linear"
@@ -69,20 +69,29 @@ def register_rules(forward, forward_gelu, backward) -> None:
     torch.library.register_autograd(forward_gelu, backward_rule_gelu, setup_context=setup_context_gelu)
 
 
-if cpp.LOADED:
+def register_backend(name: str, namespace: str) -> None:
+    """Registers backend `name`, whose kernels are the ops grouped_linear, grouped_linear_gelu and
+    grouped_linear_backward of torch.ops.<namespace>: their rules, and the one wrapper over them."""
+    ops = getattr(torch.ops, namespace)
     register_rules(
-        "convbert_fast::grouped_linear",
-        "convbert_fast::grouped_linear_gelu",
-        torch.ops.convbert_fast.grouped_linear_backward.default,
+        f"{namespace}::grouped_linear", f"{namespace}::grouped_linear_gelu", ops.grouped_linear_backward.default
     )
 
-    def grouped_linear_cpp(x, weight, bias, activation=None):
+    def grouped_linear_backend(x, weight, bias, activation=None):
         x, weight, bias = backend.autocast_inputs(x.device.type, x, weight, bias)
         if activation == "gelu":
-            return torch.ops.convbert_fast.grouped_linear_gelu(x, weight, bias)[0]
-        return torch.ops.convbert_fast.grouped_linear(x, weight, bias)
+            return ops.grouped_linear_gelu(x, weight, bias)[0]
+        return ops.grouped_linear(x, weight, bias)
 
-    backend.register("cpp", OP, grouped_linear_cpp)
+    backend.register(name, OP, grouped_linear_backend)
+
+
+if cpp.LOADED:
+    register_backend("cpp", "convbert_fast")
+if triton.AVAILABLE:
+    from .triton import grouped_linear as _triton_kernels  # noqa: F401  (defines torch.ops.convbert_fast_triton.*)
+
+    register_backend("triton", "convbert_fast_triton")
 
 
 def grouped_linear(

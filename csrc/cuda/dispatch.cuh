@@ -5,7 +5,8 @@
 
 #include "launchers.h"
 
-// K = 9 (every released checkpoint) gets its own unrolled instantiation; any other odd K <= 63 the generic one.
+// K = 9 (every released checkpoint) gets its own unrolled instantiation; any other odd K up to
+// kMaxCudaKernelSize the generic one.
 #define CONVBERT_FAST_WITH_KERNEL_SIZE(K, KS_NAME, ...) \
   if ((K) == 9) {                                      \
     constexpr int KS_NAME = 9;                         \

@@ -35,7 +35,7 @@ cudaError_t depthwise_conv_weight_grad_partials(DType dtype, const void* grad, c
                                                 int64_t kernel_size, int64_t chunk_rows, cudaStream_t stream);
 
 // out = LayerNorm(dropout(x) + residual) per row (all [rows, C] contiguous, weight and bias [C]); mean and rstd
-// [rows] in fp32 (fp64 for Float64). The dropout mask is dropout_keeps(seed, row * C + c) (kernels/dropout_mask.h).
+// [rows] in fp32 (fp64 for Float64). The dropout mask is dropout_keeps(seed, row * C + c) (csrc/dropout_mask.h).
 cudaError_t dropout_add_layer_norm_forward(DType dtype, const void* x, const void* residual, const void* weight,
                                            const void* bias, void* out, void* mean, void* rstd, int64_t rows,
                                            int64_t channels, uint64_t seed, double p, double eps, cudaStream_t stream);

@@ -29,8 +29,10 @@ void check_launch(cudaError_t status, const char* what) {
 }
 
 void check_cuda_kernel_size(int64_t kernel_size) {
-  TORCH_CHECK(kernel_size <= kMaxCudaKernelSize, "dynamic_span_conv: the CUDA kernels take K <= ", kMaxCudaKernelSize,
-              ", got ", kernel_size);
+  // A ValueError in Python; the Python wrapper relies on this check (the limit lives only in launchers.h).
+  TORCH_CHECK_VALUE(kernel_size <= kMaxCudaKernelSize, "dynamic_span_conv: the cpp backend's CUDA kernels take ",
+                    "kernel sizes up to ", kMaxCudaKernelSize, ", got ", kernel_size,
+                    "; use the 'eager' backend for larger spans");
 }
 
 void span_conv_into_cuda(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads,

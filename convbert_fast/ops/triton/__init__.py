@@ -1,5 +1,9 @@
 """The `triton` backend: Triton kernels registered with torch.library.triton_op, so torch.compile sees into them.
 
+ops/triton/<op>.py defines the ops torch.ops.convbert_fast_triton.<op>*; ops/<op>.py imports it when Triton
+imports, and registers their fake and autograd rules (explicit: the traced ones would run the kernels, which the
+interpreter cannot do on fake tensors) and the backend's wrapper, the same code as for the cpp backend.
+
 On CUDA tensors the kernels are compiled for the GPU; on CPU tensors they run only under TRITON_INTERPRET=1
 (Triton's interpreter, which is how CI checks them), and the backend says so otherwise.
 """
@@ -56,12 +60,3 @@ if AVAILABLE and not INTERPRET:
         "cpu",
         "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (set before importing convbert_fast)",
     )
-
-if AVAILABLE:
-    from .grouped_linear import grouped_linear_triton
-    from .separable_conv import separable_conv1d_triton
-    from .span_conv import dynamic_span_conv_triton
-
-    backend.register("triton", "dynamic_span_conv", dynamic_span_conv_triton)
-    backend.register("triton", "separable_conv1d", separable_conv1d_triton)
-    backend.register("triton", "grouped_linear", grouped_linear_triton)

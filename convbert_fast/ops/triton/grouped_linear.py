@@ -11,8 +11,6 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .. import backend
-from ..grouped_linear import register_rules
 from . import numerics, tuning_configs
 
 
@@ -200,13 +198,3 @@ def grouped_linear_backward_triton_op(
     )
     return grad_x.view(x.shape), grad_weight, grad2d.sum(0)
 
-
-# Explicit fake rules (the traced ones would run the kernels, which the interpreter cannot do on fake tensors)
-register_rules(grouped_linear_triton_op, grouped_linear_gelu_triton_op, grouped_linear_backward_triton_op)
-
-
-def grouped_linear_triton(x, weight, bias, activation=None):
-    x, weight, bias = backend.autocast_inputs(x.device.type, x, weight, bias)
-    if activation == "gelu":
-        return grouped_linear_gelu_triton_op(x, weight, bias)[0]
-    return grouped_linear_triton_op(x, weight, bias)

@@ -25,6 +25,9 @@ def dropout_add_layer_norm_eager(x, residual, weight, bias, p, eps, training):
     return F.layer_norm(F.dropout(x, p, training) + residual, (x.shape[-1],), weight, bias, eps)
 
 
+backend.register("eager", OP, dropout_add_layer_norm_eager)
+
+
 def _stat_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -63,9 +66,15 @@ if cpp.LOADED:
         "convbert_fast::dropout_add_layer_norm", _backward_rule, setup_context=_setup_context
     )
 
+    def dropout_add_layer_norm_cpp(x, residual, weight, bias, p, eps, training):
+        p = p if training else 0.0
+        if torch.is_autocast_enabled(x.device.type):  # autocast runs LayerNorm in fp32: so does this op
+            x, residual, weight, bias = (t.float() for t in (x, residual, weight, bias))
+        # no random draw without dropout, as nn.Dropout in eval mode
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64) if p > 0 else torch.zeros((), dtype=torch.int64)
+        return torch.ops.convbert_fast.dropout_add_layer_norm(x, residual, weight, bias, p, eps, seed)[0]
 
-def _fused_available(device: torch.device) -> bool:
-    return cpp.LOADED and (("cpp", device.type) not in backend.device_gaps())
+    backend.register("cpp", OP, dropout_add_layer_norm_cpp)
 
 
 def dropout_add_layer_norm(
@@ -79,7 +88,8 @@ def dropout_add_layer_norm(
 ) -> torch.Tensor:
     """LayerNorm(dropout(x) + residual) over the last dimension: x, residual [..., C]; weight, bias [C].
 
-    Under the `eager` backend, or where the C++ extension cannot run, nn.Dropout + add + nn.LayerNorm."""
+    Under the `eager` backend, or where the C++ extension cannot run, nn.Dropout + add + nn.LayerNorm (the
+    `triton` backend has no kernel of its own: this op runs there as under `auto`)."""
     check_float_tensors(OP, x=x, residual=residual, weight=weight, bias=bias)
     channels = x.shape[-1] if x.dim() else 0
     if x.dim() < 1 or channels < 1:
@@ -89,11 +99,4 @@ def dropout_add_layer_norm(
     check_shape(OP, "bias", bias, (channels,), f"[{channels}]")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{OP}: dropout probability `p` must be in [0, 1], got {p}")
-    if backend.get_backend() == "eager" or not _fused_available(x.device):
-        return dropout_add_layer_norm_eager(x, residual, weight, bias, p, eps, training)
-    p = p if training else 0.0
-    if torch.is_autocast_enabled(x.device.type):  # autocast runs LayerNorm in fp32: so does this op
-        x, residual, weight, bias = (t.float() for t in (x, residual, weight, bias))
-    # no random draw without dropout, as nn.Dropout in eval mode
-    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if p > 0 else torch.zeros((), dtype=torch.int64)
-    return torch.ops.convbert_fast.dropout_add_layer_norm(x, residual, weight, bias, p, eps, seed)[0]
+    return backend.implementation(OP, x.device)(x, residual, weight, bias, p, eps, training)

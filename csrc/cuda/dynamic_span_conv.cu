@@ -1,17 +1,20 @@
 // The dynamic span conv. One warp per (token row, head): the warp computes that head's softmax over its
 // K logits into shared memory, then each lane accumulates D/32 channels over the K taps in fp32.
 // Nothing of size K x values is materialised; value rows are re-read by the K neighbouring warps from cache.
-#pragma once
+// The kernels, then their launchers (torch-free: see launchers.h).
 #include <cstdint>
 
 #include "common.cuh"
+#include "dispatch.cuh"
+#include "launchers.h"
 
 namespace convbert_fast {
 
 constexpr int kSpanWarpsPerBlock = 4;
-constexpr int kSpanMaxKernel = 64;  // K <= 63: two logits per lane
+constexpr int kSpanMaxKernel = kMaxCudaKernelSize + 1;  // the softmax scratch per warp: two logits per lane
 
-// Softmax of the K (<= 64) logits at `logits` into weights[0, K), by one warp; as torch.softmax: x - max.
+// Softmax of the K (<= kMaxCudaKernelSize) logits at `logits` into weights[0, K), by one warp; as
+// torch.softmax: x - max.
 template <typename T, typename A>
 __device__ __forceinline__ void warp_softmax(const T* logits, A* weights, int kernel_size, int lane) {
   const A neg_inf = -static_cast<A>(INFINITY);
@@ -128,6 +131,62 @@ __global__ void __launch_bounds__(kSpanWarpsPerBlock * 32)
     }
     grad_values[row * width + h * head_size + d] = from_acc<T>(acc);
   }
+}
+
+namespace {
+
+template <typename T>
+using Acc = typename AccType<T>::type;
+
+int64_t blocks_for(int64_t tasks) { return (tasks + kSpanWarpsPerBlock - 1) / kSpanWarpsPerBlock; }
+
+template <typename T>
+void forward(const void* values, const void* logits, void* out, int64_t batch, int64_t seq_len, int64_t heads,
+             int64_t head_size, int64_t kernel_size, int64_t out_batch_stride, int64_t out_row_stride,
+             cudaStream_t stream) {
+  const int64_t tasks = batch * seq_len * heads;
+  CONVBERT_FAST_WITH_KERNEL_SIZE(kernel_size, KS,
+      span_conv_forward_kernel<T, KS><<<blocks_for(tasks), kSpanWarpsPerBlock * 32, 0, stream>>>(
+          static_cast<const T*>(values), static_cast<const T*>(logits), static_cast<T*>(out), batch, seq_len,
+          static_cast<int>(heads), static_cast<int>(head_size), static_cast<int>(kernel_size), out_batch_stride,
+          out_row_stride))
+}
+
+template <typename T>
+void backward(const void* grad_out, const void* values, const void* logits, void* grad_values, void* grad_logits,
+              void* weights, int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
+              cudaStream_t stream) {
+  const int64_t tasks = batch * seq_len * heads;
+  CONVBERT_FAST_WITH_KERNEL_SIZE(kernel_size, KS,
+      span_conv_backward_logits_kernel<T, KS><<<blocks_for(tasks), kSpanWarpsPerBlock * 32, 0, stream>>>(
+          static_cast<const T*>(grad_out), static_cast<const T*>(values), static_cast<const T*>(logits),
+          static_cast<T*>(grad_logits), static_cast<Acc<T>*>(weights), batch, seq_len, static_cast<int>(heads),
+          static_cast<int>(head_size), static_cast<int>(kernel_size));
+      span_conv_backward_values_kernel<T, KS><<<blocks_for(tasks), kSpanWarpsPerBlock * 32, 0, stream>>>(
+          static_cast<const T*>(grad_out), static_cast<const Acc<T>*>(weights), static_cast<T*>(grad_values), batch,
+          seq_len, static_cast<int>(heads), static_cast<int>(head_size), static_cast<int>(kernel_size)))
+}
+
+}  // namespace
+
+cudaError_t span_conv_forward(DType dtype, const void* values, const void* logits, void* out, int64_t batch,
+                              int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
+                              int64_t out_batch_stride, int64_t out_row_stride, cudaStream_t stream) {
+  if (kernel_size < 1 || kernel_size > kMaxCudaKernelSize) return cudaErrorInvalidValue;
+  if (batch * seq_len * heads * head_size == 0) return cudaSuccess;
+  CONVBERT_FAST_DISPATCH(dtype, forward, values, logits, out, batch, seq_len, heads, head_size, kernel_size,
+                         out_batch_stride, out_row_stride, stream)
+  return cudaGetLastError();
+}
+
+cudaError_t span_conv_backward(DType dtype, const void* grad_out, const void* values, const void* logits,
+                               void* grad_values, void* grad_logits, void* weights, int64_t batch, int64_t seq_len,
+                               int64_t heads, int64_t head_size, int64_t kernel_size, cudaStream_t stream) {
+  if (kernel_size < 1 || kernel_size > kMaxCudaKernelSize) return cudaErrorInvalidValue;
+  if (batch * seq_len * heads == 0) return cudaSuccess;
+  CONVBERT_FAST_DISPATCH(dtype, backward, grad_out, values, logits, grad_values, grad_logits, weights, batch,
+                         seq_len, heads, head_size, kernel_size, stream)
+  return cudaGetLastError();
 }
 
 }  // namespace convbert_fast

@@ -11,8 +11,6 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .. import backend
-from ..separable_conv import register_rules
 from . import INTERPRET, numerics, tuning_configs
 
 
@@ -103,6 +101,9 @@ def _depthwise_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """The depthwise conv alone (the backward's recomputation and d(x)): x [rows, C] and taps [K, C] -> out
+    [rows, C], all contiguous; one [BLOCK_M, BLOCK_C] tile per program, grid (cdiv(rows, BLOCK_M),
+    cdiv(C, BLOCK_C))."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     acc = _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, K, ACC)
@@ -261,10 +262,7 @@ def separable_conv1d_backward_triton_op(
     return grad_x, grad_taps.t().contiguous().view_as(depthwise_weight), grad_pointwise, grad.sum(0).view_as(bias)
 
 
-# Explicit fake rules (the traced ones would run the kernels, which the interpreter cannot do on fake tensors)
-register_rules(separable_conv1d_triton_op, separable_conv1d_backward_triton_op)
-
-
+# The fused multiply's own rules (ops/separable_conv1d.py registers those of the two ops above)
 @separable_conv1d_mul_triton_op.register_fake
 def _(x, depthwise_weight, pointwise_weight, bias, multiplier):
     return x.new_empty(x.shape[0], x.shape[1], pointwise_weight.shape[0])
@@ -283,10 +281,3 @@ def _backward_mul(ctx, grad_out):
 
 separable_conv1d_mul_triton_op.register_autograd(_backward_mul, setup_context=_setup_context_mul)
 
-
-def separable_conv1d_triton(x, depthwise_weight, pointwise_weight, bias, multiplier=None):
-    if multiplier is None:
-        inputs = backend.autocast_inputs(x.device.type, x, depthwise_weight, pointwise_weight, bias)
-        return separable_conv1d_triton_op(*inputs)
-    inputs = backend.autocast_inputs(x.device.type, x, depthwise_weight, pointwise_weight, bias, multiplier)
-    return separable_conv1d_mul_triton_op(*inputs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import backend, cpp
+from . import backend, cpp, triton
 from .checks import check_float_tensors, check_kernel_size, check_shape
 
 OP = "separable_conv1d"
@@ -47,15 +47,30 @@ def register_rules(forward, backward) -> None:
     torch.library.register_autograd(forward, backward_rule, setup_context=setup_context)
 
 
-if cpp.LOADED:
-    register_rules("convbert_fast::separable_conv1d", torch.ops.convbert_fast.separable_conv1d_backward.default)
+def register_backend(name: str, namespace: str) -> None:
+    """Registers backend `name`, whose kernels are the ops separable_conv1d and separable_conv1d_backward of
+    torch.ops.<namespace> (and separable_conv1d_mul, the multiply fused, where the namespace has it)."""
+    ops = getattr(torch.ops, namespace)
+    register_rules(f"{namespace}::separable_conv1d", ops.separable_conv1d_backward.default)
+    fused_multiply = hasattr(ops, "separable_conv1d_mul")
 
-    def separable_conv1d_cpp(x, depthwise_weight, pointwise_weight, bias, multiplier=None):
+    def separable_conv1d_backend(x, depthwise_weight, pointwise_weight, bias, multiplier=None):
+        if multiplier is not None and fused_multiply:
+            inputs = backend.autocast_inputs(x.device.type, x, depthwise_weight, pointwise_weight, bias, multiplier)
+            return ops.separable_conv1d_mul(*inputs)
         inputs = backend.autocast_inputs(x.device.type, x, depthwise_weight, pointwise_weight, bias)
-        out = torch.ops.convbert_fast.separable_conv1d(*inputs)
-        return out if multiplier is None else out * multiplier  # not fused here: the Triton kernel fuses it
+        out = ops.separable_conv1d(*inputs)
+        return out if multiplier is None else out * multiplier
 
-    backend.register("cpp", OP, separable_conv1d_cpp)
+    backend.register(name, OP, separable_conv1d_backend)
+
+
+if cpp.LOADED:
+    register_backend("cpp", "convbert_fast")
+if triton.AVAILABLE:
+    from .triton import separable_conv1d as _triton_kernels  # noqa: F401  (defines torch.ops.convbert_fast_triton.*)
+
+    register_backend("triton", "convbert_fast_triton")
 
 
 def separable_conv1d(

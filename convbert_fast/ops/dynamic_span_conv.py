@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import backend, cpp
+from . import backend, cpp, triton
 from .checks import check_float_tensors, check_kernel_size, check_shape
 
 OP = "dynamic_span_conv"
@@ -86,32 +86,36 @@ def register_concat_rules(concat, backward) -> None:
     torch.library.register_autograd(concat, backward_rule, setup_context=setup_context)
 
 
+def register_backend(name: str, namespace: str) -> None:
+    """Registers backend `name`, whose kernels are the ops dynamic_span_conv, dynamic_span_conv_concat and
+    dynamic_span_conv_backward of torch.ops.<namespace>: their rules, and the one wrapper over them."""
+    ops = getattr(torch.ops, namespace)
+    register_rules(f"{namespace}::dynamic_span_conv", ops.dynamic_span_conv_backward.default)
+    register_concat_rules(f"{namespace}::dynamic_span_conv_concat", ops.dynamic_span_conv_backward.default)
+
+    def dynamic_span_conv_backend(values, kernel_logits, num_heads, prefix=None):
+        if prefix is not None:
+            prefix, values, kernel_logits = backend.autocast_inputs(values.device.type, prefix, values, kernel_logits)
+            return ops.dynamic_span_conv_concat(prefix, values, kernel_logits, num_heads)
+        values, kernel_logits = backend.autocast_inputs(values.device.type, values, kernel_logits)
+        return ops.dynamic_span_conv(values, kernel_logits, num_heads)
+
+    backend.register(name, OP, dynamic_span_conv_backend)
+
+
 if cpp.LOADED:
-    register_rules("convbert_fast::dynamic_span_conv", torch.ops.convbert_fast.dynamic_span_conv_backward.default)
-    register_concat_rules(
-        "convbert_fast::dynamic_span_conv_concat", torch.ops.convbert_fast.dynamic_span_conv_backward.default
-    )
+    # The CUDA kernels take K up to kMaxCudaKernelSize (csrc/cuda/launchers.h) and raise a ValueError beyond.
+    register_backend("cpp", "convbert_fast")
 
     @torch.library.register_fake("convbert_fast::dynamic_span_conv_into")
     def _(values, kernel_logits, num_heads, out):
         return None
 
-    CUDA_MAX_KERNEL_SIZE = 63  # the softmax weights of a (token, head) live in shared memory
 
-    def dynamic_span_conv_cpp(values, kernel_logits, num_heads, prefix=None):
-        kernel_size = kernel_logits.shape[-1] // num_heads
-        if values.device.type == "cuda" and kernel_size > CUDA_MAX_KERNEL_SIZE:
-            raise ValueError(
-                f"{OP}: the cpp backend's CUDA kernels take kernel sizes up to {CUDA_MAX_KERNEL_SIZE}, got "
-                f"{kernel_size}; use the 'eager' backend for larger spans"
-            )
-        if prefix is not None:
-            prefix, values, kernel_logits = backend.autocast_inputs(values.device.type, prefix, values, kernel_logits)
-            return torch.ops.convbert_fast.dynamic_span_conv_concat(prefix, values, kernel_logits, num_heads)
-        values, kernel_logits = backend.autocast_inputs(values.device.type, values, kernel_logits)
-        return torch.ops.convbert_fast.dynamic_span_conv(values, kernel_logits, num_heads)
+if triton.AVAILABLE:
+    from .triton import dynamic_span_conv as _triton_kernels  # noqa: F401  (defines torch.ops.convbert_fast_triton.*)
 
-    backend.register("cpp", OP, dynamic_span_conv_cpp)
+    register_backend("triton", "convbert_fast_triton")
 
 
 def dynamic_span_conv(

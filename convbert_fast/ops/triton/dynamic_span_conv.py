@@ -11,8 +11,6 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .. import backend
-from ..span_conv import register_concat_rules, register_rules
 from . import INTERPRET, numerics
 
 
@@ -50,6 +48,10 @@ def _span_conv_fwd_kernel(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    """values [B, L, H*D] and logits [B, L, H*K] with unit channel stride -> out [B, L, H*D] at its own batch and
+    row strides (a slice of a wider [B, L, P + H*D] tensor for the concat). One program per (BLOCK_L rows, head,
+    batch): the softmax of its rows' K logits once, then the K shifted value rows weighed, BLOCK_D channels at
+    a time."""
     tile, head, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # 64-bit offsets
     rows = (tile * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
     taps = tl.arange(0, K_PAD)
@@ -215,15 +217,3 @@ def dynamic_span_conv_backward_triton_op(
         )
     return grad_values, grad_logits
 
-
-# Explicit fake rules (the traced ones would run the kernels, which the interpreter cannot do on fake tensors)
-register_rules(dynamic_span_conv_triton_op, dynamic_span_conv_backward_triton_op)
-register_concat_rules(dynamic_span_conv_concat_triton_op, dynamic_span_conv_backward_triton_op)
-
-
-def dynamic_span_conv_triton(values, kernel_logits, num_heads, prefix=None):
-    if prefix is not None:
-        prefix, values, kernel_logits = backend.autocast_inputs(values.device.type, prefix, values, kernel_logits)
-        return dynamic_span_conv_concat_triton_op(prefix, values, kernel_logits, num_heads)
-    values, kernel_logits = backend.autocast_inputs(values.device.type, values, kernel_logits)
-    return dynamic_span_conv_triton_op(values, kernel_logits, num_heads)

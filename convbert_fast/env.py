@@ -1,0 +1,57 @@
+"""The environment as `python -m convbert_fast info` and the benchmark records report it: versions, the device
+and CPU name, the backends' status. A leaf module: it imports no other convbert_fast module at import time
+(backend_status() reads convbert_fast.ops when called), so cli and bench both read it without importing each other.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def triton_version() -> str | None:
+    """triton.__version__, or None where Triton does not import (triton_problem() says why)."""
+    return None if triton_problem() else __import__("triton").__version__
+
+
+def triton_problem() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # not installed, or broken
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def versions() -> dict:
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
+def backend_status() -> dict[str, list[str]]:
+    """``{backend: ["ok" or why it cannot be used, then "but not on <device type>: why" per gap]}``."""
+    from .ops import available_backends, backend
+
+    status = {name: [ok] for name, ok in available_backends().items()}
+    for (name, device_type), why in backend.device_gaps().items():
+        if status[name][0] == "ok":
+            status[name].append(f"but not on {device_type}: {why}")
+    return status

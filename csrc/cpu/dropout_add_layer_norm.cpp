@@ -1,0 +1,177 @@
+// dropout_add_layer_norm on the CPU: the row kernels, inside the checks and reductions of composite.cpp.
+#include "../composite.h"
+#include "../dropout_mask.h"
+#include "common.h"
+
+namespace convbert_fast {
+namespace {
+
+// LayerNorm(dropout(x) + residual) per row of C channels, forward and backward. The mask is recomputed from
+// (seed, index) in both passes; the hash loop is branch-free so that the multi-versioned clones vectorise it.
+template <typename scalar_t>
+struct NormArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  const scalar_t* residual;
+  const scalar_t* weight;
+  const scalar_t* bias;        // forward only
+  const scalar_t* grad;        // backward only
+  scalar_t* out;               // forward: the output; backward: d(x)
+  scalar_t* grad_residual;     // backward only
+  acc_t* mean;                 // [rows]: written by the forward, read by the backward
+  acc_t* rstd;
+  acc_t* grad_times_xhat;      // backward: [rows, C], summed over rows by the caller for d(weight)
+  int64_t channels;
+  uint64_t seed;
+  uint32_t threshold;
+  acc_t scale;
+  double eps;
+};
+
+// m[c] = scale if element base + c is kept, else 0
+template <typename acc_t>
+inline void dropout_multipliers(uint64_t seed, uint64_t base, uint32_t threshold, acc_t scale, acc_t* __restrict__ m,
+                                int64_t n) {
+  for (int64_t c = 0; c < n; ++c) m[c] = static_cast<acc_t>(dropout_keeps(seed, base + c, threshold)) * scale;
+}
+
+// A fixed-order sum in fp64 over 8 interleaved partial sums: vectorisable, and the same bits for any threads.
+template <typename acc_t>
+inline double row_sum(const acc_t* __restrict__ v, int64_t n) {
+  double partial[8] = {};
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8)
+    for (int i = 0; i < 8; ++i) partial[i] += static_cast<double>(v[c + i]);
+  for (; c < n; ++c) partial[0] += static_cast<double>(v[c]);
+  return ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+}
+
+template <typename scalar_t>
+void norm_forward_rows(const NormArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = a.channels;
+  const scalar_t* __restrict__ x = a.x;  // restrict: lets the compiler vectorise without alias checks
+  const scalar_t* __restrict__ residual = a.residual;
+  const scalar_t* __restrict__ weight = a.weight;
+  const scalar_t* __restrict__ bias = a.bias;
+  scalar_t* __restrict__ out = a.out;
+  std::vector<acc_t> h_buffer(n), m_buffer(n), d_buffer(n);
+  acc_t* __restrict__ h = h_buffer.data();
+  acc_t* __restrict__ m = m_buffer.data();
+  acc_t* __restrict__ d = d_buffer.data();
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t base = row * n;
+    dropout_multipliers(a.seed, static_cast<uint64_t>(base), a.threshold, a.scale, m, n);
+    for (int64_t c = 0; c < n; ++c) h[c] = static_cast<acc_t>(x[base + c]) * m[c] + static_cast<acc_t>(residual[base + c]);
+    const acc_t mu = static_cast<acc_t>(row_sum(h, n) / n);
+    for (int64_t c = 0; c < n; ++c) d[c] = (h[c] - mu) * (h[c] - mu);
+    const acc_t inv = static_cast<acc_t>(1.0 / std::sqrt(row_sum(d, n) / n + a.eps));
+    for (int64_t c = 0; c < n; ++c)
+      out[base + c] = static_cast<scalar_t>((h[c] - mu) * inv * static_cast<acc_t>(weight[c]) + static_cast<acc_t>(bias[c]));
+    a.mean[row] = mu;
+    a.rstd[row] = inv;
+  }
+}
+
+// d(h) = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = grad * weight; d(x) = d(h) * m, d(residual) = d(h)
+template <typename scalar_t>
+void norm_backward_rows(const NormArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = a.channels;
+  const scalar_t* __restrict__ x = a.x;
+  const scalar_t* __restrict__ residual = a.residual;
+  const scalar_t* __restrict__ weight = a.weight;
+  const scalar_t* __restrict__ grad = a.grad;
+  scalar_t* __restrict__ grad_x = a.out;
+  scalar_t* __restrict__ grad_residual = a.grad_residual;
+  acc_t* __restrict__ grad_times_xhat = a.grad_times_xhat;
+  std::vector<acc_t> buffers(4 * n);
+  acc_t* __restrict__ m = buffers.data();
+  acc_t* __restrict__ xhat = m + n;
+  acc_t* __restrict__ g = xhat + n;
+  acc_t* __restrict__ g_xhat = g + n;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t base = row * n;
+    const acc_t mu = a.mean[row], inv = a.rstd[row];
+    dropout_multipliers(a.seed, static_cast<uint64_t>(base), a.threshold, a.scale, m, n);
+    for (int64_t c = 0; c < n; ++c) {
+      const acc_t h = static_cast<acc_t>(x[base + c]) * m[c] + static_cast<acc_t>(residual[base + c]);
+      xhat[c] = (h - mu) * inv;
+      const acc_t go = static_cast<acc_t>(grad[base + c]);
+      g[c] = go * static_cast<acc_t>(weight[c]);
+      g_xhat[c] = g[c] * xhat[c];
+      grad_times_xhat[base + c] = go * xhat[c];
+    }
+    const acc_t mean_g = static_cast<acc_t>(row_sum(g, n) / n);
+    const acc_t mean_g_xhat = static_cast<acc_t>(row_sum(g_xhat, n) / n);
+    for (int64_t c = 0; c < n; ++c) {
+      const acc_t dh = inv * (g[c] - mean_g - xhat[c] * mean_g_xhat);
+      grad_residual[base + c] = static_cast<scalar_t>(dh);
+      grad_x[base + c] = static_cast<scalar_t>(dh * m[c]);
+    }
+  }
+}
+
+CONVBERT_FAST_CLONED(norm_forward_rows, NormArgs)
+CONVBERT_FAST_CLONED(norm_backward_rows, NormArgs)
+
+template <typename scalar_t>
+NormArgs<scalar_t> norm_args(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double p,
+                             double eps, int64_t seed) {
+  using acc_t = at::opmath_type<scalar_t>;
+  NormArgs<scalar_t> args{};
+  args.x = x.const_data_ptr<scalar_t>();
+  args.residual = residual.const_data_ptr<scalar_t>();
+  args.weight = weight.const_data_ptr<scalar_t>();
+  args.channels = x.size(-1);
+  args.seed = static_cast<uint64_t>(seed);
+  args.threshold = dropout_threshold(p);
+  args.scale = p < 1.0 ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(0);
+  args.eps = eps;
+  return args;
+}
+
+void norm_forward_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, const at::Tensor& bias,
+                      double p, double eps, int64_t seed, at::Tensor& out, at::Tensor& mean, at::Tensor& rstd) {
+  DISPATCH_FLOATS(x.scalar_type(), "dropout_add_layer_norm_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    NormArgs<scalar_t> args = norm_args<scalar_t>(x, residual, weight, p, eps, seed);
+    args.bias = bias.const_data_ptr<scalar_t>();
+    args.out = out.mutable_data_ptr<scalar_t>();
+    args.mean = mean.mutable_data_ptr<acc_t>();
+    args.rstd = rstd.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, x.size(0), grain_for(8 * x.size(1)), [&](int64_t b, int64_t e) { norm_forward_rows_best(args, b, e); });
+  });
+}
+
+void norm_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                       const at::Tensor& mean, const at::Tensor& rstd, double p, int64_t seed, at::Tensor& grad_x,
+                       at::Tensor& grad_residual, at::Tensor& grad_times_xhat) {
+  DISPATCH_FLOATS(x.scalar_type(), "dropout_add_layer_norm_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    NormArgs<scalar_t> args = norm_args<scalar_t>(x, residual, weight, p, 0.0, seed);
+    args.grad = grad.const_data_ptr<scalar_t>();
+    args.out = grad_x.mutable_data_ptr<scalar_t>();
+    args.grad_residual = grad_residual.mutable_data_ptr<scalar_t>();
+    args.mean = const_cast<acc_t*>(mean.const_data_ptr<acc_t>());
+    args.rstd = const_cast<acc_t*>(rstd.const_data_ptr<acc_t>());
+    args.grad_times_xhat = grad_times_xhat.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, x.size(0), grain_for(8 * x.size(1)), [&](int64_t b, int64_t e) { norm_backward_rows_best(args, b, e); });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(convbert_fast, CPU, m) {
+  m.impl("dropout_add_layer_norm", [](const at::Tensor& x, const at::Tensor& r, const at::Tensor& w, const at::Tensor& b,
+                                      double p, double eps, const at::Tensor& seed) {
+    return dropout_add_layer_norm(x, r, w, b, p, eps, seed, &norm_forward_cpu);
+  });
+  m.impl("dropout_add_layer_norm_backward", [](const at::Tensor& g, const at::Tensor& x, const at::Tensor& r,
+                                               const at::Tensor& w, const at::Tensor& mean, const at::Tensor& rstd,
+                                               double p, const at::Tensor& seed) {
+    return dropout_add_layer_norm_backward(g, x, r, w, mean, rstd, p, seed, &norm_backward_cpu);
+  });
+}
+
+}  // namespace convbert_fast
