@@ -25,6 +25,10 @@ DType dtype_of(const at::Tensor& t) {
 at::ScalarType acc_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_launch(cudaError_t status, const char* what) {
+  // The launchers check every grid size against CUDA's limits before narrowing it to dim3's unsigned, and return
+  // cudaErrorInvalidConfiguration when one does not fit (nothing is launched).
+  TORCH_CHECK_VALUE(status != cudaErrorInvalidConfiguration, "convbert_fast: ", what, ": the input needs a larger ",
+                    "grid of thread blocks than CUDA launches (2^31 - 1 along x, 65535 along y and z); split it");
   TORCH_CHECK(status == cudaSuccess, "convbert_fast: ", what, " failed: ", cudaGetErrorString(status));
 }
 
