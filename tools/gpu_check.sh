@@ -218,16 +218,21 @@ sanitize)
     [ -n "$sanitizer" ] || stop memcheck "compute-sanitizer, not found on PATH nor under the CUDA toolkit's bin"
     # the step's own limit replaces pytest-timeout's per-test one: everything runs far slower under the sanitizer
     pytest_base+=(-o timeout=0)
-    # the cpp and Triton CUDA kernels of all four ops, forward and backward, fp32 (and fp64 for the gradients);
-    # the caching allocator off, so that an access past a tensor's end leaves its cudaMalloc block
-    picks="matches_reference and float32 and not multiplier and not prefix or gradients_match_reference or strided_slice or nan"
+    op_tests=(tests/test_separable_conv1d.py tests/test_dynamic_span_conv.py tests/test_grouped_linear.py
+              tests/test_dropout_add_layer_norm.py)
+    # the cpp and Triton CUDA kernels of all four ops (not eager: torch's own), forward and backward, dropout
+    # included, fp32 values and fp64 gradients, and the direct calls the C++ checks refuse; the caching allocator
+    # off, so that an access past a tensor's end leaves its cudaMalloc block
+    picks="matches_reference and float32 and not multiplier and not prefix or gradients_match_reference"
+    picks+=" or strided_slice or nan_spreads or drops_with or direct_calls_check_every_tensor"
     step memcheck "$(rest 110)" env CONVBERT_FAST_TRITON_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         "$sanitizer" --tool memcheck --error-exitcode 99 --print-limit 20 \
-        "${pytest_base[@]}" tests -k "cuda and not eager and ($picks)" --junitxml="$logs/memcheck.xml"
-    # the hand-written kernels that share memory between threads: span conv, depthwise conv, LayerNorm
+        "${pytest_base[@]}" "${op_tests[@]}" -k "cuda and not eager and ($picks)" --junitxml="$logs/memcheck.xml"
+    # the hand-written kernels, whose threads share memory: span conv, depthwise conv, LayerNorm (with dropout)
     step racecheck "$(budget 110)" env CONVBERT_FAST_TRITON_AUTOTUNE=0 \
         "$sanitizer" --tool racecheck --error-exitcode 99 --print-limit 20 \
-        "${pytest_base[@]}" tests -k "cuda and not eager and not triton and ($picks)" \
+        "${pytest_base[@]}" "${op_tests[@]}" \
+        -k "cuda and not eager and not triton and (matches_reference and float32 and not multiplier and not prefix or gradients_match_reference or drops_with)" \
         --junitxml="$logs/racecheck.xml"
     ;;
 bench)
