@@ -130,9 +130,9 @@ EOF
 say "gpu_check $phase  $(date -u +%FT%TZ)  commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
     "$(git diff --quiet HEAD 2>/dev/null || echo '(with uncommitted changes)')"
 case $phase in
-    test) say "plan (s): preflight 60, build $BUILD_BUDGET (if not built), info 60, cuda-tests: the rest but 90, autotuned 90" ;;
-    sanitize) say "plan (s): preflight 60, build $BUILD_BUDGET (if not built), memcheck: the rest but 110, racecheck 110" ;;
-    bench) say "plan (s): preflight 60, build $BUILD_BUDGET (if not built), bench-ops 100, bench-model: the rest but 60, breakdown 60" ;;
+    test) say "plan (s): preflight 90, build $BUILD_BUDGET (if not built), info 90, cuda-tests: the rest but 90, autotuned 90" ;;
+    sanitize) say "plan (s): preflight 90, build $BUILD_BUDGET (if not built), memcheck: the rest but 110, racecheck 110" ;;
+    bench) say "plan (s): preflight 90, build $BUILD_BUDGET (if not built), bench-ops 100, bench-model: the rest but 60, breakdown 60" ;;
 esac
 printf '%-14s %-8s %5s %6s  %s\n' step result time limit detail | tee -a "$summary"
 
@@ -144,7 +144,7 @@ if ! command -v "$PY" >/dev/null; then
 fi
 { command -v nvidia-smi >/dev/null || echo "not found"; } >"$logs/nvidia-smi.log"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>"$logs/nvidia-smi.log" 2>&1
-step preflight "$(budget 60)" "$PY" -c "
+step preflight "$(budget 90)" "$PY" -c "
 import sys, torch, transformers
 gpu = torch.cuda.is_available()
 print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda,
@@ -198,7 +198,7 @@ find_sanitizer() {  # PATH, then the CUDA toolkit's bin (and its compute-sanitiz
 
 case $phase in
 test)
-    step info "$(budget 60)" "$PY" -m convbert_fast info
+    step info "$(budget 90)" "$PY" -m convbert_fast info
     [ "$gpu" = 1 ] || stop cuda-tests "$no_gpu"
     # the CUDA cases of the whole suite (ids with cuda or gpu), one Triton config per kernel (autotuning every
     # test shape would not fit); then the autotuned configs, each checked at ConvBERT-base shapes
