@@ -157,3 +157,13 @@ def assert_every_tensor_argument_checked(op, args, device):
     op(*args)
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def assert_refuses(call, index, make_bad, error, fragment):
+    """`call`, an (op, args) pair, with argument `index` replaced by make_bad(that argument): refused with `error`
+    and a message matching `fragment`."""
+    op, args = call
+    args = list(args)
+    args[index] = make_bad(args[index])
+    with pytest.raises(error, match=fragment):
+        op(*args)
