@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Parameters named float32, bfloat16, float16 (not dtype0, dtype1, ...), so that `-k float32` picks a dtype, as
+# tools/gpu_check.sh does
+def _dtype_params(*dtypes):
+    return [pytest.param(dtype, id=str(dtype).removeprefix("torch.")) for dtype in dtypes]
+
+
+DTYPES = _dtype_params(torch.float32, torch.bfloat16, torch.float16)
 
 
 def randn(*shape, dtype=torch.float32, scale=1.0, gen=None):
@@ -132,7 +138,7 @@ def dropout_add_layer_norm_samples(device, dtype=torch.float32, gen=None, cases=
     return [(case, norm_inputs(*case, dtype, device, gen)) for case in cases]
 
 
-LOW_PRECISION = [torch.bfloat16, torch.float16]
+LOW_PRECISION = _dtype_params(torch.bfloat16, torch.float16)
 
 
 def assert_every_tensor_argument_checked(op, args, device):
