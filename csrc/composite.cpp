@@ -8,15 +8,28 @@ namespace {
 
 void check_separable_args(const at::Tensor& x, const at::Tensor& depthwise_weight,
                           const at::Tensor& pointwise_weight, const at::Tensor& bias) {
-  TORCH_CHECK(x.dim() == 3, "separable_conv1d: x must be [B, L, C], got ", x.sizes());
+  check_tensors("separable_conv1d", {{"x", x}, {"depthwise_weight", depthwise_weight},
+                                     {"pointwise_weight", pointwise_weight}, {"bias", bias}});
+  TORCH_CHECK_VALUE(x.dim() == 3, "separable_conv1d: x must be [B, L, C], got ", x.sizes());
   const int64_t channels = x.size(2);
-  TORCH_CHECK(depthwise_weight.dim() == 3 && depthwise_weight.size(0) == channels && depthwise_weight.size(1) == 1,
-              "separable_conv1d: depthwise_weight must be [", channels, ", 1, K], got ", depthwise_weight.sizes());
-  TORCH_CHECK(depthwise_weight.size(2) % 2 == 1, "separable_conv1d: K must be odd, got ", depthwise_weight.size(2));
-  TORCH_CHECK(pointwise_weight.dim() == 3 && pointwise_weight.size(1) == channels && pointwise_weight.size(2) == 1,
-              "separable_conv1d: pointwise_weight must be [A, ", channels, ", 1], got ", pointwise_weight.sizes());
-  TORCH_CHECK(bias.numel() == pointwise_weight.size(0), "separable_conv1d: bias must have ", pointwise_weight.size(0),
-              " elements, got ", bias.sizes());
+  TORCH_CHECK_VALUE(
+      depthwise_weight.dim() == 3 && depthwise_weight.size(0) == channels && depthwise_weight.size(1) == 1,
+      "separable_conv1d: depthwise_weight must be [", channels, ", 1, K], got ", depthwise_weight.sizes());
+  TORCH_CHECK_VALUE(depthwise_weight.size(2) % 2 == 1, "separable_conv1d: K must be odd, got ",
+                    depthwise_weight.size(2));
+  TORCH_CHECK_VALUE(
+      pointwise_weight.dim() == 3 && pointwise_weight.size(1) == channels && pointwise_weight.size(2) == 1,
+      "separable_conv1d: pointwise_weight must be [A, ", channels, ", 1], got ", pointwise_weight.sizes());
+  TORCH_CHECK_VALUE(bias.numel() == pointwise_weight.size(0) && (bias.dim() == 1 || bias.dim() == 2),
+                    "separable_conv1d: bias must be [", pointwise_weight.size(0), "] or [", pointwise_weight.size(0),
+                    ", 1], got ", bias.sizes());
+}
+
+// The incoming gradient of an op's backward: the forward's output shape, and the device and dtype of `like` (x).
+void check_grad(const char* op, const char* name, const at::Tensor& grad, const at::Tensor& like,
+                at::IntArrayRef shape) {
+  check_tensors(op, {{"x", like}, {name, grad}});
+  TORCH_CHECK_VALUE(grad.sizes() == shape, op, ": ", name, " must be ", shape, ", got ", grad.sizes());
 }
 
 // [C, 1, K] -> [K, C]: each tap's weights contiguous over channels, as the kernels read them.
@@ -24,12 +37,17 @@ at::Tensor taps_by_channel(const at::Tensor& depthwise_weight) {
   return depthwise_weight.select(1, 0).t().contiguous();
 }
 
+void check_grouped_x_weight(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK_VALUE(weight.dim() == 3, op, ": weight must be [G, Din/G, Dout/G], got ", weight.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight.size(0) * weight.size(1), op, ": x must be [..., ",
+                    weight.size(0) * weight.size(1), "], got ", x.sizes());
+}
+
 void check_grouped_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  TORCH_CHECK(weight.dim() == 3, "grouped_linear: weight must be [G, Din/G, Dout/G], got ", weight.sizes());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(0) * weight.size(1), "grouped_linear: x must be [..., ",
-              weight.size(0) * weight.size(1), "], got ", x.sizes());
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0) * weight.size(2), "grouped_linear: bias must be [",
-              weight.size(0) * weight.size(2), "], got ", bias.sizes());
+  check_tensors("grouped_linear", {{"x", x}, {"weight", weight}, {"bias", bias}});
+  check_grouped_x_weight("grouped_linear", x, weight);
+  TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == weight.size(0) * weight.size(2),
+                    "grouped_linear: bias must be [", weight.size(0) * weight.size(2), "], got ", bias.sizes());
 }
 
 // Rows of x seen as [rows, features]; reshape(-1, n) cannot tell when x is empty.
@@ -39,25 +57,29 @@ int64_t rows_of(const at::Tensor& x) {
   return rows;
 }
 
-void check_dropout_add_layer_norm_args(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-                                       const at::Tensor& bias, double p) {
-  TORCH_CHECK(x.dim() >= 1 && residual.sizes() == x.sizes(), "dropout_add_layer_norm: residual must be ", x.sizes(),
-              ", got ", residual.sizes());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1) && bias.sizes() == weight.sizes(),
-              "dropout_add_layer_norm: weight and bias must be [", x.size(-1), "], got ", weight.sizes(), " and ",
-              bias.sizes());
-  TORCH_CHECK(residual.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type() &&
-                  bias.scalar_type() == x.scalar_type(),
-              "dropout_add_layer_norm: all tensors must share one dtype");
-  TORCH_CHECK(p >= 0.0 && p <= 1.0, "dropout_add_layer_norm: p must be in [0, 1], got ", p);
-  TORCH_CHECK(x.size(-1) >= 1, "dropout_add_layer_norm: the normalised dimension must not be empty");
-}
-
 at::ScalarType stat_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// x, residual and weight as the forward takes them (bias: the forward only), p.
+void check_norm_args(const char* op, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                     const at::Tensor* bias, double p) {
+  if (bias != nullptr) {
+    check_tensors(op, {{"x", x}, {"residual", residual}, {"weight", weight}, {"bias", *bias}});
+  } else {
+    check_tensors(op, {{"x", x}, {"residual", residual}, {"weight", weight}});
+  }
+  TORCH_CHECK_VALUE(x.dim() >= 1 && residual.sizes() == x.sizes(), op, ": residual must be ", x.sizes(), ", got ",
+                    residual.sizes());
+  TORCH_CHECK_VALUE(x.size(-1) >= 1, op, ": the normalised dimension must not be empty");
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == x.size(-1), op, ": weight must be [", x.size(-1),
+                    "], got ", weight.sizes());
+  TORCH_CHECK_VALUE(bias == nullptr || bias->sizes() == weight.sizes(), op, ": bias must be [", x.size(-1), "], got ",
+                    bias->sizes());
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, op, ": p must be in [0, 1], got ", p);
+}
 
 // The dropout seed: an int64 scalar tensor on the CPU (read without a device sync).
 int64_t dropout_seed(const at::Tensor& seed) {
-  TORCH_CHECK(seed.device().is_cpu() && seed.numel() == 1 && seed.scalar_type() == at::kLong,
+  TORCH_CHECK_VALUE(seed.device().is_cpu() && seed.numel() == 1 && seed.scalar_type() == at::kLong,
               "dropout_add_layer_norm: seed must be one int64 on the CPU, got ", seed.scalar_type(), " on ",
               seed.device(), " with ", seed.numel(), " elements");
   return seed.item<int64_t>();
@@ -65,25 +87,70 @@ int64_t dropout_seed(const at::Tensor& seed) {
 
 }  // namespace
 
-void check_span_conv_args(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads) {
-  TORCH_CHECK(num_heads >= 1, "dynamic_span_conv: num_heads must be >= 1, got ", num_heads);
-  TORCH_CHECK(values.dim() == 3, "dynamic_span_conv: values must be [B, L, H*D], got ", values.sizes());
-  TORCH_CHECK(kernel_logits.dim() == 3 && kernel_logits.size(0) == values.size(0) &&
-                  kernel_logits.size(1) == values.size(1),
-              "dynamic_span_conv: kernel_logits must be [B, L, H*K] with values' B and L, got ",
-              kernel_logits.sizes(), " and ", values.sizes());
-  TORCH_CHECK(values.size(2) % num_heads == 0 && kernel_logits.size(2) % num_heads == 0,
-              "dynamic_span_conv: num_heads must divide both last dimensions");
-  TORCH_CHECK((kernel_logits.size(2) / num_heads) % 2 == 1, "dynamic_span_conv: K must be odd");
-  TORCH_CHECK(values.scalar_type() == kernel_logits.scalar_type(), "dynamic_span_conv: dtypes differ");
+void check_tensors(const char* op, std::initializer_list<NamedTensor> tensors) {
+  const NamedTensor& first = *tensors.begin();
+  for (const NamedTensor& t : tensors) {
+    TORCH_CHECK_VALUE(t.tensor.defined(), op, ": ", t.name, " is an undefined tensor");
+    TORCH_CHECK_VALUE(t.tensor.device() == first.tensor.device(), op, ": ", t.name, " is on ", t.tensor.device(),
+                      " but ", first.name, " on ", first.tensor.device(), "; all tensors must be on one device");
+    TORCH_CHECK_TYPE(t.tensor.scalar_type() == first.tensor.scalar_type(), op, ": ", t.name, " is ",
+                     t.tensor.scalar_type(), " but ", first.name, " is ", first.tensor.scalar_type(),
+                     "; all tensors must share one dtype");
+  }
+  const at::ScalarType dtype = first.tensor.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                   ": the kernels take float32, float64, float16 or bfloat16, got ", dtype);
 }
 
-void check_span_conv_out(const at::Tensor& values, const at::Tensor& out) {
-  TORCH_CHECK(out.sizes() == values.sizes(), "dynamic_span_conv_into: out must be ", values.sizes(), ", got ",
-              out.sizes());
-  TORCH_CHECK(out.scalar_type() == values.scalar_type() && out.device() == values.device(),
-              "dynamic_span_conv_into: out must match values' dtype and device");
-  TORCH_CHECK(out.size(2) <= 1 || out.stride(2) == 1, "dynamic_span_conv_into: out's last dimension must be dense");
+void check_no_overlap(const char* op, const at::Tensor& out, std::initializer_list<NamedTensor> inputs) {
+  // The bytes each tensor can reach, [first, last]: a conservative test (two interleaved views of one storage
+  // that share no element are refused too), exact for the dense inputs the model passes.
+  const auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const auto* begin = static_cast<const char*>(t.const_data_ptr());
+    return std::make_pair(begin, begin + (last + 1) * t.element_size());
+  };
+  if (out.numel() == 0) return;
+  for (const NamedTensor& t : inputs) {
+    if (t.tensor.numel() == 0 || !out.storage().is_alias_of(t.tensor.storage())) continue;
+    const auto [a_begin, a_end] = span(out);
+    const auto [b_begin, b_end] = span(t.tensor);
+    TORCH_CHECK_VALUE(a_end <= b_begin || b_end <= a_begin, op, ": out overlaps ", t.name,
+                      " in memory; the kernel would read what it writes");
+  }
+}
+
+void check_span_conv_args(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads) {
+  check_tensors("dynamic_span_conv", {{"values", values}, {"kernel_logits", kernel_logits}});
+  TORCH_CHECK_VALUE(num_heads >= 1, "dynamic_span_conv: num_heads must be >= 1, got ", num_heads);
+  TORCH_CHECK_VALUE(values.dim() == 3, "dynamic_span_conv: values must be [B, L, H*D], got ", values.sizes());
+  TORCH_CHECK_VALUE(kernel_logits.dim() == 3 && kernel_logits.size(0) == values.size(0) &&
+                        kernel_logits.size(1) == values.size(1),
+                    "dynamic_span_conv: kernel_logits must be [B, L, H*K] with values' B and L, got ",
+                    kernel_logits.sizes(), " and ", values.sizes());
+  TORCH_CHECK_VALUE(values.size(2) % num_heads == 0 && kernel_logits.size(2) % num_heads == 0,
+                    "dynamic_span_conv: num_heads must divide both last dimensions");
+  TORCH_CHECK_VALUE((kernel_logits.size(2) / num_heads) % 2 == 1, "dynamic_span_conv: K must be odd");
+}
+
+void check_span_conv_grad(const at::Tensor& grad_out, const at::Tensor& values) {
+  check_tensors("dynamic_span_conv_backward", {{"values", values}, {"grad_out", grad_out}});
+  TORCH_CHECK_VALUE(grad_out.sizes() == values.sizes(), "dynamic_span_conv_backward: grad_out must be ",
+                    values.sizes(), ", got ", grad_out.sizes());
+}
+
+void check_span_conv_out(const at::Tensor& values, const at::Tensor& kernel_logits, const at::Tensor& out) {
+  check_tensors("dynamic_span_conv_into", {{"values", values}, {"out", out}});
+  TORCH_CHECK_VALUE(out.sizes() == values.sizes(), "dynamic_span_conv_into: out must be ", values.sizes(), ", got ",
+                    out.sizes());
+  TORCH_CHECK_VALUE(out.size(2) <= 1 || out.stride(2) == 1,
+                    "dynamic_span_conv_into: out's last dimension must be dense");
+  // The kernels write row (b, t) at b * stride(0) + t * stride(1): rows that overlap would be written twice.
+  TORCH_CHECK_VALUE((out.size(1) <= 1 || out.stride(1) >= out.size(2)) &&
+                        (out.size(0) <= 1 || out.stride(0) >= (out.size(1) - 1) * out.stride(1) + out.size(2)),
+                    "dynamic_span_conv_into: out's rows overlap each other (strides ", out.strides(), ")");
+  check_no_overlap("dynamic_span_conv_into", out, {{"values", values}, {"kernel_logits", kernel_logits}});
 }
 
 at::Tensor separable_conv1d(const at::Tensor& x, const at::Tensor& depthwise_weight,
@@ -105,6 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> separable_conv1d_back
   check_separable_args(x, depthwise_weight, pointwise_weight, bias);
   const int64_t batch = x.size(0), seq_len = x.size(1), channels = x.size(2);
   const int64_t out_channels = pointwise_weight.size(0), kernel_size = depthwise_weight.size(2);
+  check_grad("separable_conv1d_backward", "grad_out", grad_out, x, {batch, seq_len, out_channels});
   const at::Tensor x_c = x.contiguous();
   const at::Tensor taps = taps_by_channel(depthwise_weight);
   const at::Tensor grad = grad_out.contiguous().view({batch * seq_len, out_channels});
@@ -125,11 +193,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> separable_conv1d_back
 at::Tensor dynamic_span_conv_concat(const at::Tensor& prefix, const at::Tensor& values, const at::Tensor& kernel_logits,
                                     int64_t num_heads, SpanConvIntoFn span_conv_into) {
   check_span_conv_args(values, kernel_logits, num_heads);
+  check_tensors("dynamic_span_conv_concat", {{"values", values}, {"prefix", prefix}});
   const int64_t batch = values.size(0), seq_len = values.size(1), width = values.size(2);
-  TORCH_CHECK(prefix.dim() >= 2 && prefix.size(0) == batch && prefix.size(1) == seq_len,
-              "dynamic_span_conv_concat: prefix must be [", batch, ", ", seq_len, ", ...], got ", prefix.sizes());
-  TORCH_CHECK(prefix.scalar_type() == values.scalar_type() && prefix.device() == values.device(),
-              "dynamic_span_conv_concat: prefix must match values' dtype and device");
+  TORCH_CHECK_VALUE(prefix.dim() >= 2 && prefix.size(0) == batch && prefix.size(1) == seq_len,
+                    "dynamic_span_conv_concat: prefix must be [", batch, ", ", seq_len, ", ...], got ",
+                    prefix.sizes());
   int64_t prefix_width = 1;
   for (int64_t d = 2; d < prefix.dim(); ++d) prefix_width *= prefix.size(d);
   at::Tensor out = at::empty({batch, seq_len, prefix_width + width}, values.options());
@@ -145,7 +213,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm(const at::
                                                                       const at::Tensor& weight, const at::Tensor& bias,
                                                                       double p, double eps, const at::Tensor& seed,
                                                                       NormForwardFn rows_forward) {
-  check_dropout_add_layer_norm_args(x, residual, weight, bias, p);
+  check_norm_args("dropout_add_layer_norm", x, residual, weight, &bias, p);
+  TORCH_CHECK_VALUE(eps >= 0.0, "dropout_add_layer_norm: eps must be >= 0, got ", eps);
   const int64_t rows = rows_of(x), channels = x.size(-1);
   const at::Tensor x2 = x.contiguous().view({rows, channels}), r2 = residual.contiguous().view({rows, channels});
   at::Tensor out = at::empty_like(x2);
@@ -157,13 +226,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm(const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
     const at::Tensor& mean, const at::Tensor& rstd, double p, const at::Tensor& seed, NormBackwardFn rows_backward) {
+  const char* op = "dropout_add_layer_norm_backward";
+  check_norm_args(op, x, residual, weight, nullptr, p);
+  check_grad(op, "grad_out", grad_out, x, x.sizes());
   const int64_t rows = rows_of(x), channels = x.size(-1);
+  for (const NamedTensor& stat : {NamedTensor{"mean", mean}, NamedTensor{"rstd", rstd}}) {
+    TORCH_CHECK_VALUE(stat.tensor.device() == x.device(), op, ": ", stat.name, " is on ", stat.tensor.device(),
+                      " but x on ", x.device());
+    TORCH_CHECK_TYPE(stat.tensor.scalar_type() == stat_dtype(x), op, ": ", stat.name, " must be ", stat_dtype(x),
+                     " (the forward's statistics), got ", stat.tensor.scalar_type());
+    TORCH_CHECK_VALUE(stat.tensor.dim() == 1 && stat.tensor.size(0) == rows, op, ": ", stat.name, " must be [", rows,
+                      "], got ", stat.tensor.sizes());
+  }
   const at::Tensor g2 = grad_out.contiguous().view({rows, channels});
   const at::Tensor x2 = x.contiguous().view({rows, channels}), r2 = residual.contiguous().view({rows, channels});
   at::Tensor grad_x = at::empty_like(x2), grad_residual = at::empty_like(x2);
   at::Tensor weight_partials, bias_partials;  // allocated by rows_backward (composite.h)
-  rows_backward(g2, x2, r2, weight.contiguous(), mean, rstd, p, dropout_seed(seed), grad_x, grad_residual,
-                weight_partials, bias_partials);
+  rows_backward(g2, x2, r2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), p, dropout_seed(seed), grad_x,
+                grad_residual, weight_partials, bias_partials);
   at::Tensor grad_weight = weight_partials.sum(0).to(weight.scalar_type());
   at::Tensor grad_bias =
       (bias_partials.defined() ? bias_partials.sum(0) : g2.sum(0, false, stat_dtype(x))).to(weight.scalar_type());
@@ -204,7 +284,12 @@ std::tuple<at::Tensor, at::Tensor> grouped_linear_gelu(const at::Tensor& x, cons
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward(const at::Tensor& grad_pre,
                                                                        const at::Tensor& x, const at::Tensor& weight) {
+  check_tensors("grouped_linear_backward", {{"x", x}, {"weight", weight}});
+  check_grouped_x_weight("grouped_linear_backward", x, weight);
   const int64_t groups = weight.size(0), group_in = weight.size(1), group_out = weight.size(2);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = groups * group_out;
+  check_grad("grouped_linear_backward", "grad_pre", grad_pre, x, out_shape);
   const int64_t rows = rows_of(x);
   const at::Tensor x2d = x.reshape({rows, groups * group_in}).contiguous();
   const at::Tensor grad2d = grad_pre.reshape({rows, groups * group_out}).contiguous();

@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <tuple>
 
 namespace convbert_fast {
@@ -50,9 +51,20 @@ std::tuple<at::Tensor, at::Tensor> grouped_linear_gelu(const at::Tensor& x, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_backward(const at::Tensor& grad_pre,
                                                                        const at::Tensor& x, const at::Tensor& weight);
 
-// Shape checks for direct torch.ops calls (the Python wrappers check first, with friendlier errors).
+// Checks for direct torch.ops calls (opcheck makes them, and users can): every tensor argument's device, dtype,
+// shape and, for outputs passed in, overlap with the inputs. ValueError / TypeError in Python. The Python
+// wrappers check first, with friendlier errors; these keep a kernel from reading out of bounds.
+struct NamedTensor {
+  const char* name;
+  const at::Tensor& tensor;
+};
+// One device and one floating dtype (float32, float64, float16, bfloat16) for all of `tensors`.
+void check_tensors(const char* op, std::initializer_list<NamedTensor> tensors);
+// `out` shares no byte with any of `inputs`.
+void check_no_overlap(const char* op, const at::Tensor& out, std::initializer_list<NamedTensor> inputs);
 void check_span_conv_args(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads);
-void check_span_conv_out(const at::Tensor& values, const at::Tensor& out);
+void check_span_conv_grad(const at::Tensor& grad_out, const at::Tensor& values);
+void check_span_conv_out(const at::Tensor& values, const at::Tensor& kernel_logits, const at::Tensor& out);
 
 
 }  // namespace convbert_fast

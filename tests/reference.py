@@ -118,3 +118,53 @@ def assert_backward_bitwise_repeatable(op, inputs):
         grads.append([t.grad for t in leaves])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def assert_within_dtype_bound(actual, oracle, magnitude, factor=2.0):
+    """Low precision against an fp32 oracle computed from the same inputs, elementwise:
+    |ours - oracle| <= factor * eps(dtype) * magnitude, where `magnitude` is the op applied to the inputs' absolute
+    values (the sum of the absolute terms, which bounds a sum's rounding error). The inputs are exact in the dtype
+    and the kernels accumulate in fp32, so every backend rounds at most a few times, each time by at most eps / 2
+    of a value no larger than `magnitude`: factor 2 allows four such roundings. A window shifted by one token or an
+    output off by 10% breaks the bound (tests/test_*.py prove it on deliberately broken copies)."""
+    eps = torch.finfo(actual.dtype).eps
+    error = (actual.float() - oracle.float()).abs()
+    bound = factor * eps * magnitude.float()
+    excess = (error - bound).max().item() if error.numel() else 0.0
+    assert excess <= 0.0, (
+        f"{actual.dtype}: an error of {error.max().item():.3e} against the fp32 oracle exceeds its bound "
+        f"{factor} x eps x magnitude by {excess:.3e}"
+    )
+
+
+def dropout_keep_mask_ref(shape, p, seed):
+    """The keep mask of dropout_add_layer_norm from its definition (csrc/dropout_mask.h), written independently:
+    element i of the flattened [rows, C] input is kept when the top 24 bits of splitmix64(seed + (i + 1) * golden)
+    are at least round(p * 2^24)."""
+    import numpy as np
+
+    threshold = min(int(p * 2**24 + 0.5), 2**24)
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed % 2**64) + (np.arange(math.prod(shape), dtype=np.uint64) + np.uint64(1)) * np.uint64(
+            0x9E3779B97F4A7C15
+        )
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return torch.from_numpy((z >> np.uint64(40)).astype(np.int64) >= threshold).reshape(shape)
+
+
+# Deliberately broken copies of an op, for the tests that prove a test can fail (tests/test_<op>.py)
+def scaled_copy(op, factor=1.1):
+    """`op` with its output off by `factor` (then rounded to the output's dtype again)."""
+    return lambda *args, **kwargs: op(*args, **kwargs) * factor
+
+
+def shifted_window_copy(op):
+    """`op` reading every token's window one token to the right: the first argument ([B, L, ...]) moved up by one
+    token, zero after the last, as an off-by-one in a kernel's window offset would."""
+
+    def broken(first, *args, **kwargs):
+        return op(torch.cat([first[:, 1:], torch.zeros_like(first[:, :1])], dim=1), *args, **kwargs)
+
+    return broken

@@ -3,9 +3,16 @@ the inputs of every case, shared by the value, gradient, opcheck (every backend 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Parameters named float32, bfloat16, float16 (not dtype0, dtype1, ...), so that `-k float32` picks a dtype, as
+# tools/gpu_check.sh does
+def _dtype_params(*dtypes):
+    return [pytest.param(dtype, id=str(dtype).removeprefix("torch.")) for dtype in dtypes]
+
+
+DTYPES = _dtype_params(torch.float32, torch.bfloat16, torch.float16)
 
 
 def randn(*shape, dtype=torch.float32, scale=1.0, gen=None):
@@ -129,3 +136,40 @@ def norm_inputs(rows, channels, dtype, device, gen):
 def dropout_add_layer_norm_samples(device, dtype=torch.float32, gen=None, cases=NORM_CASES):
     """(case, [x, residual, weight, bias]) per case."""
     return [(case, norm_inputs(*case, dtype, device, gen)) for case in cases]
+
+
+LOW_PRECISION = _dtype_params(torch.bfloat16, torch.float16)
+
+
+def assert_every_tensor_argument_checked(op, args, device):
+    """A torch.ops.convbert_fast op called directly (no Python wrapper in front, as opcheck and users call it):
+    each tensor argument in turn in another dtype (TypeError) and, in a CUDA call, on the CPU (ValueError, where a
+    kernel would otherwise read a host pointer); each refused with a message naming the argument. The good call
+    runs afterwards: the process, and on CUDA its context, survived. The dropout seed is checked on its own."""
+    import re
+
+    names = [a.name for a in op._schema.arguments]
+    for i, arg in enumerate(args):
+        if not isinstance(arg, torch.Tensor) or names[i] == "seed":
+            continue
+        cases = [(arg.to(torch.float64 if arg.dtype != torch.float64 else torch.float32), TypeError)]
+        if device == "cuda":
+            cases.append((arg.cpu(), ValueError))
+        for bad, error in cases:
+            broken = list(args)
+            broken[i] = bad
+            with pytest.raises(error, match=rf"\b{re.escape(names[i])}\b"):
+                op(*broken)
+    op(*args)
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def assert_refuses(call, index, make_bad, error, fragment):
+    """`call`, an (op, args) pair, with argument `index` replaced by make_bad(that argument): refused with `error`
+    and a message matching `fragment`."""
+    op, args = call
+    args = list(args)
+    args[index] = make_bad(args[index])
+    with pytest.raises(error, match=fragment):
+        op(*args)

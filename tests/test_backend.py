@@ -3,11 +3,12 @@ block of them, full ConvBERT-base shapes on a GPU. Each op's own tests are in te
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
 import torch
-from conftest import NO_GPU, unless_runs
+from conftest import NO_GPU, TRITON_ON_CPU
 from reference import (
     assert_within_torch_error,
     dynamic_span_conv_ref,
@@ -130,7 +131,7 @@ def test_auto_picks_cpp_on_cpu(rng):
         assert backend.implementation(op, torch.device("cpu")) is backend._implementations["cpp"][op]
 
 
-@unless_runs("triton", "cpu")
+@TRITON_ON_CPU  # chooses the triton backend for CPU tensors
 def test_dropout_add_layer_norm_is_in_the_registry_and_runs_as_auto_where_a_backend_lacks_it(rng):
     """`triton` has no dropout_add_layer_norm: chosen, that op runs as under `auto` (cpp on the CPU), the others
     on Triton; `eager` gives the seed's math."""
@@ -239,4 +240,57 @@ def test_full_shapes_on_gpu(backend_name, dtype, rng):
         oracle_leaves = [t.detach().double().requires_grad_() for t in leaves]
         oracle = torch.autograd.grad(dynamic_span_conv_ref(*oracle_leaves, 6), oracle_leaves, grad.double())
         for a, b, c in zip(ours, same_dtype, oracle):
+            assert_within_torch_error(a, b, c)
+
+
+@NO_GPU
+@pytest.mark.parametrize("op_name", ["separable_conv1d", "grouped_linear"])
+def test_every_autotuned_triton_config_at_base_shapes(op_name, rng, monkeypatch):
+    """Users and benchmarks get whichever of the autotuner's configs measures fastest on their GPU, so each is
+    pinned in turn (the autotuner then runs it without benchmarking) and checked at ConvBERT-base shapes in bf16,
+    forward and backward, against the reference within the low-precision rule. tools/gpu_check.sh runs this with
+    CONVBERT_FAST_TRITON_AUTOTUNE=1; the rest of the suite runs with one small config."""
+    from convbert_fast.ops import triton as triton_backend
+
+    if not triton_backend.AUTOTUNE:
+        pytest.skip("CONVBERT_FAST_TRITON_AUTOTUNE=0: the Triton kernels run one fixed config, not the tuned ones")
+    module = importlib.import_module(f"convbert_fast.ops.triton.{op_name}")
+    kernel = module._separable_fwd_kernel if op_name == "separable_conv1d" else module._grouped_gemm_kernel
+    device, dtype = "cuda", torch.bfloat16
+    if op_name == "separable_conv1d":
+        inputs = on(device, separable_inputs(32, 512, 768, 384, 9, dtype, rng))
+        extra = [randn(32, 512, 384, dtype=dtype, gen=rng).to(device)]  # the query multiplier, fused
+
+        def ref(*args):
+            return separable_conv1d_ref(*args[:4]) * args[4]
+
+        def op(*args):
+            return cf.ops.separable_conv1d(*args[:4], multiplier=args[4])
+    else:
+        inputs = on(device, grouped_inputs((32, 512), 2, 192, 768, dtype, rng))
+        extra = []
+
+        def ref(*args):
+            return torch.nn.functional.gelu(grouped_linear_ref(*args))
+
+        def op(*args):
+            return cf.ops.grouped_linear(*args, activation="gelu")
+
+    leaves = [t.requires_grad_() for t in (*inputs, *extra)]
+    expected = ref(*leaves)
+    oracle_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    oracle = ref(*oracle_leaves)
+    grad = torch.randn(expected.shape, generator=rng).to(device, dtype)
+    expected_grads = torch.autograd.grad(expected, leaves, grad)
+    oracle_grads = torch.autograd.grad(oracle, oracle_leaves, grad.double())
+    configs = list(kernel.configs)
+    assert len(configs) > 1
+    for config in configs:
+        monkeypatch.setattr(kernel, "configs", [config])
+        monkeypatch.setattr(kernel, "cache", {}, raising=False)  # no tuned choice left over; restored afterwards
+        with cf.use_backend("triton"):
+            out = op(*leaves)
+            grads = torch.autograd.grad(out, leaves, grad)
+        assert_within_torch_error(out, expected, oracle)
+        for a, b, c in zip(grads, expected_grads, oracle_grads):
             assert_within_torch_error(a, b, c)

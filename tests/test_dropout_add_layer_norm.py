@@ -7,8 +7,23 @@ import math
 
 import pytest
 import torch
-from reference import assert_within_torch_error, layer_norm_ref
-from samples import DTYPES, NORM_CASES, dropout_add_layer_norm_samples, norm_inputs, requiring_grad
+from reference import (
+    assert_within_dtype_bound,
+    assert_within_torch_error,
+    dropout_keep_mask_ref,
+    layer_norm_ref,
+    scaled_copy,
+)
+from samples import (
+    DTYPES,
+    LOW_PRECISION,
+    NORM_CASES,
+    assert_every_tensor_argument_checked,
+    assert_refuses,
+    dropout_add_layer_norm_samples,
+    norm_inputs,
+    requiring_grad,
+)
 
 import convbert_fast as cf
 
@@ -62,14 +77,14 @@ def test_dropout_add_layer_norm_is_reproducible_from_torch_manual_seed(device_na
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_dropout_add_layer_norm_gradcheck(device_name, p, rng):
-    inputs = requiring_grad(norm_inputs((2, 3), 5, torch.float64, device_name, rng))
+    inputs = requiring_grad(norm_inputs((2, 3), 5, torch.float64, device_name, rng), device_name)
     seed = torch.tensor(99)
     op = torch.ops.convbert_fast.dropout_add_layer_norm
     assert torch.autograd.gradcheck(lambda *a: op(*a, p, 1e-5, seed)[0], inputs)
 
 
 def test_dropout_add_layer_norm_gradients_match_reference_under_the_same_mask(device_name, rng):
-    inputs = requiring_grad(norm_inputs((3, 4), 48, torch.float64, device_name, rng))
+    inputs = requiring_grad(norm_inputs((3, 4), 48, torch.float64, device_name, rng), device_name)
     seed, p = torch.tensor(5), 0.25
     keep = kept_mask(inputs[0].shape, p, seed, device_name)
     grad = torch.randn(inputs[0].shape, dtype=torch.float64, generator=rng).to(device_name)
@@ -107,3 +122,115 @@ def test_dropout_add_layer_norm_bad_arguments(change, fragment):
     args.update(change)
     with pytest.raises(ValueError, match=fragment):
         cf.ops.dropout_add_layer_norm(**args)
+
+
+def test_dropout_add_layer_norm_mask_is_the_documented_hash(device_name):
+    """The op's mask, read back, against an independent implementation of its definition (reference.py): the
+    same bits on every device."""
+    for shape, p, seed in [((8, 3, 100), 0.1, 2024), ((5, 257), 0.5, -7), ((4, 64), 0.9, 2**40 + 3)]:
+        keep = kept_mask(shape, p, torch.tensor(seed), device_name).cpu()
+        assert torch.equal(keep, dropout_keep_mask_ref(shape, p, seed))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_add_layer_norm_mask_rows_are_independent(device_name, p):
+    """A mask repeated on every row (or shifted by a column from row to row) has the right mean but is not dropout:
+    independent rows agree on a fraction p^2 + (1 - p)^2 of their columns, within 5 standard deviations over 523776
+    pairs, also with one of them shifted by a column; and no two rows are alike."""
+    keep = kept_mask((512, 1024), p, torch.tensor(77), device_name).cpu()
+    agree = p**2 + (1 - p) ** 2
+    for a, b in [(keep[:-1], keep[1:]), (keep[:-1, 1:], keep[1:, :-1]), (keep[:-1, :-1], keep[1:, 1:])]:
+        observed = (a == b).double().mean().item()
+        assert abs(observed - agree) < 5 * math.sqrt(agree * (1 - agree) / a.numel()), observed
+    assert len({tuple(row) for row in keep.tolist()}) == keep.shape[0]
+
+
+@pytest.mark.parametrize("special", [float("nan"), float("inf")])
+def test_dropout_add_layer_norm_nan_and_inf_in_a_dropped_element_spread_as_in_eager(device_name, special, rng):
+    """Eager dropout multiplies by its mask, so a NaN or inf that it drops still gives NaN (inf * 0), which
+    LayerNorm spreads over the row, forward and backward; the C++ kernels multiply too, on every device."""
+    x, residual, weight, bias = (t.requires_grad_() for t in norm_inputs((4,), 64, torch.float32, device_name, rng))
+    p, seed = 0.5, 31
+    keep = dropout_keep_mask_ref(x.shape, p, seed).to(device_name)
+    row, col = (~keep).nonzero()[0].tolist()
+    with torch.no_grad():
+        x[row, col] = special
+    ours = torch.ops.convbert_fast.dropout_add_layer_norm(x, residual, weight, bias, p, 1e-5, torch.tensor(seed))[0]
+    eager = torch.nn.functional.layer_norm(x * keep / (1 - p) + residual, (64,), weight, bias, 1e-5)
+    assert ours[row].isnan().all() and ours[torch.arange(4) != row].isfinite().all()
+    grad = torch.randn(x.shape, generator=rng).to(device_name)
+    for a, b in zip(torch.autograd.grad(ours, (x, residual), grad), torch.autograd.grad(eager, (x, residual), grad)):
+        assert torch.equal(a.isnan(), b.isnan())
+
+
+# --- low precision against an fp32 oracle, and the proof that this test catches broken kernels -------------------
+
+
+def check_dropout_add_layer_norm_low_precision(op, dtype, device, gen):
+    """`op` (without dropout) on bf16/fp16 inputs against the definition in fp32 on the same inputs, within the
+    dtype's bound; the magnitude covers a rounding of x + residual (as eager makes) besides the output's."""
+    x, residual, weight, bias = norm_inputs((4, 16), 256, dtype, device, gen)
+    out = op(x, residual, weight, bias)
+    h = x.float() + residual.float()
+    oracle = layer_norm_ref(h, weight.float(), bias.float(), 1e-5)
+    rstd = 1 / (h.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    xhat = (h - h.mean(-1, keepdim=True)) * rstd
+    magnitude = (xhat.abs() + h.abs() * rstd) * weight.float().abs() + bias.float().abs()
+    assert_within_dtype_bound(out, oracle, magnitude)
+
+
+def _without_dropout(x, residual, weight, bias):
+    return cf.ops.dropout_add_layer_norm(x, residual, weight, bias, p=0.1, eps=1e-5, training=False)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_dropout_add_layer_norm_low_precision_within_the_dtype_bound(backend_device, dtype, rng):
+    check_dropout_add_layer_norm_low_precision(_without_dropout, dtype, backend_device[1], rng)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_dropout_add_layer_norm_low_precision_test_fails_on_a_broken_copy(device_name, dtype, rng):
+    with pytest.raises(AssertionError, match="exceeds its bound"):
+        check_dropout_add_layer_norm_low_precision(scaled_copy(_without_dropout), dtype, device_name, rng)
+
+
+# --- the C++ ops called directly: every tensor argument checked at the boundary ----------------------------------
+
+
+def _norm_direct_calls(device, gen):
+    ops = torch.ops.convbert_fast
+    x, residual, weight, bias = norm_inputs((2, 3), 8, torch.float32, device, gen)
+    seed = torch.tensor(3)
+    _, mean, rstd = ops.dropout_add_layer_norm(x, residual, weight, bias, 0.1, 1e-5, seed)
+    grad = torch.randn(x.shape, generator=gen).to(device)
+    return {
+        "forward": (ops.dropout_add_layer_norm.default, (x, residual, weight, bias, 0.1, 1e-5, seed)),
+        "backward": (ops.dropout_add_layer_norm_backward.default, (grad, x, residual, weight, mean, rstd, 0.1, seed)),
+    }
+
+
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_dropout_add_layer_norm_direct_calls_check_every_tensor(device_name, which, rng):
+    assert_every_tensor_argument_checked(*_norm_direct_calls(device_name, rng)[which], device_name)
+
+
+# (which call, argument index, the bad argument from the good one, error, message)
+NORM_BAD_ARGUMENTS = [
+    ("forward", 1, lambda t: t[..., :7], ValueError, r"residual must be \[2, 3, 8\]"),
+    ("forward", 2, lambda t: t[:7], ValueError, r"weight must be \[8\]"),
+    ("forward", 3, lambda t: t[None], ValueError, r"bias must be \[8\]"),
+    ("forward", 4, lambda p: 1.5, ValueError, r"p must be in \[0, 1\]"),
+    ("forward", 5, lambda eps: -1.0, ValueError, "eps must be >= 0"),
+    ("forward", 6, lambda s: s.double(), ValueError, "seed must be one int64 on the CPU"),
+    ("forward", 6, lambda s: torch.tensor([1, 2]), ValueError, "seed must be one int64 on the CPU"),
+    ("backward", 0, lambda t: t[..., :7], ValueError, r"grad_out must be \[2, 3, 8\]"),
+    ("backward", 4, lambda t: t[:5], ValueError, r"mean must be \[6\]"),
+    ("backward", 5, lambda t: t.double(), TypeError, "rstd must be Float"),
+    ("backward", 6, lambda p: -0.5, ValueError, r"p must be in \[0, 1\]"),
+]
+
+
+@pytest.mark.parametrize("which,index,make_bad,error,fragment", NORM_BAD_ARGUMENTS)
+def test_dropout_add_layer_norm_direct_calls_refuse_bad_arguments(device_name, which, index, make_bad, error,
+                                                                  fragment, rng):
+    assert_refuses(_norm_direct_calls(device_name, rng)[which], index, make_bad, error, fragment)

@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, NAMESPACES, opcheck
+from conftest import DEVICES, NAMESPACE_DEVICES, opcheck
 from reference import (
     assert_backward_bitwise_repeatable,
     assert_gradients_for_only_some_inputs,
     assert_gradients_match,
+    assert_within_dtype_bound,
     assert_within_torch_error,
     dynamic_span_conv_ref,
+    scaled_copy,
+    shifted_window_copy,
 )
 from samples import (
     DTYPES,
+    LOW_PRECISION,
     SPAN_CASES,
+    assert_every_tensor_argument_checked,
+    assert_refuses,
     double,
     dynamic_span_conv_samples,
     gradcheck,
@@ -205,8 +211,7 @@ def opcheck_samples(namespace, device, gen):
     return samples
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("namespace", NAMESPACES)
+@pytest.mark.parametrize("namespace,device", NAMESPACE_DEVICES)
 def test_opcheck_every_sample(namespace, device, rng):
     opcheck(opcheck_samples(namespace, device, rng), namespace, device)
 
@@ -218,3 +223,82 @@ def test_span_conv_writes_into_a_strided_slice(device, rng):
     torch.ops.convbert_fast.dynamic_span_conv_into(values, logits, 3, context[..., 48:])
     torch.testing.assert_close(context[..., 48:], dynamic_span_conv_ref(values, logits, 3))
     assert context[..., :48].abs().max() == 0  # the attention half is untouched
+
+
+# --- low precision against an fp32 oracle, and the proof that this test catches broken kernels -------------------
+
+
+def check_span_conv_low_precision(op, dtype, device, gen):
+    """`op` on bf16/fp16 inputs against the reference in fp32 on the same inputs, within the dtype's bound (the
+    body of the test below, and of the test that runs it on broken copies of the op)."""
+    values, logits = on(device, span_inputs(2, 40, 4, 32, 9, dtype, gen))
+    out = op(values, logits, 4)
+    oracle = dynamic_span_conv_ref(values.float(), logits.float(), 4)
+    magnitude = dynamic_span_conv_ref(values.float().abs(), logits.float(), 4)  # softmax weights are >= 0
+    assert_within_dtype_bound(out, oracle, magnitude)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_dynamic_span_conv_low_precision_within_the_dtype_bound(backend_device, dtype, rng):
+    check_span_conv_low_precision(cf.ops.dynamic_span_conv, dtype, backend_device[1], rng)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("broken", [shifted_window_copy, scaled_copy], ids=["window-shifted-by-one", "scaled-by-1.1"])
+def test_dynamic_span_conv_low_precision_test_fails_on_a_broken_copy(device_name, dtype, broken, rng):
+    with pytest.raises(AssertionError, match="exceeds its bound"):
+        check_span_conv_low_precision(broken(cf.ops.dynamic_span_conv), dtype, device_name, rng)
+
+
+# --- the C++ ops called directly: every tensor argument checked at the boundary ----------------------------------
+
+
+def _span_direct_calls(device, gen):
+    ops = torch.ops.convbert_fast
+    values, logits = on(device, span_inputs(2, 8, 2, 4, 3, gen=gen))
+    grad = torch.randn(values.shape, generator=gen).to(device)
+    prefix = torch.randn(2, 8, 5, generator=gen).to(device)
+    out = torch.zeros(2, 8, 16, device=device)[..., 8:]  # a strided slice, as the model passes
+    return {
+        "forward": (ops.dynamic_span_conv.default, (values, logits, 2)),
+        "into": (ops.dynamic_span_conv_into.default, (values, logits, 2, out)),
+        "concat": (ops.dynamic_span_conv_concat.default, (prefix, values, logits, 2)),
+        "backward": (ops.dynamic_span_conv_backward.default, (grad, values, logits, 2)),
+    }
+
+
+@pytest.mark.parametrize("which", ["forward", "into", "concat", "backward"])
+def test_dynamic_span_conv_direct_calls_check_every_tensor(device_name, which, rng):
+    assert_every_tensor_argument_checked(*_span_direct_calls(device_name, rng)[which], device_name)
+
+
+# (which call, argument index, the bad argument from the good one, message)
+SPAN_BAD_SHAPES = [
+    ("forward", 0, lambda t: t[0], r"values must be \[B, L, H\*D\]"),
+    ("forward", 1, lambda t: t[:, :7], r"kernel_logits must be \[B, L, H\*K\] with values' B and L"),
+    ("forward", 1, lambda t: torch.cat([t, t[..., :2]], -1), "K must be odd"),
+    ("forward", 2, lambda n: 3, "num_heads must divide"),
+    ("forward", 2, lambda n: 0, "num_heads must be >= 1"),
+    ("into", 3, lambda t: torch.zeros(2, 8, 9, device=t.device), r"out must be \[2, 8, 8\]"),
+    ("into", 3, lambda t: t.new_zeros(200).as_strided((2, 8, 8), (64, 4, 1)), "rows overlap each other"),
+    ("into", 3, lambda t: t.new_zeros(2, 8, 16)[..., ::2], "last dimension must be dense"),
+    ("concat", 0, lambda t: t[:1], r"prefix must be \[2, 8, \.\.\.\]"),
+    ("backward", 0, lambda t: t[..., :7], r"grad_out must be \[2, 8, 8\]"),
+]
+
+
+@pytest.mark.parametrize("which,index,make_bad,fragment", SPAN_BAD_SHAPES)
+def test_dynamic_span_conv_direct_calls_refuse_bad_shapes(device_name, which, index, make_bad, fragment, rng):
+    assert_refuses(_span_direct_calls(device_name, rng)[which], index, make_bad, ValueError, fragment)
+
+
+def test_dynamic_span_conv_into_refuses_an_out_that_overlaps_an_input(device_name, rng):
+    """out = values itself, and out and kernel_logits as overlapping views of one buffer: the kernel would read
+    what it writes."""
+    op, (values, logits, heads, _) = _span_direct_calls(device_name, rng)["into"]
+    with pytest.raises(ValueError, match="out overlaps values"):
+        op(values, logits, heads, values)
+    shared = torch.zeros(2, 8, 12, device=device_name)
+    shared[..., :6] = logits
+    with pytest.raises(ValueError, match="out overlaps kernel_logits"):
+        op(values, shared[..., :6], heads, shared[..., 4:12])

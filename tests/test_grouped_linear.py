@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, NAMESPACES, opcheck
+from conftest import DEVICES, NAMESPACE_DEVICES, opcheck
 from reference import (
     assert_backward_bitwise_repeatable,
     assert_gradients_for_only_some_inputs,
     assert_gradients_match,
+    assert_within_dtype_bound,
     assert_within_torch_error,
     grouped_linear_ref,
+    scaled_copy,
 )
 from samples import (
     DTYPES,
     GROUPED_CASES,
+    LOW_PRECISION,
+    assert_every_tensor_argument_checked,
+    assert_refuses,
     double,
     gradcheck,
     grouped_inputs,
@@ -169,7 +174,66 @@ def opcheck_samples(namespace, device, gen):
     return samples
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("namespace", NAMESPACES)
+@pytest.mark.parametrize("namespace,device", NAMESPACE_DEVICES)
 def test_opcheck_every_sample(namespace, device, rng):
     opcheck(opcheck_samples(namespace, device, rng), namespace, device)
+
+
+# --- low precision against an fp32 oracle, and the proof that this test catches broken kernels -------------------
+
+
+def check_grouped_linear_low_precision(op, dtype, device, gen):
+    """`op` on bf16/fp16 inputs against the reference in fp32 on the same inputs, within the dtype's bound (the
+    body of the test below, and of the test that runs it on broken copies of the op)."""
+    inputs = on(device, grouped_inputs((2, 20), 2, 48, 64, dtype, gen))
+    out = op(*inputs)
+    oracle = grouped_linear_ref(*(t.float() for t in inputs))
+    magnitude = grouped_linear_ref(*(t.float().abs() for t in inputs))
+    assert_within_dtype_bound(out, oracle, magnitude)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_grouped_linear_low_precision_within_the_dtype_bound(backend_device, dtype, rng):
+    check_grouped_linear_low_precision(cf.ops.grouped_linear, dtype, backend_device[1], rng)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_grouped_linear_low_precision_test_fails_on_a_broken_copy(device_name, dtype, rng):
+    with pytest.raises(AssertionError, match="exceeds its bound"):
+        check_grouped_linear_low_precision(scaled_copy(cf.ops.grouped_linear), dtype, device_name, rng)
+
+
+# --- the C++ ops called directly: every tensor argument checked at the boundary ----------------------------------
+
+
+def _grouped_direct_calls(device, gen):
+    ops = torch.ops.convbert_fast
+    inputs = on(device, grouped_inputs((2, 8), 2, 4, 3, gen=gen))
+    grad = torch.randn(2, 8, 6, generator=gen).to(device)
+    return {
+        "forward": (ops.grouped_linear.default, tuple(inputs)),
+        "gelu": (ops.grouped_linear_gelu.default, tuple(inputs)),
+        "backward": (ops.grouped_linear_backward.default, (grad, *inputs[:2])),
+    }
+
+
+@pytest.mark.parametrize("which", ["forward", "gelu", "backward"])
+def test_grouped_linear_direct_calls_check_every_tensor(device_name, which, rng):
+    assert_every_tensor_argument_checked(*_grouped_direct_calls(device_name, rng)[which], device_name)
+
+
+# (which call, argument index, the bad argument from the good one, message)
+GROUPED_BAD_SHAPES = [
+    ("forward", 0, lambda t: t[..., :7], r"x must be \[\.\.\., 8\]"),
+    ("forward", 1, lambda t: t[0], r"weight must be \[G, Din/G, Dout/G\]"),
+    ("forward", 2, lambda t: t[:5], r"bias must be \[6\]"),
+    ("gelu", 2, lambda t: t[None], r"bias must be \[6\]"),
+    ("backward", 0, lambda t: t[..., :5], r"grad_pre must be \[2, 8, 6\]"),
+    ("backward", 0, lambda t: t[:1], r"grad_pre must be \[2, 8, 6\]"),
+    ("backward", 1, lambda t: t[..., :7], r"x must be \[\.\.\., 8\]"),
+]
+
+
+@pytest.mark.parametrize("which,index,make_bad,fragment", GROUPED_BAD_SHAPES)
+def test_grouped_linear_direct_calls_refuse_bad_shapes(device_name, which, index, make_bad, fragment, rng):
+    assert_refuses(_grouped_direct_calls(device_name, rng)[which], index, make_bad, ValueError, fragment)

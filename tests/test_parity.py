@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import convbert_fast as cf
-from conftest import PARITY_CONFIGS, make_config, record_parity, unless_runs
+from conftest import PARITY_CONFIGS, TRITON_ON_CPU, make_config, record_parity
 
 ATOL = 1e-5  # the issue's bound for fp32 parity
 CLASSES = [
@@ -218,8 +218,8 @@ def test_cross_attention_decoder_matches_transformers():
     assert out.cross_attentions[0].shape == (BATCH, 2, SEQ_LEN, SEQ_LEN)
 
 
+@TRITON_ON_CPU
 @pytest.mark.timeout(300)  # the Triton interpreter runs a masked-LM model forward and backward: 20 s loaded
-@unless_runs("triton", "cpu")
 def test_triton_backend_matches_transformers():
     """The model through the Triton kernels (Triton's interpreter without a GPU: a small config), forward and
     every parameter's gradient, with the separable conv's query multiply and the grouped GELU fused."""

@@ -15,14 +15,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import convbert_fast as cf
-from conftest import NO_GPU, make_config, unless_runs
+from conftest import NO_GPU, TRITON_ON_CPU, make_config
 from convbert_fast.ops.dynamic_span_conv import dynamic_span_conv_eager
 from convbert_fast.ops.grouped_linear import grouped_linear_eager
 from convbert_fast.ops.separable_conv1d import separable_conv1d_eager
 from samples import span_inputs
 
-# each against `eager`, the transformers math, on the CPU
-FAST_BACKENDS = ["cpp", pytest.param("triton", marks=unless_runs("triton", "cpu"))]
+# each against `eager`, the transformers math; on CPU tensors (Triton: its interpreter) and on a GPU
+FAST_BACKENDS = ["cpp", pytest.param("triton", marks=TRITON_ON_CPU)]
+GPU_BACKENDS = ["cpp", "triton"]
 
 
 def small_model(cls=cf.ConvBertModel, **overrides):
@@ -421,7 +422,7 @@ def test_a_truncated_checkpoint_is_refused_and_the_model_is_untouched(saved_mode
 
 
 @NO_GPU
-@pytest.mark.parametrize("backend_name", ["cpp", "triton"])
+@pytest.mark.parametrize("backend_name", GPU_BACKENDS)
 def test_16k_tokens_on_gpu(backend_name):
     model = cf.ConvBertModel(make_config("small", max_position_embeddings=16384)).cuda().eval()
     ids = torch.randint(1, 99, (1, 16384), device="cuda")
@@ -435,10 +436,10 @@ def test_16k_tokens_on_gpu(backend_name):
 
 
 @NO_GPU
-@pytest.mark.parametrize("backend_name", ["cpp", "triton"])
+@pytest.mark.parametrize("backend_name", GPU_BACKENDS)
 def test_more_than_2_to_the_31_elements_on_gpu(backend_name):
-    """[1, 2^22 + 3, 512] fp16 values (2^31 + 1536 elements): rows near the end, whose offsets pass 2^31, are
-    checked against the eager math on a slice around them."""
+    """[1, 2^22 + 3, 512] fp16 values (2^31 + 1536 elements): 64-token stretches at the start, the middle and the
+    end (the last 3 rows start past element 2^31) checked against the eager math on a slice around each."""
     seq_len, heads, head_size, kernel_size = 2**22 + 3, 8, 64, 9
     gen = torch.Generator(device="cuda").manual_seed(0)
     values = torch.randn(1, seq_len, heads * head_size, device="cuda", dtype=torch.float16, generator=gen)
@@ -446,8 +447,12 @@ def test_more_than_2_to_the_31_elements_on_gpu(backend_name):
     assert values.numel() > 2**31
     with cf.use_backend(backend_name):
         out = cf.ops.dynamic_span_conv(values, logits, heads)
-    for start in (0, seq_len // 2, seq_len - 64):
-        window = slice(max(0, start - 4), start + 68)
-        expected = dynamic_span_conv_eager(values[:, window].float(), logits[:, window].float(), heads)
-        inner = slice(start - window.start + (4 if start else 0), start - window.start + 60)
-        torch.testing.assert_close(out[:, window][:, inner].float(), expected[:, inner], rtol=2e-3, atol=2e-3)
+    half = kernel_size // 2
+    stretches = [(0, 64), (seq_len // 2, seq_len // 2 + 64), (seq_len - 64, seq_len)]
+    assert (seq_len - 1) * heads * head_size > 2**31  # the last row checked starts past 2^31
+    for start, stop in stretches:
+        # the slice holds every token the stretch's windows read; at the sequence's ends its zero padding is real
+        low, high = max(0, start - half), min(seq_len, stop + half)
+        expected = dynamic_span_conv_eager(values[:, low:high].float(), logits[:, low:high].float(), heads)
+        got = out[:, start:stop].float()
+        torch.testing.assert_close(got, expected[:, start - low : stop - low], rtol=2e-3, atol=2e-3)

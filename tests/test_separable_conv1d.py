@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, NAMESPACES, opcheck
+from conftest import DEVICES, NAMESPACE_DEVICES, opcheck
 from reference import (
     assert_backward_bitwise_repeatable,
     assert_gradients_for_only_some_inputs,
     assert_gradients_match,
+    assert_within_dtype_bound,
     assert_within_torch_error,
+    scaled_copy,
     separable_conv1d_ref,
+    shifted_window_copy,
 )
 from samples import (
     DTYPES,
+    LOW_PRECISION,
     SEPARABLE_CASES,
+    assert_every_tensor_argument_checked,
+    assert_refuses,
     double,
     gradcheck,
     on,
@@ -181,7 +187,66 @@ def opcheck_samples(namespace, device, gen):
     return samples
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("namespace", NAMESPACES)
+@pytest.mark.parametrize("namespace,device", NAMESPACE_DEVICES)
 def test_opcheck_every_sample(namespace, device, rng):
     opcheck(opcheck_samples(namespace, device, rng), namespace, device)
+
+
+# --- low precision against an fp32 oracle, and the proof that this test catches broken kernels -------------------
+
+
+def check_separable_conv1d_low_precision(op, dtype, device, gen):
+    """`op` on bf16/fp16 inputs against the reference in fp32 on the same inputs, within the dtype's bound (the
+    body of the test below, and of the test that runs it on broken copies of the op)."""
+    inputs = on(device, separable_inputs(2, 40, 32, 24, 9, dtype, gen))
+    out = op(*inputs)
+    oracle = separable_conv1d_ref(*(t.float() for t in inputs))
+    magnitude = separable_conv1d_ref(*(t.float().abs() for t in inputs))
+    assert_within_dtype_bound(out, oracle, magnitude)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_separable_conv1d_low_precision_within_the_dtype_bound(backend_device, dtype, rng):
+    check_separable_conv1d_low_precision(cf.ops.separable_conv1d, dtype, backend_device[1], rng)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("broken", [shifted_window_copy, scaled_copy], ids=["window-shifted-by-one", "scaled-by-1.1"])
+def test_separable_conv1d_low_precision_test_fails_on_a_broken_copy(device_name, dtype, broken, rng):
+    with pytest.raises(AssertionError, match="exceeds its bound"):
+        check_separable_conv1d_low_precision(broken(cf.ops.separable_conv1d), dtype, device_name, rng)
+
+
+# --- the C++ ops called directly: every tensor argument checked at the boundary ----------------------------------
+
+
+def _separable_direct_calls(device, gen):
+    ops = torch.ops.convbert_fast
+    inputs = on(device, separable_inputs(2, 8, 4, 6, 3, gen=gen))
+    grad = torch.randn(2, 8, 6, generator=gen).to(device)
+    return {
+        "forward": (ops.separable_conv1d.default, tuple(inputs)),
+        "backward": (ops.separable_conv1d_backward.default, (grad, *inputs)),
+    }
+
+
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_separable_conv1d_direct_calls_check_every_tensor(device_name, which, rng):
+    assert_every_tensor_argument_checked(*_separable_direct_calls(device_name, rng)[which], device_name)
+
+
+# (which call, argument index, the bad argument from the good one, message)
+SEPARABLE_BAD_SHAPES = [
+    ("forward", 0, lambda t: t[0], r"x must be \[B, L, C\]"),
+    ("forward", 1, lambda t: torch.cat([t, t[:1]]), r"depthwise_weight must be \[4, 1, K\]"),
+    ("forward", 1, lambda t: torch.cat([t, t[..., :1]], -1), "K must be odd"),
+    ("forward", 2, lambda t: torch.cat([t, t[:, :1]], 1), r"pointwise_weight must be \[A, 4, 1\]"),
+    ("forward", 3, lambda t: torch.cat([t, t[:1]]), r"bias must be \[6\] or \[6, 1\]"),
+    ("backward", 0, lambda t: t[..., :5], r"grad_out must be \[2, 8, 6\]"),
+    ("backward", 4, lambda t: t[:5], r"bias must be \[6\] or \[6, 1\]"),
+]
+
+
+@pytest.mark.parametrize("which,index,make_bad,fragment", SEPARABLE_BAD_SHAPES)
+def test_separable_conv1d_direct_calls_refuse_bad_shapes(device_name, which, index, make_bad, fragment, rng):
+    assert_refuses(_separable_direct_calls(device_name, rng)[which], index, make_bad, ValueError, fragment)

@@ -142,7 +142,7 @@ CONVBERT_FAST_CLONED(span_backward_values_rows, SpanArgs)
 void span_conv_into_cpu(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads,
                         at::Tensor& out) {
   check_span_conv_args(values, kernel_logits, num_heads);
-  check_span_conv_out(values, out);
+  check_span_conv_out(values, kernel_logits, out);
   const at::Tensor v = values.contiguous(), k = kernel_logits.contiguous();
   const int64_t head_size = v.size(2) / num_heads, kernel_size = k.size(2) / num_heads;
   DISPATCH_FLOATS(v.scalar_type(), "dynamic_span_conv_cpu", [&] {
@@ -163,6 +163,7 @@ at::Tensor span_conv_cpu(const at::Tensor& values, const at::Tensor& kernel_logi
 std::tuple<at::Tensor, at::Tensor> span_conv_backward_cpu(const at::Tensor& grad_out, const at::Tensor& values,
                                                           const at::Tensor& kernel_logits, int64_t num_heads) {
   check_span_conv_args(values, kernel_logits, num_heads);
+  check_span_conv_grad(grad_out, values);
   const at::Tensor g = grad_out.contiguous(), v = values.contiguous(), k = kernel_logits.contiguous();
   at::Tensor grad_values = at::empty_like(v), grad_logits = at::empty_like(k);
   const int64_t rows = v.size(0) * v.size(1), kernel_size = k.size(2) / num_heads;

@@ -41,7 +41,8 @@ __device__ __forceinline__ A block_sum(A value, A* shared) {
 template <typename T, typename A>
 __device__ __forceinline__ A dropped_sum(const T* x, const T* residual, int64_t index, uint64_t seed,
                                          uint32_t threshold, A scale) {
-  const A kept = dropout_keeps(seed, static_cast<uint64_t>(index), threshold) ? to_acc(x[index]) * scale : A(0);
+  // a multiply, as eager dropout and the CPU kernel: a dropped NaN or inf still gives NaN (inf * 0)
+  const A kept = to_acc(x[index]) * (dropout_keeps(seed, static_cast<uint64_t>(index), threshold) ? scale : A(0));
   return kept + to_acc(residual[index]);
 }
 
@@ -99,12 +100,12 @@ __global__ void dropout_add_layer_norm_backward_kernel(
   const A mean_g_xhat = block_sum(sum_g_xhat, shared) / static_cast<A>(channels);
   for (int64_t c = threadIdx.x; c < channels; c += blockDim.x) {
     const int64_t i = base + c;
-    const bool keep = dropout_keeps(seed, static_cast<uint64_t>(i), threshold);
-    const A h = (keep ? to_acc(x[i]) * scale : A(0)) + to_acc(residual[i]);
+    const A m = dropout_keeps(seed, static_cast<uint64_t>(i), threshold) ? scale : A(0);  // multiplied, as forward
+    const A h = to_acc(x[i]) * m + to_acc(residual[i]);
     const A xhat = (h - mu) * inv;
     const A dh = inv * (to_acc(grad[i]) * to_acc(weight[c]) - mean_g - xhat * mean_g_xhat);
     grad_residual[i] = from_acc<T>(dh);
-    grad_x[i] = from_acc<T>(keep ? dh * scale : A(0));
+    grad_x[i] = from_acc<T>(dh * m);
   }
 }
 
@@ -139,7 +140,8 @@ __device__ __forceinline__ void dropped_sum(const T* x, const T* residual, int64
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       keep[i][e] = !Dropout || dropout_keeps_mixed(z + static_cast<uint64_t>(e) * kDropoutStep, threshold);
-      h[i][e] = keep[i][e] ? fma(xv[e], scale, rv[e]) : rv[e];  // one rounding, in both passes
+      // multiplied, not selected: a dropped NaN or inf spreads as in eager; one rounding, in both passes
+      h[i][e] = fma(xv[e], keep[i][e] ? scale : A(0), rv[e]);
     }
   }
 }
@@ -275,7 +277,7 @@ __global__ void __launch_bounds__(kNormWarps * 32, 1)
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         dh[e] = inv * (g[i][e] * w[i][e] - mean_g - h[i][e] * mean_g_xhat);
-        dx[e] = keep[i][e] ? dh[e] * scale : A(0);
+        dx[e] = dh[e] * (keep[i][e] ? scale : A(0));  // multiplied, as the forward
       }
       store_vec<T, VEC, true>(grad_residual + row * channels + v * VEC, v < vectors, VEC, dh);
       store_vec<T, VEC, true>(grad_x + row * channels + v * VEC, v < vectors, VEC, dx);

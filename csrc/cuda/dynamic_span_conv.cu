@@ -475,6 +475,7 @@ cudaError_t span_conv_forward(DType dtype, const void* values, const void* logit
                               int64_t out_batch_stride, int64_t out_row_stride, cudaStream_t stream) {
   if (kernel_size < 1 || kernel_size > kMaxCudaKernelSize) return cudaErrorInvalidValue;
   if (batch * seq_len * heads * head_size == 0) return cudaSuccess;
+  if (blocks_for(batch * seq_len * heads) > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // grid.x
   CONVBERT_FAST_DISPATCH(dtype, forward, values, logits, out, batch, seq_len, heads, head_size, kernel_size,
                          out_batch_stride, out_row_stride, stream)
   return cudaGetLastError();
@@ -486,6 +487,7 @@ cudaError_t span_conv_backward(DType dtype, const void* grad_out, const void* va
                                int64_t grad_row_stride, cudaStream_t stream) {
   if (kernel_size < 1 || kernel_size > kMaxCudaKernelSize) return cudaErrorInvalidValue;
   if (batch * seq_len * heads == 0) return cudaSuccess;
+  if (blocks_for(batch * seq_len * heads) > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // grid.x
   CONVBERT_FAST_DISPATCH(dtype, backward, grad_out, values, logits, grad_values, grad_logits, weights, batch,
                          seq_len, heads, head_size, kernel_size, grad_batch_stride, grad_row_stride, stream)
   return cudaGetLastError();

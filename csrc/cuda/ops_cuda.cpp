@@ -17,7 +17,7 @@ DType dtype_of(const at::Tensor& t) {
     case at::kHalf: return DType::Float16;
     case at::kBFloat16: return DType::BFloat16;
     default:
-      TORCH_CHECK(false, "convbert_fast CUDA kernels take float32, float64, float16 or bfloat16, got ", t.scalar_type());
+      TORCH_CHECK_TYPE(false, "convbert_fast CUDA kernels take float32, float64, float16 or bfloat16, got ", t.scalar_type());
   }
 }
 
@@ -25,6 +25,10 @@ DType dtype_of(const at::Tensor& t) {
 at::ScalarType acc_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_launch(cudaError_t status, const char* what) {
+  // The launchers check every grid size against CUDA's limits before narrowing it to dim3's unsigned, and return
+  // cudaErrorInvalidConfiguration when one does not fit (nothing is launched).
+  TORCH_CHECK_VALUE(status != cudaErrorInvalidConfiguration, "convbert_fast: ", what, ": the input needs a larger ",
+                    "grid of thread blocks than CUDA launches (2^31 - 1 along x, 65535 along y and z); split it");
   TORCH_CHECK(status == cudaSuccess, "convbert_fast: ", what, " failed: ", cudaGetErrorString(status));
 }
 
@@ -45,7 +49,7 @@ void check_cuda_kernel_size(int64_t kernel_size) {
 void span_conv_into_cuda(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads,
                          at::Tensor& out) {
   check_span_conv_args(values, kernel_logits, num_heads);
-  check_span_conv_out(values, out);
+  check_span_conv_out(values, kernel_logits, out);
   check_kernel_choice();
   const c10::cuda::CUDAGuard guard(values.device());
   const at::Tensor v = values.contiguous(), k = kernel_logits.contiguous();
@@ -67,6 +71,7 @@ std::tuple<at::Tensor, at::Tensor> span_conv_backward_cuda(const at::Tensor& gra
                                                            const at::Tensor& kernel_logits, int64_t num_heads) {
   check_span_conv_args(values, kernel_logits, num_heads);
   check_kernel_choice();
+  check_span_conv_grad(grad_out, values);
   const c10::cuda::CUDAGuard guard(values.device());
   const at::Tensor v = values.contiguous(), k = kernel_logits.contiguous();
   const int64_t kernel_size = k.size(2) / num_heads, head_size = v.size(2) / num_heads;
