@@ -74,6 +74,41 @@ def test_bench_writes_table_json_and_plot(tmp_path):
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.timeout(300)  # a benchmark run in a child process, stopped after its first batch
+def test_a_run_stopped_by_sigint_keeps_what_it_measured(tmp_path):
+    """gpu_check's time limits send SIGINT: the record written after each batch survives, says where the run
+    stopped and that it is incomplete, the README's tables say so too, and the exit status is 130."""
+    import signal
+    import time
+
+    record_path = tmp_path / "bench.json"
+    lengths = ",".join(str(8 * i) for i in range(1, 41))  # 80 batches: far more than run before the signal
+    child = subprocess.Popen(
+        [sys.executable, "-m", "convbert_fast", "bench", "--config", "small", "--layers", "1", "--batch-size", "1",
+         "--seq-len", lengths, "--repeats", "1", "--warmup", "0", "--providers", "transformers,cpp",
+         "--json", str(record_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and child.poll() is None:
+        if record_path.exists() and json.loads(record_path.read_text() or "{}").get("measurements"):
+            break
+        time.sleep(0.2)
+    assert child.poll() is None, child.communicate()
+    child.send_signal(signal.SIGINT)
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr
+    assert "STOPPED: interrupted (SIGINT) after" in stderr and "(incomplete)" in stdout
+    record = json.loads(record_path.read_text())
+    assert record["complete"] is False
+    assert re.fullmatch(r"interrupted \(SIGINT\) after \d+ of 80 batches", record["stopped"])
+    done = {(m["seq_len"], m["padded"]) for m in record["measurements"]}
+    assert (8, False) in done and len(done) < 80 and record["ops"]["dynamic_span_conv"]["ms"] > 0
+    assert all(m["skipped"] is None and m["train_step_ms"] > 0 for m in record["measurements"])
+    blocks = bench_module.markdown_blocks([str(record_path)])
+    assert f"**Incomplete run: {record['stopped']}.**" in blocks["model"]
+
+
 def _small_model():
     import transformers
 
