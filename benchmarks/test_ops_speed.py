@@ -19,7 +19,8 @@ import torch
 from transformers.models.convbert import modeling_convbert as hf
 
 import convbert_fast as cf
-from convbert_fast.bench import copy_bandwidth, span_conv_bytes
+from convbert_fast.bench import copy_bandwidth, device_name, span_conv_bytes
+from convbert_fast.ops.backend import gpu_family
 
 PROVIDERS = ["transformers", "eager", "cpp", "cpp-v1", "triton"]
 
@@ -78,6 +79,10 @@ def run_fwd_bwd(benchmark, device, fn, inputs):
 
     step()  # warm-up (and a check that it runs)
     benchmark.pedantic(step, rounds=10 if device.type == "cpu" else 50, iterations=1, warmup_rounds=1)
+    # what `bench --choose` needs to name the GPU family the record fills MEASURED_CUDA_CHOICE for
+    benchmark.extra_info["device"] = device_name(device)
+    if device.type == "cuda":
+        benchmark.extra_info["gpu_family"] = gpu_family(device.index or 0)
 
 
 def leaves(device, dtype, *shapes_, scale=1.0):

@@ -846,3 +846,47 @@ def markdown_main(args) -> int:
     Path(args.readme).write_text(new)
     print(f"wrote the tables of {args.readme}")
     return 0
+
+
+# `bench --choose OPS_RECORD`: MEASURED_CUDA_CHOICE from the op benchmarks' JSON (pytest-benchmark's, as
+# tools/gpu_check.sh writes it): per op, the backend whose fwd+bwd medians, summed over the op's benchmark
+# groups (with and without the multiplier, the activation), are the least.
+
+CHOICE_BACKENDS = ("cpp", "triton")
+
+
+def measured_choices(record: dict) -> dict[str, dict]:
+    """op -> {"backend": the fastest of CHOICE_BACKENDS that ran every group of the op, "ms": {backend: summed
+    median ms}, "groups": [group names]} for each op both backends ran; ops with one backend are left out."""
+    from .ops.backend import OP_NAMES
+
+    medians: dict[str, dict[str, dict[str, float]]] = {}  # op -> backend -> group -> median ms
+    for bench in record["benchmarks"]:
+        op = next((name for name in OP_NAMES if bench["group"].startswith(name)), None)
+        provider = bench["params"]["provider"]
+        if op is not None and provider in CHOICE_BACKENDS:
+            medians.setdefault(op, {}).setdefault(provider, {})[bench["group"]] = bench["stats"]["median"] * 1e3
+    choices = {}
+    for op, by_backend in medians.items():
+        groups = sorted(set().union(*(g.keys() for g in by_backend.values())))
+        complete = {b: sum(g.values()) for b, g in by_backend.items() if sorted(g) == groups}
+        if len(complete) > 1:
+            choices[op] = {"backend": min(complete, key=complete.get), "ms": complete, "groups": groups}
+    return choices
+
+
+def choose_main(path: str) -> int:
+    record = json.loads(Path(path).read_text())
+    families = {b.get("extra_info", {}).get("gpu_family") for b in record.get("benchmarks", [])}
+    if None in families or len(families) != 1:
+        print(f"{path}: not a CUDA op-benchmark record of one GPU family (pytest benchmarks --bench-device cuda "
+              f"--benchmark-json=...); families found: {sorted(map(str, families))}", file=sys.stderr)  # fmt: skip
+        return 2
+    (family,) = families
+    choices = measured_choices(record)
+    print(f"# MEASURED_CUDA_CHOICE entries from {path} ({record['benchmarks'][0]['extra_info']['device']}, "
+          f"{record.get('datetime', 'date unknown')[:10]}): fwd+bwd medians summed over each op's groups")  # fmt: skip
+    for op, choice in choices.items():
+        times = ", ".join(f"{b} {ms:.3f} ms" for b, ms in sorted(choice["ms"].items()))
+        print(f'("{family}", "{op}"): "{choice["backend"]}",  # {times}')
+    return 0

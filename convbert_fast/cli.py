@@ -92,6 +92,8 @@ def bench(parser, args) -> int:
 
     if args.markdown:
         return bench_module.markdown_main(args)
+    if args.choose:
+        return bench_module.choose_main(args.choose)
     if args.readme or args.check:
         parser.error("--readme and --check go with --markdown RECORD...")
     gpu = torch.cuda.is_available()
@@ -216,6 +218,12 @@ def main(argv=None) -> int:
         metavar="RECORD",
         help="measure nothing: write the README's performance tables from these JSON records (bench and "
         "breakdown records)",
+    )
+    b.add_argument(
+        "--choose",
+        metavar="OPS_RECORD",
+        help="measure nothing: print MEASURED_CUDA_CHOICE's entries (cpp or triton per op) from a CUDA op-benchmark "
+        "JSON (tools/gpu_check.sh's bench_ops.json)",
     )
     b.add_argument("--readme", metavar="PATH", help="with --markdown: rewrite the generated blocks of this file")
     b.add_argument("--check", action="store_true", help="with --readme: exit 1 if the file is not what it writes")

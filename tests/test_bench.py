@@ -133,6 +133,46 @@ def test_op_benchmarks_stopped_mid_way_keep_the_finished_ones(tmp_path):
     assert [b["name"] for b in json.loads(json_path.read_text())["benchmarks"]] == ["test_finished"]
 
 
+def _op_bench(group, provider, median_ms, family="hopper"):
+    """One benchmark as pytest-benchmark's JSON holds it (the fields `measured_choices` reads)."""
+    extra = {"device": "NVIDIA H100 80GB HBM3", "gpu_family": family} if family else {"device": "a CPU"}
+    return {"group": group, "params": {"provider": provider}, "stats": {"median": median_ms / 1e3},
+            "extra_info": extra}  # fmt: skip
+
+
+def test_choose_sums_each_ops_groups_and_needs_both_backends(tmp_path, capsys):
+    g_span, g_sep, g_sepq = "dynamic_span_conv fwd+bwd", "separable_conv1d fwd+bwd", "separable_conv1d * query fwd+bwd"
+    g_ffn, g_gelu = "grouped_linear 384->1536 G=2 fwd+bwd", "grouped_linear 384->1536 G=2 + GELU fwd+bwd"
+    benchmarks = [
+        _op_bench(g_span, "cpp", 1.0), _op_bench(g_span, "triton", 1.5), _op_bench(g_span, "transformers", 9.0),
+        # separable: triton wins one group, cpp the other, and the sum decides (cpp 2.0 + 5.0 < 3.0 + 4.5)
+        _op_bench(g_sep, "cpp", 2.0), _op_bench(g_sep, "triton", 3.0),
+        _op_bench(g_sepq, "cpp", 5.0), _op_bench(g_sepq, "triton", 4.5),
+        _op_bench(g_ffn, "cpp", 2.0), _op_bench(g_ffn, "triton", 1.0),
+        _op_bench(g_gelu, "cpp", 2.5), _op_bench(g_gelu, "triton", 1.5), _op_bench(g_gelu, "cpp-v1", 0.1),
+        # only one of the two backends: no choice to make
+        _op_bench("dropout_add_layer_norm C=768 p=0.1 fwd+bwd", "cpp", 1.0),
+    ]  # fmt: skip
+    choices = bench_module.measured_choices({"benchmarks": benchmarks})
+    assert {op: c["backend"] for op, c in choices.items()} == {
+        "dynamic_span_conv": "cpp", "separable_conv1d": "cpp", "grouped_linear": "triton"
+    }  # fmt: skip
+    assert choices["separable_conv1d"]["ms"] == pytest.approx({"cpp": 7.0, "triton": 7.5})
+    # a backend that missed one of the op's groups is not compared on the sum of the others
+    partial = [b for b in benchmarks if not (b["group"] == g_gelu and b["params"]["provider"] == "triton")]
+    assert "grouped_linear" not in bench_module.measured_choices({"benchmarks": partial})
+    path = tmp_path / "ops.json"
+    path.write_text(json.dumps({"datetime": "2026-11-27T10:00:00", "benchmarks": benchmarks}))
+    assert cli.main(["bench", "--choose", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert '("hopper", "grouped_linear"): "triton",  # cpp 4.500 ms, triton 2.500 ms' in out
+    assert "NVIDIA H100 80GB HBM3, 2026-11-27" in out
+    # a CPU record fills no CUDA choice
+    path.write_text(json.dumps({"benchmarks": [_op_bench(g_span, "cpp", 1.0, family=None)]}))
+    assert cli.main(["bench", "--choose", str(path)]) == 2
+    assert "not a CUDA op-benchmark record" in capsys.readouterr().err
+
+
 def _small_model():
     import transformers
 
