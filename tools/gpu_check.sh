@@ -1,27 +1,44 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in three phases that each fit one call on a lent GPU machine (under 8 minutes on
-# an H100; one call may run 10, the whole lease lasts 15 with start-up), run in order of value:
+# The checks that need a GPU, in three phases, run in order of value:
 #
 #   tools/gpu_check.sh test     OUTDIR   # info, the CUDA cases of the suite (v2 kernels, then v1), the autotuned
 #                                        # Triton configs at base shapes
 #   tools/gpu_check.sh sanitize OUTDIR   # compute-sanitizer memcheck (caching allocator off) and racecheck, op tests
 #   tools/gpu_check.sh bench    OUTDIR   # the op benchmarks, the model benchmark and the breakdown
+#   tools/gpu_check.sh test,bench OUTDIR # phases in one command, under one cap (GPU_CHECK_CAP, default 540 s)
+#
+# A lease is 15 minutes of device time, start-up (a minute or two) included, and a machine goes back 30 s after
+# a call returns: so the GPU pass is one command of `test,bench` (timeout_s 600), then at once, while the machine
+# is warm, `GPU_CHECK_CAP=<what is left> tools/gpu_check.sh sanitize`. tools/gpu_prebuild.sh makes the CUDA
+# extension here beforehand, so that no GPU time goes to the build: carry `.gpu` and copy it in first:
+#   cp .gpu/_C.abi3.so convbert_fast/ && tools/gpu_check.sh test,bench "$OUT"
 #
 # Each phase builds convbert_fast._C in place first when it is not built with CUDA kernels (this GPU's arch
-# only; budget 150 s), runs every step under `timeout`, and writes at most 6 files: OUTDIR/PHASE-summary.txt
-# (what ran, passed, failed and was skipped, and why), OUTDIR/PHASE-logs.tar.gz (every step's log and JUnit
-# XML) and, for bench, its four records. The planned budgets of a phase's steps add up to PHASE_CAP (465 s);
-# a step never runs past what is left of the phase after the budgets of the steps behind it. Without a GPU
-# (a dry run) a phase goes as far as it can and stops at its first GPU-only step, saying so (exit 3).
+# only; budget 150 s), runs every step under `timeout`, and writes OUTDIR/PHASES-summary.txt (what ran, passed,
+# failed and was skipped, and why), OUTDIR/PHASES-logs.tar.gz (every step's log and JUnit XML) and, for bench,
+# its five records: 7 files at most. A step's limit is its planned budget, cut to what is left of the cap after
+# the budgets of the steps and phases behind it. Without a GPU a phase goes as far as it can and stops at its
+# first GPU-only step, saying so (exit 3); with GPU_CHECK_REHEARSE=1 it runs those steps on the CPU instead,
+# with tiny shapes, so that every command line, selection and record is tried here (the tests that need a GPU
+# skip there, and are counted).
 # The interpreter is ${PYTHON:-python3} (on the GPU image the one that holds torch is python3).
 set -uo pipefail
-usage="usage: tools/gpu_check.sh test|sanitize|bench OUTDIR"
-phase=${1:-}
-case "$phase" in test | sanitize | bench) ;; *) echo "$usage" >&2 && exit 2 ;; esac
+usage="usage: tools/gpu_check.sh PHASE[,PHASE...] OUTDIR   (phases: test, sanitize, bench)"
+IFS=, read -r -a phases <<<"${1:-}"
+[ ${#phases[@]} -gt 0 ] || { echo "$usage" >&2 && exit 2; }
+for p in "${phases[@]}"; do
+    case "$p" in test | sanitize | bench) ;; *) echo "$usage" >&2 && exit 2 ;; esac
+done
+phase=$(IFS=-; echo "${phases[*]}")  # the files' name: test-bench-summary.txt
 out=${2:?$usage}
 PY=${PYTHON:-python3}
-PHASE_CAP=465     # seconds for all steps of a phase; the archive and the summary take a few more (< 480 s)
-BUILD_BUDGET=150  # measured on the GPU machine: see the build line of the summary
+# seconds for all steps; the archive and the summary take a few more. One phase fits a call of 8 minutes; phases
+# together a call of 10 (timeout_s 600).
+PHASE_CAP=${GPU_CHECK_CAP:-$([ ${#phases[@]} -eq 1 ] && echo 465 || echo 560)}
+BUILD_BUDGET=150  # an estimate from CPU build times: the build line of the summary gives the real one
+# the least each phase needs, kept back from the phases before it when they run in one command
+declare -A PHASE_FLOOR=([test]=200 [sanitize]=150 [bench]=280)
+REHEARSE=${GPU_CHECK_REHEARSE:-0}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo" || exit 2
 mkdir -p "$out" && out=$(cd "$out" && pwd)
@@ -37,7 +54,8 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 
 say() { echo "$*" | tee -a "$summary"; }
-left() { echo $((PHASE_CAP - ($(date +%s) - phase_start))); }
+reserve=0  # the floors of the phases after the one running
+left() { echo $((PHASE_CAP - reserve - ($(date +%s) - phase_start))); }
 
 finish() {  # always: the counts, then one archive of every log
     local verdict
@@ -49,7 +67,7 @@ finish() {  # always: the counts, then one archive of every log
         verdict="passed"
     fi
     say ""
-    say "$phase: $verdict | steps: $steps_ran ran, $steps_passed passed, $failures failed, $steps_skipped skipped" \
+    say "${phases[*]}: $verdict | steps: $steps_ran ran, $steps_passed passed, $failures failed, $steps_skipped skipped" \
         "| $(($(date +%s) - phase_start)) s of the ${PHASE_CAP} s cap | logs: $phase-logs.tar.gz"
     tar -czf "$out/$phase-logs.tar.gz" -C "$logs" . && rm -rf "$logs"
 }
@@ -128,13 +146,20 @@ EOF
 }
 
 : >"$summary"
-say "gpu_check $phase  $(date -u +%FT%TZ)  commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
-    "$(git diff --quiet HEAD 2>/dev/null || echo '(with uncommitted changes)')"
-case $phase in
-    test) say "plan (s): preflight 90, build $BUILD_BUDGET (if not built), info 90, cuda-tests: the rest but 180, tests-v1 90, autotuned 90" ;;
-    sanitize) say "plan (s): preflight 90, build $BUILD_BUDGET (if not built), memcheck: the rest but 110, racecheck 110" ;;
-    bench) say "plan (s): preflight 90, build $BUILD_BUDGET (if not built), bench-ops 100, bench-model: the rest but 60, breakdown 60" ;;
-esac
+say "gpu_check ${phases[*]}  $(date -u +%FT%TZ)  commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
+    "$(git diff --quiet HEAD 2>/dev/null || echo '(with uncommitted changes)')  cap ${PHASE_CAP} s" \
+    "$([ "$REHEARSE" = 1 ] && echo '(REHEARSAL: the GPU steps run on the CPU, tiny shapes)')"
+say "plan (s): preflight 60, build $BUILD_BUDGET (if not built), then"
+for p in "${phases[@]}"; do
+    case $p in
+        test) say "  test: info 45, cuda-tests: the rest but 100, tests-v1 50, autotuned 50" ;;
+        sanitize) say "  sanitize: memcheck: the rest but 90, racecheck 90" ;;
+        bench) say "  bench: bench-ops 60, bench-model 60, bench-compiled: the rest but 40, breakdown 40" ;;
+    esac
+done
+[ ${#phases[@]} -gt 1 ] && say "  (each phase keeps back for those after it: test 200, sanitize 150, bench 280)"
+floors() { local total=0 p; for p in "$@"; do total=$((total + PHASE_FLOOR[$p])); done; echo $total; }
+reserve=$(floors "${phases[@]:1}")  # preflight and build keep back all but the first phase's floor
 printf '%-14s %-8s %5s %6s  %s\n' step result time limit detail | tee -a "$summary"
 
 # --- preflight: the interpreter, its packages, the GPU -----------------------------------------------------------
@@ -145,7 +170,7 @@ if ! command -v "$PY" >/dev/null; then
 fi
 { command -v nvidia-smi >/dev/null || echo "not found"; } >"$logs/nvidia-smi.log"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>"$logs/nvidia-smi.log" 2>&1
-step preflight "$(budget 90)" "$PY" -c "
+step preflight "$(budget 60)" "$PY" -c "
 import sys, torch, transformers
 gpu = torch.cuda.is_available()
 print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda,
@@ -181,6 +206,14 @@ pytest_base=("$PY" -m pytest -q -rfE -p no:cacheprovider)
 if ! "$PY" -c "import tensorflow" 2>/dev/null; then  # GPU images often lack it; CI runs that file on the CPU
     pytest_base+=(--ignore=tests/test_tf_checkpoint.py)
 fi
+# tests in parallel processes where pytest-xdist is there (the GPU image has it): most of a CUDA test's time is
+# compiling its kernels (Triton's, inductor's) on the CPU, and the machine has 16 cores for one GPU
+parallel=()
+"$PY" -c "import xdist" 2>/dev/null && parallel=(-n "${GPU_CHECK_WORKERS:-6}")
+
+gpu_step() {  # gpu_step NAME: a GPU is here, or this is a rehearsal; else the phase stops at NAME
+    [ "$gpu" = 1 ] || [ "$REHEARSE" = 1 ] || stop "$1" "$no_gpu"
+}
 
 find_sanitizer() {  # PATH, then the CUDA toolkit's bin (and its compute-sanitizer folder)
     local dir nvcc_dir candidates=()
@@ -197,32 +230,36 @@ find_sanitizer() {  # PATH, then the CUDA toolkit's bin (and its compute-sanitiz
     return 1
 }
 
-case $phase in
-test)
-    step info "$(budget 90)" "$PY" -m convbert_fast info
-    [ "$gpu" = 1 ] || stop cuda-tests "$no_gpu"
+phase_test() {
+    step info "$(budget 45)" "$PY" -m convbert_fast info
+    gpu_step cuda-tests
     # the CUDA cases of the whole suite (ids with cuda or gpu), one Triton config per kernel (autotuning every
     # test shape would not fit); then the autotuned configs, each checked at ConvBERT-base shapes
-    step cuda-tests "$(rest 180)" env CONVBERT_FAST_TRITON_AUTOTUNE=0 \
-        "${pytest_base[@]}" tests -k "cuda or gpu" --junitxml="$logs/cuda-tests.xml"
+    step cuda-tests "$(rest 100)" env CONVBERT_FAST_TRITON_AUTOTUNE=0 \
+        "${pytest_base[@]}" "${parallel[@]}" tests -k "cuda or gpu" --junitxml="$logs/cuda-tests.xml"
     # the general (v1) CUDA kernels too, while both sets exist (README: two sets of CUDA kernels)
-    step tests-v1 "$(budget 90 90)" env CONVBERT_FAST_CUDA_KERNELS=v1 \
-        "${pytest_base[@]}" tests/test_dynamic_span_conv.py tests/test_separable_conv1d.py \
+    step tests-v1 "$(budget 50 50)" env CONVBERT_FAST_CUDA_KERNELS=v1 \
+        "${pytest_base[@]}" "${parallel[@]}" tests/test_dynamic_span_conv.py tests/test_separable_conv1d.py \
         tests/test_dropout_add_layer_norm.py -k "cuda and not triton and not eager" --junitxml="$logs/tests-v1.xml"
-    step autotuned "$(budget 90)" env CONVBERT_FAST_TRITON_AUTOTUNE=1 \
+    step autotuned "$(budget 50)" env CONVBERT_FAST_TRITON_AUTOTUNE=1 \
         "${pytest_base[@]}" tests -k "autotuned or (full_shapes_on_gpu and triton)" --junitxml="$logs/autotuned.xml"
-    ;;
-sanitize)
+}
+
+phase_sanitize() {
+    local sanitizer="" wrap_memcheck=() wrap_racecheck=() picks op_tests
     if sanitizer=$(find_sanitizer); then
         say "               compute-sanitizer: $sanitizer"
     else
-        sanitizer=""
+        say "               compute-sanitizer: not found on PATH nor under the CUDA toolkit"
     fi
-    [ -n "$sanitizer" ] || say "               compute-sanitizer: not found on PATH nor under the CUDA toolkit"
-    [ "$gpu" = 1 ] || stop memcheck "$no_gpu"
-    [ -n "$sanitizer" ] || stop memcheck "compute-sanitizer, not found on PATH nor under the CUDA toolkit's bin"
+    gpu_step memcheck
+    if [ -n "$sanitizer" ] && [ "$gpu" = 1 ]; then  # the rehearsal runs the selections without it
+        wrap_memcheck=("$sanitizer" --tool memcheck --error-exitcode 99 --print-limit 20)
+        wrap_racecheck=("$sanitizer" --tool racecheck --error-exitcode 99 --print-limit 20)
+    elif [ "$REHEARSE" != 1 ]; then
+        stop memcheck "compute-sanitizer, not found on PATH nor under the CUDA toolkit's bin"
+    fi
     # the step's own limit replaces pytest-timeout's per-test one: everything runs far slower under the sanitizer
-    pytest_base+=(-o timeout=0)
     op_tests=(tests/test_separable_conv1d.py tests/test_dynamic_span_conv.py tests/test_grouped_linear.py
               tests/test_dropout_add_layer_norm.py)
     # the cpp and Triton CUDA kernels of all four ops (not eager: torch's own), forward and backward, dropout
@@ -230,24 +267,46 @@ sanitize)
     # off, so that an access past a tensor's end leaves its cudaMalloc block
     picks="matches_reference and float32 and not multiplier and not prefix or gradients_match_reference"
     picks+=" or strided_slice or nan_spreads or drops_with or direct_calls_check_every_tensor"
-    step memcheck "$(rest 110)" env CONVBERT_FAST_TRITON_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-        "$sanitizer" --tool memcheck --error-exitcode 99 --print-limit 20 \
-        "${pytest_base[@]}" "${op_tests[@]}" -k "cuda and not eager and ($picks)" --junitxml="$logs/memcheck.xml"
+    step memcheck "$(rest 90)" env CONVBERT_FAST_TRITON_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        "${wrap_memcheck[@]}" "${pytest_base[@]}" -o timeout=0 "${op_tests[@]}" \
+        -k "cuda and not eager and ($picks)" --junitxml="$logs/memcheck.xml"
     # the hand-written kernels, whose threads share memory: span conv, depthwise conv, LayerNorm (with dropout)
-    step racecheck "$(budget 110)" env CONVBERT_FAST_TRITON_AUTOTUNE=0 \
-        "$sanitizer" --tool racecheck --error-exitcode 99 --print-limit 20 \
-        "${pytest_base[@]}" "${op_tests[@]}" \
+    step racecheck "$(budget 90)" env CONVBERT_FAST_TRITON_AUTOTUNE=0 \
+        "${wrap_racecheck[@]}" "${pytest_base[@]}" -o timeout=0 "${op_tests[@]}" \
         -k "cuda and not eager and not triton and (matches_reference and float32 and not multiplier and not prefix or gradients_match_reference or drops_with)" \
         --junitxml="$logs/racecheck.xml"
-    ;;
-bench)
-    [ "$gpu" = 1 ] || stop bench-ops "$no_gpu"
-    step bench-ops "$(budget 100 120)" "${pytest_base[@]}" benchmarks --bench-device cuda --benchmark-only \
+}
+
+phase_bench() {
+    local ops_args model_args compiled_args breakdown_args
+    gpu_step bench-ops
+    # the model, bf16 autocast, 12 layers, B=32, L=512: first the providers that compile nothing (full and padded
+    # rows), then transformers beside the two compiled ones (full rows: each graph costs a compile). Each record
+    # is rewritten after every batch, so a time limit keeps what was measured.
+    ops_args=(--bench-device cuda)
+    model_args=(--seq-len 512 --repeats 10 --providers transformers,cpp,triton)
+    compiled_args=(--seq-len 512 --repeats 10 --no-pad --providers transformers,transformers-compile,compile)
+    breakdown_args=(--device cuda)
+    if [ "$gpu" = 0 ]; then  # the rehearsal: the same steps, tiny, on the CPU
+        ops_args=(--bench-device cpu --bench-size tiny -k "not triton")  # Triton's interpreter: minutes here
+        model_args=(--device cpu --config small --layers 1 --batch-size 2 --seq-len 16 --repeats 1 --warmup 0
+                    --providers transformers,cpp,triton)
+        compiled_args=(--device cpu --config small --layers 1 --batch-size 2 --seq-len 16 --repeats 1 --warmup 0
+                       --no-pad --providers transformers,transformers-compile,compile)
+        breakdown_args=(--device cpu --layers 1 --batch-size 1 --seq-len 16 --rounds 3)
+    fi
+    step bench-ops "$(budget 60 140)" "${pytest_base[@]}" benchmarks "${ops_args[@]}" --benchmark-only \
         --benchmark-group-by=group --benchmark-json="$out/bench_ops.json"
-    # the model: transformers (eager, compiled) against ours, bf16 autocast, 12 layers, B=32, L=512
-    step bench-model "$(rest 60)" "$PY" -m convbert_fast bench --seq-len 512 --json "$out/bench_model.json" \
-        --plot "$out/bench_model.png"
-    step breakdown "$(budget 60)" "$PY" benchmarks/breakdown.py --device cuda --json "$out/breakdown.json"
-    ;;
-esac
+    step bench-model "$(budget 60 80)" "$PY" -m convbert_fast bench "${model_args[@]}" \
+        --json "$out/bench_model.json" --plot "$out/bench_model.png"
+    step bench-compiled "$(rest 40)" "$PY" -m convbert_fast bench "${compiled_args[@]}" \
+        --json "$out/bench_compiled.json"
+    step breakdown "$(budget 40)" "$PY" benchmarks/breakdown.py "${breakdown_args[@]}" --json "$out/breakdown.json"
+}
+
+for i in "${!phases[@]}"; do
+    reserve=$(floors "${phases[@]:i+1}")
+    say "--- ${phases[i]}: $(left) s for it, ${reserve} s kept for the phases after it"
+    "phase_${phases[i]}"
+done
 [ "$failures" -eq 0 ]
