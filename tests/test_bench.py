@@ -123,7 +123,9 @@ def test_op_benchmarks_stopped_mid_way_keep_the_finished_ones(tmp_path):
         "    benchmark.pedantic(stop, rounds=3)\n"
     )
     json_path = tmp_path / "ops.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")}  # its conftest, loaded as a plugin by name
+    # its conftest, loaded as a plugin by name; not as an xdist worker (pytest-benchmark then disables itself)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env["PYTHONPATH"] = str(ROOT / "benchmarks")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest", "test_two.py",
          f"--benchmark-json={json_path}"],
