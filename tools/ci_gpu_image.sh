@@ -8,12 +8,20 @@
 #   3. the CUDA extension built and linked against that torch for sm_80 and sm_90, the way tools/gpu_check.sh
 #      builds it (pip install --no-build-isolation --no-deps -e .), then tools/check_cuda_build.py: it loads, and
 #      every op has a CUDA kernel registered and a cubin per architecture;
-#   4. the test suite in that venv, on the CPU (tests/test_tf_checkpoint.py aside: the image has no tensorflow).
+#   4. the test suite in that venv, on the CPU (tests/test_tf_checkpoint.py aside: the image has no tensorflow);
+#   5. tools/gpu_check.sh's GPU pass (test,bench, then sanitize) rehearsed in that venv: its steps on the CPU with
+#      tiny shapes, so that every command line, test selection and record of it has run before a GPU's minutes.
 # The work happens in a copy of the tree (tracked and untracked files), so the checkout's own build is untouched.
 # Prints each part's time.
 #   tools/ci_gpu_image.sh [PYTEST_ARGS...]    (default: tests)
+#   tools/ci_gpu_image.sh --build-only DIR    parts 1 and 3 only, then DIR/_C.abi3.so: the extension for the GPU
+#                                             machine, to carry there (tools/gpu_check.sh says how)
 # Environment: GPU_IMAGE_PYTHON, an interpreter to use instead of Python 3.12.
 set -euo pipefail
+build_only=""
+if [ "${1:-}" = --build-only ]; then
+    build_only=$(mkdir -p "${2:?usage: tools/ci_gpu_image.sh --build-only DIR}" && cd "$2" && pwd)
+fi
 cd "$(dirname "$0")/.."
 root=$PWD
 requirements=$root/tools/gpu_image_requirements.txt
@@ -86,7 +94,7 @@ export PATH="$venv/bin:$PATH"  # its ninja for the build
 print('ci_gpu_image: python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda,
       '| triton', triton.__version__, '| transformers', transformers.__version__, '| numpy', numpy.__version__,
       '| setuptools', setuptools.__version__)"
-timed "the metadata check" check_metadata
+[ -n "$build_only" ] || timed "the metadata check" check_metadata
 
 work=$(mktemp -d)
 # the venv stays as it was made: the editable install of this copy goes with the copy
@@ -96,6 +104,22 @@ cd "$work"
 timed "the CUDA build (sm_80, sm_90)" env TORCH_CUDA_ARCH_LIST="$arches" \
     "$python" -m pip install -q --no-build-isolation --no-deps -e .
 timed "the CUDA registration check" "$python" tools/check_cuda_build.py --arch "$arches"
+if [ -n "$build_only" ]; then
+    cp convbert_fast/_C.abi3.so "$build_only/"
+    # the sources it was built from, as tools/gpu_check.sh hashes them before it uses the file
+    find csrc setup.py -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16 >"$build_only/sources.sha256"
+    echo "ci_gpu_image: wrote $build_only/_C.abi3.so ($(du -h "$build_only/_C.abi3.so" | cut -f1)): carry it to the GPU machine"
+    exit 0
+fi
 # The image has no tensorflow, which tests/test_tf_checkpoint.py needs (the default suite runs it).
 timed "the suite on the GPU image's versions" "$python" -m pytest -q -p no:cacheprovider \
     --ignore=tests/test_tf_checkpoint.py "${@:-tests}"
+# the GPU pass as a lent machine runs it, its GPU steps on the CPU; two workers for this machine's cores
+rehearsal=$work/.gpu-rehearsal
+for phases in test,bench sanitize; do
+    if ! timed "the GPU pass rehearsed: $phases" env PYTHON="$python" GPU_CHECK_REHEARSE=1 GPU_CHECK_WORKERS=2 \
+        tools/gpu_check.sh "$phases" "$rehearsal"; then
+        echo "ci_gpu_image: the rehearsal of gpu_check.sh $phases failed: its summary is above" >&2
+        exit 1
+    fi
+done

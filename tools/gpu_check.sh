@@ -9,9 +9,9 @@
 #
 # A lease is 15 minutes of device time, start-up (a minute or two) included, and a machine goes back 30 s after
 # a call returns: so the GPU pass is one command of `test,bench` (timeout_s 600), then at once, while the machine
-# is warm, `GPU_CHECK_CAP=<what is left> tools/gpu_check.sh sanitize`. tools/gpu_prebuild.sh makes the CUDA
-# extension here beforehand, so that no GPU time goes to the build: carry `.gpu` and copy it in first:
-#   cp .gpu/_C.abi3.so convbert_fast/ && tools/gpu_check.sh test,bench "$OUT"
+# is warm, `GPU_CHECK_CAP=<what is left> tools/gpu_check.sh sanitize`. `tools/ci_gpu_image.sh --build-only .gpu`
+# makes the CUDA extension here beforehand: carried (`carry: [".gpu"]`), it is used when it was built from the
+# sources there, and no GPU time goes to the build.
 #
 # Each phase builds convbert_fast._C in place first when it is not built with CUDA kernels (this GPU's arch
 # only; budget 150 s), runs every step under `timeout`, and writes OUTDIR/PHASES-summary.txt (what ran, passed,
@@ -192,6 +192,20 @@ say "               nvidia-smi: $(head -n 1 "$logs/nvidia-smi.log")"
 no_gpu="a CUDA GPU, and torch here sees none ($(grep -o 'torch [^ ]*' "$logs/preflight.log" | head -n 1), no GPU visible)"
 
 # --- build, when convbert_fast._C is missing or has no CUDA kernels ---------------------------------------------
+# the extension built beforehand for the GPU image (tools/ci_gpu_image.sh --build-only .gpu), when it was built
+# from these sources (the same hash as there)
+sources_hash=$(find csrc setup.py -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)
+if [ "$built" != cuda ] && [ -f .gpu/_C.abi3.so ]; then
+    if [ "$(cat .gpu/sources.sha256 2>/dev/null)" = "$sources_hash" ]; then
+        cp .gpu/_C.abi3.so convbert_fast/_C.abi3.so
+        built=$("$PY" -c "import torch, convbert_fast._C
+print('cuda' if torch._C._dispatch_has_kernel_for_dispatch_key('convbert_fast::dynamic_span_conv', 'CUDA') else 'cpu')" \
+            2>"$logs/prebuilt.log" || echo missing)
+        say "               the prebuilt .gpu/_C.abi3.so copied in: it loads with $built kernels (prebuilt.log)"
+    else
+        say "               .gpu/_C.abi3.so was built from other sources than these (.gpu/sources.sha256): not used"
+    fi
+fi
 if [ "$built" = cuda ] || { [ "$built" = cpu ] && [ "$gpu" = 0 ]; }; then
     skip build "convbert_fast._C is built ($built kernels)"
 else
