@@ -146,8 +146,9 @@ EOF
 }
 
 : >"$summary"
-say "gpu_check ${phases[*]}  $(date -u +%FT%TZ)  commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
-    "$(git diff --quiet HEAD 2>/dev/null || echo '(with uncommitted changes)')  cap ${PHASE_CAP} s" \
+commit=$(git rev-parse --short HEAD 2>/dev/null) || commit="? (not a git checkout)"
+say "gpu_check ${phases[*]}  $(date -u +%FT%TZ)  commit $commit" \
+    "$(git rev-parse -q HEAD >/dev/null 2>&1 && ! git diff --quiet HEAD && echo '(with uncommitted changes)')  cap ${PHASE_CAP} s" \
     "$([ "$REHEARSE" = 1 ] && echo '(REHEARSAL: the GPU steps run on the CPU, tiny shapes)')"
 say "plan (s): preflight 60, build $BUILD_BUDGET (if not built), then"
 for p in "${phases[@]}"; do
