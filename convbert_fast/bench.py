@@ -889,4 +889,10 @@ def choose_main(path: str) -> int:
     for op, choice in choices.items():
         times = ", ".join(f"{b} {ms:.3f} ms" for b, ms in sorted(choice["ms"].items()))
         print(f'("{family}", "{op}"): "{choice["backend"]}",  # {times}')
+    # the two sets of CUDA kernels (README): the slower goes once a GPU has run both
+    medians = {(b["group"], b["params"]["provider"]): b["stats"]["median"] * 1e3 for b in record["benchmarks"]}
+    for group in dict.fromkeys(g for g, provider in medians if provider == "cpp-v1"):
+        if (group, "cpp") in medians:
+            v1, v2 = medians[group, "cpp-v1"], medians[group, "cpp"]
+            print(f"# CUDA kernels, {group}: v1 {v1:.3f} ms, v2 {v2:.3f} ms: {'v2' if v2 <= v1 else 'v1'} faster")
     return 0

@@ -169,6 +169,7 @@ def test_choose_sums_each_ops_groups_and_needs_both_backends(tmp_path, capsys):
     out = capsys.readouterr().out
     assert '("hopper", "grouped_linear"): "triton",  # cpp 4.500 ms, triton 2.500 ms' in out
     assert "NVIDIA H100 80GB HBM3, 2026-11-27" in out
+    assert f"# CUDA kernels, {g_gelu}: v1 0.100 ms, v2 2.500 ms: v1 faster" in out
     # a CPU record fills no CUDA choice
     path.write_text(json.dumps({"benchmarks": [_op_bench(g_span, "cpp", 1.0, family=None)]}))
     assert cli.main(["bench", "--choose", str(path)]) == 2
