@@ -458,14 +458,9 @@ def ops_summary(device, dtype, warmup, repeats) -> dict:
 
 
 def versions(device) -> dict:
-    import transformers
+    """env.versions(), and the driver's version on a GPU (nvidia-smi's; None where it cannot be asked)."""
+    from .env import versions as env_versions
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
     driver = None
     if device.type == "cuda":
         try:
@@ -475,14 +470,7 @@ def versions(device) -> dict:
             ).stdout.strip() or None  # fmt: skip
         except OSError:
             pass
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "transformers": transformers.__version__,
-        "cuda": torch.version.cuda,
-        "driver": driver,
-    }
+    return {**env_versions(), "driver": driver}
 
 
 def device_name(device) -> str:
