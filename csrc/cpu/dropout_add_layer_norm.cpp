@@ -28,11 +28,13 @@ struct NormArgs {
   double eps;
 };
 
-// m[c] = scale if element base + c is kept, else 0
+// m[c] = scale if element base + c is kept, else 0. A select, not bool * scale: GCC vectorises the hash only
+// then (the AVX-512 clone hashes 8 elements per instruction; with the multiply the loop stayed scalar, ~1.7 ns
+// an element on an AMD EPYC, two thirds of the forward).
 template <typename acc_t>
 inline void dropout_multipliers(uint64_t seed, uint64_t base, uint32_t threshold, acc_t scale, acc_t* __restrict__ m,
                                 int64_t n) {
-  for (int64_t c = 0; c < n; ++c) m[c] = static_cast<acc_t>(dropout_keeps(seed, base + c, threshold)) * scale;
+  for (int64_t c = 0; c < n; ++c) m[c] = dropout_keeps(seed, base + c, threshold) ? scale : acc_t(0);
 }
 
 // A fixed-order sum in fp64 over 8 interleaved partial sums: vectorisable, and the same bits for any threads.
