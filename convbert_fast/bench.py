@@ -15,7 +15,6 @@ import datetime
 import gc
 import json
 import math
-import platform
 import re
 import statistics
 import subprocess
@@ -627,7 +626,7 @@ def run(args) -> int:
         "versions": versions(device),
         **began,  # the code that ran: the tree when the run began
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "command", "markdown", "readme",
-                                                                       "check")},  # fmt: skip
+                                                                       "check", "choose")},  # fmt: skip
         "memory_tool": memory_tool,
         "complete": False,
         "stopped": None,  # why a run that is not complete ended early
@@ -843,19 +842,23 @@ def markdown_main(args) -> int:
 CHOICE_BACKENDS = ("cpp", "triton")
 
 
+def op_medians(record: dict) -> dict[tuple[str, str], float]:
+    """(benchmark group, provider) -> median ms, from pytest-benchmark's JSON."""
+    return {(b["group"], b["params"]["provider"]): b["stats"]["median"] * 1e3 for b in record["benchmarks"]}
+
+
 def measured_choices(record: dict) -> dict[str, dict]:
     """op -> {"backend": the fastest of CHOICE_BACKENDS that ran every group of the op, "ms": {backend: summed
     median ms}, "groups": [group names]} for each op both backends ran; ops with one backend are left out."""
     from .ops.backend import OP_NAMES
 
-    medians: dict[str, dict[str, dict[str, float]]] = {}  # op -> backend -> group -> median ms
-    for bench in record["benchmarks"]:
-        op = next((name for name in OP_NAMES if bench["group"].startswith(name)), None)
-        provider = bench["params"]["provider"]
+    by_op: dict[str, dict[str, dict[str, float]]] = {}  # op -> backend -> group -> median ms
+    for (group, provider), ms in op_medians(record).items():
+        op = next((name for name in OP_NAMES if group.startswith(name)), None)
         if op is not None and provider in CHOICE_BACKENDS:
-            medians.setdefault(op, {}).setdefault(provider, {})[bench["group"]] = bench["stats"]["median"] * 1e3
+            by_op.setdefault(op, {}).setdefault(provider, {})[group] = ms
     choices = {}
-    for op, by_backend in medians.items():
+    for op, by_backend in by_op.items():
         groups = sorted(set().union(*(g.keys() for g in by_backend.values())))
         complete = {b: sum(g.values()) for b, g in by_backend.items() if sorted(g) == groups}
         if len(complete) > 1:
@@ -871,14 +874,13 @@ def choose_main(path: str) -> int:
               f"--benchmark-json=...); families found: {sorted(map(str, families))}", file=sys.stderr)  # fmt: skip
         return 2
     (family,) = families
-    choices = measured_choices(record)
     print(f"# MEASURED_CUDA_CHOICE entries from {path} ({record['benchmarks'][0]['extra_info']['device']}, "
           f"{record.get('datetime', 'date unknown')[:10]}): fwd+bwd medians summed over each op's groups")  # fmt: skip
-    for op, choice in choices.items():
+    for op, choice in measured_choices(record).items():
         times = ", ".join(f"{b} {ms:.3f} ms" for b, ms in sorted(choice["ms"].items()))
         print(f'("{family}", "{op}"): "{choice["backend"]}",  # {times}')
     # the two sets of CUDA kernels (README): the slower goes once a GPU has run both
-    medians = {(b["group"], b["params"]["provider"]): b["stats"]["median"] * 1e3 for b in record["benchmarks"]}
+    medians = op_medians(record)
     for group in dict.fromkeys(g for g, provider in medians if provider == "cpp-v1"):
         if (group, "cpp") in medians:
             v1, v2 = medians[group, "cpp-v1"], medians[group, "cpp"]
