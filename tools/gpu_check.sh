@@ -5,13 +5,13 @@
 #                                        # Triton configs at base shapes
 #   tools/gpu_check.sh sanitize OUTDIR   # compute-sanitizer memcheck (caching allocator off) and racecheck, op tests
 #   tools/gpu_check.sh bench    OUTDIR   # the op benchmarks, the model benchmark and the breakdown
-#   tools/gpu_check.sh test,bench OUTDIR # phases in one command, under one cap (GPU_CHECK_CAP, default 540 s)
+#   tools/gpu_check.sh test,bench OUTDIR # phases in one command, under one cap (GPU_CHECK_CAP, default 560 s)
 #
 # A lease is 15 minutes of device time, start-up (a minute or two) included, and a machine goes back 30 s after
 # a call returns: so the GPU pass is one command of `test,bench` (timeout_s 600), then at once, while the machine
 # is warm, `GPU_CHECK_CAP=<what is left> tools/gpu_check.sh sanitize`. `tools/ci_gpu_image.sh --build-only .gpu`
-# makes the CUDA extension here beforehand: carried (`carry: [".gpu"]`), it is used when it was built from the
-# sources there, and no GPU time goes to the build.
+# makes the CUDA extension here beforehand: carried (`carry: [".gpu"]`), it is used where none is built and it
+# was built from the sources there, and no GPU time goes to the build.
 #
 # Each phase builds convbert_fast._C in place first when it is not built with CUDA kernels (this GPU's arch
 # only; budget 150 s), runs every step under `timeout`, and writes OUTDIR/PHASES-summary.txt (what ran, passed,
@@ -163,6 +163,19 @@ floors() { local total=0 p; for p in "$@"; do total=$((total + PHASE_FLOOR[$p]))
 reserve=$(floors "${phases[@]:1}")  # preflight and build keep back all but the first phase's floor
 printf '%-14s %-8s %5s %6s  %s\n' step result time limit detail | tee -a "$summary"
 
+# --- the extension built beforehand for the GPU image (tools/ci_gpu_image.sh --build-only .gpu): copied in where
+# none is built here, when it was built from these sources (hashed as there); the preflight says whether it loads
+prebuilt=""
+if [ -f .gpu/_C.abi3.so ] && [ ! -e convbert_fast/_C.abi3.so ]; then
+    sources_hash=$(find csrc setup.py -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)
+    if [ "$(cat .gpu/sources.sha256 2>/dev/null)" = "$sources_hash" ]; then
+        cp .gpu/_C.abi3.so convbert_fast/_C.abi3.so
+        prebuilt="the prebuilt .gpu/_C.abi3.so copied in (the build line below says what it loads with)"
+    else
+        prebuilt=".gpu/_C.abi3.so was built from other sources than these (.gpu/sources.sha256): not used"
+    fi
+fi
+
 # --- preflight: the interpreter, its packages, the GPU -----------------------------------------------------------
 if ! command -v "$PY" >/dev/null; then
     failures=1
@@ -190,23 +203,10 @@ print('GPU=%d' % gpu, 'ARCH=%s' % ('%d.%d' % torch.cuda.get_device_capability() 
 read -r gpu arch built < <(grep '^GPU=' "$logs/preflight.log" | tail -n 1 | sed 's/[A-Z]*=//g')
 say "               $(grep '^python' "$logs/preflight.log")"
 say "               nvidia-smi: $(head -n 1 "$logs/nvidia-smi.log")"
+[ -n "$prebuilt" ] && say "               $prebuilt"
 no_gpu="a CUDA GPU, and torch here sees none ($(grep -o 'torch [^ ]*' "$logs/preflight.log" | head -n 1), no GPU visible)"
 
 # --- build, when convbert_fast._C is missing or has no CUDA kernels ---------------------------------------------
-# the extension built beforehand for the GPU image (tools/ci_gpu_image.sh --build-only .gpu), when it was built
-# from these sources (the same hash as there)
-sources_hash=$(find csrc setup.py -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)
-if [ "$built" != cuda ] && [ -f .gpu/_C.abi3.so ]; then
-    if [ "$(cat .gpu/sources.sha256 2>/dev/null)" = "$sources_hash" ]; then
-        cp .gpu/_C.abi3.so convbert_fast/_C.abi3.so
-        built=$("$PY" -c "import torch, convbert_fast._C
-print('cuda' if torch._C._dispatch_has_kernel_for_dispatch_key('convbert_fast::dynamic_span_conv', 'CUDA') else 'cpu')" \
-            2>"$logs/prebuilt.log" || echo missing)
-        say "               the prebuilt .gpu/_C.abi3.so copied in: it loads with $built kernels (prebuilt.log)"
-    else
-        say "               .gpu/_C.abi3.so was built from other sources than these (.gpu/sources.sha256): not used"
-    fi
-fi
 if [ "$built" = cuda ] || { [ "$built" = cpu ] && [ "$gpu" = 0 ]; }; then
     skip build "convbert_fast._C is built ($built kernels)"
 else
@@ -298,18 +298,16 @@ phase_bench() {
     # the model, bf16 autocast, 12 layers, B=32, L=512: first the providers that compile nothing (full and padded
     # rows), then transformers beside the two compiled ones (full rows: each graph costs a compile). Each record
     # is rewritten after every batch, so a time limit keeps what was measured.
+    local shape=(--seq-len 512 --repeats 10)
     ops_args=(--bench-device cuda)
-    model_args=(--seq-len 512 --repeats 10 --providers transformers,cpp,triton)
-    compiled_args=(--seq-len 512 --repeats 10 --no-pad --providers transformers,transformers-compile,compile)
     breakdown_args=(--device cuda)
     if [ "$gpu" = 0 ]; then  # the rehearsal: the same steps, tiny, on the CPU
+        shape=(--device cpu --config small --layers 1 --batch-size 2 --seq-len 16 --repeats 1 --warmup 0)
         ops_args=(--bench-device cpu --bench-size tiny -k "not triton")  # Triton's interpreter: minutes here
-        model_args=(--device cpu --config small --layers 1 --batch-size 2 --seq-len 16 --repeats 1 --warmup 0
-                    --providers transformers,cpp,triton)
-        compiled_args=(--device cpu --config small --layers 1 --batch-size 2 --seq-len 16 --repeats 1 --warmup 0
-                       --no-pad --providers transformers,transformers-compile,compile)
         breakdown_args=(--device cpu --layers 1 --batch-size 1 --seq-len 16 --rounds 3)
     fi
+    model_args=("${shape[@]}" --providers transformers,cpp,triton)
+    compiled_args=("${shape[@]}" --no-pad --providers transformers,transformers-compile,compile)
     step bench-ops "$(budget 60 140)" "${pytest_base[@]}" benchmarks "${ops_args[@]}" --benchmark-only \
         --benchmark-group-by=group --benchmark-json="$out/bench_ops.json"
     step bench-model "$(budget 60 80)" "$PY" -m convbert_fast bench "${model_args[@]}" \
