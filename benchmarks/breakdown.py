@@ -21,7 +21,8 @@ import sys
 import torch
 
 import convbert_fast as cf
-from convbert_fast.bench import build_models, device_name, provenance, versions
+from convbert_fast.bench.providers import build_models
+from convbert_fast.bench.record import device_name, provenance, versions
 from convbert_fast.configs import named_config
 
 # op-name fragments -> category, first match wins (profiler names, forward and autograd backward ops)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import convbert_fast as cf
-from convbert_fast.bench import PROVIDERS, build_models, provider_problem
+from convbert_fast.bench.providers import PROVIDERS, build_models, provider_problem
 from convbert_fast.configs import named_config
 
 PHASES = ["forward", "backward", "forward+backward"]

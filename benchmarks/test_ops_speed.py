@@ -19,7 +19,9 @@ import torch
 from transformers.models.convbert import modeling_convbert as hf
 
 import convbert_fast as cf
-from convbert_fast.bench import copy_bandwidth, device_name, span_conv_bytes
+from convbert_fast.bench.providers import span_conv_bytes
+from convbert_fast.bench.record import device_name
+from convbert_fast.bench.timing import copy_bandwidth
 from convbert_fast.ops.backend import gpu_family
 
 PROVIDERS = ["transformers", "eager", "cpp", "cpp-v1", "triton"]

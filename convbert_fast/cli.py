@@ -37,7 +37,7 @@ def demo(args) -> int:
     import torch
 
     import convbert_fast as cf
-    from convbert_fast.bench import time_ms
+    from convbert_fast.bench.timing import time_ms
     from convbert_fast.configs import named_config
 
     torch.manual_seed(0)
@@ -73,7 +73,7 @@ def demo(args) -> int:
 
 
 def bench_providers():
-    from .bench import PROVIDERS
+    from .bench.providers import PROVIDERS
 
     return list(PROVIDERS)
 
@@ -88,12 +88,13 @@ def _int_list(text: str) -> list[int]:
 def bench(parser, args) -> int:
     import torch
 
-    from . import bench as bench_module
+    from .bench import choose, record, report
+    from .bench.providers import PROVIDERS
 
     if args.markdown:
-        return bench_module.markdown_main(args)
+        return report.markdown_main(args)
     if args.choose:
-        return bench_module.choose_main(args.choose)
+        return choose.choose_main(args.choose)
     if args.readme or args.check:
         parser.error("--readme and --check go with --markdown RECORD...")
     gpu = torch.cuda.is_available()
@@ -107,7 +108,7 @@ def bench(parser, args) -> int:
         layers=12 if on_gpu else 2,
         batch_size=32 if on_gpu else 8,
         seq_len=[[128, 256, 512, 1024, 2048, 4096]] if on_gpu else [[128, 256]],
-        providers=",".join(bench_module.PROVIDERS) if on_gpu else "transformers,transformers-compile,cpp",
+        providers=",".join(PROVIDERS) if on_gpu else "transformers,transformers-compile,cpp",
         repeats=20 if on_gpu else 3,
         warmup=3 if on_gpu else 1,
     )
@@ -116,15 +117,15 @@ def bench(parser, args) -> int:
             setattr(args, name, value)
     args.seq_len = [length for lengths in args.seq_len for length in lengths]  # "16,24 32" -> [16, 24, 32]
     args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    unknown = [p for p in args.providers if p not in bench_module.PROVIDERS]
+    unknown = [p for p in args.providers if p not in PROVIDERS]
     if unknown or not args.providers:
-        parser.error(f"unknown provider(s) {unknown}; valid: {', '.join(bench_module.PROVIDERS)}")
+        parser.error(f"unknown provider(s) {unknown}; valid: {', '.join(PROVIDERS)}")
     for name in ("layers", "batch_size", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0 or any(length < 1 for length in args.seq_len):
         parser.error("--warmup must be >= 0 and every --seq-len >= 1")
-    return bench_module.run(args)
+    return record.run(args)
 
 
 def add_train_parser(sub):

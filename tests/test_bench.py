@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from convbert_fast import bench as bench_module
+from convbert_fast.bench import choose, providers, report, timing
 from convbert_fast import cli
 from convbert_fast.configs import named_config
 
@@ -106,7 +106,7 @@ def test_a_run_stopped_by_sigint_keeps_what_it_measured(tmp_path):
     done = {(m["seq_len"], m["padded"]) for m in record["measurements"]}
     assert (8, False) in done and len(done) < 80 and record["ops"]["dynamic_span_conv"]["ms"] > 0
     assert all(m["skipped"] is None and m["train_step_ms"] > 0 for m in record["measurements"])
-    blocks = bench_module.markdown_blocks([str(record_path)])
+    blocks = report.markdown_blocks([str(record_path)])
     assert f"**Incomplete run: {record['stopped']}.**" in blocks["model"]
 
 
@@ -155,14 +155,14 @@ def test_choose_sums_each_ops_groups_and_needs_both_backends(tmp_path, capsys):
         # only one of the two backends: no choice to make
         _op_bench("dropout_add_layer_norm C=768 p=0.1 fwd+bwd", "cpp", 1.0),
     ]  # fmt: skip
-    choices = bench_module.measured_choices({"benchmarks": benchmarks})
+    choices = choose.measured_choices({"benchmarks": benchmarks})
     assert {op: c["backend"] for op, c in choices.items()} == {
         "dynamic_span_conv": "cpp", "separable_conv1d": "cpp", "grouped_linear": "triton"
     }  # fmt: skip
     assert choices["separable_conv1d"]["ms"] == pytest.approx({"cpp": 7.0, "triton": 7.5})
     # a backend that missed one of the op's groups is not compared on the sum of the others
     partial = [b for b in benchmarks if not (b["group"] == g_gelu and b["params"]["provider"] == "triton")]
-    assert "grouped_linear" not in bench_module.measured_choices({"benchmarks": partial})
+    assert "grouped_linear" not in choose.measured_choices({"benchmarks": partial})
     path = tmp_path / "ops.json"
     path.write_text(json.dumps({"datetime": "2026-11-27T10:00:00", "benchmarks": benchmarks}))
     assert cli.main(["bench", "--choose", str(path)]) == 0
@@ -208,32 +208,32 @@ def test_a_frame_left_to_eager_is_marked_not_compiled():
 
     torch._dynamo.reset()
     fn = torch.compile(lambda x: x.sin() + 1, dynamic=False)
-    first, second = bench_module.DynamoCounts(), bench_module.DynamoCounts()
+    first, second = timing.DynamoCounts(), timing.DynamoCounts()
     with torch._dynamo.config.patch(recompile_limit=1):
         first.around(lambda: fn(torch.ones(3)))
         second.around(lambda: fn(torch.ones(4)))  # a second shape: past the limit, dynamo runs it eagerly
     assert first.compiled and first.counts["graphs"] == 1
     assert not second.compiled and second.counts["frames"] == 1 and second.counts["frames_ok"] == 0
-    label = bench_module.provider_label({"provider": "compile", "compiled": second.compiled})
+    label = report.provider_label({"provider": "compile", "compiled": second.compiled})
     assert label == "compile (NOT compiled: fell back to eager)"
     torch._dynamo.reset()
 
 
 def test_padded_batches_are_seeded_and_masked():
     config = named_config("small", num_hidden_layers=1)
-    ids, mask, tokens = bench_module.make_batch(config, 64, 9, True, torch.device("cpu"), seed=3)
-    again = bench_module.make_batch(config, 64, 9, True, torch.device("cpu"), seed=3)
+    ids, mask, tokens = providers.make_batch(config, 64, 9, True, torch.device("cpu"), seed=3)
+    again = providers.make_batch(config, 64, 9, True, torch.device("cpu"), seed=3)
     assert torch.equal(ids, again[0]) and torch.equal(mask, again[1])
     lengths = mask.sum(1)
     assert lengths.min() >= 5 and lengths.max() <= 9 and len(set(lengths.tolist())) > 1 and tokens == lengths.sum()
     assert torch.equal(mask, (torch.arange(9) < lengths[:, None]).long())  # real tokens first, then padding
     assert (ids[mask == 0] == config.pad_token_id).all() and (ids[mask == 1] >= 5).all()
-    ids, mask, tokens = bench_module.make_batch(config, 2, 9, False, torch.device("cpu"))
+    ids, mask, tokens = providers.make_batch(config, 2, 9, False, torch.device("cpu"))
     assert mask is None and tokens == 18
 
 
 def test_quantiles_stay_within_the_rounds():
-    median, (p20, p50, p80) = bench_module.summary_of([300.0, 100.0, 200.0])
+    median, (p20, p50, p80) = timing.summary_of([300.0, 100.0, 200.0])
     assert median == p50 == 200.0 and 100.0 <= p20 < 200.0 < p80 <= 300.0
 
 
@@ -245,7 +245,7 @@ def test_cpu_peak_counts_what_a_step_allocates():
         del a, b
         keep.append(torch.empty(2**21))
 
-    assert bench_module.cpu_peak_bytes(step) == 8 * 2**20
+    assert timing.cpu_peak_bytes(step) == 8 * 2**20
 
 
 @pytest.mark.timeout(300)  # several child processes, each importing torch and transformers: 40 s loaded
@@ -278,7 +278,7 @@ def test_readme_tables_are_the_committed_records():
 def test_markdown_check_fails_on_an_edited_table(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the records named as the CLI below names them
     records = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks" / "results").glob("*.json"))
-    blocks = bench_module.markdown_blocks(records)
+    blocks = report.markdown_blocks(records)
     readme = tmp_path / "README.md"
     readme.write_text("".join(f"intro\n<!-- bench:{name} -->\nstale\n<!-- /bench:{name} -->\n" for name in blocks))
     assert bench("--markdown", *records, "--readme", str(readme), "--check").returncode == 1
@@ -288,7 +288,7 @@ def test_markdown_check_fails_on_an_edited_table(tmp_path, monkeypatch):
     for name, body in blocks.items():
         assert f"<!-- bench:{name} -->\n{body}<!-- /bench:{name} -->" in text
     with pytest.raises(ValueError, match="generated blocks"):
-        bench_module.render_readme("no blocks here", blocks)
+        report.render_readme("no blocks here", blocks)
 
 
 @pytest.mark.timeout(300)  # profiles three models in a child process: 24 s loaded

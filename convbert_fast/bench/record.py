@@ -1,0 +1,187 @@
+"""`python -m convbert_fast bench`: the run and its record. Our ConvBERT against transformers' eager model and
+torch.compile of it, side by side in one run, written as a JSON record (device, versions, date, commit, settings,
+every measurement and a summary) and printed as a table (report.py), with a plot.
+
+The model measured is the encoder (ConvBertModel) with a scalar loss on its output: the part our kernels
+change. A training step is forward + backward + AdamW step; inference is a forward under no_grad in eval mode.
+At each batch (L tokens a row, and with --pad a padded batch of the same L) the providers are timed in rounds,
+one call each per round, and each reports the median of its rounds: a drift in the machine's speed then falls
+on every provider alike. Compiled providers get fresh graphs per batch, and dynamo's counts say they ran them;
+each provider's memory is measured alone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .providers import (
+    BASELINE,
+    COMPILE_BASELINE,
+    Measurement,
+    build_models,
+    measure_batch,
+    ops_summary,
+    train_step_flops,
+)
+from .report import _ratio, plot, provider_label, table
+from .timing import CPU_MEMORY_TOOL, CUDA_MEMORY_TOOL, gemm_rate
+
+
+def versions(device) -> dict:
+    """env.versions(), and the driver's version on a GPU (nvidia-smi's; None where it cannot be asked)."""
+    from ..env import versions as env_versions
+
+    driver = None
+    if device.type == "cuda":
+        try:
+            driver = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=30,
+            ).stdout.strip() or None  # fmt: skip
+        except OSError:
+            pass
+    return {**env_versions(), "driver": driver}
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from ..env import cpu_name
+
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def provenance() -> dict:
+    """The commit measured and whether the tree had uncommitted changes to tracked files (None: not a git
+    checkout)."""
+
+    def git(*args):
+        try:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent)
+        except OSError:
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
+
+def summarize(measurements: list[Measurement], provider_ours: str) -> dict:
+    """Headline figures at the longest sequence length measured, unpadded (padded: the `padded_` keys), for our
+    fastest-by-default provider."""
+    done = [m for m in measurements if m.skipped is None]
+    if not done:
+        return {}
+    seq_len = max(m.seq_len for m in done)
+    summary = {"seq_len": seq_len, "provider": provider_ours}
+    for padded, prefix in ((False, ""), (True, "padded_")):
+        at = {m.provider: m for m in done if m.seq_len == seq_len and m.padded == padded}
+        if not at:
+            continue
+        ours, base, compiled = at.get(provider_ours), at.get(BASELINE), at.get(COMPILE_BASELINE)
+        summary |= {
+            prefix + "train_step_vs_eager": _ratio(base and base.train_step_ms, ours and ours.train_step_ms),
+            prefix + "train_step_vs_compile": _ratio(compiled and compiled.train_step_ms, ours and ours.train_step_ms),
+            prefix + "inference_vs_eager": _ratio(base and base.forward_ms, ours and ours.forward_ms),
+            prefix + "peak_memory_vs_eager": _ratio(ours and ours.peak_memory_mb, base and base.peak_memory_mb),
+        }
+    return summary
+
+def run(args) -> int:
+    """Measures, printing the table at the end. The record (--json) is written after the op summary and again
+    after every batch, marked `complete: false` until the last: a run stopped by a time limit (SIGINT, as
+    `timeout --signal=INT` sends) keeps what it measured, says where it stopped, and exits 130."""
+    from tqdm import tqdm
+
+    from ..configs import named_config
+
+    device = torch.device(args.device)
+    began = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **provenance()}
+    # a position table long enough for every length asked for (speed does not depend on its size)
+    config = named_config(args.config, num_hidden_layers=args.layers, max_position_embeddings=max(512, *args.seq_len))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    # fp32 weights with autocast for bf16/fp16, as training runs
+    autocast_dtype = None if dtype == torch.float32 else dtype
+    providers = args.providers
+    ours = next((p for p in ("compile", "cpp", "triton", "eager") if p in providers), providers[-1])
+    batches = [(seq_len, padded) for seq_len in args.seq_len for padded in ((False, True) if args.pad else (False,))]
+    title = (
+        f"ConvBertModel {args.config}, {args.layers} layers, batch {args.batch_size}, {args.dtype}, "
+        f"{device_name(device)}"
+    )
+    memory_tool = CUDA_MEMORY_TOOL if device.type == "cuda" else CPU_MEMORY_TOOL
+    measurements: list[Measurement] = []
+    record = {
+        "device": device_name(device),
+        "versions": versions(device),
+        **began,  # the code that ran: the tree when the run began
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "command", "markdown", "readme",
+                                                                       "check", "choose")},  # fmt: skip
+        "memory_tool": memory_tool,
+        "complete": False,
+        "stopped": None,  # why a run that is not complete ended early
+        "gemm_rate_flops": None,
+        "measurements": [],
+        "ops": None,
+        "summary": {},
+    }
+
+    def save():
+        summary = summarize(measurements, ours)
+        if record["ops"] is not None:
+            span_conv = record["ops"]["dynamic_span_conv"]
+            summary.update(span_conv_vs_eager=span_conv["vs_eager"],
+                           span_conv_bandwidth_fraction=span_conv["bandwidth_fraction"])  # fmt: skip
+        record["measurements"] = [asdict(m) for m in measurements]
+        record["summary"] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+        if args.json:
+            Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+
+    try:
+        # the ops first: a minute at most, and the figures the kernels are judged by
+        record["ops"] = ops_summary(device, dtype, args.warmup, args.repeats)
+        save()
+        models = build_models(config, device, torch.float32)
+        record["gemm_rate_flops"] = gemm_flops = gemm_rate(device, dtype)
+        flops = {seq_len: train_step_flops(models[0], args.batch_size, seq_len, device) for seq_len in args.seq_len}
+        with tqdm(total=len(batches) * len(providers), desc="bench", unit="provider") as progress:
+            for seq_len, padded in batches:
+                measurements.extend(measure_batch(providers, models, args, seq_len, padded, device, autocast_dtype,
+                                                  gemm_flops, flops[seq_len], progress))  # fmt: skip
+                save()
+        del models
+        record["complete"] = True
+    except KeyboardInterrupt:
+        done = len({(m.seq_len, m.padded) for m in measurements})
+        record["stopped"] = f"interrupted (SIGINT) after {done} of {len(batches)} batches"
+        print(f"\nSTOPPED: {record['stopped']}; the record keeps what was measured", file=sys.stderr)
+    save()
+    ops = record["ops"]
+    print(title)
+    print(table(measurements))
+    print(f"(medians of {args.repeats} rounds; padded rows: lengths uniform in [L/2, L], tokens/s of real tokens; "
+          f"memory: {memory_tool})")  # fmt: skip
+    if ops is not None:
+        for op in ("dynamic_span_conv", "separable_conv1d", "grouped_linear"):
+            print(f"{op} fwd+bwd at base shapes: {ops[op]['eager_ms']:.1f} ms eager, {ops[op]['ms']:.1f} ms "
+                  f"{ops['backend']} ({ops[op]['vs_eager']:.1f}x)")  # fmt: skip
+        print(f"span conv: {100 * ops['dynamic_span_conv']['bandwidth_fraction']:.0f}% of copy bandwidth")
+    if record["gemm_rate_flops"] is not None:
+        print(f"dense GEMM rate here: {record['gemm_rate_flops'] / 1e9:.0f} GFLOP/s")
+    not_compiled = [provider_label(m) for m in measurements if m.compiled is False]
+    if not_compiled:
+        print(f"WARNING: {len(not_compiled)} compiled measurement(s) fell back to eager: see `dynamo` in the record")
+    if args.json:
+        print(f"wrote {args.json}" + ("" if record["complete"] else " (incomplete)"))
+    if args.plot and measurements:
+        plot(measurements, args.plot, title)
+        print(f"wrote {args.plot}")
+    return 0 if record["complete"] else 130

@@ -1,0 +1,133 @@
+"""How the benchmark times and measures: calls taking turns round by round, medians and quantiles, the dense
+GEMM rate and copy bandwidth of this device, dynamo's counts, and the CPU allocator's peak."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def _timer(device: torch.device):
+    """fn -> milliseconds of one call; on a GPU between CUDA events, synchronised, so the call's kernels are
+    counted and nothing queued before it is."""
+    if device.type == "cuda":
+
+        def measure(fn):
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end)
+
+    else:
+
+        def measure(fn):
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+
+    return measure
+
+
+def interleaved_ms(fns: dict, device, warmup: int, repeats: int) -> dict[str, tuple[float, list[float]]]:
+    """The one timing method of this module: every function warmed up, then `repeats` rounds in which each
+    runs once, in turns (a machine whose speed drifts then slows all of them alike); per function the median
+    of its rounds and [p20, p50, p80]."""
+    measure = _timer(device)
+    for fn in fns.values():
+        for _ in range(warmup):
+            measure(fn)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(measure(fn))
+    return {name: summary_of(ms) for name, ms in times.items()}
+
+
+def time_ms(fn, device, warmup: int, repeats: int) -> tuple[float, list[float]]:
+    return interleaved_ms({"fn": fn}, device, warmup, repeats)["fn"]
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of one large dense GEMM in `dtype` on `device`, measured now (median of 10, as everything)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    ms, _ = time_ms(lambda: a @ b, device, warmup=2, repeats=10)
+    return 2 * n**3 / (ms / 1e3)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large tensor copy (read + write), measured now."""
+    src = torch.empty(64 * 2**20 if device.type == "cuda" else 16 * 2**20, device=device)
+    dst = torch.empty_like(src)
+    ms, _ = time_ms(lambda: dst.copy_(src), device, warmup=2, repeats=10)
+    return 2 * src.numel() * src.element_size() / (ms / 1e3)
+
+def summary_of(times: list[float]) -> tuple[float, list[float]]:
+    """(median, [p20, p50, p80]) of timings in ms; the quantiles interpolate between the rounds (the default
+    `exclusive` method extrapolates past them, to below zero with 3 rounds)."""
+    times = sorted(times)
+    quantiles = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
+    return statistics.median(times), [quantiles[0], statistics.median(times), quantiles[-1]]
+
+class DynamoCounts:
+    """What dynamo did during the calls made `around` it: frames it was handed (`frames`), frames it compiled
+    (`frames_ok`; the rest ran eagerly, e.g. past the recompile limit), graphs compiled, recompilations (a
+    frame compiled again after a guard failed) and graph breaks."""
+
+    KEYS = ("frames", "frames_ok", "graphs", "recompiles", "graph_breaks")
+
+    def __init__(self):
+        self.counts = dict.fromkeys(self.KEYS, 0)
+
+    @staticmethod
+    def _snapshot():
+        from torch._dynamo.utils import counters
+
+        return (counters["frames"]["total"], counters["frames"]["ok"], counters["stats"]["unique_graphs"],
+                sum(counters["graph_break"].values()))  # fmt: skip
+
+    def around(self, fn):
+        from torch._dynamo.utils import clear_compilation_metrics, get_compilation_metrics
+
+        clear_compilation_metrics()
+        before = self._snapshot()
+        try:
+            fn()
+        finally:
+            after = self._snapshot()
+            for key, b, a in zip(("frames", "frames_ok", "graphs", "graph_breaks"), before, after):
+                self.counts[key] += a - b
+            self.counts["recompiles"] += sum(m.recompile_reason is not None for m in get_compilation_metrics())
+
+    @property
+    def compiled(self) -> bool:
+        return self.counts["graphs"] > 0 and self.counts["frames_ok"] == self.counts["frames"]
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def cpu_peak_bytes(fn) -> int:
+    """The most bytes torch's CPU allocator held above its level at the start while `fn` ran: torch.profiler
+    with profile_memory=True records every allocation and free, summed here in time order. It sees tensors
+    (ours, inductor's and oneDNN's through torch's allocator), not the Python heap or a library's own mallocs."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    level = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        if event.device_type() == torch.autograd.DeviceType.CPU:
+            level += event.nbytes()
+            peak = max(peak, level)
+    return peak
+
+
+CPU_MEMORY_TOOL = "torch.profiler(profile_memory=True): torch's CPU allocations, summed in time order"
+CUDA_MEMORY_TOOL = "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
