@@ -153,12 +153,39 @@ void check_span_conv_out(const at::Tensor& values, const at::Tensor& kernel_logi
   check_no_overlap("dynamic_span_conv_into", out, {{"values", values}, {"kernel_logits", kernel_logits}});
 }
 
+at::Tensor sequence_offsets(const char* op, const OptionalTensor& cu_seqlens, const at::Tensor& x) {
+  if (!cu_seqlens.has_value()) return at::Tensor();
+  const at::Tensor& cu = *cu_seqlens;
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, op, ": cu_seqlens must be int32, got ", cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.device() == x.device(), op, ": cu_seqlens is on ", cu.device(), " but the input on ",
+                    x.device());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 2, op, ": cu_seqlens must be 1-D offsets [N + 1] with N >= 1, got ",
+                    "shape ", cu.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 2 && x.size(0) == 1, op, ": with cu_seqlens the input must be one packed row [1, T, ",
+                    "...], got ", x.sizes());
+  at::Tensor offsets = cu.contiguous();
+  if (offsets.is_cpu()) {
+    const int32_t* o = offsets.const_data_ptr<int32_t>();
+    const int64_t count = offsets.size(0) - 1, total = x.size(1);
+    TORCH_CHECK_VALUE(o[0] == 0, op, ": cu_seqlens must start at 0, got ", o[0]);
+    for (int64_t i = 0; i < count; ++i) {
+      TORCH_CHECK_VALUE(o[i + 1] >= o[i], op, ": cu_seqlens must not decrease (a negative length): cu_seqlens[",
+                        i + 1, "] = ", o[i + 1], " < cu_seqlens[", i, "] = ", o[i]);
+    }
+    TORCH_CHECK_VALUE(o[count] == total, op, ": cu_seqlens must end at the ", total, " tokens of the input, got ",
+                      o[count]);
+  }
+  return offsets;
+}
+
 at::Tensor separable_conv1d(const at::Tensor& x, const at::Tensor& depthwise_weight,
-                            const at::Tensor& pointwise_weight, const at::Tensor& bias, DepthwiseConvFn depthwise) {
+                            const at::Tensor& pointwise_weight, const at::Tensor& bias,
+                            const OptionalTensor& cu_seqlens, DepthwiseConvFn depthwise) {
   check_separable_args(x, depthwise_weight, pointwise_weight, bias);
+  const at::Tensor offsets = sequence_offsets("separable_conv1d", cu_seqlens, x);
   const int64_t batch = x.size(0), seq_len = x.size(1), channels = x.size(2);
   const int64_t out_channels = pointwise_weight.size(0);
-  at::Tensor mixed = depthwise(x.contiguous(), taps_by_channel(depthwise_weight));  // [B, L, C]
+  at::Tensor mixed = depthwise(x.contiguous(), taps_by_channel(depthwise_weight), offsets);  // [B, L, C]
   // Pointwise conv = one GEMM on [B*L, C]; the bias rides in as the GEMM's C operand (beta = 1).
   at::Tensor out = at::addmm(bias.reshape({out_channels}), mixed.view({batch * seq_len, channels}),
                              pointwise_weight.view({out_channels, channels}).t());
@@ -167,9 +194,10 @@ at::Tensor separable_conv1d(const at::Tensor& x, const at::Tensor& depthwise_wei
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> separable_conv1d_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& depthwise_weight,
-    const at::Tensor& pointwise_weight, const at::Tensor& bias, DepthwiseConvFn depthwise,
-    DepthwiseWeightGradFn depthwise_weight_grad) {
+    const at::Tensor& pointwise_weight, const at::Tensor& bias, const OptionalTensor& cu_seqlens,
+    DepthwiseConvFn depthwise, DepthwiseWeightGradFn depthwise_weight_grad) {
   check_separable_args(x, depthwise_weight, pointwise_weight, bias);
+  const at::Tensor offsets = sequence_offsets("separable_conv1d_backward", cu_seqlens, x);
   const int64_t batch = x.size(0), seq_len = x.size(1), channels = x.size(2);
   const int64_t out_channels = pointwise_weight.size(0), kernel_size = depthwise_weight.size(2);
   check_grad("separable_conv1d_backward", "grad_out", grad_out, x, {batch, seq_len, out_channels});
@@ -179,19 +207,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> separable_conv1d_back
   const at::Tensor pointwise = pointwise_weight.view({out_channels, channels});
 
   // Recompute the depthwise output instead of saving it: one cheap pass against a [B, L, C] activation.
-  at::Tensor mixed = depthwise(x_c, taps).view({batch * seq_len, channels});
+  at::Tensor mixed = depthwise(x_c, taps, offsets).view({batch * seq_len, channels});
   at::Tensor grad_pointwise = grad.t().mm(mixed).view_as(pointwise_weight);
   at::Tensor grad_bias = grad.sum(0).view_as(bias);
   at::Tensor grad_mixed = grad.mm(pointwise).view({batch, seq_len, channels});
-  // d(x)[s] = sum_j w[j] grad_mixed[s - j + K/2]: the same conv with the taps reversed.
-  at::Tensor grad_x = depthwise(grad_mixed, taps.flip(0).contiguous());
+  // d(x)[s] = sum_j w[j] grad_mixed[s - j + K/2]: the same conv with the taps reversed, inside the same sequences.
+  at::Tensor grad_x = depthwise(grad_mixed, taps.flip(0).contiguous(), offsets);
   at::Tensor grad_depthwise =
-      depthwise_weight_grad(grad_mixed, x_c, kernel_size).t().contiguous().view_as(depthwise_weight);
+      depthwise_weight_grad(grad_mixed, x_c, kernel_size, offsets).t().contiguous().view_as(depthwise_weight);
   return {grad_x, grad_depthwise, grad_pointwise, grad_bias};
 }
 
 at::Tensor dynamic_span_conv_concat(const at::Tensor& prefix, const at::Tensor& values, const at::Tensor& kernel_logits,
-                                    int64_t num_heads, SpanConvIntoFn span_conv_into) {
+                                    int64_t num_heads, const OptionalTensor& cu_seqlens,
+                                    SpanConvIntoFn span_conv_into) {
   check_span_conv_args(values, kernel_logits, num_heads);
   check_tensors("dynamic_span_conv_concat", {{"values", values}, {"prefix", prefix}});
   const int64_t batch = values.size(0), seq_len = values.size(1), width = values.size(2);
@@ -203,7 +232,7 @@ at::Tensor dynamic_span_conv_concat(const at::Tensor& prefix, const at::Tensor& 
   at::Tensor out = at::empty({batch, seq_len, prefix_width + width}, values.options());
   out.narrow(2, 0, prefix_width).view(prefix.sizes()).copy_(prefix);  // one strided copy, e.g. [B, H, L, D]^T
   at::Tensor conv_half = out.narrow(2, prefix_width, width);
-  span_conv_into(values, kernel_logits, num_heads, conv_half);
+  span_conv_into(values, kernel_logits, num_heads, conv_half, cu_seqlens);
   return out;
 }
 

@@ -4,27 +4,40 @@
 #include <ATen/ATen.h>
 
 #include <initializer_list>
+#include <optional>
 #include <tuple>
 
 namespace convbert_fast {
 
-// x [B, L, C] contiguous, weight_kc [K, C] contiguous (tap-major) -> [B, L, C], zero padding K/2 per side.
-using DepthwiseConvFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor& weight_kc);
-// grad [B, L, C], x [B, L, C] contiguous -> d(weight_kc) [K, C]
-using DepthwiseWeightGradFn = at::Tensor (*)(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size);
+// The schemas' `Tensor? cu_seqlens` (ops.cpp): sequence offsets along the sequence dimension of one packed row.
+using OptionalTensor = std::optional<at::Tensor>;
+// `cu_seqlens` checked against x ([B, L, ...]): int32, 1-D with N + 1 >= 2 entries, on x's device, and B == 1;
+// on the CPU also its values (cu[0] == 0, non-decreasing, cu[N] == L), each error naming the offsets it found.
+// CUDA offsets are not read here (that would sync the device): the Python wrappers check their values before any
+// backend runs, and the CUDA kernels clamp every row they read to [0, L). Returns them contiguous, or an
+// undefined tensor when none were given (every batch row is then one sequence): what the kernels take below.
+at::Tensor sequence_offsets(const char* op, const OptionalTensor& cu_seqlens, const at::Tensor& x);
+
+// x [B, L, C] contiguous, weight_kc [K, C] contiguous (tap-major), offsets (sequence_offsets) -> [B, L, C], zero
+// padding K/2 on both sides of each sequence.
+using DepthwiseConvFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor& weight_kc, const at::Tensor& offsets);
+// grad [B, L, C], x [B, L, C] contiguous, offsets -> d(weight_kc) [K, C]
+using DepthwiseWeightGradFn = at::Tensor (*)(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size,
+                                             const at::Tensor& offsets);
 
 at::Tensor separable_conv1d(const at::Tensor& x, const at::Tensor& depthwise_weight,
-                            const at::Tensor& pointwise_weight, const at::Tensor& bias, DepthwiseConvFn depthwise);
+                            const at::Tensor& pointwise_weight, const at::Tensor& bias,
+                            const OptionalTensor& cu_seqlens, DepthwiseConvFn depthwise);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> separable_conv1d_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& depthwise_weight,
-    const at::Tensor& pointwise_weight, const at::Tensor& bias, DepthwiseConvFn depthwise,
-    DepthwiseWeightGradFn depthwise_weight_grad);
+    const at::Tensor& pointwise_weight, const at::Tensor& bias, const OptionalTensor& cu_seqlens,
+    DepthwiseConvFn depthwise, DepthwiseWeightGradFn depthwise_weight_grad);
 
-// values, kernel_logits, num_heads, out: the device's dynamic_span_conv_into
-using SpanConvIntoFn = void (*)(const at::Tensor&, const at::Tensor&, int64_t, at::Tensor&);
+// values, kernel_logits, num_heads, out, cu_seqlens: the device's dynamic_span_conv_into
+using SpanConvIntoFn = void (*)(const at::Tensor&, const at::Tensor&, int64_t, at::Tensor&, const OptionalTensor&);
 at::Tensor dynamic_span_conv_concat(const at::Tensor& prefix, const at::Tensor& values, const at::Tensor& kernel_logits,
-                                    int64_t num_heads, SpanConvIntoFn span_conv_into);
+                                    int64_t num_heads, const OptionalTensor& cu_seqlens, SpanConvIntoFn span_conv_into);
 
 // The device's row kernels of dropout_add_layer_norm on [rows, C] contiguous tensors; mean, rstd [rows] in the
 // accumulation dtype (fp32; fp64 for fp64). The backward allocates and fills weight_partials [P, C] (accumulation

@@ -13,21 +13,27 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(convbert_fast, m) {
+  // Every conv op takes optional sequence boundaries, cu_seqlens: int32 [N + 1] offsets 0 = cu[0] <= ... <= cu[N] = T
+  // along the sequence dimension of one packed row (batch 1, T tokens); each sequence's conv then sees zeros beyond
+  // its own ends, as if it ran alone. Without them every batch row is one sequence.
   // values [B, L, H*D], kernel_logits [B, L, H*K] (before the softmax) -> [B, L, H*D]
-  m.def("dynamic_span_conv(Tensor values, Tensor kernel_logits, int num_heads) -> Tensor");
+  m.def("dynamic_span_conv(Tensor values, Tensor kernel_logits, int num_heads, Tensor? cu_seqlens=None) -> Tensor");
   // The same, written into `out` ([B, L, H*D], rows may be strided: a slice of a wider tensor).
-  m.def("dynamic_span_conv_into(Tensor values, Tensor kernel_logits, int num_heads, Tensor(a!) out) -> ()");
+  m.def("dynamic_span_conv_into(Tensor values, Tensor kernel_logits, int num_heads, Tensor(a!) out,"
+        " Tensor? cu_seqlens=None) -> ()");
   // [prefix | span conv] along the channels: [B, L, P + H*D], prefix [B, L, ...] with P elements per token. The
   // attention half of ConvBERT's context goes in as the prefix; the conv half is written in place (no cat).
-  m.def("dynamic_span_conv_concat(Tensor prefix, Tensor values, Tensor kernel_logits, int num_heads) -> Tensor");
+  m.def("dynamic_span_conv_concat(Tensor prefix, Tensor values, Tensor kernel_logits, int num_heads,"
+        " Tensor? cu_seqlens=None) -> Tensor");
   // -> (grad_values, grad_kernel_logits)
-  m.def("dynamic_span_conv_backward(Tensor grad_out, Tensor values, Tensor kernel_logits, int num_heads)"
-        " -> (Tensor, Tensor)");
+  m.def("dynamic_span_conv_backward(Tensor grad_out, Tensor values, Tensor kernel_logits, int num_heads,"
+        " Tensor? cu_seqlens=None) -> (Tensor, Tensor)");
   // x [B, L, C], depthwise_weight [C, 1, K], pointwise_weight [A, C, 1], bias [A] or [A, 1] -> [B, L, A]
-  m.def("separable_conv1d(Tensor x, Tensor depthwise_weight, Tensor pointwise_weight, Tensor bias) -> Tensor");
+  m.def("separable_conv1d(Tensor x, Tensor depthwise_weight, Tensor pointwise_weight, Tensor bias,"
+        " Tensor? cu_seqlens=None) -> Tensor");
   // -> (grad_x, grad_depthwise_weight, grad_pointwise_weight, grad_bias)
   m.def("separable_conv1d_backward(Tensor grad_out, Tensor x, Tensor depthwise_weight, Tensor pointwise_weight,"
-        " Tensor bias) -> (Tensor, Tensor, Tensor, Tensor)");
+        " Tensor bias, Tensor? cu_seqlens=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // x [..., Din], weight [G, Din/G, Dout/G], bias [Dout] -> [..., Dout]
   m.def("grouped_linear(Tensor x, Tensor weight, Tensor bias) -> Tensor");
   // -> (gelu(pre), pre): the pre-activation is kept for the backward pass

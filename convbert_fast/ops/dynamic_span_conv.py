@@ -1,7 +1,8 @@
 """dynamic_span_conv: ConvBERT's span-based dynamic convolution.
 
 For token t and conv head h, a softmax over that head's K logits weighs the K value rows
-t - (K-1)/2 ... t + (K-1)/2 of that head's channels (zero outside [0, L), padded tokens included).
+t - (K-1)/2 ... t + (K-1)/2 of that head's channels (zero outside [0, L), padded tokens included). With
+`cu_seqlens`, one packed row of sequences: zero outside each token's own sequence.
 """
 
 from __future__ import annotations
@@ -12,17 +13,24 @@ import torch
 import torch.nn.functional as F
 
 from . import backend, cpp, triton
-from .checks import check_float_tensors, check_kernel_size, check_shape
+from .checks import check_float_tensors, check_kernel_size, check_sequence_offsets, check_shape, sequence_bounds
 
 OP = "dynamic_span_conv"
 
 
-def dynamic_span_conv_eager(values, kernel_logits, num_heads, prefix=None):
+def dynamic_span_conv_eager(values, kernel_logits, num_heads, prefix=None, cu_seqlens=None):
     """The seed's math: per-head softmax, `unfold` into a K-times larger tensor, one matmul per (token, head);
-    then, given a prefix, the seed's `cat` of the attention half before it."""
+    then, given a prefix, the seed's `cat` of the attention half before it. Packed sequences (cu_seqlens): the
+    same, one sequence at a time."""
     if prefix is not None:
-        conv = dynamic_span_conv_eager(values, kernel_logits, num_heads)
+        conv = dynamic_span_conv_eager(values, kernel_logits, num_heads, cu_seqlens=cu_seqlens)
         return torch.cat([prefix.reshape(*prefix.shape[:2], math.prod(prefix.shape[2:])), conv], dim=-1)
+    if cu_seqlens is not None:
+        pieces = [
+            dynamic_span_conv_eager(values[:, start:end], kernel_logits[:, start:end], num_heads)
+            for start, end in sequence_bounds(cu_seqlens)
+        ]
+        return torch.cat(pieces, dim=1) if pieces else values.new_empty(values.shape)
     batch, seq_len, all_head_size = values.shape
     kernel_size = kernel_logits.shape[-1] // num_heads
     head_size = all_head_size // num_heads
@@ -44,18 +52,24 @@ backend.register("eager", OP, dynamic_span_conv_eager)
 def register_rules(forward, backward) -> None:
     """Fake-tensor and autograd rules of a backend's span-conv op pair (the cpp and triton backends share them).
     The softmax is recomputed from the logits in the backward: nothing but the inputs is kept."""
-    torch.library.register_fake(forward, lambda values, kernel_logits, num_heads: values.new_empty(values.shape))
+    torch.library.register_fake(
+        forward, lambda values, kernel_logits, num_heads, cu_seqlens=None: values.new_empty(values.shape)
+    )
     torch.library.register_fake(
         backward,
-        lambda grad, values, logits, num_heads: (values.new_empty(values.shape), logits.new_empty(logits.shape)),
+        lambda grad, values, logits, num_heads, cu_seqlens=None: (
+            values.new_empty(values.shape),
+            logits.new_empty(logits.shape),
+        ),
     )
 
     def setup_context(ctx, inputs, output):
-        values, kernel_logits, ctx.num_heads = inputs
-        ctx.save_for_backward(values, kernel_logits)
+        values, kernel_logits, ctx.num_heads, cu_seqlens = inputs
+        ctx.save_for_backward(values, kernel_logits, cu_seqlens)
 
     def backward_rule(ctx, grad_out):
-        return (*backward(grad_out, *ctx.saved_tensors, ctx.num_heads), None)
+        values, kernel_logits, cu_seqlens = ctx.saved_tensors
+        return (*backward(grad_out, values, kernel_logits, ctx.num_heads, cu_seqlens), None, None)
 
     torch.library.register_autograd(forward, backward_rule, setup_context=setup_context)
 
@@ -68,20 +82,22 @@ def register_concat_rules(concat, backward) -> None:
     """The same for the op that writes [prefix | span conv] along the channels: the prefix's gradient is a view
     of the incoming one, the span conv's is the span-conv backward of the rest."""
 
-    def fake(prefix, values, kernel_logits, num_heads):
+    def fake(prefix, values, kernel_logits, num_heads, cu_seqlens=None):
         return values.new_empty(values.shape[0], values.shape[1], prefix_width(prefix.shape) + values.shape[2])
 
     torch.library.register_fake(concat, fake)
 
     def setup_context(ctx, inputs, output):
-        prefix, values, kernel_logits, ctx.num_heads = inputs
+        prefix, values, kernel_logits, ctx.num_heads, cu_seqlens = inputs
         ctx.prefix_shape = prefix.shape
-        ctx.save_for_backward(values, kernel_logits)
+        ctx.save_for_backward(values, kernel_logits, cu_seqlens)
 
     def backward_rule(ctx, grad_out):
         width = prefix_width(ctx.prefix_shape)
         grad_prefix = grad_out[..., :width].reshape(ctx.prefix_shape)
-        return grad_prefix, *backward(grad_out[..., width:], *ctx.saved_tensors, ctx.num_heads), None
+        values, kernel_logits, cu_seqlens = ctx.saved_tensors
+        grads = backward(grad_out[..., width:], values, kernel_logits, ctx.num_heads, cu_seqlens)
+        return grad_prefix, *grads, None, None
 
     torch.library.register_autograd(concat, backward_rule, setup_context=setup_context)
 
@@ -93,12 +109,12 @@ def register_backend(name: str, namespace: str) -> None:
     register_rules(f"{namespace}::dynamic_span_conv", ops.dynamic_span_conv_backward.default)
     register_concat_rules(f"{namespace}::dynamic_span_conv_concat", ops.dynamic_span_conv_backward.default)
 
-    def dynamic_span_conv_backend(values, kernel_logits, num_heads, prefix=None):
+    def dynamic_span_conv_backend(values, kernel_logits, num_heads, prefix=None, cu_seqlens=None):
         if prefix is not None:
             prefix, values, kernel_logits = backend.autocast_inputs(values.device.type, prefix, values, kernel_logits)
-            return ops.dynamic_span_conv_concat(prefix, values, kernel_logits, num_heads)
+            return ops.dynamic_span_conv_concat(prefix, values, kernel_logits, num_heads, cu_seqlens)
         values, kernel_logits = backend.autocast_inputs(values.device.type, values, kernel_logits)
-        return ops.dynamic_span_conv(values, kernel_logits, num_heads)
+        return ops.dynamic_span_conv(values, kernel_logits, num_heads, cu_seqlens)
 
     backend.register(name, OP, dynamic_span_conv_backend)
 
@@ -108,7 +124,7 @@ if cpp.LOADED:
     register_backend("cpp", "convbert_fast")
 
     @torch.library.register_fake("convbert_fast::dynamic_span_conv_into")
-    def _(values, kernel_logits, num_heads, out):
+    def _(values, kernel_logits, num_heads, out, cu_seqlens=None):
         return None
 
 
@@ -119,12 +135,19 @@ if triton.AVAILABLE:
 
 
 def dynamic_span_conv(
-    values: torch.Tensor, kernel_logits: torch.Tensor, num_heads: int, prefix: torch.Tensor | None = None
+    values: torch.Tensor,
+    kernel_logits: torch.Tensor,
+    num_heads: int,
+    prefix: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """values [B, L, A]; kernel_logits [B, L, num_heads * K] (before the softmax) -> [B, L, A].
 
     With `prefix` [B, L, ...] (P elements per token): [B, L, P + A], the prefix's elements first, then the span
     conv, as ``torch.cat([prefix.reshape(B, L, P), conv], -1)`` but written in place by the kernels.
+
+    With `cu_seqlens` (int32 or int64 offsets [N + 1]: 0 = cu[0] <= ... <= cu[N] = T), B = 1 and the T tokens are
+    N sequences packed end to end: each token's span reaches only its own sequence, as if it ran alone.
     """
     if not isinstance(num_heads, int) or isinstance(num_heads, bool):
         raise TypeError(f"{OP}: `num_heads` must be an int, got {type(num_heads).__name__}")
@@ -145,8 +168,9 @@ def dynamic_span_conv(
             f"{OP}: kernel_logits.shape[-1] = {kernel_logits.shape[-1]} is not divisible by num_heads = {num_heads}"
         )
     check_kernel_size(OP, kernel_logits.shape[-1] // num_heads, "kernel_logits.shape[-1] // num_heads")
-    if prefix is None:
-        return backend.implementation(OP, values.device)(values, kernel_logits, num_heads)
-    if prefix.dim() < 2 or prefix.shape[:2] != values.shape[:2]:
+    cu_seqlens = check_sequence_offsets(OP, cu_seqlens, values)
+    if prefix is not None and (prefix.dim() < 2 or prefix.shape[:2] != values.shape[:2]):
         raise ValueError(f"{OP}: `prefix` must have shape [{batch}, {seq_len}, ...], got {list(prefix.shape)}")
-    return backend.implementation(OP, values.device)(values, kernel_logits, num_heads, prefix=prefix)
+    return backend.implementation(OP, values.device)(
+        values, kernel_logits, num_heads, prefix=prefix, cu_seqlens=cu_seqlens
+    )

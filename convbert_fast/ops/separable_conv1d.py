@@ -6,16 +6,29 @@ import torch
 import torch.nn.functional as F
 
 from . import backend, cpp, triton
-from .checks import check_float_tensors, check_kernel_size, check_shape
+from .checks import check_float_tensors, check_kernel_size, check_sequence_offsets, check_shape, sequence_bounds
 
 OP = "separable_conv1d"
 # The widest fp16 depthwise kernel oneDNN was seen to JIT on an AVX512-FP16 CPU (K = 33, 41, 49, 57 and 63 hung; 31 took 18 ms).
 ONEDNN_FP16_SAFE_KERNEL_SIZE = 31
 
 
-def separable_conv1d_eager(x, depthwise_weight, pointwise_weight, bias, multiplier=None):
+def separable_conv1d_eager(x, depthwise_weight, pointwise_weight, bias, multiplier=None, cu_seqlens=None):
     """The seed's math: transpose to [B, C, L], two nn.Conv1d convolutions, bias, transpose back (then the
-    multiply by the query that ConvBERT applies to this result)."""
+    multiply by the query that ConvBERT applies to this result). Packed sequences (cu_seqlens): the same, one
+    sequence at a time."""
+    if cu_seqlens is not None:
+        pieces = [
+            separable_conv1d_eager(
+                x[:, start:end],
+                depthwise_weight,
+                pointwise_weight,
+                bias,
+                None if multiplier is None else multiplier[:, start:end],
+            )
+            for start, end in sequence_bounds(cu_seqlens)
+        ]
+        return torch.cat(pieces, dim=1) if pieces else x.new_empty(*x.shape[:2], pointwise_weight.shape[0])
     kernel_size = depthwise_weight.shape[-1]
     x_t, taps = x.transpose(1, 2), depthwise_weight  # [B, C, L], [C, 1, K]
     if x.device.type == "cpu" and x.dtype == torch.float16 and kernel_size > ONEDNN_FP16_SAFE_KERNEL_SIZE:
@@ -35,14 +48,18 @@ backend.register("eager", OP, separable_conv1d_eager)
 
 def register_rules(forward, backward) -> None:
     """Fake-tensor and autograd rules of a backend's separable-conv op pair (cpp and triton share them)."""
-    torch.library.register_fake(forward, lambda x, dw, pw, bias: x.new_empty(x.shape[0], x.shape[1], pw.shape[0]))
-    torch.library.register_fake(backward, lambda grad, *inputs: tuple(t.new_empty(t.shape) for t in inputs))
+    torch.library.register_fake(
+        forward, lambda x, dw, pw, bias, cu_seqlens=None: x.new_empty(x.shape[0], x.shape[1], pw.shape[0])
+    )
+    torch.library.register_fake(
+        backward, lambda grad, *inputs, cu_seqlens=None: tuple(t.new_empty(t.shape) for t in inputs[:4])
+    )
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
 
     def backward_rule(ctx, grad_out):
-        return backward(grad_out, *ctx.saved_tensors)
+        return *backward(grad_out, *ctx.saved_tensors), None
 
     torch.library.register_autograd(forward, backward_rule, setup_context=setup_context)
 
@@ -54,12 +71,12 @@ def register_backend(name: str, namespace: str) -> None:
     register_rules(f"{namespace}::separable_conv1d", ops.separable_conv1d_backward.default)
     fused_multiply = hasattr(ops, "separable_conv1d_mul")
 
-    def separable_conv1d_backend(x, depthwise_weight, pointwise_weight, bias, multiplier=None):
+    def separable_conv1d_backend(x, depthwise_weight, pointwise_weight, bias, multiplier=None, cu_seqlens=None):
         if multiplier is not None and fused_multiply:
             inputs = backend.autocast_inputs(x.device.type, x, depthwise_weight, pointwise_weight, bias, multiplier)
-            return ops.separable_conv1d_mul(*inputs)
+            return ops.separable_conv1d_mul(*inputs, cu_seqlens)
         inputs = backend.autocast_inputs(x.device.type, x, depthwise_weight, pointwise_weight, bias)
-        out = ops.separable_conv1d(*inputs)
+        out = ops.separable_conv1d(*inputs, cu_seqlens)
         return out if multiplier is None else out * multiplier
 
     backend.register(name, OP, separable_conv1d_backend)
@@ -79,11 +96,14 @@ def separable_conv1d(
     pointwise_weight: torch.Tensor,
     bias: torch.Tensor,
     multiplier: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [B, L, C]; depthwise_weight [C, 1, K]; pointwise_weight [A, C, 1]; bias [A, 1] or [A] -> [B, L, A],
     times `multiplier` [B, L, A] when given (ConvBERT's multiply by the query; fused by the Triton kernel).
 
-    Zero padding of K // 2 on both sides, as ``nn.Conv1d(padding=K // 2)``.
+    Zero padding of K // 2 on both sides, as ``nn.Conv1d(padding=K // 2)``. With `cu_seqlens` (int32 or int64
+    offsets [N + 1]: 0 = cu[0] <= ... <= cu[N] = T), B = 1 and the T tokens are N sequences packed end to end,
+    each padded with zeros at its own ends, as if it ran alone.
     """
     tensors = dict(x=x, depthwise_weight=depthwise_weight, pointwise_weight=pointwise_weight, bias=bias)
     check_float_tensors(OP, **tensors, **({} if multiplier is None else {"multiplier": multiplier}))
@@ -100,4 +120,7 @@ def separable_conv1d(
     if multiplier is not None:
         expected = (x.shape[0], x.shape[1], out_channels)
         check_shape(OP, "multiplier", multiplier, expected, str(list(expected)))
-    return backend.implementation(OP, x.device)(x, depthwise_weight, pointwise_weight, bias, multiplier)
+    cu_seqlens = check_sequence_offsets(OP, cu_seqlens, x)
+    return backend.implementation(OP, x.device)(
+        x, depthwise_weight, pointwise_weight, bias, multiplier, cu_seqlens=cu_seqlens
+    )

@@ -15,6 +15,28 @@
 
 namespace convbert_fast {
 
+// Where a row of a [B, L, ...] tensor seen as B * L rows sits in its sequence: without offsets every batch row is
+// one sequence of L; with them (sequence_offsets, composite.h: B = 1, checked) the packed sequences they bound.
+struct Sequences {
+  const int32_t* offsets;  // [count + 1], or nullptr
+  int64_t count, seq_len;
+
+  Sequences(const at::Tensor& offsets_or_undefined, int64_t seq_len)
+      : offsets(offsets_or_undefined.defined() ? offsets_or_undefined.const_data_ptr<int32_t>() : nullptr),
+        count(offsets_or_undefined.defined() ? offsets_or_undefined.size(0) - 1 : 0),
+        seq_len(seq_len) {}
+
+  struct Position {
+    int64_t t, length;  // the row's position inside its sequence, and that sequence's length
+  };
+  Position locate(int64_t row) const {
+    if (offsets == nullptr) return {row % seq_len, seq_len};
+    // the last offset <= row starts the row's sequence (empty sequences share it with the next one)
+    const int64_t s = std::upper_bound(offsets, offsets + count + 1, row) - offsets - 1;
+    return {row - offsets[s], offsets[s + 1] - offsets[s]};
+  }
+};
+
 // Rows per task: enough work per task to amortise scheduling.
 inline int64_t grain_for(int64_t work_per_row) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_row)); }
 

@@ -60,6 +60,7 @@ struct SpanArgs {
   scalar_t* out;  // forward: the output; backward: d(values)
   scalar_t* grad_logits;  // backward only
   at::opmath_type<scalar_t>* weights;  // backward: the softmax weights, [rows, H, K]
+  Sequences sequences;  // the taps of a row reach only rows of its own sequence
   int64_t seq_len, heads, head_size, kernel_size, out_batch_stride, out_row_stride;
 };
 
@@ -71,10 +72,10 @@ void span_forward_rows(const SpanArgs<scalar_t>& a, int64_t begin, int64_t end) 
   std::vector<acc_t> weights(a.kernel_size);
   std::vector<const scalar_t*> rows(a.kernel_size);
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t b = row / a.seq_len, t = row % a.seq_len;
-    // taps inside [0, L) only; the zero padding adds nothing
-    const int64_t first = std::max<int64_t>(0, half - t), last = std::min(a.kernel_size, a.seq_len + half - t);
-    scalar_t* out_row = a.out + b * a.out_batch_stride + t * a.out_row_stride;
+    const auto [t, length] = a.sequences.locate(row);
+    // taps inside the sequence only; the zero padding adds nothing
+    const int64_t first = std::max<int64_t>(0, half - t), last = std::min(a.kernel_size, length + half - t);
+    scalar_t* out_row = a.out + (row / a.seq_len) * a.out_batch_stride + (row % a.seq_len) * a.out_row_stride;
     for (int64_t h = 0; h < a.heads; ++h) {
       softmax(a.logits + (row * a.heads + h) * a.kernel_size, weights.data(), a.kernel_size);
       for (int64_t j = first; j < last; ++j) rows[j] = a.values + (row + j - half) * width + h * a.head_size;
@@ -91,8 +92,8 @@ void span_backward_logits_rows(const SpanArgs<scalar_t>& a, int64_t begin, int64
   const int64_t width = a.heads * a.head_size, half = a.kernel_size / 2, K = a.kernel_size;
   std::vector<acc_t> grad_weights(K);
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t t = row % a.seq_len;
-    const int64_t first = std::max<int64_t>(0, half - t), last = std::min(K, a.seq_len + half - t);
+    const auto [t, length] = a.sequences.locate(row);
+    const int64_t first = std::max<int64_t>(0, half - t), last = std::min(K, length + half - t);
     for (int64_t h = 0; h < a.heads; ++h) {
       acc_t* weights = a.weights + (row * a.heads + h) * K;
       softmax(a.logits + (row * a.heads + h) * K, weights, K);
@@ -120,9 +121,9 @@ void span_backward_values_rows(const SpanArgs<scalar_t>& a, int64_t begin, int64
   std::vector<acc_t> weights(K);
   std::vector<const scalar_t*> sources(K);
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t s = row % a.seq_len;
-    // tap j of row t = s - j + half reads row s; t must lie in [0, L)
-    const int64_t first = std::max<int64_t>(0, s + half - (a.seq_len - 1)), last = std::min(K, s + half + 1);
+    const auto [s, length] = a.sequences.locate(row);
+    // tap j of row t = s - j + half reads row s; t must lie inside the sequence, [0, length)
+    const int64_t first = std::max<int64_t>(0, s + half - (length - 1)), last = std::min(K, s + half + 1);
     for (int64_t h = 0; h < a.heads; ++h) {
       for (int64_t j = first; j < last; ++j) {
         const int64_t source = row - j + half;
@@ -140,30 +141,34 @@ CONVBERT_FAST_CLONED(span_backward_logits_rows, SpanArgs)
 CONVBERT_FAST_CLONED(span_backward_values_rows, SpanArgs)
 
 void span_conv_into_cpu(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads,
-                        at::Tensor& out) {
+                        at::Tensor& out, const OptionalTensor& cu_seqlens) {
   check_span_conv_args(values, kernel_logits, num_heads);
   check_span_conv_out(values, kernel_logits, out);
+  const at::Tensor offsets = sequence_offsets("dynamic_span_conv", cu_seqlens, values);
   const at::Tensor v = values.contiguous(), k = kernel_logits.contiguous();
   const int64_t head_size = v.size(2) / num_heads, kernel_size = k.size(2) / num_heads;
   DISPATCH_FLOATS(v.scalar_type(), "dynamic_span_conv_cpu", [&] {
     const SpanArgs<scalar_t> args{v.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), nullptr,
-                                  out.mutable_data_ptr<scalar_t>(), nullptr, nullptr, v.size(1), num_heads,
-                                  head_size, kernel_size, out.stride(0), out.stride(1)};
+                                  out.mutable_data_ptr<scalar_t>(), nullptr, nullptr, Sequences(offsets, v.size(1)),
+                                  v.size(1), num_heads, head_size, kernel_size, out.stride(0), out.stride(1)};
     at::parallel_for(0, v.size(0) * v.size(1), grain_for(v.size(2) * kernel_size),
                      [&](int64_t begin, int64_t end) { span_forward_rows_best(args, begin, end); });
   });
 }
 
-at::Tensor span_conv_cpu(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads) {
+at::Tensor span_conv_cpu(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads,
+                         const OptionalTensor& cu_seqlens) {
   at::Tensor out = at::empty(values.sizes(), values.options());
-  span_conv_into_cpu(values, kernel_logits, num_heads, out);
+  span_conv_into_cpu(values, kernel_logits, num_heads, out, cu_seqlens);
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> span_conv_backward_cpu(const at::Tensor& grad_out, const at::Tensor& values,
-                                                          const at::Tensor& kernel_logits, int64_t num_heads) {
+                                                          const at::Tensor& kernel_logits, int64_t num_heads,
+                                                          const OptionalTensor& cu_seqlens) {
   check_span_conv_args(values, kernel_logits, num_heads);
   check_span_conv_grad(grad_out, values);
+  const at::Tensor offsets = sequence_offsets("dynamic_span_conv_backward", cu_seqlens, values);
   const at::Tensor g = grad_out.contiguous(), v = values.contiguous(), k = kernel_logits.contiguous();
   at::Tensor grad_values = at::empty_like(v), grad_logits = at::empty_like(k);
   const int64_t rows = v.size(0) * v.size(1), kernel_size = k.size(2) / num_heads;
@@ -171,8 +176,9 @@ std::tuple<at::Tensor, at::Tensor> span_conv_backward_cpu(const at::Tensor& grad
     std::vector<at::opmath_type<scalar_t>> weights(rows * k.size(2));  // the softmax weights, between the passes
     const SpanArgs<scalar_t> args{v.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                                   g.const_data_ptr<scalar_t>(), grad_values.mutable_data_ptr<scalar_t>(),
-                                  grad_logits.mutable_data_ptr<scalar_t>(), weights.data(), v.size(1), num_heads,
-                                  v.size(2) / num_heads, kernel_size, 0, 0};
+                                  grad_logits.mutable_data_ptr<scalar_t>(), weights.data(),
+                                  Sequences(offsets, v.size(1)), v.size(1), num_heads, v.size(2) / num_heads,
+                                  kernel_size, 0, 0};
     const int64_t grain = grain_for(v.size(2) * kernel_size);
     at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { span_backward_logits_rows_best(args, b, e); });
     at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { span_backward_values_rows_best(args, b, e); });
@@ -186,8 +192,9 @@ TORCH_LIBRARY_IMPL(convbert_fast, CPU, m) {
   m.impl("dynamic_span_conv_into", &span_conv_into_cpu);
   m.impl("dynamic_span_conv_backward", &span_conv_backward_cpu);
   m.impl("dynamic_span_conv_concat", [](const at::Tensor& prefix, const at::Tensor& values,
-                                        const at::Tensor& kernel_logits, int64_t num_heads) {
-    return dynamic_span_conv_concat(prefix, values, kernel_logits, num_heads, &span_conv_into_cpu);
+                                        const at::Tensor& kernel_logits, int64_t num_heads,
+                                        const OptionalTensor& cu_seqlens) {
+    return dynamic_span_conv_concat(prefix, values, kernel_logits, num_heads, cu_seqlens, &span_conv_into_cpu);
   });
 }
 

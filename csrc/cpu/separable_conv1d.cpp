@@ -35,7 +35,8 @@ struct DepthwiseArgs {
   const scalar_t* taps_or_grad;  // forward: taps [K, C]; weight gradient: d(out) [B, L, C]
   scalar_t* out;
   at::opmath_type<scalar_t>* partials;  // weight gradient: [chunks, K, C]
-  int64_t rows, seq_len, channels, kernel_size, chunk_rows;
+  Sequences sequences;  // the taps of a row reach only rows of its own sequence
+  int64_t rows, channels, kernel_size, chunk_rows;
 };
 
 // out[b, t, c] = sum_j taps[j, c] * x[b, t + j - K/2, c]
@@ -45,8 +46,8 @@ void depthwise_forward_rows(const DepthwiseArgs<scalar_t>& a, int64_t begin, int
   const int64_t half = a.kernel_size / 2;
   std::vector<const scalar_t*> rows(a.kernel_size), tap_rows(a.kernel_size);
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t t = row % a.seq_len;
-    const int64_t first = std::max<int64_t>(0, half - t), last = std::min(a.kernel_size, a.seq_len + half - t);
+    const auto [t, length] = a.sequences.locate(row);
+    const int64_t first = std::max<int64_t>(0, half - t), last = std::min(a.kernel_size, length + half - t);
     for (int64_t j = first; j < last; ++j) {
       rows[j] = a.x + (row + j - half) * a.channels;
       tap_rows[j] = a.taps_or_grad + j * a.channels;
@@ -65,8 +66,8 @@ void depthwise_weight_grad_chunks(const DepthwiseArgs<scalar_t>& a, int64_t begi
     acc_t* part = a.partials + chunk * a.kernel_size * C;
     std::fill(part, part + a.kernel_size * C, acc_t(0));
     for (int64_t row = chunk * a.chunk_rows; row < std::min(a.rows, (chunk + 1) * a.chunk_rows); ++row) {
-      const int64_t t = row % a.seq_len;
-      const int64_t first = std::max<int64_t>(0, half - t), last = std::min(a.kernel_size, a.seq_len + half - t);
+      const auto [t, length] = a.sequences.locate(row);
+      const int64_t first = std::max<int64_t>(0, half - t), last = std::min(a.kernel_size, length + half - t);
       const scalar_t* __restrict__ g = a.taps_or_grad + row * C;
       for (int64_t j = first; j < last; ++j) {
         const scalar_t* __restrict__ in = a.x + (row + j - half) * C;
@@ -80,13 +81,13 @@ void depthwise_weight_grad_chunks(const DepthwiseArgs<scalar_t>& a, int64_t begi
 CONVBERT_FAST_CLONED(depthwise_forward_rows, DepthwiseArgs)
 CONVBERT_FAST_CLONED(depthwise_weight_grad_chunks, DepthwiseArgs)
 
-at::Tensor depthwise_cpu(const at::Tensor& x, const at::Tensor& taps) {
+at::Tensor depthwise_cpu(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& offsets) {
   at::Tensor out = at::empty_like(x);
   const int64_t rows = x.size(0) * x.size(1);
   DISPATCH_FLOATS(x.scalar_type(), "depthwise_conv_cpu", [&] {
     const DepthwiseArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), taps.const_data_ptr<scalar_t>(),
-                                       out.mutable_data_ptr<scalar_t>(), nullptr, rows, x.size(1), x.size(2),
-                                       taps.size(0), 0};
+                                       out.mutable_data_ptr<scalar_t>(), nullptr, Sequences(offsets, x.size(1)),
+                                       rows, x.size(2), taps.size(0), 0};
     at::parallel_for(0, rows, grain_for(x.size(2) * taps.size(0)),
                      [&](int64_t b, int64_t e) { depthwise_forward_rows_best(args, b, e); });
   });
@@ -95,7 +96,8 @@ at::Tensor depthwise_cpu(const at::Tensor& x, const at::Tensor& taps) {
 
 // Fixed chunks of rows give partial sums that are added in chunk order: the same result for any number
 // of threads.
-at::Tensor depthwise_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size) {
+at::Tensor depthwise_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size,
+                                     const at::Tensor& offsets) {
   constexpr int64_t kChunkRows = 64;
   const at::Tensor g = grad.contiguous();
   const int64_t rows = x.size(0) * x.size(1), chunks = (rows + kChunkRows - 1) / kChunkRows;
@@ -103,8 +105,8 @@ at::Tensor depthwise_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x
   at::Tensor partials = at::empty({chunks, kernel_size, x.size(2)}, x.options().dtype(acc_dtype));
   DISPATCH_FLOATS(x.scalar_type(), "depthwise_conv_weight_grad_cpu", [&] {
     const DepthwiseArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), nullptr,
-                                       partials.mutable_data_ptr<at::opmath_type<scalar_t>>(), rows, x.size(1),
-                                       x.size(2), kernel_size, kChunkRows};
+                                       partials.mutable_data_ptr<at::opmath_type<scalar_t>>(),
+                                       Sequences(offsets, x.size(1)), rows, x.size(2), kernel_size, kChunkRows};
     at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) { depthwise_weight_grad_chunks_best(args, b, e); });
   });
   at::Tensor total = at::zeros({kernel_size, x.size(2)}, partials.options());
@@ -114,12 +116,13 @@ at::Tensor depthwise_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x
 }  // namespace
 
 TORCH_LIBRARY_IMPL(convbert_fast, CPU, m) {
-  m.impl("separable_conv1d", [](const at::Tensor& x, const at::Tensor& dw, const at::Tensor& pw, const at::Tensor& b) {
-    return separable_conv1d(x, dw, pw, b, &depthwise_cpu);
+  m.impl("separable_conv1d", [](const at::Tensor& x, const at::Tensor& dw, const at::Tensor& pw, const at::Tensor& b,
+                                const OptionalTensor& cu_seqlens) {
+    return separable_conv1d(x, dw, pw, b, cu_seqlens, &depthwise_cpu);
   });
   m.impl("separable_conv1d_backward", [](const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw,
-                                         const at::Tensor& pw, const at::Tensor& b) {
-    return separable_conv1d_backward(g, x, dw, pw, b, &depthwise_cpu, &depthwise_weight_grad_cpu);
+                                         const at::Tensor& pw, const at::Tensor& b, const OptionalTensor& cu_seqlens) {
+    return separable_conv1d_backward(g, x, dw, pw, b, cu_seqlens, &depthwise_cpu, &depthwise_weight_grad_cpu);
   });
 }
 

@@ -46,10 +46,16 @@ void check_cuda_kernel_size(int64_t kernel_size) {
                     "; use the 'eager' backend for larger spans");
 }
 
+// Sequence boundaries (cu_seqlens) reach the CUDA kernels in a later change; until then they are refused here.
+void refuse_offsets(const char* op, const at::Tensor& offsets) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!offsets.defined(), op, ": the CUDA kernels do not take cu_seqlens yet");
+}
+
 void span_conv_into_cuda(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads,
-                         at::Tensor& out) {
+                         at::Tensor& out, const OptionalTensor& cu_seqlens) {
   check_span_conv_args(values, kernel_logits, num_heads);
   check_span_conv_out(values, kernel_logits, out);
+  refuse_offsets("dynamic_span_conv", sequence_offsets("dynamic_span_conv", cu_seqlens, values));
   check_kernel_choice();
   const c10::cuda::CUDAGuard guard(values.device());
   const at::Tensor v = values.contiguous(), k = kernel_logits.contiguous();
@@ -61,15 +67,18 @@ void span_conv_into_cuda(const at::Tensor& values, const at::Tensor& kernel_logi
                "dynamic_span_conv");
 }
 
-at::Tensor span_conv_cuda(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads) {
+at::Tensor span_conv_cuda(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads,
+                          const OptionalTensor& cu_seqlens) {
   at::Tensor out = at::empty(values.sizes(), values.options());
-  span_conv_into_cuda(values, kernel_logits, num_heads, out);
+  span_conv_into_cuda(values, kernel_logits, num_heads, out, cu_seqlens);
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> span_conv_backward_cuda(const at::Tensor& grad_out, const at::Tensor& values,
-                                                           const at::Tensor& kernel_logits, int64_t num_heads) {
+                                                           const at::Tensor& kernel_logits, int64_t num_heads,
+                                                           const OptionalTensor& cu_seqlens) {
   check_span_conv_args(values, kernel_logits, num_heads);
+  refuse_offsets("dynamic_span_conv_backward", sequence_offsets("dynamic_span_conv_backward", cu_seqlens, values));
   check_kernel_choice();
   check_span_conv_grad(grad_out, values);
   const c10::cuda::CUDAGuard guard(values.device());
@@ -93,7 +102,8 @@ std::tuple<at::Tensor, at::Tensor> span_conv_backward_cuda(const at::Tensor& gra
   return {grad_values, grad_logits};
 }
 
-at::Tensor depthwise_cuda(const at::Tensor& x, const at::Tensor& taps) {
+at::Tensor depthwise_cuda(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& offsets) {
+  refuse_offsets("separable_conv1d", offsets);
   check_kernel_choice();
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
@@ -104,7 +114,9 @@ at::Tensor depthwise_cuda(const at::Tensor& x, const at::Tensor& taps) {
   return out;
 }
 
-at::Tensor depthwise_weight_grad_cuda(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size) {
+at::Tensor depthwise_weight_grad_cuda(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size,
+                                      const at::Tensor& offsets) {
+  refuse_offsets("separable_conv1d_backward", offsets);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor g = grad.contiguous();
   const int64_t chunks = depthwise_conv_weight_grad_chunks(x.size(0), x.size(1), x.size(2), kernel_size);
@@ -156,8 +168,9 @@ TORCH_LIBRARY_IMPL(convbert_fast, CUDA, m) {
   m.impl("dynamic_span_conv_into", &span_conv_into_cuda);
   m.impl("dynamic_span_conv_backward", &span_conv_backward_cuda);
   m.impl("dynamic_span_conv_concat", [](const at::Tensor& prefix, const at::Tensor& values,
-                                        const at::Tensor& kernel_logits, int64_t num_heads) {
-    return dynamic_span_conv_concat(prefix, values, kernel_logits, num_heads, &span_conv_into_cuda);
+                                        const at::Tensor& kernel_logits, int64_t num_heads,
+                                        const OptionalTensor& cu_seqlens) {
+    return dynamic_span_conv_concat(prefix, values, kernel_logits, num_heads, cu_seqlens, &span_conv_into_cuda);
   });
   m.impl("dropout_add_layer_norm", [](const at::Tensor& x, const at::Tensor& r, const at::Tensor& w, const at::Tensor& b,
                                       double p, double eps, const at::Tensor& seed) {
@@ -168,12 +181,13 @@ TORCH_LIBRARY_IMPL(convbert_fast, CUDA, m) {
                                                double p, const at::Tensor& seed) {
     return dropout_add_layer_norm_backward(g, x, r, w, mean, rstd, p, seed, &norm_backward_cuda);
   });
-  m.impl("separable_conv1d", [](const at::Tensor& x, const at::Tensor& dw, const at::Tensor& pw, const at::Tensor& b) {
-    return separable_conv1d(x, dw, pw, b, &depthwise_cuda);
+  m.impl("separable_conv1d", [](const at::Tensor& x, const at::Tensor& dw, const at::Tensor& pw, const at::Tensor& b,
+                                const OptionalTensor& cu_seqlens) {
+    return separable_conv1d(x, dw, pw, b, cu_seqlens, &depthwise_cuda);
   });
   m.impl("separable_conv1d_backward", [](const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw,
-                                         const at::Tensor& pw, const at::Tensor& b) {
-    return separable_conv1d_backward(g, x, dw, pw, b, &depthwise_cuda, &depthwise_weight_grad_cuda);
+                                         const at::Tensor& pw, const at::Tensor& b, const OptionalTensor& cu_seqlens) {
+    return separable_conv1d_backward(g, x, dw, pw, b, cu_seqlens, &depthwise_cuda, &depthwise_weight_grad_cuda);
   });
   m.impl("grouped_linear", &grouped_linear);
   m.impl("grouped_linear_gelu", &grouped_linear_gelu);

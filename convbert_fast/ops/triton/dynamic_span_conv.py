@@ -212,7 +212,9 @@ def _config(dtype, kernel_size, head_size):
     )
 
 
-def _span_conv_forward_into(values, kernel_logits, num_heads, out):  # out [B, L, A], rows may be strided
+def _span_conv_forward_into(values, kernel_logits, num_heads, out, cu_seqlens):  # out [B, L, A], strided rows
+    if cu_seqlens is not None:  # until the kernels take sequence boundaries (issue 23)
+        raise NotImplementedError("dynamic_span_conv: the Triton kernels do not take cu_seqlens yet")
     values, kernel_logits = values.contiguous(), kernel_logits.contiguous()
     batch, seq_len, width = values.shape
     head_size, kernel_size = width // num_heads, kernel_logits.shape[-1] // num_heads
@@ -237,27 +239,39 @@ def _span_conv_forward_into(values, kernel_logits, num_heads, out):  # out [B, L
 
 
 @triton_op("convbert_fast_triton::dynamic_span_conv", mutates_args=())
-def dynamic_span_conv_triton_op(values: torch.Tensor, kernel_logits: torch.Tensor, num_heads: int) -> torch.Tensor:
+def dynamic_span_conv_triton_op(
+    values: torch.Tensor, kernel_logits: torch.Tensor, num_heads: int, cu_seqlens: torch.Tensor | None = None
+) -> torch.Tensor:
     out = torch.empty_like(values, memory_format=torch.contiguous_format)
-    return _span_conv_forward_into(values, kernel_logits, num_heads, out)
+    return _span_conv_forward_into(values, kernel_logits, num_heads, out, cu_seqlens)
 
 
 @triton_op("convbert_fast_triton::dynamic_span_conv_concat", mutates_args=())
 def dynamic_span_conv_concat_triton_op(
-    prefix: torch.Tensor, values: torch.Tensor, kernel_logits: torch.Tensor, num_heads: int
+    prefix: torch.Tensor,
+    values: torch.Tensor,
+    kernel_logits: torch.Tensor,
+    num_heads: int,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     batch, seq_len, width = values.shape
     prefix_width = math.prod(prefix.shape[2:])
     out = values.new_empty(batch, seq_len, prefix_width + width)
     out[..., :prefix_width].view(prefix.shape).copy_(prefix)
-    _span_conv_forward_into(values, kernel_logits, num_heads, out[..., prefix_width:])
+    _span_conv_forward_into(values, kernel_logits, num_heads, out[..., prefix_width:], cu_seqlens)
     return out
 
 
 @triton_op("convbert_fast_triton::dynamic_span_conv_backward", mutates_args=())
 def dynamic_span_conv_backward_triton_op(
-    grad_out: torch.Tensor, values: torch.Tensor, kernel_logits: torch.Tensor, num_heads: int
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    kernel_logits: torch.Tensor,
+    num_heads: int,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if cu_seqlens is not None:  # until the kernels take sequence boundaries (issue 23)
+        raise NotImplementedError("dynamic_span_conv_backward: the Triton kernels do not take cu_seqlens yet")
     grad_out, values, kernel_logits = grad_out.contiguous(), values.contiguous(), kernel_logits.contiguous()
     batch, seq_len, width = values.shape
     head_size, kernel_size = width // num_heads, kernel_logits.shape[-1] // num_heads

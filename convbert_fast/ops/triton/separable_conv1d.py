@@ -241,7 +241,13 @@ def _taps(depthwise_weight):  # [C, 1, K] -> [K, C]
     return depthwise_weight[:, 0, :].t().contiguous()
 
 
-def _run(x, depthwise_weight, pointwise_weight, bias, multiplier):
+def _refuse_offsets(op, cu_seqlens):  # until the kernels take sequence boundaries (issue 23)
+    if cu_seqlens is not None:
+        raise NotImplementedError(f"{op}: the Triton kernels do not take cu_seqlens yet")
+
+
+def _run(x, depthwise_weight, pointwise_weight, bias, multiplier, cu_seqlens):
+    _refuse_offsets("separable_conv1d", cu_seqlens)
     batch, seq_len, channels = x.shape
     out_channels = pointwise_weight.shape[0]
     x2d = x.reshape(batch * seq_len, channels).contiguous()
@@ -273,9 +279,13 @@ def _run(x, depthwise_weight, pointwise_weight, bias, multiplier):
 
 @triton_op("convbert_fast_triton::separable_conv1d", mutates_args=())
 def separable_conv1d_triton_op(
-    x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor, bias: torch.Tensor
+    x: torch.Tensor,
+    depthwise_weight: torch.Tensor,
+    pointwise_weight: torch.Tensor,
+    bias: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return _run(x, depthwise_weight, pointwise_weight, bias, None)
+    return _run(x, depthwise_weight, pointwise_weight, bias, None, cu_seqlens)
 
 
 @triton_op("convbert_fast_triton::separable_conv1d_mul", mutates_args=())
@@ -285,8 +295,9 @@ def separable_conv1d_mul_triton_op(
     pointwise_weight: torch.Tensor,
     bias: torch.Tensor,
     multiplier: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return _run(x, depthwise_weight, pointwise_weight, bias, multiplier)
+    return _run(x, depthwise_weight, pointwise_weight, bias, multiplier, cu_seqlens)
 
 
 @triton_op("convbert_fast_triton::separable_conv1d_backward", mutates_args=())
@@ -296,7 +307,9 @@ def separable_conv1d_backward_triton_op(
     depthwise_weight: torch.Tensor,
     pointwise_weight: torch.Tensor,
     bias: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _refuse_offsets("separable_conv1d_backward", cu_seqlens)
     batch, seq_len, channels = x.shape
     out_channels, kernel_size = pointwise_weight.shape[0], depthwise_weight.shape[-1]
     x2d = x.reshape(batch * seq_len, channels).contiguous()
@@ -314,7 +327,7 @@ def separable_conv1d_backward_triton_op(
 
 # The fused multiply's own rules (ops/separable_conv1d.py registers those of the two ops above)
 @separable_conv1d_mul_triton_op.register_fake
-def _(x, depthwise_weight, pointwise_weight, bias, multiplier):
+def _(x, depthwise_weight, pointwise_weight, bias, multiplier, cu_seqlens=None):
     return x.new_empty(x.shape[0], x.shape[1], pointwise_weight.shape[0])
 
 
@@ -323,10 +336,13 @@ def _setup_context_mul(ctx, inputs, output):
 
 
 def _backward_mul(ctx, grad_out):
-    x, depthwise_weight, pointwise_weight, bias, multiplier = ctx.saved_tensors
-    conv = separable_conv1d_triton_op(x, depthwise_weight, pointwise_weight, bias)  # recomputed: one fused pass
-    grads = separable_conv1d_backward_triton_op(grad_out * multiplier, x, depthwise_weight, pointwise_weight, bias)
-    return (*grads, grad_out * conv)
+    x, depthwise_weight, pointwise_weight, bias, multiplier, cu_seqlens = ctx.saved_tensors
+    # the conv recomputed: one fused pass
+    conv = separable_conv1d_triton_op(x, depthwise_weight, pointwise_weight, bias, cu_seqlens)
+    grads = separable_conv1d_backward_triton_op(
+        grad_out * multiplier, x, depthwise_weight, pointwise_weight, bias, cu_seqlens
+    )
+    return (*grads, grad_out * conv, None)
 
 
 separable_conv1d_mul_triton_op.register_autograd(_backward_mul, setup_context=_setup_context_mul)
