@@ -26,7 +26,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.pytorch_utils import apply_chunking_to_forward
 
-from . import ops
+from . import ops, sequences
 from .tf_checkpoint import load_tf_weights_in_convbert
 
 FUSED_PROJECTION_CACHE = "_fused_projection_cache"
@@ -77,9 +77,9 @@ class SeparableConv1D(nn.Module):
         self.depthwise.weight.data.normal_(mean=0.0, std=config.initializer_range)
         self.pointwise.weight.data.normal_(mean=0.0, std=config.initializer_range)
 
-    def forward(self, hidden_states, multiplier=None):  # multiplier [B, L, A]: fused where the backend can
+    def forward(self, hidden_states, multiplier=None, cu_seqlens=None):  # multiplier [B, L, A]: fused where it can
         return ops.separable_conv1d(
-            hidden_states, self.depthwise.weight, self.pointwise.weight, self.bias, multiplier=multiplier
+            hidden_states, self.depthwise.weight, self.pointwise.weight, self.bias, multiplier, cu_seqlens
         )
 
 
@@ -140,27 +140,42 @@ class ConvBertSelfAttention(nn.Module):
         return cache[1], cache[2]
 
     def forward(
-        self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None, output_attentions=False
+        self,
+        hidden_states,
+        attention_mask=None,
+        head_mask=None,
+        encoder_hidden_states=None,
+        output_attentions=False,
+        sequences=None,
     ):
+        """`sequences` (padding-invariant mode, convbert_fast.sequences): MaskedConvs for padded rows run in place
+        (the convs read zeros at the padding), or PackedSequences for packed rows [1, T, C] (the convs take their
+        offsets, attention stays inside each sequence)."""
         if ops.backend.fused_layers():
             return self.fused_forward(
-                hidden_states, attention_mask, head_mask, encoder_hidden_states, output_attentions
+                hidden_states, attention_mask, head_mask, encoder_hidden_states, output_attentions, sequences
             )
         # The seed's math, step for step (the `eager` backend).
         # Cross-attention takes keys and values from the encoder; the conv half always reads `hidden_states`.
         kv_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         mixed_query = self.query(hidden_states)  # [B, L, A]
+        cu_seqlens = None if sequences is None else sequences.cu_seqlens
 
         # Conv half: span weights come from the separable conv of x multiplied by the query.
-        conv_attn = self.key_conv_attn_layer(hidden_states, multiplier=mixed_query)  # [B, L, A]
+        conv_input = hidden_states if sequences is None else sequences.conv_input(hidden_states)
+        conv_attn = self.key_conv_attn_layer(conv_input, mixed_query, cu_seqlens)  # [B, L, A]
         kernel_logits = self.conv_kernel_layer(conv_attn)  # [B, L, H*K]
         conv_values = self.conv_out_layer(hidden_states)  # [B, L, A]
-        conv_context = ops.dynamic_span_conv(conv_values, kernel_logits, self.num_attention_heads)  # [B, L, A]
+        if sequences is not None:
+            conv_values = sequences.conv_input(conv_values)
+        conv_context = ops.dynamic_span_conv(conv_values, kernel_logits, self.num_attention_heads, None, cu_seqlens)
 
         # Attention half: ordinary scaled dot-product attention.
         query = self.split_heads(mixed_query)  # [B, H, L, D]
         key = self.split_heads(self.key(kv_states))  # [B, H, Lk, D]
         value = self.split_heads(self.value(kv_states))  # [B, H, Lk, D]
+        if cu_seqlens is not None:  # packed rows: no attention across sequences
+            attention_mask = sequences.block_diagonal_mask(query.dtype)
         probs = self.attention_probs(query, key, attention_mask, head_mask)  # [B, H, L, Lk]
         attn_context = torch.matmul(probs, value).transpose(1, 2).reshape(conv_context.shape)  # [B, L, A]
 
@@ -174,7 +189,9 @@ class ConvBertSelfAttention(nn.Module):
         probs = self.dropout(nn.functional.softmax(scores, dim=-1))
         return probs if head_mask is None else probs * head_mask  # [1, H, 1, 1]
 
-    def fused_forward(self, hidden_states, attention_mask, head_mask, encoder_hidden_states, output_attentions):
+    def fused_forward(
+        self, hidden_states, attention_mask, head_mask, encoder_hidden_states, output_attentions, sequences=None
+    ):
         """The same math in fewer passes: one GEMM for the four projections of x, the query multiply inside the
         separable conv, scaled_dot_product_attention unless probabilities or a head mask are asked for, and the
         span conv written after the attention half of the context instead of a `cat`."""
@@ -185,24 +202,34 @@ class ConvBertSelfAttention(nn.Module):
         else:  # cross-attention: keys and values from the encoder
             mixed_query, conv_values = self.query(hidden_states), self.conv_out_layer(hidden_states)
             mixed_key, mixed_value = self.key(encoder_hidden_states), self.value(encoder_hidden_states)
-        conv_attn = self.key_conv_attn_layer(hidden_states, multiplier=mixed_query)  # [B, L, A]
+        cu_seqlens = None if sequences is None else sequences.cu_seqlens
+        conv_input = hidden_states if sequences is None else sequences.conv_input(hidden_states)
+        conv_attn = self.key_conv_attn_layer(conv_input, mixed_query, cu_seqlens)  # [B, L, A]
         kernel_logits = self.conv_kernel_layer(conv_attn)  # [B, L, H*K]
+        if sequences is not None:
+            conv_values = sequences.conv_input(conv_values)
 
         query = self.split_heads(mixed_query)  # [B, H, L, D]
         key, value = self.split_heads(mixed_key), self.split_heads(mixed_value)  # [B, H, Lk, D]
         probs = None
+        dropout_p = self.dropout.p if self.training else 0.0
         if output_attentions or head_mask is not None:
+            if cu_seqlens is not None:  # packed rows: no attention across sequences
+                attention_mask = sequences.block_diagonal_mask(query.dtype)
             probs = self.attention_probs(query, key, attention_mask, head_mask)  # [B, H, L, Lk]
             attn_context = torch.matmul(probs, value)  # [B, H, L, D]
+        elif cu_seqlens is not None:  # packed rows: attention per sequence, [1, T, A] viewed as [1, H, T, D]
+            attn_context = sequences.attention(mixed_query, mixed_key, mixed_value, self.num_attention_heads, dropout_p)
+            attn_context = self.split_heads(attn_context)
         else:
             if attention_mask is not None and attention_mask.dtype != query.dtype:  # autocast: SDPA wants one dtype
                 attention_mask = attention_mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
             attn_context = nn.functional.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=self.dropout.p if self.training else 0.0
+                query, key, value, attn_mask=attention_mask, dropout_p=dropout_p
             )  # [B, H, L, D]
         # [B, L, H, D] of attention, then the H conv heads: [B, L, 2A]
         context = ops.dynamic_span_conv(
-            conv_values, kernel_logits, self.num_attention_heads, prefix=attn_context.transpose(1, 2)
+            conv_values, kernel_logits, self.num_attention_heads, attn_context.transpose(1, 2), cu_seqlens
         )
         return (context, probs) if output_attentions else (context,)
 
@@ -236,9 +263,17 @@ class ConvBertAttention(nn.Module):
         self.output = ConvBertSelfOutput(config)
 
     def forward(
-        self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None, output_attentions=False
+        self,
+        hidden_states,
+        attention_mask=None,
+        head_mask=None,
+        encoder_hidden_states=None,
+        output_attentions=False,
+        sequences=None,
     ):
-        self_outputs = self.self(hidden_states, attention_mask, head_mask, encoder_hidden_states, output_attentions)
+        self_outputs = self.self(
+            hidden_states, attention_mask, head_mask, encoder_hidden_states, output_attentions, sequences
+        )
         return (self.output(self_outputs[0], hidden_states),) + self_outputs[1:]
 
 
@@ -313,8 +348,11 @@ class ConvBertLayer(nn.Module):
         encoder_hidden_states=None,
         encoder_attention_mask=None,
         output_attentions=False,
+        sequences=None,
     ):
-        self_outputs = self.attention(hidden_states, attention_mask, head_mask, output_attentions=output_attentions)
+        self_outputs = self.attention(
+            hidden_states, attention_mask, head_mask, output_attentions=output_attentions, sequences=sequences
+        )
         attention_output, outputs = self_outputs[0], self_outputs[1:]  # outputs: self-attention probs, if asked
         if self.is_decoder and encoder_hidden_states is not None:
             if not hasattr(self, "crossattention"):
@@ -323,7 +361,7 @@ class ConvBertLayer(nn.Module):
                     "layers by setting `config.add_cross_attention=True`"
                 )
             cross_outputs = self.crossattention(
-                attention_output, encoder_attention_mask, head_mask, encoder_hidden_states, output_attentions
+                attention_output, encoder_attention_mask, head_mask, encoder_hidden_states, output_attentions, sequences
             )
             attention_output, outputs = cross_outputs[0], outputs + cross_outputs[1:]
         layer_output = apply_chunking_to_forward(
@@ -352,6 +390,7 @@ class ConvBertEncoder(nn.Module):
         output_attentions=False,
         output_hidden_states=False,
         return_dict=True,
+        sequences=None,
     ):
         all_hidden_states = () if output_hidden_states else None
         all_self_attentions = () if output_attentions else None
@@ -361,9 +400,9 @@ class ConvBertEncoder(nn.Module):
                 all_hidden_states += (hidden_states,)
             args = (hidden_states, attention_mask, head_mask[i], encoder_hidden_states, encoder_attention_mask)
             if self.gradient_checkpointing and self.training:
-                layer_outputs = self._gradient_checkpointing_func(layer.__call__, *args, output_attentions)
+                layer_outputs = self._gradient_checkpointing_func(layer.__call__, *args, output_attentions, sequences)
             else:
-                layer_outputs = layer(*args, output_attentions)
+                layer_outputs = layer(*args, output_attentions, sequences)
             hidden_states = layer_outputs[0]
             if output_attentions:
                 all_self_attentions += (layer_outputs[1],)
@@ -434,9 +473,11 @@ def extended_attention_mask(mask, dtype):
     return (1.0 - mask.to(dtype)) * torch.finfo(dtype).min
 
 
-def check_inputs(config, device, **inputs):
+def check_inputs(config, device, packed_rows=False, **inputs):
     """Shapes, dtypes and devices of a forward's inputs, each error naming the argument; never their values
-    (that would cost a device sync and break torch.compile's graph)."""
+    (that would cost a device sync and break torch.compile's graph). `packed_rows`: rows may hold several
+    sequences (the padding-invariant mode with position_ids), so the limit on positions applies to each sequence
+    (ConvBertModel.sequence_layout checks it), not to the row."""
 
     def fail(name, expected, tensor, what="shape"):
         got = list(tensor.shape) if what == "shape" else getattr(tensor, what)
@@ -460,7 +501,7 @@ def check_inputs(config, device, **inputs):
         if not embeds.is_floating_point():
             raise TypeError(f"`inputs_embeds` must have a floating-point dtype, got {embeds.dtype}")
         batch, seq_len = embeds.shape[:2]
-    if seq_len > config.max_position_embeddings:
+    if seq_len > config.max_position_embeddings and not packed_rows:
         raise ValueError(
             f"sequence length {seq_len} exceeds max_position_embeddings = {config.max_position_embeddings}"
         )
@@ -529,7 +570,10 @@ class ConvBertModel(ConvBertPreTrainedModel):
         return_dict=None,
         encoder_hidden_states=None,
         encoder_attention_mask=None,
+        sequence_layout=None,
     ):
+        """`sequence_layout`: what `self.sequence_layout(...)` gave for these inputs (the heads read it first and
+        pass it on, so that the padding-invariant mode reads the mask's values once)."""
         output_attentions, output_hidden_states, return_dict = _resolve_output_flags(
             self.config, output_attentions, output_hidden_states, return_dict
         )
@@ -537,6 +581,7 @@ class ConvBertModel(ConvBertPreTrainedModel):
             raise ValueError("You cannot specify both input_ids and inputs_embeds at the same time")
         if input_ids is None and inputs_embeds is None:
             raise ValueError("You have to specify either input_ids or inputs_embeds")
+        invariant = sequences.is_padding_invariant(self.config)
         check_inputs(
             self.config,
             self.embeddings.word_embeddings.weight.device,
@@ -547,12 +592,34 @@ class ConvBertModel(ConvBertPreTrainedModel):
             position_ids=position_ids,
             encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=encoder_attention_mask,
+            packed_rows=invariant and position_ids is not None,
         )
         if input_ids is not None:
             self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
         input_shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         batch, seq_len = input_shape
         device = input_ids.device if input_ids is not None else inputs_embeds.device
+        plan = "transformers"  # padding as transformers treats it: the attention scores only
+        if invariant:
+            layout = sequence_layout or self.sequence_layout(input_ids, inputs_embeds, attention_mask, position_ids)
+            if layout is not None:
+                plan = layout.plan(
+                    fused=ops.backend.fused_layers(),
+                    needs_probabilities=bool(output_attentions) or head_mask is not None,
+                    cross_attention=encoder_hidden_states is not None,
+                )
+            elif attention_mask is not None and torch.compiler.is_compiling():
+                plan = "masked"  # traced: no values to read, so padded rows run in place
+        if plan in ("packed", "unpad"):
+            return self.packed_forward(
+                layout, plan, input_ids, inputs_embeds, token_type_ids, position_ids, head_mask, output_attentions,
+                output_hidden_states, return_dict,
+            )  # fmt: skip
+        token_mask = None
+        if plan == "masked":  # positions counted inside each row's run of real tokens (left padding too)
+            token_mask = (attention_mask != 0).unsqueeze(-1)  # [B, L, 1]
+            if position_ids is None:
+                position_ids = (attention_mask.ne(0).long().cumsum(1) - 1).clamp(min=0)
         # No mask given: the fused layers take none (SDPA's fastest kernels); the seed's math adds zeros.
         attention_mask_given = attention_mask is not None or not ops.backend.fused_layers()
         if attention_mask is None:
@@ -567,7 +634,7 @@ class ConvBertModel(ConvBertPreTrainedModel):
         encoder_mask = None
         if encoder_hidden_states is not None and encoder_attention_mask is not None:
             encoder_mask = extended_attention_mask(encoder_attention_mask, dtype)
-        return self.encoder(
+        outputs = self.encoder(
             hidden_states,
             attention_mask=extended_attention_mask(attention_mask, dtype) if attention_mask_given else None,
             head_mask=self.per_layer_head_mask(head_mask, dtype),
@@ -576,7 +643,84 @@ class ConvBertModel(ConvBertPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=return_dict,
+            sequences=None if token_mask is None else sequences.MaskedConvs(token_mask),
         )
+        if token_mask is None:
+            return outputs
+        # the padding's outputs zeroed, as the unpadded path leaves them: the same tensors whichever path ran
+        return _map_hidden_states(outputs, return_dict, output_hidden_states, lambda h: h * token_mask.to(h.dtype))
+
+    def sequence_layout(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None):
+        """Where the sequences of this batch lie in the padding-invariant mode (convbert_fast.sequences.Layout):
+        None when the mode is off, the rows are full, or under tracing without position_ids (padded rows then run
+        in place, which needs no host values)."""
+        if not sequences.is_padding_invariant(self.config):
+            return None
+        if position_ids is None and torch.compiler.is_compiling():
+            return None
+        batch, seq_len = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        layout = sequences.Layout.of(batch, seq_len, attention_mask, position_ids)
+        longest = max(layout.lengths) if layout is not None else seq_len
+        if longest > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {longest} exceeds max_position_embeddings = {self.config.max_position_embeddings}"
+            )
+        return layout
+
+    def packed_forward(
+        self, layout, plan, input_ids, inputs_embeds, token_type_ids, position_ids, head_mask, output_attentions,
+        output_hidden_states, return_dict,
+    ):  # fmt: skip
+        """Every layer on the T real tokens as one packed row [1, T, C] (plan "unpad": gathered from padded rows;
+        "packed": rows that are packed already); the hidden states scattered back to [B, L, C], zeros at the
+        padding. Attentions, when asked for, are the packed row's [1, H, T, T] (zero across sequences)."""
+        batch, seq_len = layout.batch, layout.seq_len
+        device = self.embeddings.word_embeddings.weight.device
+        index = layout.token_index(device) if plan == "unpad" else None  # [T]; packed rows: all tokens
+
+        def pack(t):  # [B, L, ...] (or one row for the batch) -> [1, T, ...]
+            if t is None:
+                return None
+            flat = t.expand(batch, seq_len, *t.shape[2:]).reshape(batch * seq_len, *t.shape[2:])
+            return (flat if index is None else flat.index_select(0, index))[None]
+
+        def unpack(h):  # [1, T, C] -> [B, L, C]
+            if index is None:
+                return h.view(batch, seq_len, -1)
+            return h.new_zeros(batch * seq_len, h.shape[-1]).index_copy(0, index, h[0]).view(batch, seq_len, -1)
+
+        if position_ids is None:
+            position_ids = layout.positions(device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+        hidden_states = self.embeddings(
+            pack(input_ids), pack(token_type_ids.reshape(-1, seq_len)), pack(position_ids.reshape(-1, seq_len)),
+            pack(inputs_embeds),
+        )  # [1, T, E]  # fmt: skip
+        if hasattr(self, "embeddings_project"):
+            hidden_states = self.embeddings_project(hidden_states)  # [1, T, C]
+        outputs = self.encoder(
+            hidden_states,
+            head_mask=self.per_layer_head_mask(head_mask, hidden_states.dtype),
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            sequences=sequences.PackedSequences(layout.lengths, device),
+        )
+        return _map_hidden_states(outputs, return_dict, output_hidden_states, unpack)
+
+
+def _map_hidden_states(outputs, return_dict, output_hidden_states, fn):
+    """The encoder's outputs with `fn` applied to the last hidden state and each of all_hidden_states."""
+    if return_dict:
+        outputs.last_hidden_state = fn(outputs.last_hidden_state)
+        if output_hidden_states:
+            outputs.hidden_states = tuple(fn(h) for h in outputs.hidden_states)
+        return outputs
+    last, *rest = outputs
+    if output_hidden_states:  # the tuple's second entry (ConvBertEncoder.forward)
+        rest[0] = tuple(fn(h) for h in rest[0])
+    return (fn(last), *rest)
 
 
 class ConvBertGeneratorPredictions(nn.Module):
@@ -683,11 +827,13 @@ class ConvBertForSequenceClassification(ConvBertPreTrainedModel):
     ):
         """labels [B]: class ids (regression when num_labels == 1; float multi-hot for multi-label)."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        layout = self.convbert.sequence_layout(input_ids, inputs_embeds, attention_mask, position_ids)
         outputs = self.convbert(
             input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
-            output_attentions, output_hidden_states, return_dict,
+            output_attentions, output_hidden_states, return_dict, sequence_layout=layout,
         )  # fmt: skip
-        logits = self.classifier(outputs[0])  # [B, num_labels]
+        # [B, num_labels]; packed rows (padding-invariant mode): [N sequences, num_labels]
+        logits = self.classifier(sequences.first_tokens(outputs[0], attention_mask, layout, self.config))
         loss = None
         if labels is not None:
             if self.config.problem_type is None:
@@ -732,11 +878,21 @@ class ConvBertSequenceSummary(nn.Module):
         self.first_dropout = nn.Dropout(first) if first > 0 else nn.Identity()
         self.last_dropout = nn.Dropout(last) if last > 0 else nn.Identity()
 
-    def forward(self, hidden_states, cls_index=None):  # [N, L, C] -> [N, C]
-        if self.summary_type == "last":
+    def forward(self, hidden_states, cls_index=None, token_mask=None):  # [N, L, C] -> [N, C]
+        """`token_mask` [N, L] (the padding-invariant mode): True at real tokens, which alone are summarised."""
+        if token_mask is not None and self.summary_type in ("last", "first"):
+            reversed_ = self.summary_type == "last"
+            mask = token_mask.flip(1) if reversed_ else token_mask
+            index = mask.int().argmax(1)
+            index = hidden_states.shape[1] - 1 - index if reversed_ else index
+            output = hidden_states.gather(1, index[:, None, None].expand(-1, 1, hidden_states.shape[-1]))[:, 0]
+        elif self.summary_type == "last":
             output = hidden_states[:, -1]
         elif self.summary_type == "first":
             output = hidden_states[:, 0]
+        elif self.summary_type == "mean" and token_mask is not None:
+            weights = token_mask.to(hidden_states.dtype)[..., None]
+            output = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
         elif self.summary_type == "mean":
             output = hidden_states.mean(dim=1)
         else:  # cls_index: the given token, the last one by default
@@ -776,18 +932,27 @@ class ConvBertForMultipleChoice(ConvBertPreTrainedModel):
         def flatten(t, trailing):  # [B, num_choices, L, ...] -> [B * num_choices, L, ...]
             return None if t is None else t.reshape(-1, *t.shape[-trailing:])
 
+        input_ids, inputs_embeds = flatten(input_ids, 1), flatten(inputs_embeds, 2)
+        attention_mask, position_ids = flatten(attention_mask, 1), flatten(position_ids, 1)
+        layout = self.convbert.sequence_layout(input_ids, inputs_embeds, attention_mask, position_ids)
+        if layout is not None and layout.packed:
+            raise ValueError("ConvBertForMultipleChoice takes one choice per row: its rows cannot be packed")
         outputs = self.convbert(
-            flatten(input_ids, 1),
-            attention_mask=flatten(attention_mask, 1),
+            input_ids,
+            attention_mask=attention_mask,
             token_type_ids=flatten(token_type_ids, 1),
-            position_ids=flatten(position_ids, 1),
+            position_ids=position_ids,
             head_mask=head_mask,
-            inputs_embeds=flatten(inputs_embeds, 2),
+            inputs_embeds=inputs_embeds,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=return_dict,
+            sequence_layout=layout,
         )
-        logits = self.classifier(self.sequence_summary(outputs[0])).view(-1, num_choices)  # [B, num_choices]
+        # the padding-invariant mode summarises each choice's own tokens ("last": its last real token)
+        invariant = sequences.is_padding_invariant(self.config) and attention_mask is not None
+        summary = self.sequence_summary(outputs[0], token_mask=attention_mask.ne(0) if invariant else None)
+        logits = self.classifier(summary).view(-1, num_choices)  # [B, num_choices]
         loss = CrossEntropyLoss()(logits, labels) if labels is not None else None
         if not return_dict:
             return _with_loss(loss, (logits,) + outputs[1:])
@@ -860,13 +1025,24 @@ class ConvBertForQuestionAnswering(ConvBertPreTrainedModel):
     ):
         """start_positions, end_positions [B]: the answer span; positions past the sequence are ignored."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        layout = self.convbert.sequence_layout(input_ids, inputs_embeds, attention_mask, position_ids)
+        if layout is not None and layout.packed and (start_positions is not None or end_positions is not None):
+            raise ValueError(
+                "ConvBertForQuestionAnswering: answer positions index rows, but these rows are packed (position_ids "
+                "restarting at 0): pad the sequences instead"
+            )
         outputs = self.convbert(
             input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
-            output_attentions, output_hidden_states, return_dict,
+            output_attentions, output_hidden_states, return_dict, sequence_layout=layout,
         )  # fmt: skip
         start_logits, end_logits = self.qa_outputs(outputs[0]).split(1, dim=-1)  # [B, L, 1] each
         start_logits = start_logits.squeeze(-1).contiguous()
         end_logits = end_logits.squeeze(-1).contiguous()
+        if sequences.is_padding_invariant(self.config) and attention_mask is not None and attention_mask.dim() == 2:
+            # no answer in the padding: its logits drop out of the softmax, as if the sequence ran alone
+            padding = attention_mask == 0
+            start_logits = start_logits.masked_fill(padding, torch.finfo(start_logits.dtype).min)
+            end_logits = end_logits.masked_fill(padding, torch.finfo(end_logits.dtype).min)
         total_loss = None
         if start_positions is not None and end_positions is not None:
             if start_positions.dim() > 1:  # multi-GPU gathers add a dimension

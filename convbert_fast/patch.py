@@ -13,7 +13,7 @@ import functools
 from torch import nn
 from transformers.models.convbert import modeling_convbert as transformers_convbert
 
-from . import modeling
+from . import modeling, sequences
 
 _ORIGINAL = "_convbert_fast_original_class"
 _ADDED = "_convbert_fast_added_attributes"
@@ -39,9 +39,11 @@ def _patchable(module: nn.Module) -> bool:
     )
 
 
-def patch(model: nn.Module) -> nn.Module:
+def patch(model: nn.Module, *, padding_invariant: bool | None = None) -> nn.Module:
     """Make a transformers ConvBERT model (any of the six classes) use convbert_fast's layers and the selected
-    backend's kernels, in place; returns the model. Patching twice is a no-op."""
+    backend's kernels, in place; returns the model. Patching twice is a no-op. `padding_invariant`: True or False
+    sets the model config's field of that name (convbert_fast.sequences: every sequence of a padded or packed batch
+    gives what it gives alone); None leaves it as it is (transformers' behaviour unless set)."""
     if isinstance(model, modeling.ConvBertPreTrainedModel) and _ORIGINAL not in vars(model):
         raise TypeError(f"{type(model).__name__} is already a convbert_fast model: nothing to patch")
     if not isinstance(model, transformers_convbert.ConvBertPreTrainedModel):
@@ -60,6 +62,8 @@ def patch(model: nn.Module) -> nn.Module:
         vars(module)[_ORIGINAL] = type(module)
         vars(module)[_ADDED] = added
         module.__class__ = _patched_class(type(module))
+    if padding_invariant is not None:
+        setattr(model.config, sequences.CONFIG_FIELD, bool(padding_invariant))
     return model
 
 

@@ -1,0 +1,185 @@
+"""Padding that changes nothing: the padding-invariant mode (``config.padding_invariant = True``).
+
+transformers' ConvBERT masks padding only in the attention scores; its two convs read the padded positions, so a
+sentence's outputs change with the padding of its batch. In this mode every sequence gives what it gives alone,
+its convs seeing zeros beyond its own ends. A batch arrives in one of three forms, read from its inputs:
+
+- rows with padding (a 2-D ``attention_mask`` with zeros; right, left or both sides; no holes): the real tokens
+  are gathered into one packed row (``unpad``) when that saves work, else the rows run in place with the conv
+  inputs zeroed at the padding (``masked``: also under tracing, and where attention probabilities, a head mask or
+  cross-attention are asked for);
+- packed rows (``DataCollatorWithFlattening``'s form: ``position_ids`` restarting at 0 at each sequence, no padding):
+  run as they are (``packed``);
+- full rows: nothing to do, every row is one sequence.
+
+Packed and unpadded rows run every layer on the T real tokens: the convs take the sequence offsets
+(``cu_seqlens``), the attention runs per sequence (`PackedSequences.attention`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+CONFIG_FIELD = "padding_invariant"
+
+# Unpad a padded batch when at most this share of its positions are real tokens: measured on the CPU (README,
+# "Padding"), where gathering, re-padding for attention and scattering back cost about what a few percent of the
+# positions cost in the layers.
+UNPAD_BELOW_REAL_FRACTION = 0.9
+
+
+def is_padding_invariant(config) -> bool:
+    return bool(getattr(config, CONFIG_FIELD, False))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the sequences of a [B, L] batch lie: per sequence, its first token's index among the B * L tokens
+    (row-major) and its length; `packed` when rows hold several sequences. Read from host copies of the mask or
+    position ids: one device sync per forward."""
+
+    batch: int
+    seq_len: int
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+    packed: bool
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def padded(self) -> bool:
+        return self.tokens < self.batch * self.seq_len
+
+    @classmethod
+    def of(cls, batch: int, seq_len: int, attention_mask, position_ids) -> Layout | None:
+        """The layout of a batch, or None for full rows (each row one sequence). Raises a ValueError for a mask
+        with holes, a 3-D mask, and packed position ids beside padding."""
+        packed_starts = None
+        if position_ids is not None and seq_len > 1:
+            positions = position_ids.reshape(-1, seq_len).expand(batch, seq_len)
+            restarts = (positions[:, 1:] == 0).cpu()
+            if restarts.any():
+                starts = torch.cat([torch.ones(batch, 1, dtype=torch.bool), restarts], dim=1).flatten()
+                packed_starts = starts.nonzero().flatten().tolist()
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                "padding_invariant needs a 2-D attention_mask [batch, seq_len] (its zeros mark padding), got "
+                f"{list(attention_mask.shape)}"
+            )
+        keep = None if attention_mask is None else (attention_mask != 0).cpu()
+        if packed_starts is not None:
+            if keep is not None and not keep.all():
+                raise ValueError(
+                    "padding_invariant: packed rows (position_ids restarting at 0) cannot also hold padding "
+                    "(attention_mask zeros): pack without padding, or pad without packing"
+                )
+            ends = packed_starts[1:] + [batch * seq_len]
+            lengths = tuple(end - start for start, end in zip(packed_starts, ends))
+            return cls(batch, seq_len, tuple(packed_starts), lengths, packed=True)
+        if keep is None or keep.all():
+            return None
+        lengths = keep.sum(1)
+        first = keep.int().argmax(1)
+        last = seq_len - 1 - keep.flip(1).int().argmax(1)
+        holes = (lengths > 0) & (last - first + 1 != lengths)
+        if holes.any():
+            row = int(holes.nonzero()[0])
+            raise ValueError(
+                f"padding_invariant: attention_mask row {row} has padding between real tokens "
+                f"({keep[row].int().tolist()}); each row must hold one run of 1s (padding on the right, left or both)"
+            )
+        starts = (torch.arange(batch) * seq_len + first).tolist()
+        return cls(batch, seq_len, tuple(starts), tuple(lengths.tolist()), packed=False)
+
+    def positions(self, device) -> torch.Tensor:
+        """[B, L] position ids inside each sequence (0 at the padding): what each token's position is alone."""
+        positions = torch.zeros(self.batch * self.seq_len, dtype=torch.long)
+        for start, length in zip(self.starts, self.lengths):
+            positions[start : start + length] = torch.arange(length)
+        return positions.view(self.batch, self.seq_len).to(device)
+
+    def token_index(self, device) -> torch.Tensor:
+        """[T]: the real tokens' indices among the B * L tokens, sequence after sequence."""
+        return torch.cat([torch.arange(s, s + n) for s, n in zip(self.starts, self.lengths)]).to(device)
+
+    def plan(self, *, fused: bool, needs_probabilities: bool, cross_attention: bool) -> str:
+        """How to run: "packed" (packed rows), "unpad" or "masked" (padded rows; see the module's docstring)."""
+        if self.packed:
+            if cross_attention:
+                raise ValueError(
+                    "padding_invariant: packed rows (position_ids restarting at 0) take no cross-attention"
+                )
+            return "packed"
+        if not fused or needs_probabilities or cross_attention:
+            return "masked"
+        return "unpad" if self.tokens <= UNPAD_BELOW_REAL_FRACTION * self.batch * self.seq_len else "masked"
+
+
+class MaskedConvs:
+    """Padded rows run in place: the two convs read their inputs with zeros at the padding (the attention half
+    takes the attention mask as always)."""
+
+    cu_seqlens = None
+
+    def __init__(self, token_mask: torch.Tensor):  # [B, L, 1]
+        self.token_mask = token_mask
+
+    def conv_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.token_mask.to(x.dtype)
+
+
+class PackedSequences:
+    """One packed row of N sequences ([1, T, ...]): the convs take the offsets; attention runs per sequence."""
+
+    def __init__(self, lengths, device):
+        self.cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+        self.lengths = [n for n in lengths if n > 0]
+        self.max_len = max(self.lengths, default=0)
+        # the attention's padded layout: sequence i's tokens in slots i * max_len + [0, n_i)
+        slots = [torch.arange(n) + i * self.max_len for i, n in enumerate(self.lengths)]
+        self.slots = torch.cat(slots or [torch.zeros(0, dtype=torch.long)]).to(device)
+        self.key_mask = (torch.arange(self.max_len) < torch.tensor(self.lengths)[:, None])[:, None, None, :].to(device)
+
+    def conv_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def attention(self, query, key, value, num_heads: int, dropout_p: float) -> torch.Tensor:
+        """[1, T, A] queries, keys and values -> [1, T, A] attention context, each token attending to its own
+        sequence: the sequences padded to the longest for one masked scaled_dot_product_attention (on the CPU
+        several times faster than nested tensors or a loop over sequences, forward and backward)."""
+        total, width = query.shape[1], query.shape[2]
+        count, head_size = len(self.lengths), width // num_heads
+        stacked = torch.stack([query[0], key[0], value[0]], dim=1)  # [T, 3, A]
+        padded = stacked.new_zeros(count * self.max_len, 3, width).index_copy(0, self.slots, stacked)
+        q, k, v = padded.view(count, self.max_len, 3, num_heads, head_size).permute(2, 0, 3, 1, 4)  # [N, H, M, D]
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=self.key_mask, dropout_p=dropout_p)
+        context = context.transpose(1, 2).reshape(count * self.max_len, width)  # [N * M, A]
+        return context.index_select(0, self.slots).view(1, total, width)
+
+    def block_diagonal_mask(self, dtype) -> torch.Tensor:
+        """Additive [1, 1, T, T]: 0 within a sequence, the dtype's lowest value across sequences (the attention
+        probabilities' path, which materialises the scores)."""
+        offsets = self.cu_seqlens.long()
+        ids = torch.repeat_interleave(torch.arange(len(offsets) - 1, device=offsets.device), offsets.diff())
+        same = ids[:, None] == ids[None, :]
+        return ((~same).to(dtype) * torch.finfo(dtype).min)[None, None]
+
+
+
+def first_tokens(hidden_states, attention_mask, layout: Layout | None, config) -> torch.Tensor:
+    """[B, L, C] -> [N, 1, C]: each sequence's first token, which a classification head reads. transformers'
+    models read position 0 of every row; in the padding-invariant mode, the first real token of each row (left
+    padding), or of each packed sequence."""
+    if layout is not None and layout.packed:
+        starts = torch.tensor(layout.starts, device=hidden_states.device)
+        return hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, starts)[:, None]
+    if is_padding_invariant(config) and attention_mask is not None and attention_mask.dim() == 2:
+        first = attention_mask.ne(0).int().argmax(1)  # 0 for a row without tokens
+        return hidden_states.gather(1, first[:, None, None].expand(-1, 1, hidden_states.shape[-1]))
+    return hidden_states[:, :1]
