@@ -166,6 +166,13 @@ def add_train_parser(sub):
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="0 turns clipping off")
     t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
     t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument(
+        "--packing",
+        action="store_true",
+        help="padding-free: each micro-batch's sequences packed into one row (masked-LM rows one document each, or "
+        "the fine-tuning examples), the model in its padding-invariant mode, so no work goes to padding and no conv "
+        "or attention crosses a sequence",
+    )
     t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (torchrun on CUDA GPUs)")
     t.add_argument("--backend", default="auto", choices=["auto", "eager", "cpp", "triton"])
     t.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when there is a GPU")

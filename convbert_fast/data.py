@@ -154,6 +154,23 @@ def pack(docs: list[str], tokenizer, seq_len: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+def documents(docs: list[str], tokenizer, seq_len: int) -> dict[str, torch.Tensor]:
+    """For packed training (`train --packing`): each document its own `[CLS] ... [SEP]` rows of at most `seq_len`
+    tokens (a long one cut into several), padded to `seq_len` with an attention mask. No row crosses a document's
+    boundary; the padding is dropped again when a micro-batch is packed into one row (train.packed)."""
+    if seq_len < 3:
+        raise UsageError(f"--seq-len must be at least 3, got {seq_len}")
+    body = seq_len - 2
+    rows = []
+    for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        rows += [[tokenizer.cls_token_id, *ids[i : i + body], tokenizer.sep_token_id] for i in range(0, len(ids), body)]
+    input_ids = torch.full((len(rows), seq_len), tokenizer.pad_token_id)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)], attention_mask[i, : len(row)] = torch.tensor(row), 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 def read_labelled(path: str) -> tuple[list[str], list[str]]:
     """Labelled examples: JSON lines `{"text": ..., "label": ...}` (a .jsonl file), else `text<TAB>label` lines."""
     texts, labels = [], []

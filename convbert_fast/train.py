@@ -81,9 +81,28 @@ def _cross_entropy_sums(logits, labels):
     return F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(-1) == labels).sum()
 
 
-def _predict(model, batch):
-    """The model's logits scored against batch["labels"] by _cross_entropy_sums."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+def packed(batch):
+    """A padded micro-batch [b, L] as one packed row [1, T] in DataCollatorWithFlattening's form: the real tokens in
+    order, position ids restarting at 0 at each sequence; per-token labels packed alike, per-sequence ones kept."""
+    keep = batch["attention_mask"].bool()
+    positions = batch["attention_mask"].cumsum(1) - 1
+    labels = batch["labels"]
+    return {
+        "input_ids": batch["input_ids"][keep][None],
+        "position_ids": positions[keep][None],
+        "labels": labels[keep][None] if labels.dim() == 2 else labels,
+    }
+
+
+def _predict(model, batch, packing=False):
+    """The model's logits scored against batch["labels"] by _cross_entropy_sums; with `packing`, on the batch
+    packed into one row (the model in its padding-invariant mode: no work on padding, no attention or conv across
+    sequences)."""
+    if packing:
+        batch = packed(batch)
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return _cross_entropy_sums(logits, batch["labels"])
 
 
@@ -95,8 +114,8 @@ def _predict(model, batch):
 class MaskedLM:
     name = "mlm"
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, packing=False):
+        self.tokenizer, self.packing = tokenizer, packing
 
     def prepare(self, batch, generator):
         inputs, labels = mask_tokens(batch["input_ids"], self.tokenizer, generator)
@@ -106,7 +125,7 @@ class MaskedLM:
         return {"masked": int((batch["labels"] != -100).sum())}
 
     def sums(self, model, batch):
-        return dict(zip(("mlm_loss", "mlm_correct"), _predict(model, batch)))
+        return dict(zip(("mlm_loss", "mlm_correct"), _predict(model, batch, self.packing)))
 
     def loss(self, sums, counts):
         return sums["mlm_loss"] / counts["masked"]
@@ -156,6 +175,9 @@ class ReplacedTokenDetection(MaskedLM):
 class Classification:
     name = "cls"
 
+    def __init__(self, packing=False):
+        self.packing = packing
+
     def prepare(self, batch, generator):
         return batch
 
@@ -163,7 +185,7 @@ class Classification:
         return {"examples": len(batch["labels"])}
 
     def sums(self, model, batch):
-        return dict(zip(("loss", "correct"), _predict(model, batch)))
+        return dict(zip(("loss", "correct"), _predict(model, batch, self.packing)))
 
     def loss(self, sums, counts):
         return sums["loss"] / counts["examples"]
@@ -298,6 +320,8 @@ def _check_args(args, world, device):
             f"--batch-size {args.batch_size} (the global batch) must be a multiple of processes x --grad-accum "
             f"= {world} x {args.grad_accum}"
         )
+    if args.packing and args.task == "pretrain" and args.objective != "mlm":
+        raise UsageError("--packing packs masked-LM rows and fine-tuning examples: it takes --objective mlm or --task cls")
     if args.resume and args.init_from:
         raise UsageError("--resume continues a run and --init-from starts one: give one of them")
 
@@ -341,7 +365,8 @@ def _datasets(args, tokenizer, label_ids):
         ]
     docs = data.read_text_file(args.train_file) if args.train_file else data.builtin_corpus()
     train_docs, eval_docs = data.split_eval(docs)
-    train, evaluation = data.pack(train_docs, tokenizer, args.seq_len), data.pack(eval_docs, tokenizer, args.seq_len)
+    rows = data.documents if args.packing else data.pack  # one document per row, or a stream cut into full rows
+    train, evaluation = rows(train_docs, tokenizer, args.seq_len), rows(eval_docs, tokenizer, args.seq_len)
     if len(train["input_ids"]) == 0:
         raise UsageError(f"the training text is shorter than one row of --seq-len {args.seq_len} tokens")
     return train, {k: v[:MAX_EVAL_ROWS] for k, v in evaluation.items()}
@@ -375,6 +400,8 @@ def _build_model(args, tokenizer, source: Path | None, label_ids, device):
         config.vocab_size, config.pad_token_id = len(tokenizer), tokenizer.pad_token_id
         model = model_class.from_config(config) if model_class is ElectraPretraining else model_class(config)
     config = model.config
+    if args.packing:
+        config.padding_invariant = True  # packed rows run as their separate sequences (convbert_fast.sequences)
     if len(tokenizer) > config.vocab_size:
         raise UsageError(
             f"the vocabulary has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}"
@@ -561,6 +588,8 @@ def _run(args, rank, world, device):
             raise UsageError(
                 f"{checkpoint} is a {state['task']}/{state['objective']} run, not {args.task}/{args.objective}"
             )
+        if state.get("packing", False) != args.packing:  # the rows differ: the data order would not continue
+            raise UsageError(f"{checkpoint} was trained {'with' if state.get('packing') else 'without'} --packing")
         start_step = state["step"]
     source = checkpoint or (Path(args.init_from) if args.init_from else None)
     if source is not None and not source.is_dir():
@@ -578,9 +607,12 @@ def _run(args, rank, world, device):
         config_labels = json.loads((source / "config.json").read_text()).get("label2id") if checkpoint else None
         label_ids = config_labels or {k: i for i, k in enumerate(sorted(set(data.read_labelled(args.train_file)[1])))}
     train_set, eval_set = _datasets(args, tokenizer, label_ids)
-    objective = {"mlm": MaskedLM, "electra": ReplacedTokenDetection}[args.objective](tokenizer)
     if args.task == "cls":
-        objective = Classification()
+        objective = Classification(args.packing)
+    elif args.objective == "mlm":
+        objective = MaskedLM(tokenizer, args.packing)
+    else:
+        objective = ReplacedTokenDetection(tokenizer)
     if len(eval_set["input_ids"]) < world:  # too few rows to give every process one: no evaluation
         eval_set = {k: v[:0] for k, v in eval_set.items()}
     else:
@@ -681,6 +713,7 @@ def _run(args, rank, world, device):
                 "epoch": done * args.batch_size / n_train,
                 "samples_seen": done * args.batch_size,
                 "task": args.task,
+                "packing": args.packing,
                 "objective": args.objective,
                 "seed": args.seed,
                 "world_size": world,

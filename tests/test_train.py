@@ -168,6 +168,54 @@ def test_classification_fine_tuning_learns_a_keyword(ws, tmp_path):
         assert not torch.equal(weight, halfway.classifier.state_dict()[name]), name
 
 
+def test_packed_micro_batches_give_the_sums_and_gradients_of_the_padded_ones(ws):
+    """`--packing`'s step: a padded micro-batch packed into one row (train.packed) gives the masked-LM and
+    classification sums, and the gradients, of the same micro-batch padded, the model in its padding-invariant
+    mode (dropout off: the comparison is of the math)."""
+    rows = data.documents(ws.docs[:6], ws.tokenizer, 32)
+    assert (rows["attention_mask"].sum(1) < 32).any()  # padded rows, of different lengths
+    generator = torch.Generator().manual_seed(0)
+    mlm_batch = train.MaskedLM(ws.tokenizer).prepare(rows, generator)
+    cls_batch = {**rows, "labels": torch.randint(0, 2, (len(rows["input_ids"]),), generator=generator)}
+    for model_class, objective, batch in (
+        (cf.ConvBertForMaskedLM, train.MaskedLM, mlm_batch),
+        (cf.ConvBertForSequenceClassification, train.Classification, cls_batch),
+    ):
+        torch.manual_seed(0)
+        config = cf.ConvBertConfig(**TINY, vocab_size=VOCAB, num_labels=2, hidden_dropout_prob=0.0,
+                                   attention_probs_dropout_prob=0.0, padding_invariant=True)  # fmt: skip
+        model = model_class(config)
+        args = (ws.tokenizer,) if objective is train.MaskedLM else ()
+        packed_sums = objective(*args, packing=True).sums(model, batch)
+        padded_sums = objective(*args).sums(model, batch)
+        name = "mlm_loss" if objective is train.MaskedLM else "loss"
+        params = list(model.parameters())
+        packed_grads = torch.autograd.grad(packed_sums[name], params, allow_unused=True)
+        padded_grads = torch.autograd.grad(padded_sums[name], params, allow_unused=True)
+        torch.testing.assert_close(packed_sums[name], padded_sums[name], rtol=1e-5, atol=1e-5)
+        for a, b in zip(packed_grads, padded_grads):
+            if a is None or b is None:
+                assert a is None and b is None
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.timeout(300)  # two short training runs
+def test_packing_trains_masked_lm_and_a_classifier(ws, tmp_path):
+    """`train --packing`: masked-LM rows are whole documents (none crosses a document, none is cut into another's
+    row) and the fine-tuning examples are packed too; both train, and the checkpoint's config keeps the mode."""
+    entries = run_train(ws, tmp_path / "mlm", "--packing", "--max-steps", "6", "--eval-every", "3")
+    steps = [e for e in entries if "loss" in e]
+    assert len(steps) == 6 and all(math.isfinite(e["loss"]) for e in steps)
+    assert [e["step"] for e in evals(entries)] == [3, 6]
+    model = cf.ConvBertForMaskedLM.from_pretrained(tmp_path / "mlm" / "checkpoint-6")
+    assert model.config.padding_invariant is True
+    (tmp_path / "train.tsv").write_text("".join(f"{doc[:80]}\t{i % 2}\n" for i, doc in enumerate(ws.docs[:40])))
+    entries = run_train(ws, tmp_path / "cls", "--packing", "--task", "cls", "--train-file", str(tmp_path / "train.tsv"),
+                        "--max-steps", "3")  # fmt: skip
+    assert all(math.isfinite(e["loss"]) for e in entries if "loss" in e)
+
+
 @pytest.mark.timeout(300)  # three training runs: 20 s loaded
 def test_resume_continues_with_the_same_losses(ws, tmp_path):
     """Dropout on (the config's 0.1): masks, order and dropout depend on (seed, step) only, so 6 steps in one go
@@ -290,6 +338,7 @@ BAD_INPUT = {
     "cls without labels": (["--task", "cls", "--train-file", "{corpus}"], "expected text<TAB>label"),
     "fp16 on the CPU": (["--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
     "fsdp on the CPU": (["--fsdp"], "--fsdp needs CUDA GPUs"),
+    "packing electra": (["--packing", "--objective", "electra"], "--packing packs masked-LM rows and fine-tuning"),
     "no GPU for the process": (["--device", "cuda"], "--device cuda: process 0 has no GPU"),
     "batch not divisible": (
         ["--batch-size", "7", "--grad-accum", "2"],
