@@ -85,6 +85,16 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
+def _padding_list(text: str) -> list[str]:
+    from .bench.providers import PADDINGS
+
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [p for p in chosen if p not in PADDINGS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"{text!r}: valid paddings are {', '.join(PADDINGS)}")
+    return list(dict.fromkeys(chosen))
+
+
 def bench(parser, args) -> int:
     import torch
 
@@ -108,7 +118,8 @@ def bench(parser, args) -> int:
         layers=12 if on_gpu else 2,
         batch_size=32 if on_gpu else 8,
         seq_len=[[128, 256, 512, 1024, 2048, 4096]] if on_gpu else [[128, 256]],
-        providers=",".join(PROVIDERS) if on_gpu else "transformers,transformers-compile,cpp",
+        providers=",".join(PROVIDERS) if on_gpu else "transformers,transformers-compile,cpp,cpp-unpadded",
+        padding=["none", "half", "heavy"],
         repeats=20 if on_gpu else 3,
         warmup=3 if on_gpu else 1,
     )
@@ -212,12 +223,13 @@ def main(argv=None) -> int:
     )
     b.add_argument("--warmup", type=int, default=None)
     b.add_argument(
-        "--pad",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="besides full rows, measure padded batches: lengths uniform in [L/2, L] (seeded), with an attention "
-        "mask for both models (default: on)",
+        "--padding",
+        type=_padding_list,
+        default=None,
+        help="the batches at each length, comma-separated: none (full rows), half (row lengths uniform in [L/2, L], "
+        "seeded, with an attention mask for both models), heavy (lengths in [8, L]); default: none,half,heavy",
     )
+    b.add_argument("--no-pad", dest="padding", action="store_const", const=["none"], help="full rows only")
     b.add_argument("--json", metavar="PATH", help="write the record here")
     b.add_argument("--plot", metavar="PATH", help="write a PNG of speed-up against sequence length here")
     b.add_argument(

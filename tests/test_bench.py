@@ -32,7 +32,7 @@ def test_bench_writes_table_json_and_plot(tmp_path):
     record_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
     result = bench(
         "--config", "small", "--layers", "1", "--batch-size", "2", "--seq-len", "8,16", "--repeats", "1",
-        "--warmup", "0", "--providers", "transformers,eager,cpp,triton",
+        "--warmup", "0", "--providers", "transformers,eager,cpp,cpp-unpadded,triton",
         "--json", str(record_path), "--plot", str(plot_path),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -49,29 +49,36 @@ def test_bench_writes_table_json_and_plot(tmp_path):
     assert set(record["versions"]) == {"python", "torch", "triton", "transformers", "cuda", "driver"}
     summary = record["summary"]
     for key in ("train_step_vs_eager", "train_step_vs_compile", "inference_vs_eager", "peak_memory_vs_eager",
-                "padded_train_step_vs_eager", "span_conv_vs_eager", "span_conv_bandwidth_fraction"):  # fmt: skip
+                "padded_train_step_vs_eager", "heavy_train_step_vs_eager", "span_conv_vs_eager",
+                "span_conv_bandwidth_fraction", "padded_unpadded_train_step_vs_eager",
+                "heavy_unpadded_train_step_vs_ours", "unpadded_inference_vs_ours"):  # fmt: skip
         assert key in summary
     assert summary["train_step_vs_eager"] > 0 and summary["span_conv_vs_eager"] > 0
     assert summary["train_step_vs_compile"] is None  # transformers-compile was not asked for
     for op in ("dynamic_span_conv", "separable_conv1d", "grouped_linear"):
         assert record["ops"][op]["eager_ms"] > 0 and record["ops"][op]["ms"] > 0
     measured = [m for m in record["measurements"] if m["skipped"] is None]
-    # every length both unpadded and padded, each with its own memory measured alone
-    assert {(m["provider"], m["seq_len"], m["padded"]) for m in measured} == {
-        (p, length, padded) for p in ("transformers", "eager", "cpp") for length in (8, 16) for padded in (False, True)
+    # every length with full rows and both paddings, each with its own memory measured alone
+    assert {(m["provider"], m["seq_len"], m["padding"]) for m in measured} == {
+        (p, length, padding)
+        for p in ("transformers", "eager", "cpp", "cpp-unpadded")
+        for length in (8, 16)
+        for padding in ("none", "half", "heavy")
     }
     for m in measured:
         assert m["train_step_ms"] > 0 and m["forward_ms"] > 0
         assert m["peak_memory_mb"] > m["activation_memory_mb"] > 0
         assert m["compiled"] is None and m["dynamo"] is None  # not compiled providers
         full = m["batch_size"] * m["seq_len"]
-        assert m["tokens"] == full if not m["padded"] else full / 2 <= m["tokens"] <= full
+        assert m["padded"] == (m["padding"] != "none")
+        low = {"none": full, "half": full / 2, "heavy": m["batch_size"] * min(8, m["seq_len"])}[m["padding"]]
+        assert low <= m["tokens"] <= full
     # each provider alone: its weights, gradients and AdamW's two moments (4x the fp32 weights), not two models
-    at = {(m["provider"], m["seq_len"], m["padded"]): m for m in measured}
+    at = {(m["provider"], m["seq_len"], m["padding"]): m for m in measured}
     weights_mb = sum(p.numel() for p in _small_model().parameters()) * 4 / 2**20
     for m in measured:
         assert m["peak_memory_mb"] - m["activation_memory_mb"] == pytest.approx(4 * weights_mb, rel=1e-3)
-    assert at["transformers", 16, False]["activation_memory_mb"] > at["transformers", 8, False]["activation_memory_mb"]
+    assert at["transformers", 16, "none"]["activation_memory_mb"] > at["transformers", 8, "none"]["activation_memory_mb"]
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -86,7 +93,7 @@ def test_a_run_stopped_by_sigint_keeps_what_it_measured(tmp_path):
     lengths = ",".join(str(8 * i) for i in range(1, 41))  # 80 batches: far more than run before the signal
     child = subprocess.Popen(
         [sys.executable, "-m", "convbert_fast", "bench", "--config", "small", "--layers", "1", "--batch-size", "1",
-         "--seq-len", lengths, "--repeats", "1", "--warmup", "0", "--providers", "transformers,cpp",
+         "--seq-len", lengths, "--padding", "none,half", "--repeats", "1", "--warmup", "0", "--providers", "transformers,cpp",
          "--json", str(record_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
@@ -103,8 +110,8 @@ def test_a_run_stopped_by_sigint_keeps_what_it_measured(tmp_path):
     record = json.loads(record_path.read_text())
     assert record["complete"] is False
     assert re.fullmatch(r"interrupted \(SIGINT\) after \d+ of 80 batches", record["stopped"])
-    done = {(m["seq_len"], m["padded"]) for m in record["measurements"]}
-    assert (8, False) in done and len(done) < 80 and record["ops"]["dynamic_span_conv"]["ms"] > 0
+    done = {(m["seq_len"], m["padding"]) for m in record["measurements"]}
+    assert (8, "none") in done and len(done) < 80 and record["ops"]["dynamic_span_conv"]["ms"] > 0
     assert all(m["skipped"] is None and m["train_step_ms"] > 0 for m in record["measurements"])
     blocks = report.markdown_blocks([str(record_path)])
     assert f"**Incomplete run: {record['stopped']}.**" in blocks["model"]
@@ -195,7 +202,7 @@ def test_compiled_providers_get_a_graph_per_length_and_phase(tmp_path):
     with torch._dynamo.config.patch(recompile_limit=2):
         assert cli.main(args) == 0
     measurements = json.loads(record_path.read_text())["measurements"]
-    assert [(m["seq_len"], m["padded"]) for m in measurements] == [(8, False), (16, False)]
+    assert [(m["seq_len"], m["padding"]) for m in measurements] == [(8, "none"), (16, "none")]
     for m in measurements:
         assert m["skipped"] is None and m["compiled"] is True, m
         for phase in ("forward", "train_step"):
@@ -221,15 +228,17 @@ def test_a_frame_left_to_eager_is_marked_not_compiled():
 
 def test_padded_batches_are_seeded_and_masked():
     config = named_config("small", num_hidden_layers=1)
-    ids, mask, tokens = providers.make_batch(config, 64, 9, True, torch.device("cpu"), seed=3)
-    again = providers.make_batch(config, 64, 9, True, torch.device("cpu"), seed=3)
+    ids, mask, tokens = providers.make_batch(config, 64, 9, "half", torch.device("cpu"), seed=3)
+    again = providers.make_batch(config, 64, 9, "half", torch.device("cpu"), seed=3)
     assert torch.equal(ids, again[0]) and torch.equal(mask, again[1])
     lengths = mask.sum(1)
     assert lengths.min() >= 5 and lengths.max() <= 9 and len(set(lengths.tolist())) > 1 and tokens == lengths.sum()
     assert torch.equal(mask, (torch.arange(9) < lengths[:, None]).long())  # real tokens first, then padding
     assert (ids[mask == 0] == config.pad_token_id).all() and (ids[mask == 1] >= 5).all()
-    ids, mask, tokens = providers.make_batch(config, 2, 9, False, torch.device("cpu"))
+    ids, mask, tokens = providers.make_batch(config, 2, 9, "none", torch.device("cpu"))
     assert mask is None and tokens == 18
+    lengths = providers.make_batch(config, 256, 32, "heavy", torch.device("cpu"), seed=3)[1].sum(1)
+    assert lengths.min() >= 8 and lengths.max() <= 32 and lengths.float().mean() < 24  # heavy: uniform in [8, L]
 
 
 def test_quantiles_stay_within_the_rounds():

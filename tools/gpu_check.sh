@@ -306,7 +306,7 @@ phase_bench() {
         ops_args=(--bench-device cpu --bench-size tiny -k "not triton")  # Triton's interpreter: minutes here
         breakdown_args=(--device cpu --layers 1 --batch-size 1 --seq-len 16 --rounds 3)
     fi
-    model_args=("${shape[@]}" --providers transformers,cpp,triton)
+    model_args=("${shape[@]}" --providers transformers,cpp,cpp-unpadded,triton)
     compiled_args=("${shape[@]}" --no-pad --providers transformers,transformers-compile,compile)
     step bench-ops "$(budget 60 140)" "${pytest_base[@]}" benchmarks "${ops_args[@]}" --benchmark-only \
         --benchmark-group-by=group --benchmark-json="$out/bench_ops.json"

@@ -18,7 +18,11 @@ PROVIDERS = {
     "cpp": "convbert_fast, backend cpp",
     "triton": "convbert_fast, backend triton",
     "compile": "torch.compile of convbert_fast (backend auto)",
+    "cpp-unpadded": "convbert_fast, backend cpp, padding-invariant mode (padded rows run unpadded)",
 }
+# Padded batches: each row's length drawn uniformly from [low(L), L], the rest padding, masked out.
+PADDINGS = {"none": None, "half": lambda seq_len: (seq_len + 1) // 2, "heavy": lambda seq_len: min(8, seq_len)}
+PADDING_ROWS = {"none": "all L", "half": "L/2..L", "heavy": "8..L"}
 BASELINE, COMPILE_BASELINE = "transformers", "transformers-compile"
 
 
@@ -27,7 +31,8 @@ class Measurement:
     provider: str
     seq_len: int
     batch_size: int
-    padded: bool = False  # lengths uniform in [L/2, L] with an attention mask, else every row L tokens
+    padded: bool = False  # rows of random lengths with an attention mask, else every row L tokens
+    padding: str = "none"  # of PADDINGS: "half" lengths uniform in [L/2, L], "heavy" in [8, L]
     tokens: int | None = None  # real (not padding) tokens per batch: what tokens/s count
     skipped: str | None = None  # why it could not run here
     forward_ms: float | None = None
@@ -48,11 +53,12 @@ def provider_problem(provider: str, device: torch.device) -> str | None:
     """Why `provider` cannot run on `device`, or None."""
     import convbert_fast as cf
 
-    if provider in ("eager", "cpp", "triton"):
-        status = cf.available_backends()[provider]
+    backend = provider.removesuffix("-unpadded")
+    if backend in ("eager", "cpp", "triton"):
+        status = cf.available_backends()[backend]
         if status != "ok":
             return status
-        gap = cf.ops.backend.device_gaps().get((provider, device.type))
+        gap = cf.ops.backend.device_gaps().get((backend, device.type))
         if gap:
             return gap
         if provider == "triton" and device.type == "cpu":
@@ -82,14 +88,14 @@ def train_step_flops(model, batch_size, seq_len, device) -> float:
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
-def make_batch(config, batch_size, seq_len, padded, device, seed=0):
-    """(ids, attention_mask or None, real tokens): the same batch for every provider. Padded: each row's length
-    drawn uniformly from [ceil(L/2), L] by a generator seeded with `seed`, the rest padding, masked out."""
+def make_batch(config, batch_size, seq_len, padding, device, seed=0):
+    """(ids, attention_mask or None, real tokens): the same batch for every provider. Padded (PADDINGS): each
+    row's length drawn uniformly from [low(L), L] by a generator seeded with `seed`, the rest padding, masked out."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, config.vocab_size, (batch_size, seq_len), generator=generator)
-    if not padded:
+    if PADDINGS[padding] is None:
         return ids.to(device), None, batch_size * seq_len
-    lengths = torch.randint((seq_len + 1) // 2, seq_len + 1, (batch_size,), generator=generator)
+    lengths = torch.randint(PADDINGS[padding](seq_len), seq_len + 1, (batch_size,), generator=generator)
     mask = (torch.arange(seq_len) < lengths[:, None]).long()
     ids = ids.masked_fill(mask == 0, config.pad_token_id or 0)
     return ids.to(device), mask.to(device), int(lengths.sum())
@@ -103,7 +109,9 @@ class ProviderRun:
         theirs, ours = models
         self.provider, self.device = provider, device
         self.model = theirs if provider.startswith("transformers") else ours
-        self.backend = {"eager": "eager", "cpp": "cpp", "triton": "triton"}.get(provider, "auto")
+        backend = provider.removesuffix("-unpadded")
+        self.backend = backend if backend in ("eager", "cpp", "triton") else "auto"
+        self.padding_invariant = provider.endswith("-unpadded")  # ours: the model is shared, the mode set per call
         # static shapes: a graph per batch shape and mode, as a fixed-shape training run would have (dynamo is
         # reset before each batch, so the recompile limit is never reached)
         self.compiled = provider.endswith("compile")
@@ -121,10 +129,12 @@ class ProviderRun:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled)
 
     def forward(self):
+        self.model.config.padding_invariant = self.padding_invariant
         with torch.no_grad(), self._autocast():
             self.runner(self.ids, attention_mask=self.mask)
 
     def train_step(self):
+        self.model.config.padding_invariant = self.padding_invariant
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             loss = self.runner(self.ids, attention_mask=self.mask).last_hidden_state.float().square().mean()
@@ -207,17 +217,20 @@ def failure(error: Exception) -> str:
     return f"failed: {type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
 
 
-def measure_batch(providers, models, args, seq_len, padded, device, autocast_dtype, gemm_flops, train_flops,
+def measure_batch(providers, models, args, seq_len, padding, device, autocast_dtype, gemm_flops, train_flops,
                   progress):  # fmt: skip
-    """Every provider on one batch (L tokens a row, or padded): warm-up calls, then `repeats` rounds that time
+    """Every provider on one batch (L tokens a row, or padded as PADDINGS[padding] says): warm-up calls, then
+    `repeats` rounds that time
     each provider once per phase, then each provider's memory alone. A provider that fails (a compiler bug,
     say, or out of memory) is recorded as skipped with the error; it never ends the run."""
     torch._dynamo.reset()  # fresh graphs for this shape: the recompile limit counts per code object
-    batch = make_batch(models[0].config, args.batch_size, seq_len, padded, device, seed=seq_len)
+    batch = make_batch(models[0].config, args.batch_size, seq_len, padding, device, seed=seq_len)
     measurements, runs = [], []
 
     def skip(provider, why):
-        measurements.append(Measurement(provider, seq_len, args.batch_size, padded, batch[2], skipped=why))
+        measurements.append(
+            Measurement(provider, seq_len, args.batch_size, padding != "none", padding, batch[2], skipped=why)
+        )
         progress.update(1)
 
     states = {id(m): {k: v.clone() for k, v in m.state_dict().items()} for m in models}  # AdamW must not drift
@@ -250,6 +263,7 @@ def measure_batch(providers, models, args, seq_len, padded, device, autocast_dty
             skip(run.provider, failure(error))
     for run in runs:
         measurements.append(run.result(seq_len, args.batch_size, gemm_flops, train_flops))
+        measurements[-1].padding = padding
         progress.update(1)
     for model in models:
         model.load_state_dict(states[id(model)])

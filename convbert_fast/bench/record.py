@@ -4,7 +4,7 @@ every measurement and a summary) and printed as a table (report.py), with a plot
 
 The model measured is the encoder (ConvBertModel) with a scalar loss on its output: the part our kernels
 change. A training step is forward + backward + AdamW step; inference is a forward under no_grad in eval mode.
-At each batch (L tokens a row, and with --pad a padded batch of the same L) the providers are timed in rounds,
+At each batch (L tokens a row, and padded batches of the same L: --padding) the providers are timed in rounds,
 one call each per round, and each reports the median of its rounds: a drift in the machine's speed then falls
 on every provider alike. Compiled providers get fresh graphs per batch, and dynamo's counts say they ran them;
 each provider's memory is measured alone.
@@ -74,16 +74,23 @@ def provenance() -> dict:
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
+
+
+# summary keys' prefix per padding: full rows none, padded rows (lengths in [L/2, L]) `padded_`, heavy `heavy_`
+SUMMARY_PREFIX = {"none": "", "half": "padded_", "heavy": "heavy_"}
+
+
 def summarize(measurements: list[Measurement], provider_ours: str) -> dict:
-    """Headline figures at the longest sequence length measured, unpadded (padded: the `padded_` keys), for our
-    fastest-by-default provider."""
+    """Headline figures at the longest sequence length measured, per padding (SUMMARY_PREFIX), for our
+    fastest-by-default provider; and for the padding-invariant mode (`cpp-unpadded`), its speed-ups over
+    transformers and over the same backend in the default mode on the same batch (`unpadded_..._vs_ours`)."""
     done = [m for m in measurements if m.skipped is None]
     if not done:
         return {}
     seq_len = max(m.seq_len for m in done)
     summary = {"seq_len": seq_len, "provider": provider_ours}
-    for padded, prefix in ((False, ""), (True, "padded_")):
-        at = {m.provider: m for m in done if m.seq_len == seq_len and m.padded == padded}
+    for padding, prefix in SUMMARY_PREFIX.items():
+        at = {m.provider: m for m in done if m.seq_len == seq_len and m.padding == padding}
         if not at:
             continue
         ours, base, compiled = at.get(provider_ours), at.get(BASELINE), at.get(COMPILE_BASELINE)
@@ -93,7 +100,16 @@ def summarize(measurements: list[Measurement], provider_ours: str) -> dict:
             prefix + "inference_vs_eager": _ratio(base and base.forward_ms, ours and ours.forward_ms),
             prefix + "peak_memory_vs_eager": _ratio(ours and ours.peak_memory_mb, base and base.peak_memory_mb),
         }
+        unpadded, default = at.get("cpp-unpadded"), at.get("cpp")
+        if unpadded is not None:
+            summary |= {
+                prefix + "unpadded_train_step_vs_eager": _ratio(base and base.train_step_ms, unpadded.train_step_ms),
+                prefix + "unpadded_inference_vs_eager": _ratio(base and base.forward_ms, unpadded.forward_ms),
+                prefix + "unpadded_train_step_vs_ours": _ratio(default and default.train_step_ms, unpadded.train_step_ms),
+                prefix + "unpadded_inference_vs_ours": _ratio(default and default.forward_ms, unpadded.forward_ms),
+            }
     return summary
+
 
 def run(args) -> int:
     """Measures, printing the table at the end. The record (--json) is written after the op summary and again
@@ -112,7 +128,7 @@ def run(args) -> int:
     autocast_dtype = None if dtype == torch.float32 else dtype
     providers = args.providers
     ours = next((p for p in ("compile", "cpp", "triton", "eager") if p in providers), providers[-1])
-    batches = [(seq_len, padded) for seq_len in args.seq_len for padded in ((False, True) if args.pad else (False,))]
+    batches = [(seq_len, padding) for seq_len in args.seq_len for padding in args.padding]
     title = (
         f"ConvBertModel {args.config}, {args.layers} layers, batch {args.batch_size}, {args.dtype}, "
         f"{device_name(device)}"
@@ -153,21 +169,22 @@ def run(args) -> int:
         record["gemm_rate_flops"] = gemm_flops = gemm_rate(device, dtype)
         flops = {seq_len: train_step_flops(models[0], args.batch_size, seq_len, device) for seq_len in args.seq_len}
         with tqdm(total=len(batches) * len(providers), desc="bench", unit="provider") as progress:
-            for seq_len, padded in batches:
-                measurements.extend(measure_batch(providers, models, args, seq_len, padded, device, autocast_dtype,
+            for seq_len, padding in batches:
+                measurements.extend(measure_batch(providers, models, args, seq_len, padding, device, autocast_dtype,
                                                   gemm_flops, flops[seq_len], progress))  # fmt: skip
                 save()
         del models
         record["complete"] = True
     except KeyboardInterrupt:
-        done = len({(m.seq_len, m.padded) for m in measurements})
+        done = len({(m.seq_len, m.padding) for m in measurements})
         record["stopped"] = f"interrupted (SIGINT) after {done} of {len(batches)} batches"
         print(f"\nSTOPPED: {record['stopped']}; the record keeps what was measured", file=sys.stderr)
     save()
     ops = record["ops"]
     print(title)
     print(table(measurements))
-    print(f"(medians of {args.repeats} rounds; padded rows: lengths uniform in [L/2, L], tokens/s of real tokens; "
+    print(f"(medians of {args.repeats} rounds; padded rows: lengths uniform in [L/2, L] (half) or [8, L] (heavy), "
+          f"tokens/s of real tokens; "
           f"memory: {memory_tool})")  # fmt: skip
     if ops is not None:
         for op in ("dynamic_span_conv", "separable_conv1d", "grouped_linear"):

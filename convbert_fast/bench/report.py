@@ -10,7 +10,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .providers import BASELINE, COMPILE_BASELINE, Measurement
+from .providers import BASELINE, COMPILE_BASELINE, PADDING_ROWS, Measurement
 
 
 def _ratio(a, b):
@@ -22,10 +22,15 @@ def provider_label(m) -> str:
     return m["provider"] + (" (NOT compiled: fell back to eager)" if m.get("compiled") is False else "")
 
 
+def padding_of(m) -> str:
+    """A measurement's padding (PADDINGS); records from before heavy padding have only `padded`."""
+    return m.get("padding") or ("half" if m["padded"] else "none")
+
+
 def _by_batch(measurements):
     by_batch: dict[tuple, dict] = {}
     for m in measurements:
-        by_batch.setdefault((m["seq_len"], m["padded"]), {})[m["provider"]] = m
+        by_batch.setdefault((m["seq_len"], padding_of(m)), {})[m["provider"]] = m
     return by_batch
 
 
@@ -35,14 +40,14 @@ def _fmt(value, spec, suffix=""):
 
 def table(measurements: list[Measurement]) -> str:
     rows = [
-        f"{'L':>5} {'pad':>3} {'provider':<21} {'fwd ms':>9} {'train ms':>9} {'train tok/s':>12} {'fwd x eager':>11} "
+        f"{'L':>5} {'pad':>5} {'provider':<21} {'fwd ms':>9} {'train ms':>9} {'train tok/s':>12} {'fwd x eager':>11} "
         f"{'train x eager':>13} {'fwd x compile':>13} {'train x compile':>15} {'peak MB':>8} {'act MB':>7} "
         f"{'GEMM rate':>9}"
     ]
-    for (seq_len, padded), at in _by_batch([asdict(m) for m in measurements]).items():
+    for (seq_len, padding), at in _by_batch([asdict(m) for m in measurements]).items():
         base, compiled = at.get(BASELINE), at.get(COMPILE_BASELINE)
         for m in at.values():
-            lead = f"{seq_len:>5} {'yes' if padded else 'no':>3} {provider_label(m):<21}"
+            lead = f"{seq_len:>5} {padding:>5} {provider_label(m):<21}"
             if m["skipped"]:
                 rows.append(f"{lead} skipped: {m['skipped']}")
                 continue
@@ -65,18 +70,19 @@ def plot(measurements: list[Measurement], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     done = [m for m in measurements if not m.skipped]
-    base = {(m.seq_len, m.padded): m.train_step_ms for m in done if m.provider == BASELINE}
+    base = {(m.seq_len, m.padding): m.train_step_ms for m in done if m.provider == BASELINE}
+    styles = {"none": "-", "half": "--", "heavy": ":"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for provider in dict.fromkeys(m.provider for m in measurements):
-        for padded in (False, True):
+        for padding, style in styles.items():
             points = sorted(
-                (m.seq_len, base[m.seq_len, padded] / m.train_step_ms)
+                (m.seq_len, base[m.seq_len, padding] / m.train_step_ms)
                 for m in done
-                if m.provider == provider and m.padded == padded and (m.seq_len, padded) in base
+                if m.provider == provider and m.padding == padding and (m.seq_len, padding) in base
             )
             if points:
-                label = provider + (", padded" if padded else "")
-                ax.plot(*zip(*points), marker="o", linestyle="--" if padded else "-", label=label)
+                label = provider + ("" if padding == "none" else f", rows {PADDING_ROWS[padding]}")
+                ax.plot(*zip(*points), marker="o", linestyle=style, label=label)
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xscale("log", base=2)
     lengths = sorted({m.seq_len for m in measurements})
@@ -90,7 +96,15 @@ def plot(measurements: list[Measurement], path: str, title: str) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-OURS = {"eager": "ours, `eager`", "cpp": "ours, `cpp`", "triton": "ours, `triton`", "compile": "ours, compiled"}
+
+
+OURS = {
+    "eager": "ours, `eager`",
+    "cpp": "ours, `cpp`",
+    "triton": "ours, `triton`",
+    "compile": "ours, compiled",
+    "cpp-unpadded": "ours, `cpp`, padding-invariant (unpadded)",
+}
 README_BLOCK = re.compile(r"(<!-- bench:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)", re.S)
 
 
@@ -110,7 +124,7 @@ def model_markdown(record, path) -> str:
         f"ConvBERT-{s['config']} encoder with {s['layers']} layer{'s' if s['layers'] != 1 else ''}, "
         f"B={s['batch_size']}, {s['dtype']}: medians of "
         f"{s['repeats']} rounds in which the providers take turns; padded rows draw each row's length uniformly "
-        "from [L/2, L] and pass the attention mask to both models; tokens/s counts real tokens; peak memory is "
+        "from [L/2, L] (or [8, L]) and pass the attention mask to both models; tokens/s counts real tokens; peak memory is "
         f"one training step of the provider alone ({record['memory_tool']}), activations are the peak less "
         "weights, gradients and AdamW state. " + _source(record, path) + _incomplete(record),
         "",
@@ -118,9 +132,9 @@ def model_markdown(record, path) -> str:
         "| step vs transformers | step vs transformers-compile | peak memory | activations |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (seq_len, padded), at in _by_batch(record["measurements"]).items():
+    for (seq_len, padding), at in _by_batch(record["measurements"]).items():
         base, compiled = at.get(BASELINE), at.get(COMPILE_BASELINE)
-        rows = "L/2..L, masked" if padded else "all L"
+        rows = PADDING_ROWS[padding] + ("" if padding == "none" else ", masked")
         for m in at.values():
             label = provider_label({**m, "provider": OURS.get(m["provider"], m["provider"])})
             if m["skipped"]:
