@@ -26,10 +26,10 @@ import torch.nn.functional as F
 
 CONFIG_FIELD = "padding_invariant"
 
-# Unpad a padded batch when at most this share of its positions are real tokens: measured on the CPU (README,
-# "Padding"), where gathering, re-padding for attention and scattering back cost about what a few percent of the
-# positions cost in the layers.
-UNPAD_BELOW_REAL_FRACTION = 0.9
+# Unpad a padded batch when at most this share of its positions are real tokens. Measured on the CPU (Intel Xeon,
+# one thread, ConvBERT-base with 2 layers): unpadded against in place, forward and training step, 0.97-1.05x at
+# 95-98% real tokens (B=1 and 8, L=128 and 256), 0.92x at 94% (B=1), 0.64x at 50%.
+UNPAD_BELOW_REAL_FRACTION = 0.95
 
 
 def is_padding_invariant(config) -> bool:
