@@ -151,10 +151,16 @@ class PackedSequences:
 
     def attention(self, query, key, value, num_heads: int, dropout_p: float) -> torch.Tensor:
         """[1, T, A] queries, keys and values -> [1, T, A] attention context, each token attending to its own
-        sequence: the sequences padded to the longest for one masked scaled_dot_product_attention (on the CPU
-        several times faster than nested tensors or a loop over sequences, forward and backward)."""
+        sequence: on a GPU in fp16/bf16 without dropout, torch's varlen (flash) attention where this torch has it;
+        else the sequences padded to the longest for one masked scaled_dot_product_attention (on the CPU several
+        times faster than nested tensors or a loop over sequences, forward and backward: README)."""
         total, width = query.shape[1], query.shape[2]
         count, head_size = len(self.lengths), width // num_heads
+        varlen = _varlen_attention()
+        if varlen is not None and query.is_cuda and dropout_p == 0 and query.dtype in (torch.float16, torch.bfloat16):
+            offsets = torch.tensor([0, *itertools.accumulate(self.lengths)], dtype=torch.int32, device=query.device)
+            q, k, v = (t[0].reshape(total, num_heads, head_size) for t in (query, key, value))  # [T, H, D]
+            return varlen(q, k, v, offsets, offsets, self.max_len, self.max_len).reshape(1, total, width)
         stacked = torch.stack([query[0], key[0], value[0]], dim=1)  # [T, 3, A]
         padded = stacked.new_zeros(count * self.max_len, 3, width).index_copy(0, self.slots, stacked)
         q, k, v = padded.view(count, self.max_len, 3, num_heads, head_size).permute(2, 0, 3, 1, 4)  # [N, H, M, D]
@@ -183,3 +189,12 @@ def first_tokens(hidden_states, attention_mask, layout: Layout | None, config) -
         first = attention_mask.ne(0).int().argmax(1)  # 0 for a row without tokens
         return hidden_states.gather(1, first[:, None, None].expand(-1, 1, hidden_states.shape[-1]))
     return hidden_states[:, :1]
+
+
+def _varlen_attention():
+    """torch.nn.attention.varlen.varlen_attn (torch >= 2.10: flash attention over packed sequences, CUDA), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn

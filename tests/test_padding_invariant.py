@@ -74,16 +74,16 @@ def call(model, name, embeds, mask):
     return HEADS[name][1](model(inputs_embeds=embeds, attention_mask=mask))
 
 
-def check_invariance(model, name, lengths, gen, left=False, tolerance=1e-5):
+def check_invariance(model, name, lengths, gen, left=False, tolerance=1e-5, device="cpu"):
     """Each sequence batched (padded) against its own run alone, without padding, on the eager backend (the
     seed's math, as transformers runs it): outputs, and the gradients of the parameters and of inputs_embeds of
     a loss that sums a fixed random projection of each sequence's output."""
     per_token = HEADS[name][2]
     embeds, mask = padded_batch(lengths, SEQ_LEN, model.config.embedding_size, gen, left)
-    embeds = embeds.to(model.dtype).requires_grad_()
+    embeds, mask = embeds.to(device, model.dtype).requires_grad_(), mask.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     out = call(model, name, embeds, mask)
-    weights = torch.randn(out.shape, generator=gen).to(out.dtype)
+    weights = torch.randn(out.shape, generator=gen).to(device, out.dtype)
     loss = sum((weights[i, real(mask[i])] * out[i, real(mask[i])]).sum() if per_token else (weights[i] * out[i]).sum()
                for i in range(len(lengths)))  # fmt: skip
     grads = torch.autograd.grad(loss, [embeds, *params], allow_unused=True)
@@ -285,6 +285,40 @@ def test_compiled_padding_invariant_model_runs_padded_rows_in_place(rng):
         model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state,
         rtol=1e-5, atol=1e-5,
     )  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_packed_attention_on_cuda_matches_the_padded_sdpa(dtype):
+    """On a GPU in fp16/bf16 without dropout, packed attention takes torch's varlen flash attention where this
+    torch has it: the same context as the sequences padded for masked SDPA (the CPU's path), forward and
+    backward, within the dtype's rounding."""
+    gen = torch.Generator().manual_seed(0)
+    lengths, heads, head_size = [37, 1, 0, 128, 64], 6, 64
+    packed = sequences.PackedSequences(lengths, "cuda")
+    q, k, v = (torch.randn(1, sum(lengths), heads * head_size, generator=gen).to("cuda", dtype).requires_grad_()
+               for _ in range(3))  # fmt: skip
+    out = packed.attention(q, k, v, heads, 0.0)
+    assert sequences._varlen_attention() is not None  # the GPU image's torch (2.11) has it
+    padded = sequences.PackedSequences(lengths, "cuda")
+    reference = padded.attention(*(t.float() for t in (q, k, v)), heads, 0.0)  # fp32: the padded SDPA path
+    grad = torch.randn(out.shape, generator=gen).to("cuda", dtype)
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(reference, (q, k, v), grad.float())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton")])
+@pytest.mark.parametrize("name", ["ConvBertModel", "ConvBertForSequenceClassification"])
+def test_each_sequence_gives_what_it_gives_alone_on_cuda(name, backend, monkeypatch, rng):
+    """The CUDA kernels with sequence offsets (unpadded rows), fp32, against each sequence alone on the eager math."""
+    monkeypatch.setattr(sequences, "UNPAD_BELOW_REAL_FRACTION", 1.0)
+    model = build(name).cuda()
+    with cf.use_backend(backend):
+        check_invariance(model, name, LENGTHS, rng, device="cuda")
 
 
 def test_patch_turns_the_mode_on_for_a_transformers_model(rng):
