@@ -7,6 +7,10 @@ grouped linear 384 -> 1536 in 2 groups (conv-bert-medium-small's FFN). CPU: fp32
 provider runs on a GPU (on the CPU only in the tiny smoke run, in Triton's interpreter). On a GPU, `cpp` runs
 the tiled (v2) CUDA kernels and `cpp-v1` the first, general ones (CONVBERT_FAST_CUDA_KERNELS=v1, issue 17):
 side by side until one of them is deleted.
+
+The two convs also run packed (issue 23): the B rows with lengths uniform in [L/2, L] (seeded), packed into one
+row [1, T, ...] with cu_seqlens, in groups "<op> packed ..."; the padded batch costs what the B x L groups cost
+(the convs read every padded row), so those are the comparison. transformers has no packed form.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from convbert_fast.bench.timing import copy_bandwidth
 from convbert_fast.ops.backend import gpu_family
 
 PROVIDERS = ["transformers", "eager", "cpp", "cpp-v1", "triton"]
+PACKED_PROVIDERS = [p for p in PROVIDERS if p != "transformers"]  # transformers' convs take no sequence boundaries
 
 
 def skip_unmeasurable(provider, device, tiny):
@@ -163,6 +168,64 @@ def test_separable_conv1d(benchmark, provider, multiply, device, tiny):
                 )
 
     run_fwd_bwd(benchmark, device, fn, [x, query])
+
+
+def packed_rows(batch, seq_len, device):
+    """(B lengths uniform in [L/2, L], fixed by a seed, as the benchmark's padded rows; their int32 offsets)."""
+    lengths = torch.randint(seq_len // 2, seq_len + 1, (batch,), generator=torch.Generator().manual_seed(23))
+    offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device, torch.int32)
+    return lengths.tolist(), offsets
+
+
+def run_packed(benchmark, provider, device, fn, inputs, lengths, seq_len):
+    """run_fwd_bwd on a packed row; a backend whose kernels refuse offsets on this device is skipped, saying so."""
+    benchmark.extra_info.update(tokens=sum(lengths), padded_tokens=len(lengths) * seq_len)
+    try:
+        run_fwd_bwd(benchmark, device, fn, inputs)
+    except NotImplementedError as error:
+        pytest.skip(f"{provider} takes no cu_seqlens on {device.type}: {error}")
+
+
+@pytest.mark.parametrize("provider", PACKED_PROVIDERS)
+def test_dynamic_span_conv_packed(benchmark, provider, device, tiny):
+    skip_unmeasurable(provider, device, tiny)
+    s = shapes(device, tiny)
+    lengths, offsets = packed_rows(s["batch"], s["seq_len"], device)
+    benchmark.group = f"dynamic_span_conv packed B={s['batch']} L={s['seq_len']} fwd+bwd"
+    heads, total = s["heads"], sum(lengths)
+    inputs = leaves(device, s["dtype"], (1, total, heads * s["head_size"]), (1, total, heads * 9))
+
+    def fn(v, k):
+        with backend_of(provider):
+            return cf.ops.dynamic_span_conv(v, k, heads, cu_seqlens=offsets)
+
+    run_packed(benchmark, provider, device, fn, inputs, lengths, s["seq_len"])
+    moved = span_conv_bytes(*inputs)
+    benchmark.extra_info["bytes_moved"] = moved
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["bandwidth_fraction"] = moved / benchmark.stats.stats.median / copy_bandwidth(device)
+
+
+@pytest.mark.parametrize("multiply", [False, True], ids=["conv", "conv*query"])
+@pytest.mark.parametrize("provider", PACKED_PROVIDERS)
+def test_separable_conv1d_packed(benchmark, provider, multiply, device, tiny):
+    skip_unmeasurable(provider, device, tiny)
+    s = shapes(device, tiny)
+    lengths, offsets = packed_rows(s["batch"], s["seq_len"], device)
+    benchmark.group = (
+        f"separable_conv1d{' * query' if multiply else ''} packed B={s['batch']} L={s['seq_len']} fwd+bwd"
+    )
+    channels, out_channels, total = s["channels"], s["heads"] * s["head_size"], sum(lengths)
+    module = hf.SeparableConv1D(cf.ConvBertConfig(), channels, out_channels, 9).to(device, s["dtype"])
+    x, query = leaves(device, s["dtype"], (1, total, channels), (1, total, out_channels))
+
+    def fn(x, query):
+        with backend_of(provider):
+            weights = (module.depthwise.weight, module.pointwise.weight, module.bias)
+            multiplier = query if multiply else None
+            return cf.ops.separable_conv1d(x, *weights, multiplier=multiplier, cu_seqlens=offsets)
+
+    run_packed(benchmark, provider, device, fn, [x, query], lengths, s["seq_len"])
 
 
 @pytest.mark.parametrize("activation", [None, "gelu"])

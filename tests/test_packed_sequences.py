@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NAMESPACE_DEVICES, opcheck
+from conftest import NAMESPACE_DEVICES, TRITON_ON_CPU, opcheck
 from reference import assert_within_torch_error, dynamic_span_conv_ref, separable_conv1d_ref
 from samples import DTYPES, gradcheck, on, randn
 
@@ -288,3 +288,24 @@ def test_bad_offsets_are_refused_by_the_cpu_ops_called_directly(bad, error, frag
             call()
     with pytest.raises(TypeError, match="cu_seqlens must be int32, got Long"):
         ops.dynamic_span_conv(values, logits, 2, cu.long())
+
+
+# The Triton ops called directly take offsets unchecked (on a GPU their values never reach the host): the kernels
+# clamp each row's window to [0, T], so offsets past either end read nothing outside the input and give what the
+# clamped offsets give.
+@TRITON_ON_CPU
+@pytest.mark.parametrize("bad,clamped", [([-4, 5, 40], [0, 5, 12]), ([0, 5, 12, 30], [0, 5, 12, 12])])
+def test_triton_kernels_clamp_offsets_past_the_input(bad, clamped, rng):
+    ops = torch.ops.convbert_fast_triton
+    values, logits = span_packed([5, 7], 2, 4, 5, gen=rng)
+    x, depthwise, pointwise, bias, query = separable_packed([5, 7], 8, 4, 5, gen=rng)
+    calls = [
+        lambda cu: ops.dynamic_span_conv(values, logits, 2, cu),
+        lambda cu: ops.dynamic_span_conv_backward(values, values, logits, 2, cu),
+        lambda cu: ops.separable_conv1d_mul(x, depthwise, pointwise, bias, query, cu),
+        lambda cu: ops.separable_conv1d_backward(query, x, depthwise, pointwise, bias, cu),
+    ]
+    for call in calls:
+        torch.testing.assert_close(
+            call(torch.tensor(bad, dtype=torch.int32)), call(torch.tensor(clamped, dtype=torch.int32))
+        )

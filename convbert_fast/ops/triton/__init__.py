@@ -69,6 +69,52 @@ MAX_UNROLL = triton.language.constexpr(9) if AVAILABLE else None
 NO_AUTOTUNE_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=2) if AVAILABLE else None
 
 
+if AVAILABLE:
+    import triton.language as tl
+
+    @triton.jit
+    def sequence_window(cu_seqlens_ptr, num_seqs, rows, total_rows, SEARCH_STEPS: tl.constexpr):
+        """(lo, hi), int32: row + d lies in the sequence of `row` iff lo <= d < hi, for each of `rows` of a packed row
+        of `total_rows` tokens split by the offsets cu_seqlens [num_seqs + 1].
+
+        A row's sequence is the last s in [0, num_seqs) with cu[s] <= row (an empty sequence starts where the next
+        one does, so it is passed over), found by a binary search of SEARCH_STEPS = ceil(log2(num_seqs)) steps
+        over all rows at once, unrolled: a search loop would carry the rows through scf.for/while, where Triton
+        gives them a layout of its own and then converts every tap's mask back, in the separable forward's tap loop
+        through shared memory; unrolled, the loads are rematerialised in the rows' own layout. Every offset read is
+        in [0, num_seqs] and the bounds are clamped to [0, total_rows]: whatever the offsets hold, a row read inside
+        the window is in the input."""
+        rows = rows.to(tl.int32)  # the offsets are int32: so are the rows they split, and 32-bit compares are cheaper
+        seq = tl.zeros(rows.shape, dtype=tl.int32)
+        for step in tl.static_range(SEARCH_STEPS):
+            probe = seq + (1 << (SEARCH_STEPS - 1 - step))
+            inside = probe < num_seqs
+            seq = tl.where(inside & (tl.load(cu_seqlens_ptr + probe, mask=inside, other=0) <= rows), probe, seq)
+        start = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + seq), 0), total_rows)
+        end = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + seq + 1), start), total_rows)
+        return start - rows, end - rows
+
+
+def search_steps(num_seqs) -> int:
+    """ceil(log2(num_seqs)): the binary search's steps, a constexpr of the kernels (one compile per power of two of
+    the sequence count). Comparisons only, so that a symbolic count under torch.compile gives a guard on its range."""
+    steps = 0
+    while (1 << steps) < num_seqs:
+        steps += 1
+    return steps
+
+
+def packing(cu_seqlens, fallback) -> dict:
+    """The kernels' packing arguments: the offsets (or any tensor, unread, for an unpacked input), their number of
+    sequences, the search's steps and the PACKED flag that compiles the search in (off, the unpacked code is what
+    it was)."""
+    if cu_seqlens is None:
+        return dict(cu_seqlens_ptr=fallback, num_seqs=1, SEARCH_STEPS=0, PACKED=False)
+    num_seqs = cu_seqlens.shape[0] - 1
+    steps = search_steps(num_seqs)
+    return dict(cu_seqlens_ptr=cu_seqlens.contiguous(), num_seqs=num_seqs, SEARCH_STEPS=steps, PACKED=True)
+
+
 def tuning_configs(tuned):
     """`tuned` (a list of triton.Config) when autotuning, else one small config (the interpreter runs every
     config it is given)."""

@@ -1,6 +1,7 @@
 """dynamic_span_conv in Triton: a tile of rows of one head per program, the softmax over K in registers,
 fp32 accumulation; the backward fuses d(logits) (softmax backward) and d(values) (the transposed span) in one
-kernel with no atomics."""
+kernel with no atomics. Packed sequences (cu_seqlens): the same kernels, compiled with PACKED, find each row's
+sequence themselves (ops/triton/__init__.py: sequence_window) and take only the taps inside it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import INTERPRET, MAX_UNROLL, numerics
+from . import INTERPRET, MAX_UNROLL, numerics, packing, sequence_window
 
 
 @triton.jit
@@ -43,18 +44,23 @@ def _span_conv_fwd_kernel(
     stride_kl,
     stride_ob,
     stride_ol,
+    cu_seqlens_ptr,
+    num_seqs,
     K: tl.constexpr,
     K_PAD: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     """values [B, L, H*D] and logits [B, L, H*K] with unit channel stride -> out [B, L, H*D] at its own batch and
     row strides (a slice of a wider [B, L, P + H*D] tensor for the concat). One program per (BLOCK_L rows, head,
     batch): the softmax of its rows' K logits once, then the K shifted value rows weighed, BLOCK_D channels at
-    a time."""
+    a time. PACKED: B = 1 and the taps of a row stop at its sequence's bounds (cu_seqlens [num_seqs + 1])."""
     tile, head, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # 64-bit offsets
     rows = (tile * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
+    position, lo, hi = _tap_window(cu_seqlens_ptr, num_seqs, rows, seq_len, SEARCH_STEPS, PACKED)
     taps = tl.arange(0, K_PAD)
     weights = _softmax_rows(logits_ptr + b * stride_kb, rows, seq_len, stride_kl, head * K, taps, K, ACC)
     values = values_ptr + b * stride_vb + head * head_size
@@ -63,10 +69,14 @@ def _span_conv_fwd_kernel(
         acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC)
         if K <= MAX_UNROLL:
             for j in tl.static_range(K):
-                acc = _value_tap(acc, values, weights, rows, dims, seq_len, head_size, stride_vl, taps, j, K, ACC)
+                acc = _value_tap(
+                    acc, values, weights, rows, dims, position, lo, hi, head_size, stride_vl, taps, j, K, ACC
+                )
         else:
             for j in range(0, kernel_size):
-                acc = _value_tap(acc, values, weights, rows, dims, seq_len, head_size, stride_vl, taps, j, K, ACC)
+                acc = _value_tap(
+                    acc, values, weights, rows, dims, position, lo, hi, head_size, stride_vl, taps, j, K, ACC
+                )
         store_ok = (rows < seq_len)[:, None] & (dims < head_size)[None, :]
         tl.store(
             out_ptr + b * stride_ob + rows[:, None] * stride_ol + head * head_size + dims[None, :],
@@ -76,10 +86,22 @@ def _span_conv_fwd_kernel(
 
 
 @triton.jit
-def _value_tap(acc, values, weights, rows, dims, seq_len, head_size, stride_vl, taps, j, K, ACC):
+def _tap_window(cu_seqlens_ptr, num_seqs, rows, seq_len, SEARCH_STEPS: tl.constexpr, PACKED: tl.constexpr):
+    """(position, lo, hi): a row's tap at row + d may be read iff lo <= position + d < hi. Unpacked: (row, 0, L);
+    packed: (0, the window of the row's own sequence relative to it)."""
+    if PACKED:
+        lo, hi = sequence_window(cu_seqlens_ptr, num_seqs, rows, seq_len, SEARCH_STEPS)
+        return 0, lo, hi
+    else:
+        return rows, 0, seq_len
+
+
+@triton.jit
+def _value_tap(acc, values, weights, rows, dims, position, lo, hi, head_size, stride_vl, taps, j, K, ACC):
     """acc += weight j of each row x values at row + j - K/2."""
     source = rows + j - (K - 1) // 2
-    ok = ((source >= 0) & (source < seq_len))[:, None] & (dims < head_size)[None, :]
+    at = position + j - (K - 1) // 2  # source, or source - row (packed)
+    ok = ((at >= lo) & (at < hi))[:, None] & (dims < head_size)[None, :]
     v = tl.load(values + source[:, None] * stride_vl + dims[None, :], mask=ok, other=0.0).to(ACC)
     w_j = tl.sum(tl.where(taps[None, :] == j, weights, 0.0), axis=1)
     return acc + w_j[:, None] * v
@@ -99,17 +121,22 @@ def _span_conv_grad_logits_kernel(
     stride_ll,
     stride_kb,
     stride_kl,
+    cu_seqlens_ptr,
+    num_seqs,
     K: tl.constexpr,
     K_PAD: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     """d(logits) of a tile of rows of one head: d(weight j) = grad . values at row + j - K/2, then the softmax
     backward. The softmax weights go to probs (logits' strides, ACC dtype) for _span_conv_grad_values_kernel.
     grad and values share strides (stride_lb, stride_ll); logits, grad_logits and probs (stride_kb, stride_kl)."""
     tile, head, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # 64-bit offsets
     rows = (tile * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
+    position, lo, hi = _tap_window(cu_seqlens_ptr, num_seqs, rows, seq_len, SEARCH_STEPS, PACKED)
     taps = tl.arange(0, K_PAD)
     weights = _softmax_rows(logits_ptr + b * stride_kb, rows, seq_len, stride_kl, head * K, taps, K, ACC)
     base = b * stride_lb + head * head_size
@@ -125,11 +152,11 @@ def _span_conv_grad_logits_kernel(
         if K <= MAX_UNROLL:
             for j in tl.static_range(K):
                 grad_weights = _grad_weight_tap(grad_weights, grad_rows, values_ptr + base, rows, dims, dims_ok,
-                                                seq_len, stride_ll, taps, j, K, ACC)
+                                                position, lo, hi, stride_ll, taps, j, K, ACC)
         else:
             for j in range(0, kernel_size):
                 grad_weights = _grad_weight_tap(grad_weights, grad_rows, values_ptr + base, rows, dims, dims_ok,
-                                                seq_len, stride_ll, taps, j, K, ACC)
+                                                position, lo, hi, stride_ll, taps, j, K, ACC)
     # softmax backward: dlogit_j = w_j (dw_j - sum_i w_i dw_i)
     grad_logits = weights * (grad_weights - tl.sum(weights * grad_weights, axis=1)[:, None])
     offsets = b * stride_kb + rows[:, None] * stride_kl + head * K + taps[None, :]
@@ -139,10 +166,13 @@ def _span_conv_grad_logits_kernel(
 
 
 @triton.jit
-def _grad_weight_tap(grad_weights, grad_rows, values, rows, dims, dims_ok, seq_len, stride_ll, taps, j, K, ACC):
+def _grad_weight_tap(
+    grad_weights, grad_rows, values, rows, dims, dims_ok, position, lo, hi, stride_ll, taps, j, K, ACC
+):
     """grad_weights[:, j] += grad . values at rows + j - K/2 (tap j of these rows read there)."""
     source = rows + j - (K - 1) // 2
-    ok = ((source >= 0) & (source < seq_len))[:, None] & dims_ok
+    at = position + j - (K - 1) // 2
+    ok = ((at >= lo) & (at < hi))[:, None] & dims_ok
     v = tl.load(values + source[:, None] * stride_ll + dims[None, :], mask=ok, other=0.0)
     g_j = tl.sum(grad_rows * v.to(ACC), axis=1)
     return grad_weights + tl.where(taps[None, :] == j, g_j[:, None], 0.0)
@@ -160,16 +190,21 @@ def _span_conv_grad_values_kernel(
     stride_ll,
     stride_kb,
     stride_kl,
+    cu_seqlens_ptr,
+    num_seqs,
     K: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     """d(values) of a tile of rows of one head: these rows were read by tap j of rows - j + K/2, so they gather
     that row's weight j (from probs) times its gradient. grad and grad_values share (stride_lb, stride_ll); probs
-    has (stride_kb, stride_kl)."""
+    has (stride_kb, stride_kl). A row's readers are in its own sequence: PACKED, the same window as the forward's."""
     tile, head, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # 64-bit offsets
     rows = (tile * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
+    position, lo, hi = _tap_window(cu_seqlens_ptr, num_seqs, rows, seq_len, SEARCH_STEPS, PACKED)
     base = b * stride_lb + head * head_size
     probs = probs_ptr + b * stride_kb + head * K
     for d0 in range(0, head_size, BLOCK_D):
@@ -178,11 +213,11 @@ def _span_conv_grad_values_kernel(
         acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC)
         if K <= MAX_UNROLL:
             for j in tl.static_range(K):
-                acc = _grad_value_tap(acc, grad_ptr + base, probs, rows, dims, dims_ok, seq_len, stride_ll,
+                acc = _grad_value_tap(acc, grad_ptr + base, probs, rows, dims, dims_ok, position, lo, hi, stride_ll,
                                       stride_kl, j, K, ACC)
         else:
             for j in range(0, kernel_size):
-                acc = _grad_value_tap(acc, grad_ptr + base, probs, rows, dims, dims_ok, seq_len, stride_ll,
+                acc = _grad_value_tap(acc, grad_ptr + base, probs, rows, dims, dims_ok, position, lo, hi, stride_ll,
                                       stride_kl, j, K, ACC)
         tl.store(
             grad_values_ptr + base + rows[:, None] * stride_ll + dims[None, :],
@@ -192,9 +227,10 @@ def _span_conv_grad_values_kernel(
 
 
 @triton.jit
-def _grad_value_tap(acc, grad, probs, rows, dims, dims_ok, seq_len, stride_ll, stride_kl, j, K, ACC):
+def _grad_value_tap(acc, grad, probs, rows, dims, dims_ok, position, lo, hi, stride_ll, stride_kl, j, K, ACC):
     reader = rows - j + (K - 1) // 2
-    reader_ok = (reader >= 0) & (reader < seq_len)
+    at = position - j + (K - 1) // 2  # reader, or reader - row (packed)
+    reader_ok = (at >= lo) & (at < hi)
     w_j = tl.load(probs + reader * stride_kl + j, mask=reader_ok, other=0.0)
     g = tl.load(grad + reader[:, None] * stride_ll + dims[None, :], mask=reader_ok[:, None] & dims_ok, other=0.0)
     return acc + w_j[:, None].to(ACC) * g.to(ACC)
@@ -213,8 +249,6 @@ def _config(dtype, kernel_size, head_size):
 
 
 def _span_conv_forward_into(values, kernel_logits, num_heads, out, cu_seqlens):  # out [B, L, A], strided rows
-    if cu_seqlens is not None:  # until the kernels take sequence boundaries (issue 23)
-        raise NotImplementedError("dynamic_span_conv: the Triton kernels do not take cu_seqlens yet")
     values, kernel_logits = values.contiguous(), kernel_logits.contiguous()
     batch, seq_len, width = values.shape
     head_size, kernel_size = width // num_heads, kernel_logits.shape[-1] // num_heads
@@ -233,6 +267,7 @@ def _span_conv_forward_into(values, kernel_logits, num_heads, out, cu_seqlens): 
             kernel_logits.stride(1),
             out.stride(0),
             out.stride(1),
+            **packing(cu_seqlens, values),
             **config,
         )
     return out
@@ -270,8 +305,6 @@ def dynamic_span_conv_backward_triton_op(
     num_heads: int,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if cu_seqlens is not None:  # until the kernels take sequence boundaries (issue 23)
-        raise NotImplementedError("dynamic_span_conv_backward: the Triton kernels do not take cu_seqlens yet")
     grad_out, values, kernel_logits = grad_out.contiguous(), values.contiguous(), kernel_logits.contiguous()
     batch, seq_len, width = values.shape
     head_size, kernel_size = width // num_heads, kernel_logits.shape[-1] // num_heads
@@ -284,6 +317,7 @@ def dynamic_span_conv_backward_triton_op(
         probs = torch.empty(kernel_logits.shape, dtype=torch.float64 if values.dtype == torch.float64 else
                             torch.float32, device=values.device)
         strides = (values.stride(0), values.stride(1), kernel_logits.stride(0), kernel_logits.stride(1))
+        config.update(packing(cu_seqlens, values))
         wrap_triton(_span_conv_grad_logits_kernel)[grid](
             grad_out, values, kernel_logits, grad_logits, probs, seq_len, head_size, kernel_size, *strides, **config
         )

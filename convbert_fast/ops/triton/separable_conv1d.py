@@ -2,7 +2,9 @@
 the pointwise GEMM in registers (the [B, L, C] intermediate never reaches memory), with the bias and an
 optional elementwise multiplier (ConvBERT multiplies the result by the query) fused into the epilogue.
 The backward uses a depthwise kernel (also for d(x), with the taps reversed), a deterministic tap-gradient
-kernel and two GEMMs."""
+kernel and two GEMMs. Packed sequences (cu_seqlens, one row [1, T, C]): the same kernels, compiled with PACKED,
+find each row's sequence themselves (ops/triton/__init__.py: sequence_window) and take only the taps inside it;
+a tap connects two rows of one sequence both ways, so d(x) is still the reversed conv."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import INTERPRET, MAX_UNROLL, dot_family, numerics, tuning_configs
+from . import INTERPRET, MAX_UNROLL, dot_family, numerics, packing, sequence_window, tuning_configs
 
 
 def _config(m, n, k, warps):
@@ -34,28 +36,41 @@ _CONFIGS = {
 
 
 @triton.jit
+def _sequence_window(
+    rows, seq_len, total_rows, cu_seqlens_ptr, num_seqs, SEARCH_STEPS: tl.constexpr, PACKED: tl.constexpr
+):
+    """(position, lo, hi) of `rows` of the [rows, C] input: a tap of a row reads row + j - K/2, which must lie in its
+    own sequence: position + j - K/2 in [lo, hi). Unpacked, the position in the sequence (row % L) and [0, L);
+    packed (cu_seqlens [num_seqs + 1]), 0 and the window of the row's sequence relative to the row."""
+    if PACKED:
+        lo, hi = sequence_window(cu_seqlens_ptr, num_seqs, rows, total_rows, SEARCH_STEPS)
+        return 0, lo, hi
+    else:
+        return rows % seq_len, 0, seq_len
+
+
+@triton.jit
 def _depthwise_tile(
-    x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, kernel_size, K: tl.constexpr, ACC: tl.constexpr,
+    x_ptr, taps_ptr, rows, t, lo, hi, total_rows, channels, cols, kernel_size, K: tl.constexpr, ACC: tl.constexpr,
     UNROLL: tl.constexpr
 ):
-    """sum_j taps[j, c] * x[row + j - K/2, c] for a [rows, cols] tile, zero outside each sequence. kernel_size is
-    K as a runtime value: the loop's trip count when it is not unrolled."""
-    t = rows % seq_len
+    """sum_j taps[j, c] * x[row + j - K/2, c] for a [rows, cols] tile, zero outside each sequence ((t, lo, hi):
+    _sequence_window's). kernel_size is K as a runtime value: the loop's trip count when it is not unrolled."""
     col_ok = cols < channels
     acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=ACC)
     if UNROLL and K <= MAX_UNROLL:
         for j in tl.static_range(K):
-            acc = _depthwise_tap(acc, x_ptr, taps_ptr, rows, t, seq_len, total_rows, channels, cols, col_ok, j, K, ACC)
+            acc = _depthwise_tap(acc, x_ptr, taps_ptr, rows, t, lo, hi, total_rows, channels, cols, col_ok, j, K, ACC)
     else:
         for j in range(0, kernel_size):
-            acc = _depthwise_tap(acc, x_ptr, taps_ptr, rows, t, seq_len, total_rows, channels, cols, col_ok, j, K, ACC)
+            acc = _depthwise_tap(acc, x_ptr, taps_ptr, rows, t, lo, hi, total_rows, channels, cols, col_ok, j, K, ACC)
     return acc
 
 
 @triton.jit
-def _depthwise_tap(acc, x_ptr, taps_ptr, rows, t, seq_len, total_rows, channels, cols, col_ok, j, K, ACC):
+def _depthwise_tap(acc, x_ptr, taps_ptr, rows, t, lo, hi, total_rows, channels, cols, col_ok, j, K, ACC):
     source = t + j - (K - 1) // 2
-    ok = ((source >= 0) & (source < seq_len) & (rows < total_rows))[:, None] & col_ok[None, :]
+    ok = ((source >= lo) & (source < hi) & (rows < total_rows))[:, None] & col_ok[None, :]
     x = tl.load(x_ptr + (rows + j - (K - 1) // 2)[:, None] * channels + cols[None, :], mask=ok, other=0.0)
     tap = tl.load(taps_ptr + j * channels + cols, mask=col_ok, other=0.0)
     return acc + tap.to(ACC)[None, :] * x.to(ACC)
@@ -74,8 +89,12 @@ def _separable_fwd_kernel(
     channels,
     out_channels,
     kernel_size,
+    cu_seqlens_ptr,
+    num_seqs,
     K: tl.constexpr,
     HAS_MULTIPLIER: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+    PACKED: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
@@ -83,16 +102,19 @@ def _separable_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """x [rows, C], taps [K, C], pointwise [A, C], bias [A], multiplier and out [rows, A], all contiguous."""
+    """x [rows, C], taps [K, C], pointwise [A, C], bias [A], multiplier and out [rows, A], all contiguous.
+    PACKED: one row of sequences split by cu_seqlens [num_seqs + 1]."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit offsets: rows x C may pass 2^31
+    t, lo, hi = _sequence_window(rows, seq_len, total_rows, cu_seqlens_ptr, num_seqs, SEARCH_STEPS, PACKED)
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for c0 in range(0, channels, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
         # a loop over the taps even for small K: the K loads of an unrolled tile, in registers beside the dot's
         # accumulator, spilled (up to 72 B at K = 9 on sm_80)
-        mixed = _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, kernel_size, K, ACC, False)
+        mixed = _depthwise_tile(x_ptr, taps_ptr, rows, t, lo, hi, total_rows, channels, cols, kernel_size, K, ACC,
+                                False)
         pointwise = tl.load(
             pointwise_ptr + outs[None, :] * channels + cols[:, None],
             mask=(cols < channels)[:, None] & (outs < out_channels)[None, :],
@@ -113,9 +135,9 @@ def _separable_fwd_kernel(
 
 # one autotuner per dot family: its own configs and its own record of the best one
 _TUNED = {
-    family: triton.autotune(configs=tuning_configs(configs), key=["channels", "out_channels", "HAS_MULTIPLIER"])(
-        _separable_fwd_kernel
-    )
+    family: triton.autotune(
+        configs=tuning_configs(configs), key=["channels", "out_channels", "HAS_MULTIPLIER", "PACKED"]
+    )(_separable_fwd_kernel)
     for family, configs in _CONFIGS.items()
 }
 
@@ -129,8 +151,12 @@ def _depthwise_kernel(
     seq_len,
     channels,
     kernel_size,
+    cu_seqlens_ptr,
+    num_seqs,
     K: tl.constexpr,
     ACC: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+    PACKED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -139,7 +165,8 @@ def _depthwise_kernel(
     cdiv(C, BLOCK_C))."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    acc = _depthwise_tile(x_ptr, taps_ptr, rows, seq_len, total_rows, channels, cols, kernel_size, K, ACC, True)
+    t, lo, hi = _sequence_window(rows, seq_len, total_rows, cu_seqlens_ptr, num_seqs, SEARCH_STEPS, PACKED)
+    acc = _depthwise_tile(x_ptr, taps_ptr, rows, t, lo, hi, total_rows, channels, cols, kernel_size, K, ACC, True)
     mask = (rows < total_rows)[:, None] & (cols < channels)[None, :]
     tl.store(out_ptr + rows[:, None] * channels + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -153,8 +180,12 @@ def _tap_grad_kernel(
     seq_len,
     channels,
     kernel_size,
+    cu_seqlens_ptr,
+    num_seqs,
     K: tl.constexpr,
     ACC: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+    PACKED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -169,19 +200,23 @@ def _tap_grad_kernel(
         mask=(rows < total_rows)[:, None] & col_ok[None, :],
         other=0.0,
     ).to(ACC)
-    t = rows % seq_len
+    t, lo, hi = _sequence_window(rows, seq_len, total_rows, cu_seqlens_ptr, num_seqs, SEARCH_STEPS, PACKED)
     if K <= MAX_UNROLL:
         for j in tl.static_range(K):
-            _tap_grad_tap(grad, x_ptr, partials_ptr, chunk, rows, t, seq_len, total_rows, channels, cols, col_ok, j, K, ACC)
+            _tap_grad_tap(
+                grad, x_ptr, partials_ptr, chunk, rows, t, lo, hi, total_rows, channels, cols, col_ok, j, K, ACC
+            )
     else:
         for j in range(0, kernel_size):
-            _tap_grad_tap(grad, x_ptr, partials_ptr, chunk, rows, t, seq_len, total_rows, channels, cols, col_ok, j, K, ACC)
+            _tap_grad_tap(
+                grad, x_ptr, partials_ptr, chunk, rows, t, lo, hi, total_rows, channels, cols, col_ok, j, K, ACC
+            )
 
 
 @triton.jit
-def _tap_grad_tap(grad, x_ptr, partials_ptr, chunk, rows, t, seq_len, total_rows, channels, cols, col_ok, j, K, ACC):
+def _tap_grad_tap(grad, x_ptr, partials_ptr, chunk, rows, t, lo, hi, total_rows, channels, cols, col_ok, j, K, ACC):
     source = t + j - (K - 1) // 2
-    ok = ((source >= 0) & (source < seq_len) & (rows < total_rows))[:, None] & col_ok[None, :]
+    ok = ((source >= lo) & (source < hi) & (rows < total_rows))[:, None] & col_ok[None, :]
     x = tl.load(x_ptr + (rows + j - (K - 1) // 2)[:, None] * channels + cols[None, :], mask=ok, other=0.0)
     tl.store(partials_ptr + (chunk * K + j) * channels + cols, tl.sum(grad * x.to(ACC), axis=0), mask=col_ok)
 
@@ -191,7 +226,7 @@ _BLOCK_M, _BLOCK_C = (16, 16) if INTERPRET else (32, 128)
 _WARPS = 8
 
 
-def _depthwise(x2d, taps, seq_len):
+def _depthwise(x2d, taps, seq_len, cu_seqlens):
     out = torch.empty_like(x2d)
     rows, channels = x2d.shape
     if out.numel():
@@ -206,6 +241,7 @@ def _depthwise(x2d, taps, seq_len):
             taps.shape[0],
             K=taps.shape[0],
             ACC=numerics(x2d.dtype)["ACC"],
+            **packing(cu_seqlens, x2d),
             BLOCK_M=_BLOCK_M,
             BLOCK_C=_BLOCK_C,
             num_warps=_WARPS,
@@ -213,7 +249,7 @@ def _depthwise(x2d, taps, seq_len):
     return out
 
 
-def _tap_grad(grad2d, x2d, seq_len, kernel_size):
+def _tap_grad(grad2d, x2d, seq_len, kernel_size, cu_seqlens):
     rows, channels = x2d.shape
     chunks = triton.cdiv(rows, _BLOCK_M)
     acc_dtype = torch.float64 if x2d.dtype == torch.float64 else torch.float32
@@ -230,6 +266,7 @@ def _tap_grad(grad2d, x2d, seq_len, kernel_size):
             kernel_size,
             K=kernel_size,
             ACC=numerics(x2d.dtype)["ACC"],
+            **packing(cu_seqlens, x2d),
             BLOCK_M=_BLOCK_M,
             BLOCK_C=_BLOCK_C,
             num_warps=_WARPS,
@@ -241,13 +278,7 @@ def _taps(depthwise_weight):  # [C, 1, K] -> [K, C]
     return depthwise_weight[:, 0, :].t().contiguous()
 
 
-def _refuse_offsets(op, cu_seqlens):  # until the kernels take sequence boundaries (issue 23)
-    if cu_seqlens is not None:
-        raise NotImplementedError(f"{op}: the Triton kernels do not take cu_seqlens yet")
-
-
 def _run(x, depthwise_weight, pointwise_weight, bias, multiplier, cu_seqlens):
-    _refuse_offsets("separable_conv1d", cu_seqlens)
     batch, seq_len, channels = x.shape
     out_channels = pointwise_weight.shape[0]
     x2d = x.reshape(batch * seq_len, channels).contiguous()
@@ -272,6 +303,7 @@ def _run(x, depthwise_weight, pointwise_weight, bias, multiplier, cu_seqlens):
             depthwise_weight.shape[-1],
             K=depthwise_weight.shape[-1],
             HAS_MULTIPLIER=multiplier is not None,
+            **packing(cu_seqlens, out),
             **numerics(dtype),
         )
     return out.view(batch, seq_len, out_channels)
@@ -309,19 +341,18 @@ def separable_conv1d_backward_triton_op(
     bias: torch.Tensor,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _refuse_offsets("separable_conv1d_backward", cu_seqlens)
     batch, seq_len, channels = x.shape
     out_channels, kernel_size = pointwise_weight.shape[0], depthwise_weight.shape[-1]
     x2d = x.reshape(batch * seq_len, channels).contiguous()
     grad = grad_out.reshape(batch * seq_len, out_channels).contiguous()
     pointwise = pointwise_weight.reshape(out_channels, channels)
     taps = _taps(depthwise_weight)
-    mixed = _depthwise(x2d, taps, seq_len)  # recomputed rather than kept from the forward pass
+    mixed = _depthwise(x2d, taps, seq_len, cu_seqlens)  # recomputed rather than kept from the forward pass
     grad_pointwise = (grad.t() @ mixed).view_as(pointwise_weight)
     grad_mixed = (grad @ pointwise).contiguous()
     # d(x)[s] = sum_j w[j] grad_mixed[s - j + K/2]: the same conv with the taps reversed
-    grad_x = _depthwise(grad_mixed, taps.flip(0).contiguous(), seq_len).view_as(x)
-    grad_taps = _tap_grad(grad_mixed, x2d, seq_len, kernel_size)
+    grad_x = _depthwise(grad_mixed, taps.flip(0).contiguous(), seq_len, cu_seqlens).view_as(x)
+    grad_taps = _tap_grad(grad_mixed, x2d, seq_len, kernel_size, cu_seqlens)
     return grad_x, grad_taps.t().contiguous().view_as(depthwise_weight), grad_pointwise, grad.sum(0).view_as(bias)
 
 
