@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NAMESPACE_DEVICES, TRITON_ON_CPU, opcheck
+from conftest import NAMESPACE_DEVICES, NO_GPU, TRITON_ON_CPU, opcheck
 from reference import assert_within_torch_error, dynamic_span_conv_ref, separable_conv1d_ref
 from samples import DTYPES, gradcheck, on, randn
 
@@ -309,3 +309,26 @@ def test_triton_kernels_clamp_offsets_past_the_input(bad, clamped, rng):
         torch.testing.assert_close(
             call(torch.tensor(bad, dtype=torch.int32)), call(torch.tensor(clamped, dtype=torch.int32))
         )
+
+
+# The CUDA ops do not read the offsets' values (that would sync the device; the Python wrappers check them): called
+# directly with offsets that break every rule, every kernel, tiled (K = 9) and general (K = 5, and all of them under
+# CONVBERT_FAST_CUDA_KERNELS=v1 in the GPU pass), clamps what it finds to the row. compute-sanitizer's memcheck runs
+# this in the GPU pass (tools/gpu_check.sh sanitize); here the outputs are only checked to be written and finite.
+@NO_GPU
+@pytest.mark.parametrize("kernel_size", [9, 5])
+def test_cuda_ops_called_directly_with_bad_offsets_stay_inside_their_tensors(kernel_size, rng):
+    ops = torch.ops.convbert_fast
+    values, logits = on("cuda", span_packed([40], 2, 64, kernel_size, gen=rng))
+    x, depthwise, pointwise, bias, query = on("cuda", separable_packed([40], 128, 8, kernel_size, gen=rng))
+    for bad in ([0, 5, 4, 40], [1, 40], [0, 10], [0, 5, 41], [-7, 90, 3, 40], [0, 2**31 - 1], [40, 0, 0]):
+        cu = torch.tensor(bad, dtype=torch.int32, device="cuda")
+        outputs = [
+            ops.dynamic_span_conv(values, logits, 2, cu),
+            *ops.dynamic_span_conv_backward(values, values, logits, 2, cu),
+            ops.separable_conv1d(x, depthwise, pointwise, bias, cu),
+            *ops.separable_conv1d_backward(query, x, depthwise, pointwise, bias, cu),
+        ]
+        torch.cuda.synchronize()
+        for out in outputs:
+            assert torch.isfinite(out).all(), bad

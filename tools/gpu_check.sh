@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in three phases, run in order of value:
 #
-#   tools/gpu_check.sh test     OUTDIR   # info, the CUDA cases of the suite (v2 kernels, then v1), the autotuned
-#                                        # Triton configs at base shapes
+#   tools/gpu_check.sh test     OUTDIR   # info, the CUDA cases of the suite (v2 kernels, then v1; packed sequences
+#                                        # included), the autotuned Triton configs at base shapes
 #   tools/gpu_check.sh sanitize OUTDIR   # compute-sanitizer memcheck (caching allocator off) and racecheck, op tests
-#   tools/gpu_check.sh bench    OUTDIR   # the op benchmarks, the model benchmark and the breakdown
+#                                        # (packed sequences and bad offsets called directly included)
+#   tools/gpu_check.sh bench    OUTDIR   # the op benchmarks (their packed groups included), the model benchmark and
+#                                        # the breakdown
 #   tools/gpu_check.sh test,bench OUTDIR # phases in one command, under one cap (GPU_CHECK_CAP, default 560 s)
 #
 # A lease is 15 minutes of device time, start-up (a minute or two) included, and a machine goes back 30 s after
@@ -155,7 +157,7 @@ for p in "${phases[@]}"; do
     case $p in
         test) say "  test: info 45, cuda-tests: the rest but 100, tests-v1 50, autotuned 50" ;;
         sanitize) say "  sanitize: memcheck: the rest but 90, racecheck 90" ;;
-        bench) say "  bench: bench-ops 60, bench-model 60, bench-compiled: the rest but 40, breakdown 40" ;;
+        bench) say "  bench: bench-ops 75 (packed groups included), bench-model 60, bench-compiled: the rest but 40, breakdown 40" ;;
     esac
 done
 [ ${#phases[@]} -gt 1 ] && say "  (each phase keeps back for those after it: test 200, sanitize 150, bench 280)"
@@ -252,10 +254,11 @@ phase_test() {
     # test shape would not fit); then the autotuned configs, each checked at ConvBERT-base shapes
     step cuda-tests "$(rest 100)" env CONVBERT_FAST_TRITON_AUTOTUNE=0 \
         "${pytest_base[@]}" "${parallel[@]}" tests -k "cuda or gpu" --junitxml="$logs/cuda-tests.xml"
-    # the general (v1) CUDA kernels too, while both sets exist (README: two sets of CUDA kernels)
+    # the general (v1) CUDA kernels too, while both sets exist (README: two sets of CUDA kernels), packed included
     step tests-v1 "$(budget 50 50)" env CONVBERT_FAST_CUDA_KERNELS=v1 \
         "${pytest_base[@]}" "${parallel[@]}" tests/test_dynamic_span_conv.py tests/test_separable_conv1d.py \
-        tests/test_dropout_add_layer_norm.py -k "cuda and not triton and not eager" --junitxml="$logs/tests-v1.xml"
+        tests/test_dropout_add_layer_norm.py tests/test_packed_sequences.py -k "cuda and not triton and not eager" \
+        --junitxml="$logs/tests-v1.xml"
     step autotuned "$(budget 50)" env CONVBERT_FAST_TRITON_AUTOTUNE=1 \
         "${pytest_base[@]}" "${parallel[@]}" tests -k "autotuned or (full_shapes_on_gpu and triton)" --junitxml="$logs/autotuned.xml"
 }
@@ -276,19 +279,21 @@ phase_sanitize() {
     fi
     # the step's own limit replaces pytest-timeout's per-test one: everything runs far slower under the sanitizer
     op_tests=(tests/test_separable_conv1d.py tests/test_dynamic_span_conv.py tests/test_grouped_linear.py
-              tests/test_dropout_add_layer_norm.py)
+              tests/test_dropout_add_layer_norm.py tests/test_packed_sequences.py)
     # the cpp and Triton CUDA kernels of all four ops (not eager: torch's own), forward and backward, dropout
     # included, fp32 values and fp64 gradients, and the direct calls the C++ checks refuse; the caching allocator
-    # off, so that an access past a tensor's end leaves its cudaMalloc block
+    # off, so that an access past a tensor's end leaves its cudaMalloc block; packed sequences, and the ops called
+    # directly with offsets that break every rule (the kernels clamp what they find)
     picks="matches_reference and float32 and not multiplier and not prefix or gradients_match_reference"
     picks+=" or strided_slice or nan_spreads or drops_with or direct_calls_check_every_tensor"
+    picks+=" or packed_sequences_matches_the_reference and float32 or bad_offsets_stay_inside"
     step memcheck "$(rest 90)" env CONVBERT_FAST_TRITON_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         "${wrap_memcheck[@]}" "${pytest_base[@]}" -o timeout=0 "${op_tests[@]}" \
         -k "cuda and not eager and ($picks)" --junitxml="$logs/memcheck.xml"
     # the hand-written kernels, whose threads share memory: span conv, depthwise conv, LayerNorm (with dropout)
     step racecheck "$(budget 90)" env CONVBERT_FAST_TRITON_AUTOTUNE=0 \
         "${wrap_racecheck[@]}" "${pytest_base[@]}" -o timeout=0 "${op_tests[@]}" \
-        -k "cuda and not eager and not triton and (matches_reference and float32 and not multiplier and not prefix or gradients_match_reference or drops_with)" \
+        -k "cuda and not eager and not triton and (matches_reference and float32 and not multiplier and not prefix or gradients_match_reference or drops_with or packed_sequences_matches_the_reference and float32)" \
         --junitxml="$logs/racecheck.xml"
 }
 
@@ -308,7 +313,7 @@ phase_bench() {
     fi
     model_args=("${shape[@]}" --providers transformers,cpp,cpp-unpadded,triton)
     compiled_args=("${shape[@]}" --no-pad --providers transformers,transformers-compile,compile)
-    step bench-ops "$(budget 60 140)" "${pytest_base[@]}" benchmarks "${ops_args[@]}" --benchmark-only \
+    step bench-ops "$(budget 75 140)" "${pytest_base[@]}" benchmarks "${ops_args[@]}" --benchmark-only \
         --benchmark-group-by=group --benchmark-json="$out/bench_ops.json"
     step bench-model "$(budget 60 80)" "$PY" -m convbert_fast bench "${model_args[@]}" \
         --json "$out/bench_model.json" --plot "$out/bench_model.png"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import shutil
@@ -65,7 +66,7 @@ class Kernel:
     source: str  # csrc/cuda/<source>
     symbol: str  # a regex on the mangled name: the bf16 (K=9) instantiation
     warps: int  # warps launched
-    trips: list[int]  # per-warp trip count of each loop, in the order of the loops' first instruction
+    trips: list[float]  # per-warp trip count of each loop (an average where it varies), in address order
     bytes: int  # bytes it must move
     note: str = ""
 
@@ -87,7 +88,7 @@ KERNELS = [
         "span conv fwd",
         "v1",
         "dynamic_span_conv.cu",
-        r"span_conv_forward_kernelI13__nv_bfloat16Li9E",
+        r"span_conv_forward_kernelI13__nv_bfloat16Li9ELb0E",
         warps=B * L * H,
         trips=[2],
         bytes=BF16 * (2 * ROWS * W + ROWS * H * K),
@@ -97,7 +98,7 @@ KERNELS = [
         "span conv bwd: logits",
         "v1",
         "dynamic_span_conv.cu",
-        r"span_conv_backward_logits_kernelI13__nv_bfloat16Li9E",
+        r"span_conv_backward_logits_kernelI13__nv_bfloat16Li9ELb0E",
         warps=B * L * H,
         trips=[K, 2],
         bytes=BF16 * (2 * ROWS * W + 2 * ROWS * H * K) + FP32 * ROWS * H * K,
@@ -107,7 +108,7 @@ KERNELS = [
         "span conv bwd: values",
         "v1",
         "dynamic_span_conv.cu",
-        r"span_conv_backward_values_kernelI13__nv_bfloat16Li9E",
+        r"span_conv_backward_values_kernelI13__nv_bfloat16Li9ELb0E",
         warps=B * L * H,
         trips=[2, K],
         bytes=BF16 * 2 * ROWS * W + FP32 * ROWS * H * K,
@@ -117,7 +118,7 @@ KERNELS = [
         "depthwise fwd",
         "v1",
         "separable_conv1d.cu",
-        r"depthwise_conv_forward_kernelI13__nv_bfloat16Li9E",
+        r"depthwise_conv_forward_kernelI13__nv_bfloat16Li9ELb0E",
         warps=ROWS * C // 32,
         trips=[1],
         bytes=BF16 * 2 * ROWS * C,
@@ -127,7 +128,7 @@ KERNELS = [
         "depthwise weight grad",
         "v1",
         "separable_conv1d.cu",
-        r"depthwise_conv_weight_grad_kernelI13__nv_bfloat16E",
+        r"depthwise_conv_weight_grad_kernelI13__nv_bfloat16Lb0E",
         warps=ceil_div(C, 256) * (ROWS // 64) * 8,
         trips=[0, 0, 0, K, 64 // 4],
         bytes=BF16 * 2 * ROWS * C + FP32 * (ROWS // 64) * K * C,
@@ -158,7 +159,7 @@ KERNELS = [
         "span conv fwd",
         "v2",
         "dynamic_span_conv.cu",
-        r"span_conv_forward_tiled_kernelI13__nv_bfloat16Li9ELb1E",
+        r"span_conv_forward_tiled_kernelI13__nv_bfloat16Li9ELb1ELb0E",
         warps=SPAN_TILES,
         trips=[],
         bytes=BF16 * (2 * ROWS * W + ROWS * H * K),
@@ -168,7 +169,7 @@ KERNELS = [
         "span conv bwd",
         "v2",
         "dynamic_span_conv.cu",
-        r"span_conv_backward_tiled_kernelI13__nv_bfloat16Li9ELb1E",
+        r"span_conv_backward_tiled_kernelI13__nv_bfloat16Li9ELb1ELb0E",
         warps=SPAN_TILES,
         trips=[3],
         bytes=BF16 * (3 * ROWS * W + 2 * ROWS * H * K),
@@ -178,7 +179,7 @@ KERNELS = [
         "depthwise fwd",
         "v2",
         "separable_conv1d.cu",
-        r"depthwise_conv_forward_tiled_kernelI13__nv_bfloat16Li9ELb1E",
+        r"depthwise_conv_forward_tiled_kernelI13__nv_bfloat16Li9ELb1ELb0E",
         warps=B * ceil_div(L, DW_TILE) * ceil_div(C, 32 * 4),
         trips=[],
         bytes=BF16 * 2 * ROWS * C,
@@ -188,7 +189,7 @@ KERNELS = [
         "depthwise weight grad",
         "v2",
         "separable_conv1d.cu",
-        r"depthwise_conv_weight_grad_tiled_kernelI13__nv_bfloat16Li9ELb1E",
+        r"depthwise_conv_weight_grad_tiled_kernelI13__nv_bfloat16Li9ELb1ELb0E",
         warps=B * ceil_div(L, DW_WG_TILE) * ceil_div(C, 32 * 2),
         trips=[ceil_div(DW_WG_TILE, K)],
         bytes=BF16 * 2 * ROWS * C + FP32 * B * ceil_div(L, DW_WG_TILE) * K * C,
@@ -215,6 +216,49 @@ KERNELS = [
         note=f"loops: {LN_BACKWARD_ROWS_PER_WARP} rows per warp; the block's column sums of d(weight), d(bias)",
     ),
 ]
+
+# Packed sequences (cu_seqlens, issue 23): the same B x L tokens as one row of B sequences of L (T = 16384), run by
+# each conv kernel's packed instantiation (symbol ...Lb1E; the same bytes, warps and loops, plus these). SEARCH: the
+# iterations of the binary search over the B + 1 offsets that finds a token's sequence (common.cuh: sequence_of).
+SEARCH = math.ceil(math.log2(B))
+V1_WG_CHUNK = 64  # v1 depthwise weight gradient: rows per chunk; a search at its first row and at each boundary
+PACKED = {  # (version, name): (trips, note)
+    ("v1", "span conv fwd"): ([SEARCH, 2], "+ a search per warp"),
+    ("v1", "span conv bwd: logits"): ([SEARCH, K, 2], "+ a search per warp"),
+    ("v1", "span conv bwd: values"): ([SEARCH, 2, K], "+ a search per warp"),
+    ("v1", "depthwise fwd"): ([0, 1, SEARCH], "the loop's one-sequence copy not run; a search per element"),
+    (
+        "v1",
+        "depthwise weight grad",
+    ): (
+        [0, 0, 0, K, 0, V1_WG_CHUNK, (1 + V1_WG_CHUNK / L) * SEARCH / V1_WG_CHUNK],
+        "per tap: the rows' walk (its one-sequence copy not run), a search where it leaves a sequence",
+    ),
+    ("v2", "span conv fwd"): ([SEARCH, SEARCH], "+ a search per token (2 rounds), a predicate per tap"),
+    ("v2", "span conv bwd"): ([3, SEARCH, SEARCH], "+ a search per token (2 rounds), zeroed weights for d(values)"),
+    ("v2", "depthwise fwd"): ([SEARCH], "+ a search per lane's token, a shuffle per token, a predicate per tap"),
+    ("v2", "depthwise weight grad"): (
+        [SEARCH] * 4 + [ceil_div(DW_WG_TILE, K)],
+        "+ 4 searches per lane into shared memory, a predicate per tap",
+    ),
+}
+
+
+def with_packed(kernels: list[Kernel]) -> list[Kernel]:
+    """Each conv kernel followed by its packed instantiation."""
+    rows = []
+    for kernel in kernels:
+        rows.append(kernel)
+        if (kernel.version, kernel.name) in PACKED:
+            trips, note = PACKED[kernel.version, kernel.name]
+            assert kernel.symbol.endswith("Lb0E"), kernel.symbol
+            packed_symbol = kernel.symbol[: -len("Lb0E")] + "Lb1E"
+            rows.append(dataclasses.replace(kernel, name=kernel.name + " packed", symbol=packed_symbol, trips=trips,
+                                            note=note))
+    return rows
+
+
+KERNELS = with_packed(KERNELS)
 
 
 def find_tool(name: str, nvcc: str) -> str | None:
@@ -403,7 +447,7 @@ def main(argv=None) -> int:
                 subprocess.run([cuobjdump, "-sass", cubin], stdout=f, check=True)
 
     header = (
-        f"{'kernel':<24}{'ver':<5}{'bytes':>10}{'mem us':>8}{'SASS':>7}{'warp-ins':>11}{'issue us':>10}"
+        f"{'kernel':<30}{'ver':<5}{'bytes':>10}{'mem us':>8}{'SASS':>7}{'warp-ins':>11}{'issue us':>10}"
         f"{'ratio':>7}{'regs':>6}{'spill':>7}  loops (trips per warp)"
     )
     print(
@@ -426,9 +470,9 @@ def main(argv=None) -> int:
         ptxas = info.get(name, {})
         spills = ptxas.get("spill_stores", 0) + ptxas.get("spill_loads", 0)
         print(
-            f"{kernel.name:<24}{kernel.version:<5}{fmt_bytes(kernel.bytes):>10}{memory_s * 1e6:>8.1f}{static:>7}"
+            f"{kernel.name:<30}{kernel.version:<5}{fmt_bytes(kernel.bytes):>10}{memory_s * 1e6:>8.1f}{static:>7}"
             f"{total / 1e6:>10.2f}M{issue_s * 1e6:>10.1f}{ratio:>7.2f}{ptxas.get('registers', -1):>6}"
-            f"{spills:>7}  {kernel.trips or '-'} {kernel.note}"
+            f"{spills:>7}  {[round(t, 3) for t in kernel.trips] or '-'} {kernel.note}"
         )
         if kernel.version == "v2" and (ratio > RATIO_TARGET or spills or ptxas.get("stack", 0)):
             failures.append(f"{kernel.name}: ratio {ratio:.2f}, spills {spills} B, stack {ptxas.get('stack')} B")

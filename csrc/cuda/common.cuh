@@ -164,6 +164,80 @@ __device__ __forceinline__ void store_vec(T* p, bool on, int count, const typena
   }
 }
 
+// Packed sequences (cu_seqlens, launchers.h): offsets[0..count] bound `count` sequences along one packed row of
+// `total` rows. The sequence [lo, hi) holding `row` (0 <= row < total), by binary search; the bounds are clamped to
+// [0, total) and to contain the row, so that whatever the offsets hold (the glue does not read CUDA offsets) only
+// offsets[0..count] are read and every row a kernel reaches from them lies inside the input.
+struct SequenceBounds {
+  int64_t lo, hi;
+};
+__device__ __forceinline__ SequenceBounds sequence_of(const int32_t* __restrict__ offsets, int count, int64_t row,
+                                                      int64_t total) {
+  int a = 0, b = count;  // offsets[a] <= row < offsets[b] for well-formed offsets; empty sequences are passed over
+  while (b - a > 1) {
+    const int m = (a + b) >> 1;
+    if (offsets[m] <= row) a = m;
+    else b = m;
+  }
+  const int64_t lo = offsets[a], hi = offsets[b];
+  return {lo < 0 ? 0 : lo > row ? row : lo, hi > total ? total : hi <= row ? row + 1 : hi};
+}
+
+// Where `row` of [B, L] rows seen as B * L sits in its sequence, and that sequence's length: unpacked, every batch
+// row is one sequence of seq_len; packed (B = 1), the sequence holding it (as the CPU's Sequences::locate).
+struct RowPosition {
+  int64_t t, length;
+};
+template <bool Packed>
+__device__ __forceinline__ RowPosition locate_row(const int32_t* __restrict__ offsets, int count, int64_t row,
+                                                  int64_t seq_len) {
+  if constexpr (Packed) {
+    const SequenceBounds s = sequence_of(offsets, count, row, seq_len);
+    return {row - s.lo, s.hi - s.lo};
+  } else {
+    return {row % seq_len, seq_len};
+  }
+}
+
+// The taps of `row` whose rows row + j - K/2 lie inside its own sequence, as K - 1 bits: the centre tap (the row
+// itself, always inside) left out and the others in summation order (tap_order), so that a token's predicates come
+// from one R2P and a LOP3 in SASS. tap_inside() reads them back by tap.
+template <int K>
+__device__ __forceinline__ uint32_t taps_inside(const int32_t* __restrict__ offsets, int count, int row, int total) {
+  static_assert(K % 2 == 1 && K < 32, "an odd K, one bit per tap");
+  const SequenceBounds s = sequence_of(offsets, count, row, total);
+  const int half = K / 2, position = static_cast<int>(row - s.lo), after = static_cast<int>(s.hi - 1 - row);
+  const int below = position < half ? position : half, above = after < half ? after : half;  // taps inside each side
+  // below taps before the centre (the last `below` of bits 0 .. half - 1), `above` after it (bits half ..)
+  return (((1u << below) - 1u) << (half - below)) | (((1u << above) - 1u) << half);
+}
+template <int K>
+__device__ __forceinline__ bool tap_inside(uint32_t bits, int j) {
+  return j == K / 2 || (bits >> (j < K / 2 ? j : j - 1) & 1u);
+}
+
+// The bits for the row that taps j of its neighbours read (as taps_inside): tap j of row r + half - j reads r from
+// inside its sequence exactly when tap K - 1 - j of r, which reads r + half - j, is inside r's. A mirror of the bits.
+template <int K>
+__device__ __forceinline__ uint32_t taps_reversed(uint32_t bits) {
+  return __brev(bits) >> (32 - (K - 1));
+}
+
+// The order in which a token's K taps are summed: 0 .. K - 1; packed, the centre tap first, which is always inside the
+// token's own sequence: it starts the sum, so the taps after it need a predicate each but no zeroed accumulator.
+template <int K, bool Packed>
+__device__ __forceinline__ constexpr int tap_order(int n) {
+  return !Packed ? n : n == 0 ? K / 2 : n <= K / 2 ? n - 1 : n;
+}
+
+// A tap mask kept in a shared-memory row of accumulation-type values (the padding after a token's K weights).
+__device__ __forceinline__ float mask_as_acc(uint32_t bits, float) { return __uint_as_float(bits); }
+__device__ __forceinline__ double mask_as_acc(uint32_t bits, double) { return __longlong_as_double(bits); }
+__device__ __forceinline__ uint32_t acc_as_mask(float value) { return __float_as_uint(value); }
+__device__ __forceinline__ uint32_t acc_as_mask(double value) {
+  return static_cast<uint32_t>(__double_as_longlong(value));
+}
+
 // Whether vectors of n elements of element_size bytes can be used: every pointer aligned to a vector, every
 // stride (in elements, the head size included) a multiple of n.
 inline bool vectors_aligned(int64_t n, int64_t element_size, std::initializer_list<const void*> pointers,

@@ -16,6 +16,16 @@
     __VA_ARGS__;                                       \
   }
 
+// Packed sequences (offsets, launchers.h) get their own instantiation, so that the unpacked code stays as it was.
+#define CONVBERT_FAST_WITH_PACKED(OFFSETS, PACKED_NAME, ...) \
+  if ((OFFSETS) != nullptr) {                               \
+    constexpr bool PACKED_NAME = true;                      \
+    __VA_ARGS__;                                            \
+  } else {                                                  \
+    constexpr bool PACKED_NAME = false;                     \
+    __VA_ARGS__;                                            \
+  }
+
 #define CONVBERT_FAST_DISPATCH(DTYPE, FN, ...)                   \
   switch (DTYPE) {                                              \
     case DType::Float32: FN<float>(__VA_ARGS__); break;         \

@@ -40,12 +40,14 @@ __device__ __forceinline__ void warp_softmax(const T* logits, A* weights, int ke
   __syncwarp();
 }
 
-// KS > 0 fixes the kernel size at compile time (unrolled taps); KS == 0 reads it from kernel_size.
-template <typename T, int KS>
+// KS > 0 fixes the kernel size at compile time (unrolled taps); KS == 0 reads it from kernel_size. Packed: B = 1 and
+// offsets bound the sequences (launchers.h).
+template <typename T, int KS, bool Packed>
 __global__ void __launch_bounds__(kSpanWarpsPerBlock * 32)
     span_conv_forward_kernel(const T* __restrict__ values, const T* __restrict__ logits, T* __restrict__ out,
                              int64_t batch, int64_t seq_len, int heads, int head_size, int kernel_size,
-                             int64_t out_batch_stride, int64_t out_row_stride) {
+                             int64_t out_batch_stride, int64_t out_row_stride, const int32_t* __restrict__ offsets,
+                             int sequences) {
   using A = typename AccType<T>::type;
   __shared__ A weights_smem[kSpanWarpsPerBlock][kSpanMaxKernel];
   const int K = KS > 0 ? KS : kernel_size;
@@ -57,9 +59,10 @@ __global__ void __launch_bounds__(kSpanWarpsPerBlock * 32)
   const int64_t width = static_cast<int64_t>(heads) * head_size;
   A* weights = weights_smem[warp];
   warp_softmax(logits + task * K, weights, K, lane);
-  // taps j in [first, last) read rows inside [0, L); the zero padding adds nothing
-  const int first = t < half ? static_cast<int>(half - t) : 0;
-  const int last = seq_len - t + half < K ? static_cast<int>(seq_len - t + half) : K;
+  // taps j in [first, last) read rows inside the row's sequence; the zero padding adds nothing
+  const RowPosition at = locate_row<Packed>(offsets, sequences, row, seq_len);
+  const int first = at.t < half ? static_cast<int>(half - at.t) : 0;
+  const int last = at.length - at.t + half < K ? static_cast<int>(at.length - at.t + half) : K;
   const T* head_values = values + h * head_size;
   T* out_row = out + (row / seq_len) * out_batch_stride + t * out_row_stride + h * head_size;
   for (int d = lane; d < head_size; d += 32) {
@@ -74,12 +77,13 @@ __global__ void __launch_bounds__(kSpanWarpsPerBlock * 32)
 
 // Pass 1 of the backward: d(logits) through the softmax, one warp per (row, head). The K dot products
 // grad . values over the head's channels are warp sums (fixed order: deterministic). Keeps the weights.
-template <typename T, int KS>
+template <typename T, int KS, bool Packed>
 __global__ void __launch_bounds__(kSpanWarpsPerBlock * 32)
     span_conv_backward_logits_kernel(const T* __restrict__ grad, const T* __restrict__ values,
                                      const T* __restrict__ logits, T* __restrict__ grad_logits,
                                      typename AccType<T>::type* __restrict__ weights_out, int64_t batch,
-                                     int64_t seq_len, int heads, int head_size, int kernel_size) {
+                                     int64_t seq_len, int heads, int head_size, int kernel_size,
+                                     const int32_t* __restrict__ offsets, int sequences) {
   using A = typename AccType<T>::type;
   __shared__ A weights_smem[kSpanWarpsPerBlock][kSpanMaxKernel];
   __shared__ A grad_weights_smem[kSpanWarpsPerBlock][kSpanMaxKernel];
@@ -87,7 +91,7 @@ __global__ void __launch_bounds__(kSpanWarpsPerBlock * 32)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t task = static_cast<int64_t>(blockIdx.x) * kSpanWarpsPerBlock + warp;
   if (task >= batch * seq_len * heads) return;
-  const int64_t row = task / heads, t = row % seq_len;
+  const int64_t row = task / heads;
   const int h = static_cast<int>(task % heads), half = K / 2;
   const int64_t width = static_cast<int64_t>(heads) * head_size;
   A* weights = weights_smem[warp];
@@ -95,10 +99,11 @@ __global__ void __launch_bounds__(kSpanWarpsPerBlock * 32)
   warp_softmax(logits + task * K, weights, K, lane);
   const T* grad_row = grad + row * width + h * head_size;
   const T* head_values = values + h * head_size;
+  const RowPosition at = locate_row<Packed>(offsets, sequences, row, seq_len);
   for (int j = 0; j < K; ++j) {
-    const int64_t source = t + j - half;  // position inside the sequence
+    const int64_t source = at.t + j - half;  // position inside the sequence
     A partial = 0;
-    if (source >= 0 && source < seq_len) {
+    if (source >= 0 && source < at.length) {
       for (int d = lane; d < head_size; d += 32) {
         partial += to_acc(grad_row[d]) * to_acc(head_values[(row + j - half) * width + d]);
       }
@@ -118,21 +123,24 @@ __global__ void __launch_bounds__(kSpanWarpsPerBlock * 32)
 
 // Pass 2: d(values) as the transposed span, one warp per (row s, head): s gathers the K rows
 // t = s - j + K/2 whose tap j read it. No atomics.
-template <typename T, int KS>
+template <typename T, int KS, bool Packed>
 __global__ void __launch_bounds__(kSpanWarpsPerBlock * 32)
     span_conv_backward_values_kernel(const T* __restrict__ grad, const typename AccType<T>::type* __restrict__ weights,
                                      T* __restrict__ grad_values, int64_t batch, int64_t seq_len, int heads,
-                                     int head_size, int kernel_size) {
+                                     int head_size, int kernel_size, const int32_t* __restrict__ offsets,
+                                     int sequences) {
   using A = typename AccType<T>::type;
   const int K = KS > 0 ? KS : kernel_size;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t task = static_cast<int64_t>(blockIdx.x) * kSpanWarpsPerBlock + warp;
   if (task >= batch * seq_len * heads) return;
-  const int64_t row = task / heads, s = row % seq_len;
+  const int64_t row = task / heads;
   const int h = static_cast<int>(task % heads), half = K / 2;
   const int64_t width = static_cast<int64_t>(heads) * head_size;
-  // tap j of row t = s - j + half reads row s; t must lie in [0, L)
-  const int first = s + half - (seq_len - 1) > 0 ? static_cast<int>(s + half - (seq_len - 1)) : 0;
+  // tap j of row t = s - j + half reads row s; t must lie in s's sequence
+  const RowPosition at = locate_row<Packed>(offsets, sequences, row, seq_len);
+  const int64_t s = at.t;
+  const int first = s + half - (at.length - 1) > 0 ? static_cast<int>(s + half - (at.length - 1)) : 0;
   const int last = s + half + 1 < K ? static_cast<int>(s + half + 1) : K;
   for (int d = lane; d < head_size; d += 32) {
     A acc = 0;
@@ -222,13 +230,18 @@ __device__ __forceinline__ SpanTask span_task(int task, int tiles, int heads) {
   return {bh / heads, bh % heads, (task - bh * tiles) * kSpanTile};
 }
 
-template <typename T, int K, bool Vector>
+// Packed (cu_seqlens; B = 1): tiles run over the packed row, across sequence boundaries; each token keeps the bits
+// of its taps inside its own sequence (taps_inside) in the padding after its K weights, and a tap outside adds
+// nothing (a predicate, not a zero weight: a neighbour's inf or NaN must not reach it).
+template <typename T, int K, bool Vector, bool Packed>
 __global__ void __launch_bounds__(span_tile_warps<T>() * 32)
     span_conv_forward_tiled_kernel(const T* __restrict__ values, const T* __restrict__ logits, T* __restrict__ out,
                                    int tasks, int tiles, int seq_len, int heads, int head_size,
-                                   int64_t out_batch_stride, int out_row_stride) {
+                                   int64_t out_batch_stride, int out_row_stride, const int32_t* __restrict__ offsets,
+                                   int sequences) {
   using A = typename AccType<T>::type;
   constexpr int KP = padded_taps<A, K>(), half = K / 2, warps = span_tile_warps<T>();
+  static_assert(!Packed || KP > K, "the tap mask lives in the padding");
   __shared__ __align__(16) A taps_smem[warps][kSpanTile * KP];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int task = blockIdx.x * warps + warp;
@@ -244,6 +257,9 @@ __global__ void __launch_bounds__(span_tile_warps<T>() * 32)
                         t < seq_len, w);
 #pragma unroll
     for (int j = 0; j < K; ++j) taps[k * KP + j] = w[j];
+    if constexpr (Packed) {
+      taps[k * KP + K] = mask_as_acc(t < seq_len ? taps_inside<K>(offsets, sequences, t, seq_len) : 0u, A(0));
+    }
   }
   __syncwarp();
   const int run = lane >> 4, c = 4 * (lane & 15), count = head_size - c;
@@ -262,11 +278,15 @@ __global__ void __launch_bounds__(span_tile_warps<T>() * 32)
       const int k = i - (K - 1);
       A w[KP];
       load_taps(run_taps + k * KP, w);
+      const uint32_t inside = Packed ? acc_as_mask(w[K]) : ~0u;
       A acc[4] = {0, 0, 0, 0};
 #pragma unroll
-      for (int j = 0; j < K; ++j) {
+      for (int n = 0; n < K; ++n) {
+        const int j = tap_order<K, Packed>(n);
+        if (!Packed || tap_inside<K>(inside, j)) {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) acc[q] += w[j] * ring[(k + j) % K][q];
+          for (int q = 0; q < 4; ++q) acc[q] += w[j] * ring[(k + j) % K][q];
+        }
       }
       store_vec<T, 4, Vector>(o, count > 0 && first + k < seq_len, count, acc);
       o += out_row_stride;
@@ -281,15 +301,23 @@ __global__ void __launch_bounds__(span_tile_warps<T>() * 32)
 // The softmax runs for the tile's 64 tokens and its K - 1 halo tokens; grad is read through its strides.
 // Up to 168 registers (3 blocks of 4 warps per SM): the two rings and 32 partials need ~130, and ptxas' own
 // choice (128) spilled.
-template <typename T, int K, bool Vector>
+// Packed: own[k]'s padding holds token t0 + k's taps inside its sequence (taps_inside), and d(w) of a tap outside
+// is set to 0 before d(logits) (selected, not multiplied: a neighbour's inf or NaN stays out). diag[k][j] is zeroed
+// where the token it weighs lies in another sequence than row t0 + k, so d(values) runs the unpacked loop: a
+// predicate per tap there took the issue ratio over budget (tools/kernel_cost.py). The one difference this leaves:
+// a non-finite gradient row of one sequence reaches d(values) of the K/2 rows beside it in the next (0 x inf);
+// every parameter's gradient of that step is non-finite then anyway (it sums over all the sequences).
+template <typename T, int K, bool Vector, bool Packed>
 __global__ void __launch_bounds__(span_tile_warps<T>() * 32, 3)
     span_conv_backward_tiled_kernel(const T* __restrict__ grad, const T* __restrict__ values,
                                     const T* __restrict__ logits, T* __restrict__ grad_values,
                                     T* __restrict__ grad_logits, int tasks, int tiles, int seq_len, int heads,
-                                    int head_size, int64_t grad_batch_stride, int grad_row_stride) {
+                                    int head_size, int64_t grad_batch_stride, int grad_row_stride,
+                                    const int32_t* __restrict__ offsets, int sequences) {
   using A = typename AccType<T>::type;
   using A2 = std::conditional_t<sizeof(A) == 8, double2, float2>;
   constexpr int KP = padded_taps<A, K>(), half = K / 2, warps = span_tile_warps<T>();
+  static_assert(!Packed || KP > K, "the tap masks live in the padding");
   // diag[k][j]: weight j of token t0 + k + half - j, the token whose tap j reads row t0 + k;
   // own[k][j]: weight j of token t0 + k; grad_taps[k * K + j]: d(w)[t0 + k][j]
   __shared__ __align__(16) A diag_smem[warps][kSpanTile * KP];
@@ -311,6 +339,20 @@ __global__ void __launch_bounds__(span_tile_warps<T>() * 32, 3)
       const int k = q + j - 2 * half;
       if (k >= 0 && k < kSpanTile) diag[k * KP + j] = w[j];
       if (q >= half && q < half + kSpanTile) own[(q - half) * KP + j] = w[j];
+    }
+  }
+  if constexpr (Packed) {
+    __syncwarp();  // diag's rows were written by other lanes
+#pragma unroll
+    for (int round = 0; round < kSpanTile / 32; ++round) {  // token t0 + k, one per lane
+      const int k = round * 32 + lane, t = at.t0 + k;
+      const uint32_t inside = t < seq_len ? taps_inside<K>(offsets, sequences, t, seq_len) : 0u;
+      own[k * KP + K] = mask_as_acc(inside, A(0));
+      const uint32_t readers = taps_reversed<K>(inside);  // whose taps read row t0 + k from inside their sequence
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        if (!tap_inside<K>(readers, j)) diag[k * KP + j] = A(0);
+      }
     }
   }
   __syncwarp();
@@ -364,9 +406,10 @@ __global__ void __launch_bounds__(span_tile_warps<T>() * 32, 3)
     if (t < seq_len) {
       A w[KP], dw[K], dot = 0;
       load_taps(own + k * KP, w);
+      const uint32_t inside = Packed ? acc_as_mask(w[K]) : ~0u;
 #pragma unroll
       for (int j = 0; j < K; ++j) {
-        dw[j] = grad_taps[k * K + j];
+        dw[j] = !Packed || tap_inside<K>(inside, j) ? grad_taps[k * K + j] : A(0);
         dot += w[j] * dw[j];
       }
       T* out = grad_logits + (static_cast<int64_t>(at.batch) * seq_len + t) * (heads * K) + at.head * K;
@@ -396,100 +439,113 @@ bool tiled(int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size, int
          batch * heads * tiles_for(seq_len) < INT_MAX - 4;
 }
 
-template <typename T, bool Vector>
+template <typename T, bool Vector, bool Packed>
 void forward_tiled(const void* values, const void* logits, void* out, int64_t batch, int64_t seq_len, int64_t heads,
-                   int64_t head_size, int64_t out_batch_stride, int64_t out_row_stride, cudaStream_t stream) {
+                   int64_t head_size, int64_t out_batch_stride, int64_t out_row_stride, const int32_t* offsets,
+                   int64_t sequences, cudaStream_t stream) {
   const int64_t tiles = tiles_for(seq_len), tasks = batch * heads * tiles;
   constexpr int warps = span_tile_warps<T>();
-  span_conv_forward_tiled_kernel<T, 9, Vector><<<(tasks + warps - 1) / warps, warps * 32, 0, stream>>>(
-          static_cast<const T*>(values), static_cast<const T*>(logits), static_cast<T*>(out),
-          static_cast<int>(tasks), static_cast<int>(tiles), static_cast<int>(seq_len), static_cast<int>(heads),
-          static_cast<int>(head_size), out_batch_stride, static_cast<int>(out_row_stride));
+  span_conv_forward_tiled_kernel<T, 9, Vector, Packed><<<(tasks + warps - 1) / warps, warps * 32, 0, stream>>>(
+      static_cast<const T*>(values), static_cast<const T*>(logits), static_cast<T*>(out), static_cast<int>(tasks),
+      static_cast<int>(tiles), static_cast<int>(seq_len), static_cast<int>(heads), static_cast<int>(head_size),
+      out_batch_stride, static_cast<int>(out_row_stride), offsets, static_cast<int>(sequences));
 }
 
-template <typename T, bool Vector>
+template <typename T, bool Vector, bool Packed>
 void backward_tiled(const void* grad_out, const void* values, const void* logits, void* grad_values,
                     void* grad_logits, int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size,
-                    int64_t grad_batch_stride, int64_t grad_row_stride, cudaStream_t stream) {
+                    int64_t grad_batch_stride, int64_t grad_row_stride, const int32_t* offsets, int64_t sequences,
+                    cudaStream_t stream) {
   const int64_t tiles = tiles_for(seq_len), tasks = batch * heads * tiles;
   constexpr int warps = span_tile_warps<T>();
-  span_conv_backward_tiled_kernel<T, 9, Vector><<<(tasks + warps - 1) / warps, warps * 32, 0, stream>>>(
-          static_cast<const T*>(grad_out), static_cast<const T*>(values), static_cast<const T*>(logits),
-          static_cast<T*>(grad_values), static_cast<T*>(grad_logits), static_cast<int>(tasks),
-          static_cast<int>(tiles), static_cast<int>(seq_len), static_cast<int>(heads), static_cast<int>(head_size),
-          grad_batch_stride, static_cast<int>(grad_row_stride));
+  span_conv_backward_tiled_kernel<T, 9, Vector, Packed><<<(tasks + warps - 1) / warps, warps * 32, 0, stream>>>(
+      static_cast<const T*>(grad_out), static_cast<const T*>(values), static_cast<const T*>(logits),
+      static_cast<T*>(grad_values), static_cast<T*>(grad_logits), static_cast<int>(tasks), static_cast<int>(tiles),
+      static_cast<int>(seq_len), static_cast<int>(heads), static_cast<int>(head_size), grad_batch_stride,
+      static_cast<int>(grad_row_stride), offsets, static_cast<int>(sequences));
 }
 
 template <typename T>
 void forward(const void* values, const void* logits, void* out, int64_t batch, int64_t seq_len, int64_t heads,
              int64_t head_size, int64_t kernel_size, int64_t out_batch_stride, int64_t out_row_stride,
-             cudaStream_t stream) {
+             const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
   if (tiled(batch, seq_len, heads, head_size, kernel_size, out_row_stride)) {
-    if (vectors_aligned(4, sizeof(T), {values, out}, {head_size, out_batch_stride, out_row_stride})) {
-      forward_tiled<T, true>(values, logits, out, batch, seq_len, heads, head_size, out_batch_stride, out_row_stride,
-                             stream);
-    } else {
-      forward_tiled<T, false>(values, logits, out, batch, seq_len, heads, head_size, out_batch_stride,
-                              out_row_stride, stream);
-    }
+    const bool aligned = vectors_aligned(4, sizeof(T), {values, out}, {head_size, out_batch_stride, out_row_stride});
+    CONVBERT_FAST_WITH_PACKED(offsets, Packed,
+      if (aligned) {
+        forward_tiled<T, true, Packed>(values, logits, out, batch, seq_len, heads, head_size, out_batch_stride,
+                                       out_row_stride, offsets, sequences, stream);
+      } else {
+        forward_tiled<T, false, Packed>(values, logits, out, batch, seq_len, heads, head_size, out_batch_stride,
+                                        out_row_stride, offsets, sequences, stream);
+      })
     return;
   }
   const int64_t tasks = batch * seq_len * heads;
-  CONVBERT_FAST_WITH_KERNEL_SIZE(kernel_size, KS,
-      span_conv_forward_kernel<T, KS><<<blocks_for(tasks), kSpanWarpsPerBlock * 32, 0, stream>>>(
+  CONVBERT_FAST_WITH_PACKED(offsets, Packed, CONVBERT_FAST_WITH_KERNEL_SIZE(kernel_size, KS,
+      span_conv_forward_kernel<T, KS, Packed><<<blocks_for(tasks), kSpanWarpsPerBlock * 32, 0, stream>>>(
           static_cast<const T*>(values), static_cast<const T*>(logits), static_cast<T*>(out), batch, seq_len,
           static_cast<int>(heads), static_cast<int>(head_size), static_cast<int>(kernel_size), out_batch_stride,
-          out_row_stride))
+          out_row_stride, offsets, static_cast<int>(sequences))))
 }
 
 template <typename T>
 void backward(const void* grad_out, const void* values, const void* logits, void* grad_values, void* grad_logits,
               void* weights, int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
-              int64_t grad_batch_stride, int64_t grad_row_stride, cudaStream_t stream) {
+              int64_t grad_batch_stride, int64_t grad_row_stride, const int32_t* offsets, int64_t sequences,
+              cudaStream_t stream) {
   if (tiled(batch, seq_len, heads, head_size, kernel_size, grad_row_stride)) {
-    if (vectors_aligned(4, sizeof(T), {grad_out, values, grad_values},
-                        {head_size, grad_batch_stride, grad_row_stride})) {
-      backward_tiled<T, true>(grad_out, values, logits, grad_values, grad_logits, batch, seq_len, heads, head_size,
-                              grad_batch_stride, grad_row_stride, stream);
-    } else {
-      backward_tiled<T, false>(grad_out, values, logits, grad_values, grad_logits, batch, seq_len, heads, head_size,
-                               grad_batch_stride, grad_row_stride, stream);
-    }
+    const bool aligned =
+        vectors_aligned(4, sizeof(T), {grad_out, values, grad_values}, {head_size, grad_batch_stride, grad_row_stride});
+    CONVBERT_FAST_WITH_PACKED(offsets, Packed,
+      if (aligned) {
+        backward_tiled<T, true, Packed>(grad_out, values, logits, grad_values, grad_logits, batch, seq_len, heads,
+                                        head_size, grad_batch_stride, grad_row_stride, offsets, sequences, stream);
+      } else {
+        backward_tiled<T, false, Packed>(grad_out, values, logits, grad_values, grad_logits, batch, seq_len, heads,
+                                         head_size, grad_batch_stride, grad_row_stride, offsets, sequences, stream);
+      })
     return;
   }
   const int64_t tasks = batch * seq_len * heads;
-  CONVBERT_FAST_WITH_KERNEL_SIZE(kernel_size, KS,
-      span_conv_backward_logits_kernel<T, KS><<<blocks_for(tasks), kSpanWarpsPerBlock * 32, 0, stream>>>(
+  CONVBERT_FAST_WITH_PACKED(offsets, Packed, CONVBERT_FAST_WITH_KERNEL_SIZE(kernel_size, KS,
+      span_conv_backward_logits_kernel<T, KS, Packed><<<blocks_for(tasks), kSpanWarpsPerBlock * 32, 0, stream>>>(
           static_cast<const T*>(grad_out), static_cast<const T*>(values), static_cast<const T*>(logits),
           static_cast<T*>(grad_logits), static_cast<Acc<T>*>(weights), batch, seq_len, static_cast<int>(heads),
-          static_cast<int>(head_size), static_cast<int>(kernel_size));
-      span_conv_backward_values_kernel<T, KS><<<blocks_for(tasks), kSpanWarpsPerBlock * 32, 0, stream>>>(
+          static_cast<int>(head_size), static_cast<int>(kernel_size), offsets, static_cast<int>(sequences));
+      span_conv_backward_values_kernel<T, KS, Packed><<<blocks_for(tasks), kSpanWarpsPerBlock * 32, 0, stream>>>(
           static_cast<const T*>(grad_out), static_cast<const Acc<T>*>(weights), static_cast<T*>(grad_values), batch,
-          seq_len, static_cast<int>(heads), static_cast<int>(head_size), static_cast<int>(kernel_size)))
+          seq_len, static_cast<int>(heads), static_cast<int>(head_size), static_cast<int>(kernel_size), offsets,
+          static_cast<int>(sequences))))
 }
 
 }  // namespace
 
 cudaError_t span_conv_forward(DType dtype, const void* values, const void* logits, void* out, int64_t batch,
                               int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
-                              int64_t out_batch_stride, int64_t out_row_stride, cudaStream_t stream) {
+                              int64_t out_batch_stride, int64_t out_row_stride, const int32_t* offsets,
+                              int64_t sequences, cudaStream_t stream) {
   if (kernel_size < 1 || kernel_size > kMaxCudaKernelSize) return cudaErrorInvalidValue;
+  if (!packed_sequences_valid(batch, seq_len, offsets, sequences)) return cudaErrorInvalidValue;
   if (batch * seq_len * heads * head_size == 0) return cudaSuccess;
   if (blocks_for(batch * seq_len * heads) > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // grid.x
   CONVBERT_FAST_DISPATCH(dtype, forward, values, logits, out, batch, seq_len, heads, head_size, kernel_size,
-                         out_batch_stride, out_row_stride, stream)
+                         out_batch_stride, out_row_stride, offsets, sequences, stream)
   return cudaGetLastError();
 }
 
 cudaError_t span_conv_backward(DType dtype, const void* grad_out, const void* values, const void* logits,
                                void* grad_values, void* grad_logits, void* weights, int64_t batch, int64_t seq_len,
                                int64_t heads, int64_t head_size, int64_t kernel_size, int64_t grad_batch_stride,
-                               int64_t grad_row_stride, cudaStream_t stream) {
+                               int64_t grad_row_stride, const int32_t* offsets, int64_t sequences,
+                               cudaStream_t stream) {
   if (kernel_size < 1 || kernel_size > kMaxCudaKernelSize) return cudaErrorInvalidValue;
+  if (!packed_sequences_valid(batch, seq_len, offsets, sequences)) return cudaErrorInvalidValue;
   if (batch * seq_len * heads == 0) return cudaSuccess;
   if (blocks_for(batch * seq_len * heads) > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // grid.x
   CONVBERT_FAST_DISPATCH(dtype, backward, grad_out, values, logits, grad_values, grad_logits, weights, batch,
-                         seq_len, heads, head_size, kernel_size, grad_batch_stride, grad_row_stride, stream)
+                         seq_len, heads, head_size, kernel_size, grad_batch_stride, grad_row_stride, offsets,
+                         sequences, stream)
   return cudaGetLastError();
 }
 

@@ -26,11 +26,21 @@ enum class DType { Float32, Float64, Float16, BFloat16 };
 // Largest kernel size of the span conv's CUDA kernels (the softmax weights live in shared memory).
 constexpr int64_t kMaxCudaKernelSize = 63;
 
+// Packed sequences: the conv launchers take `offsets` (cu_seqlens, int32 [sequences + 1] on the device, 0 = o[0] <=
+// ... <= o[sequences] = L) over the sequence dimension of one packed row (batch 1), each sequence's taps then
+// stopping at its own ends, as if it ran alone; or nullptr: every batch row is one sequence. The offsets' values are
+// not read on the host (that would sync the device): the kernels clamp what they find to the row, so no offsets
+// make them reach outside their tensors. These are the host-side conditions (else cudaErrorInvalidValue).
+inline bool packed_sequences_valid(int64_t batch, int64_t seq_len, const int32_t* offsets, int64_t sequences) {
+  return offsets == nullptr || (batch == 1 && sequences >= 1 && sequences < INT32_MAX && seq_len < INT32_MAX);
+}
+
 // out[b, t, h*D + d] = sum_j softmax(logits[b, t, h*K:(h+1)*K])[j] * values[b, t + j - K/2, h*D + d].
 // values and logits contiguous; out rows at out_batch_stride / out_row_stride elements, channels dense.
 cudaError_t span_conv_forward(DType dtype, const void* values, const void* logits, void* out, int64_t batch,
                               int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
-                              int64_t out_batch_stride, int64_t out_row_stride, cudaStream_t stream);
+                              int64_t out_batch_stride, int64_t out_row_stride, const int32_t* offsets,
+                              int64_t sequences, cudaStream_t stream);
 
 // grad_values and grad_logits, values and logits contiguous; grad_out rows at grad_batch_stride / grad_row_stride
 // elements, channels dense, when span_conv_backward_reads_strided_grad() says so, else contiguous. `weights`
@@ -39,21 +49,25 @@ cudaError_t span_conv_forward(DType dtype, const void* values, const void* logit
 cudaError_t span_conv_backward(DType dtype, const void* grad_out, const void* values, const void* logits,
                                void* grad_values, void* grad_logits, void* weights, int64_t batch, int64_t seq_len,
                                int64_t heads, int64_t head_size, int64_t kernel_size, int64_t grad_batch_stride,
-                               int64_t grad_row_stride, cudaStream_t stream);
+                               int64_t grad_row_stride, const int32_t* offsets, int64_t sequences,
+                               cudaStream_t stream);
 bool span_conv_backward_reads_strided_grad(int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size,
                                            int64_t kernel_size, int64_t grad_row_stride);
 
-// out[b, t, c] = sum_j taps[j, c] * x[b, t + j - K/2, c]; x, taps [K, C], out contiguous.
+// out[b, t, c] = sum_j taps[j, c] * x[b, t + j - K/2, c] (rows of t's sequence only); x, taps [K, C], out
+// contiguous.
 cudaError_t depthwise_conv_forward(DType dtype, const void* x, const void* taps, void* out, int64_t batch,
-                                   int64_t seq_len, int64_t channels, int64_t kernel_size, cudaStream_t stream);
+                                   int64_t seq_len, int64_t channels, int64_t kernel_size, const int32_t* offsets,
+                                   int64_t sequences, cudaStream_t stream);
 
-// partials[chunk, j, c] = sum over the rows of `chunk` of grad[row, c] * x[row + j - K/2, c]
-// (fp64 for Float64, else fp32; [depthwise_conv_weight_grad_chunks(...), K, C], every entry written); summing
-// them over chunks gives d(taps).
+// partials[chunk, j, c] = sum over the rows of `chunk` of grad[row, c] * x[row + j - K/2, c] (rows of the same
+// sequence only; fp64 for Float64, else fp32; [depthwise_conv_weight_grad_chunks(...), K, C], every entry written);
+// summing them over chunks gives d(taps).
 int64_t depthwise_conv_weight_grad_chunks(int64_t batch, int64_t seq_len, int64_t channels, int64_t kernel_size);
 cudaError_t depthwise_conv_weight_grad_partials(DType dtype, const void* grad, const void* x, void* partials,
                                                 int64_t batch, int64_t seq_len, int64_t channels,
-                                                int64_t kernel_size, cudaStream_t stream);
+                                                int64_t kernel_size, const int32_t* offsets, int64_t sequences,
+                                                cudaStream_t stream);
 
 // out = LayerNorm(dropout(x) + residual) per row (all [rows, C] contiguous, weight and bias [C]); mean and rstd
 // [rows] in fp32 (fp64 for Float64). The dropout mask is dropout_keeps(seed, row * C + c) (csrc/dropout_mask.h).

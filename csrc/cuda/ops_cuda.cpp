@@ -46,16 +46,21 @@ void check_cuda_kernel_size(int64_t kernel_size) {
                     "; use the 'eager' backend for larger spans");
 }
 
-// Sequence boundaries (cu_seqlens) reach the CUDA kernels in a later change; until then they are refused here.
-void refuse_offsets(const char* op, const at::Tensor& offsets) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!offsets.defined(), op, ": the CUDA kernels do not take cu_seqlens yet");
-}
+// The launchers' form of sequence_offsets' result (composite.h): a device pointer and the number of sequences, or
+// nullptr (batch rows). Their values are not read here (a device sync): the kernels clamp what they find.
+struct Offsets {
+  const int32_t* data;
+  int64_t sequences;
+  explicit Offsets(const at::Tensor& offsets)
+      : data(offsets.defined() ? offsets.const_data_ptr<int32_t>() : nullptr),
+        sequences(offsets.defined() ? offsets.size(0) - 1 : 0) {}
+};
 
 void span_conv_into_cuda(const at::Tensor& values, const at::Tensor& kernel_logits, int64_t num_heads,
                          at::Tensor& out, const OptionalTensor& cu_seqlens) {
   check_span_conv_args(values, kernel_logits, num_heads);
   check_span_conv_out(values, kernel_logits, out);
-  refuse_offsets("dynamic_span_conv", sequence_offsets("dynamic_span_conv", cu_seqlens, values));
+  const Offsets offsets(sequence_offsets("dynamic_span_conv", cu_seqlens, values));
   check_kernel_choice();
   const c10::cuda::CUDAGuard guard(values.device());
   const at::Tensor v = values.contiguous(), k = kernel_logits.contiguous();
@@ -63,7 +68,7 @@ void span_conv_into_cuda(const at::Tensor& values, const at::Tensor& kernel_logi
   check_cuda_kernel_size(kernel_size);
   check_launch(span_conv_forward(dtype_of(v), v.const_data_ptr(), k.const_data_ptr(), out.mutable_data_ptr(),
                                  v.size(0), v.size(1), num_heads, v.size(2) / num_heads, kernel_size, out.stride(0),
-                                 out.stride(1), c10::cuda::getCurrentCUDAStream()),
+                                 out.stride(1), offsets.data, offsets.sequences, c10::cuda::getCurrentCUDAStream()),
                "dynamic_span_conv");
 }
 
@@ -78,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> span_conv_backward_cuda(const at::Tensor& gra
                                                            const at::Tensor& kernel_logits, int64_t num_heads,
                                                            const OptionalTensor& cu_seqlens) {
   check_span_conv_args(values, kernel_logits, num_heads);
-  refuse_offsets("dynamic_span_conv_backward", sequence_offsets("dynamic_span_conv_backward", cu_seqlens, values));
+  const Offsets offsets(sequence_offsets("dynamic_span_conv_backward", cu_seqlens, values));
   check_kernel_choice();
   check_span_conv_grad(grad_out, values);
   const c10::cuda::CUDAGuard guard(values.device());
@@ -97,33 +102,35 @@ std::tuple<at::Tensor, at::Tensor> span_conv_backward_cuda(const at::Tensor& gra
   check_launch(span_conv_backward(dtype_of(v), g.const_data_ptr(), v.const_data_ptr(), k.const_data_ptr(),
                                   grad_values.mutable_data_ptr(), grad_logits.mutable_data_ptr(),
                                   weights.mutable_data_ptr(), v.size(0), v.size(1), num_heads, head_size, kernel_size,
-                                  g.stride(0), g.stride(1), c10::cuda::getCurrentCUDAStream()),
+                                  g.stride(0), g.stride(1), offsets.data, offsets.sequences,
+                                  c10::cuda::getCurrentCUDAStream()),
                "dynamic_span_conv_backward");
   return {grad_values, grad_logits};
 }
 
-at::Tensor depthwise_cuda(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& offsets) {
-  refuse_offsets("separable_conv1d", offsets);
+at::Tensor depthwise_cuda(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& offsets_or_undefined) {
+  const Offsets offsets(offsets_or_undefined);
   check_kernel_choice();
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   check_launch(depthwise_conv_forward(dtype_of(x), x.const_data_ptr(), taps.const_data_ptr(), out.mutable_data_ptr(),
-                                      x.size(0), x.size(1), x.size(2), taps.size(0),
+                                      x.size(0), x.size(1), x.size(2), taps.size(0), offsets.data, offsets.sequences,
                                       c10::cuda::getCurrentCUDAStream()),
                "depthwise conv");
   return out;
 }
 
 at::Tensor depthwise_weight_grad_cuda(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size,
-                                      const at::Tensor& offsets) {
-  refuse_offsets("separable_conv1d_backward", offsets);
+                                      const at::Tensor& offsets_or_undefined) {
+  const Offsets offsets(offsets_or_undefined);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor g = grad.contiguous();
   const int64_t chunks = depthwise_conv_weight_grad_chunks(x.size(0), x.size(1), x.size(2), kernel_size);
   at::Tensor partials = at::empty({chunks, kernel_size, x.size(2)}, x.options().dtype(acc_dtype(x)));  // all written
   check_launch(depthwise_conv_weight_grad_partials(dtype_of(x), g.const_data_ptr(), x.const_data_ptr(),
                                                    partials.mutable_data_ptr(), x.size(0), x.size(1), x.size(2),
-                                                   kernel_size, c10::cuda::getCurrentCUDAStream()),
+                                                   kernel_size, offsets.data, offsets.sequences,
+                                                   c10::cuda::getCurrentCUDAStream()),
                "depthwise conv weight gradient");
   return partials.sum(0).to(x.scalar_type());  // a fixed-order reduction: the same bits every run
 }

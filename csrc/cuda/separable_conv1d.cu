@@ -18,20 +18,23 @@
 
 namespace convbert_fast {
 
-template <typename T, int KS>
+// Packed: B = 1 and offsets bound the sequences (launchers.h).
+template <typename T, int KS, bool Packed>
 __global__ void depthwise_conv_forward_kernel(const T* __restrict__ x, const T* __restrict__ taps, T* __restrict__ out,
-                                              int64_t rows, int64_t seq_len, int64_t channels, int kernel_size) {
+                                              int64_t rows, int64_t seq_len, int64_t channels, int kernel_size,
+                                              const int32_t* __restrict__ offsets, int sequences) {
   using A = typename AccType<T>::type;
   const int K = KS > 0 ? KS : kernel_size, half = K / 2;
   const int64_t total = rows * channels;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / channels, c = i - row * channels, t = row % seq_len;
+    const int64_t row = i / channels, c = i - row * channels;
+    const RowPosition at = locate_row<Packed>(offsets, sequences, row, seq_len);
     A acc = 0;
 #pragma unroll
     for (int j = 0; j < K; ++j) {  // fully unrolled when K is the compile-time KS
-      const int64_t source = t + j - half;
-      if (source >= 0 && source < seq_len) {
+      const int64_t source = at.t + j - half;
+      if (source >= 0 && source < at.length) {
         acc += to_acc(taps[j * channels + c]) * to_acc(x[(row + j - half) * channels + c]);
       }
     }
@@ -40,12 +43,14 @@ __global__ void depthwise_conv_forward_kernel(const T* __restrict__ x, const T* 
 }
 
 // One block column per channel range, one block row per chunk of rows: partial sums per (chunk, tap,
-// channel), added up afterwards in chunk order (deterministic, no atomics).
-template <typename T>
+// channel), added up afterwards in chunk order (deterministic, no atomics). Packed: the sequence of the rows walked
+// is looked up again only where the walk leaves it.
+template <typename T, bool Packed>
 __global__ void depthwise_conv_weight_grad_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                                                   typename AccType<T>::type* __restrict__ partials, int64_t rows,
                                                   int64_t seq_len, int64_t channels, int kernel_size,
-                                                  int64_t chunk_rows) {
+                                                  int64_t chunk_rows, const int32_t* __restrict__ offsets,
+                                                  int sequences) {
   using A = typename AccType<T>::type;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= channels) return;
@@ -54,10 +59,21 @@ __global__ void depthwise_conv_weight_grad_kernel(const T* __restrict__ grad, co
   const int half = kernel_size / 2;
   for (int j = 0; j < kernel_size; ++j) {
     A acc = 0;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t source = row % seq_len + j - half;
-      if (source >= 0 && source < seq_len) {
-        acc += to_acc(grad[row * channels + c]) * to_acc(x[(row + j - half) * channels + c]);
+    if constexpr (!Packed) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t source = row % seq_len + j - half;
+        if (source >= 0 && source < seq_len) {
+          acc += to_acc(grad[row * channels + c]) * to_acc(x[(row + j - half) * channels + c]);
+        }
+      }
+    } else {
+      SequenceBounds s{0, 0};
+      for (int64_t row = begin; row < end; ++row) {
+        if (row >= s.hi) s = sequence_of(offsets, sequences, row, rows);
+        const int64_t source = row + j - half;
+        if (source >= s.lo && source < s.hi) {
+          acc += to_acc(grad[row * channels + c]) * to_acc(x[source * channels + c]);
+        }
       }
     }
     partials[(chunk * kernel_size + j) * channels + c] = acc;
@@ -81,17 +97,24 @@ __device__ __forceinline__ DepthwiseTask depthwise_task(int task, int tiles, int
 }
 
 // out[b, t, c] = sum_j taps[j, c] * x[b, t + j - K/2, c], zero padding; fp32 accumulation in tap order.
-template <typename T, int K, bool Vector>
+// Packed (cu_seqlens; B = 1): the tile runs across sequence boundaries; lane k finds the taps of token t0 + k inside
+// its sequence (taps_inside), and each token takes its bits from that lane; a tap outside adds nothing (a
+// predicate, not a zero: a neighbour's inf or NaN must not reach it).
+template <typename T, int K, bool Vector, bool Packed>
 __global__ void __launch_bounds__(kDepthwiseWarps * 32)
     depthwise_conv_forward_tiled_kernel(const T* __restrict__ x, const T* __restrict__ taps, T* __restrict__ out,
-                                        int tasks, int tiles, int groups, int seq_len, int channels) {
+                                        int tasks, int tiles, int groups, int seq_len, int channels,
+                                        const int32_t* __restrict__ offsets, int sequences) {
   using A = typename AccType<T>::type;
   constexpr int N = kDepthwiseVec, half = K / 2;
+  static_assert(kDepthwiseTile == 32, "a lane per token of the tile");
   const int lane = threadIdx.x & 31, task = blockIdx.x * kDepthwiseWarps + (threadIdx.x >> 5);
-  if (task >= tasks) return;
+  if (task >= tasks) return;  // whole warps leave together
   const DepthwiseTask at = depthwise_task<N>(task, tiles, groups, lane);
   const int count = channels - at.channel, t0 = at.tile * kDepthwiseTile;
   const bool on = count > 0;
+  uint32_t lane_inside = 0;  // packed: the taps of token t0 + lane inside its sequence
+  if (Packed && t0 + lane < seq_len) lane_inside = taps_inside<K>(offsets, sequences, t0 + lane, seq_len);
   A w[K][N];
 #pragma unroll
   for (int j = 0; j < K; ++j) load_vec<T, N, Vector>(taps + j * channels + at.channel, on, count, w[j]);
@@ -105,13 +128,17 @@ __global__ void __launch_bounds__(kDepthwiseWarps * 32)
     load_vec<T, N, Vector>(src, on && static_cast<unsigned>(r) < static_cast<unsigned>(seq_len), count, ring[i % K]);
     if (i >= K - 1) {  // token t0 + k: rows t0 + k - half + j are ring[(k + j) % K]
       const int k = i - (K - 1);
+      const uint32_t inside = Packed ? __shfl_sync(0xffffffffu, lane_inside, k) : ~0u;
       A acc[N];
 #pragma unroll
       for (int q = 0; q < N; ++q) acc[q] = A(0);
 #pragma unroll
-      for (int j = 0; j < K; ++j) {
+      for (int n = 0; n < K; ++n) {
+        const int j = tap_order<K, Packed>(n);
+        if (!Packed || tap_inside<K>(inside, j)) {
 #pragma unroll
-        for (int q = 0; q < N; ++q) acc[q] += w[j][q] * ring[(k + j) % K][q];
+          for (int q = 0; q < N; ++q) acc[q] += w[j][q] * ring[(k + j) % K][q];
+        }
       }
       store_vec<T, N, Vector>(dst, on && t0 + k < seq_len, count, acc);
       dst += channels;
@@ -122,19 +149,32 @@ __global__ void __launch_bounds__(kDepthwiseWarps * 32)
 // partials[b * chunks + chunk, j, c] = sum over the chunk's tokens s of grad[b, s, c] * x[b, s + j - K/2, c]
 // (fp32; fp64 for fp64), summed over chunks by the caller in a fixed order: deterministic, no atomics. Rows
 // outermost, K x N accumulators per lane; the x rows in a ring, the loop body K tokens (one turn of the ring).
-template <typename T, int K, bool Vector>
+// Packed (B = 1): the chunk runs across sequence boundaries; its tokens' taps inside their sequences are found
+// first, 4 per lane, into shared memory, from where each token's bits are broadcast; a tap outside adds nothing.
+template <typename T, int K, bool Vector, bool Packed>
 __global__ void __launch_bounds__(kDepthwiseWarps * 32)
     depthwise_conv_weight_grad_tiled_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                                             typename AccType<T>::type* __restrict__ partials, int tasks, int chunks,
-                                            int groups, int seq_len, int channels) {
+                                            int groups, int seq_len, int channels,
+                                            const int32_t* __restrict__ offsets, int sequences) {
   using A = typename AccType<T>::type;
   constexpr int N = kWeightGradVec, half = K / 2;
-  const int lane = threadIdx.x & 31, task = blockIdx.x * kDepthwiseWarps + (threadIdx.x >> 5);
-  if (task >= tasks) return;
+  __shared__ uint16_t inside_smem[kDepthwiseWarps][Packed ? kWeightGradChunk : 1];
+  static_assert(K <= 16, "a tap mask in 16 bits");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, task = blockIdx.x * kDepthwiseWarps + warp;
+  if (task >= tasks) return;  // whole warps leave together
   const DepthwiseTask at = depthwise_task<N>(task, chunks, groups, lane);
   const int count = channels - at.channel, s0 = at.tile * kWeightGradChunk;
   const int s_end = min(s0 + kWeightGradChunk, seq_len);
   const bool on = count > 0;
+  uint16_t* inside = inside_smem[warp];
+  if constexpr (Packed) {
+#pragma unroll
+    for (int n = lane; n < kWeightGradChunk; n += 32) {
+      inside[n] = s0 + n < s_end ? static_cast<uint16_t>(taps_inside<K>(offsets, sequences, s0 + n, seq_len)) : 0;
+    }
+    __syncwarp();
+  }
   const int64_t sequence = static_cast<int64_t>(at.batch) * seq_len * channels + at.channel;
   const T* xs = x + sequence + (s0 - half) * channels;
   const T* gs = grad + sequence + s0 * channels;
@@ -159,10 +199,13 @@ __global__ void __launch_bounds__(kDepthwiseWarps * 32)
       if (s0 + base + u < s_end) {  // the same for the whole warp
         A g[N];
         load_vec<T, N, Vector>(gs, on, count, g);
+        const uint32_t taps_in = Packed ? inside[base + u] : ~0u;
 #pragma unroll
         for (int j = 0; j < K; ++j) {  // token s = s0 + base + u reads rows s - half + j: ring[(u + j) % K]
+          if (!Packed || tap_inside<K>(taps_in, j)) {
 #pragma unroll
-          for (int q = 0; q < N; ++q) acc[j][q] += g[q] * ring[(u + j) % K][q];
+            for (int q = 0; q < N; ++q) acc[j][q] += g[q] * ring[(u + j) % K][q];
+          }
         }
       }
     }
@@ -195,72 +238,78 @@ bool tiled(int64_t batch, int64_t seq_len, int64_t channels, int64_t kernel_size
 // v2: chunks of kWeightGradChunk tokens inside each sequence.
 int64_t v1_chunk_rows(int64_t rows) { return std::max<int64_t>(64, ceil_div(rows, 65535)); }
 
-template <typename T, bool Vector>
+template <typename T, bool Vector, bool Packed>
 void forward_tiled(const void* x, const void* taps, void* out, int64_t batch, int64_t seq_len, int64_t channels,
-                   cudaStream_t stream) {
+                   const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
   const int64_t tiles = ceil_div(seq_len, kDepthwiseTile), groups = ceil_div(channels, 32 * kDepthwiseVec);
   const int64_t tasks = batch * tiles * groups;
-  depthwise_conv_forward_tiled_kernel<T, 9, Vector>
+  depthwise_conv_forward_tiled_kernel<T, 9, Vector, Packed>
       <<<ceil_div(tasks, kDepthwiseWarps), kDepthwiseWarps * 32, 0, stream>>>(
           static_cast<const T*>(x), static_cast<const T*>(taps), static_cast<T*>(out), static_cast<int>(tasks),
-          static_cast<int>(tiles), static_cast<int>(groups), static_cast<int>(seq_len), static_cast<int>(channels));
+          static_cast<int>(tiles), static_cast<int>(groups), static_cast<int>(seq_len), static_cast<int>(channels),
+          offsets, static_cast<int>(sequences));
 }
 
-template <typename T, bool Vector>
+template <typename T, bool Vector, bool Packed>
 void weight_grad_tiled(const void* grad, const void* x, void* partials, int64_t batch, int64_t seq_len,
-                       int64_t channels, cudaStream_t stream) {
+                       int64_t channels, const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
   const int64_t chunks = ceil_div(seq_len, kWeightGradChunk), groups = ceil_div(channels, 32 * kWeightGradVec);
   const int64_t tasks = batch * chunks * groups;
-  depthwise_conv_weight_grad_tiled_kernel<T, 9, Vector>
+  depthwise_conv_weight_grad_tiled_kernel<T, 9, Vector, Packed>
       <<<ceil_div(tasks, kDepthwiseWarps), kDepthwiseWarps * 32, 0, stream>>>(
           static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<typename AccType<T>::type*>(partials),
           static_cast<int>(tasks), static_cast<int>(chunks), static_cast<int>(groups), static_cast<int>(seq_len),
-          static_cast<int>(channels));
+          static_cast<int>(channels), offsets, static_cast<int>(sequences));
 }
 
 template <typename T>
 void forward(const void* x, const void* taps, void* out, int64_t batch, int64_t seq_len, int64_t channels,
-             int64_t kernel_size, cudaStream_t stream) {
+             int64_t kernel_size, const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
   if (tiled(batch, seq_len, channels, kernel_size, kDepthwiseTile)) {
-    if (vectors_aligned(kDepthwiseVec, sizeof(T), {x, taps, out}, {channels})) {
-      forward_tiled<T, true>(x, taps, out, batch, seq_len, channels, stream);
-    } else {
-      forward_tiled<T, false>(x, taps, out, batch, seq_len, channels, stream);
-    }
+    const bool aligned = vectors_aligned(kDepthwiseVec, sizeof(T), {x, taps, out}, {channels});
+    CONVBERT_FAST_WITH_PACKED(offsets, Packed,
+      if (aligned) forward_tiled<T, true, Packed>(x, taps, out, batch, seq_len, channels, offsets, sequences, stream);
+      else forward_tiled<T, false, Packed>(x, taps, out, batch, seq_len, channels, offsets, sequences, stream))
     return;
   }
   const int64_t total = batch * seq_len * channels;
   const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 30);  // grid-stride loop
-  CONVBERT_FAST_WITH_KERNEL_SIZE(kernel_size, KS,
-      depthwise_conv_forward_kernel<T, KS><<<blocks, kThreads, 0, stream>>>(
+  CONVBERT_FAST_WITH_PACKED(offsets, Packed, CONVBERT_FAST_WITH_KERNEL_SIZE(kernel_size, KS,
+      depthwise_conv_forward_kernel<T, KS, Packed><<<blocks, kThreads, 0, stream>>>(
           static_cast<const T*>(x), static_cast<const T*>(taps), static_cast<T*>(out), batch * seq_len, seq_len,
-          channels, static_cast<int>(kernel_size)))
+          channels, static_cast<int>(kernel_size), offsets, static_cast<int>(sequences))))
 }
 
 template <typename T>
 void weight_grad(const void* grad, const void* x, void* partials, int64_t batch, int64_t seq_len, int64_t channels,
-                 int64_t kernel_size, cudaStream_t stream) {
+                 int64_t kernel_size, const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
   if (tiled(batch, seq_len, channels, kernel_size, kWeightGradChunk)) {
-    if (vectors_aligned(kWeightGradVec, sizeof(T), {grad, x}, {channels})) {
-      weight_grad_tiled<T, true>(grad, x, partials, batch, seq_len, channels, stream);
-    } else {
-      weight_grad_tiled<T, false>(grad, x, partials, batch, seq_len, channels, stream);
-    }
+    const bool aligned = vectors_aligned(kWeightGradVec, sizeof(T), {grad, x}, {channels});
+    CONVBERT_FAST_WITH_PACKED(offsets, Packed,
+      if (aligned) {
+        weight_grad_tiled<T, true, Packed>(grad, x, partials, batch, seq_len, channels, offsets, sequences, stream);
+      } else {
+        weight_grad_tiled<T, false, Packed>(grad, x, partials, batch, seq_len, channels, offsets, sequences, stream);
+      })
     return;
   }
   const int64_t rows = batch * seq_len, chunk_rows = v1_chunk_rows(rows), chunks = ceil_div(rows, chunk_rows);
   const dim3 grid(static_cast<unsigned>((channels + kThreads - 1) / kThreads), static_cast<unsigned>(chunks));
-  depthwise_conv_weight_grad_kernel<T><<<grid, kThreads, 0, stream>>>(
-      static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<typename AccType<T>::type*>(partials), rows,
-      seq_len, channels, static_cast<int>(kernel_size), chunk_rows);
+  CONVBERT_FAST_WITH_PACKED(offsets, Packed,
+    depthwise_conv_weight_grad_kernel<T, Packed><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<typename AccType<T>::type*>(partials),
+        rows, seq_len, channels, static_cast<int>(kernel_size), chunk_rows, offsets, static_cast<int>(sequences)))
 }
 
 }  // namespace
 
 cudaError_t depthwise_conv_forward(DType dtype, const void* x, const void* taps, void* out, int64_t batch,
-                                   int64_t seq_len, int64_t channels, int64_t kernel_size, cudaStream_t stream) {
+                                   int64_t seq_len, int64_t channels, int64_t kernel_size, const int32_t* offsets,
+                                   int64_t sequences, cudaStream_t stream) {
+  if (!packed_sequences_valid(batch, seq_len, offsets, sequences)) return cudaErrorInvalidValue;
   if (batch * seq_len * channels == 0) return cudaSuccess;
-  CONVBERT_FAST_DISPATCH(dtype, forward, x, taps, out, batch, seq_len, channels, kernel_size, stream)
+  CONVBERT_FAST_DISPATCH(dtype, forward, x, taps, out, batch, seq_len, channels, kernel_size, offsets, sequences,
+                         stream)
   return cudaGetLastError();
 }
 
@@ -272,9 +321,12 @@ int64_t depthwise_conv_weight_grad_chunks(int64_t batch, int64_t seq_len, int64_
 
 cudaError_t depthwise_conv_weight_grad_partials(DType dtype, const void* grad, const void* x, void* partials,
                                                 int64_t batch, int64_t seq_len, int64_t channels,
-                                                int64_t kernel_size, cudaStream_t stream) {
+                                                int64_t kernel_size, const int32_t* offsets, int64_t sequences,
+                                                cudaStream_t stream) {
+  if (!packed_sequences_valid(batch, seq_len, offsets, sequences)) return cudaErrorInvalidValue;
   if (channels == 0 || batch * seq_len == 0) return cudaSuccess;
-  CONVBERT_FAST_DISPATCH(dtype, weight_grad, grad, x, partials, batch, seq_len, channels, kernel_size, stream)
+  CONVBERT_FAST_DISPATCH(dtype, weight_grad, grad, x, partials, batch, seq_len, channels, kernel_size, offsets,
+                         sequences, stream)
   return cudaGetLastError();
 }
 #endif  // __CUDACC__

@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <vector_types.h>
 
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -16,6 +17,7 @@
 #include <memory>
 #include <random>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #undef __global__
@@ -54,6 +56,16 @@ T __shfl_xor_sync(unsigned, T value, int offset) {
   this_warp->barrier.arrive_and_wait();
   return other;
 }
+template <typename T>
+T __shfl_sync(unsigned, T value, int source) {
+  const unsigned lane = threadIdx.x & 31;
+  std::memcpy(this_warp->slots[lane], &value, sizeof(T));
+  this_warp->barrier.arrive_and_wait();
+  T other;
+  std::memcpy(&other, this_warp->slots[source & 31], sizeof(T));
+  this_warp->barrier.arrive_and_wait();
+  return other;
+}
 inline void __syncwarp() { this_warp->barrier.arrive_and_wait(); }
 inline void __syncthreads() { this_block->arrive_and_wait(); }
 inline float __uint_as_float(uint32_t u) {
@@ -71,6 +83,21 @@ inline double __hiloint2double(int hi, int lo) {
   double d;
   std::memcpy(&d, &bits, 8);
   return d;
+}
+inline double __longlong_as_double(long long bits) {
+  double d;
+  std::memcpy(&d, &bits, 8);
+  return d;
+}
+inline long long __double_as_longlong(double d) {
+  long long bits;
+  std::memcpy(&bits, &d, 8);
+  return bits;
+}
+inline unsigned __brev(unsigned x) {
+  unsigned r = 0;
+  for (int i = 0; i < 32; ++i) r |= ((x >> i) & 1u) << (31 - i);
+  return r;
 }
 inline int __double2loint(double d) {
   uint64_t bits;
@@ -94,27 +121,30 @@ using std::sqrt;
 
 using namespace convbert_fast;
 
-// body() run by every thread of every block, blocks in order
-void launch(unsigned grid, unsigned block, const std::function<void()>& body) {
+// body() run by every thread of every block, blocks in order: one std::thread per thread of a block, kept for every
+// block of the launch (a barrier between blocks), since creating threads is most of the emulation's time
+void launch(Dim3 grid, unsigned block, const std::function<void()>& body) {
   blockDim = {block, 1, 1};
-  gridDim = {grid, 1, 1};
-  for (unsigned b = 0; b < grid; ++b) {
-    std::barrier<> block_barrier(block);
-    std::vector<std::unique_ptr<Warp>> warps;
-    for (unsigned w = 0; w < (block + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
-    std::vector<std::thread> threads;
-    for (unsigned t = 0; t < block; ++t) {
-      threads.emplace_back([&, t] {
-        threadIdx = {t, 0, 0};
-        blockIdx = {b, 0, 0};
-        this_warp = warps[t / 32].get();
-        this_block = &block_barrier;
+  gridDim = grid;
+  std::barrier<> block_barrier(block), block_done(block);
+  std::vector<std::unique_ptr<Warp>> warps;
+  for (unsigned w = 0; w < (block + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
+  std::vector<std::thread> threads;
+  for (unsigned t = 0; t < block; ++t) {
+    threads.emplace_back([&, t] {
+      threadIdx = {t, 0, 0};
+      this_warp = warps[t / 32].get();
+      this_block = &block_barrier;
+      for (unsigned b = 0; b < grid.x * grid.y; ++b) {
+        blockIdx = {b % grid.x, b / grid.x, 0};
         body();
-      });
-    }
-    for (auto& thread : threads) thread.join();
+        block_done.arrive_and_wait();
+      }
+    });
   }
+  for (auto& thread : threads) thread.join();
 }
+void launch(unsigned grid, unsigned block, const std::function<void()>& body) { launch(Dim3{grid, 1, 1}, block, body); }
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
@@ -142,6 +172,7 @@ struct Data {
 };
 
 int failures = 0;
+
 // max |got - want| <= atol + rtol * max |want|, over the entries want[i] (got from T)
 template <typename T>
 void expect_close(const char* what, const std::vector<T>& got, const std::vector<double>& want, double rtol,
@@ -158,114 +189,316 @@ void expect_close(const char* what, const std::vector<T>& got, const std::vector
               ok ? "ok" : "FAIL");
 }
 
-// ---- span conv
+// ---- the rows of the convs: `batch` rows of seq_len, each a sequence; or one packed row of sequences (cu_seqlens)
+struct Layout {
+  int batch, seq_len;
+  std::vector<int32_t> offsets;  // packed: [N + 1]; empty: batch rows
+  static Layout rows(int batch, int seq_len) { return {batch, seq_len, {}}; }
+  static Layout packed(std::initializer_list<int> lengths) {
+    Layout layout{1, 0, {0}};
+    for (int length : lengths) layout.offsets.push_back(layout.seq_len += length);
+    return layout;
+  }
+  int total() const { return batch * seq_len; }
+  const int32_t* device_offsets() const { return offsets.empty() ? nullptr : offsets.data(); }
+  int sequences() const { return offsets.empty() ? 0 : static_cast<int>(offsets.size()) - 1; }
+  // whether `row` lies in packed sequence `s` (-1: none)
+  bool in_sequence(int row, int s) const { return s >= 0 && row >= offsets[s] && row < offsets[s + 1]; }
+  // [lo, hi): the rows of `row`'s sequence
+  std::pair<int, int> sequence(int row) const {
+    if (offsets.empty()) return {row / seq_len * seq_len, (row / seq_len + 1) * seq_len};
+    const int s = static_cast<int>(std::upper_bound(offsets.begin(), offsets.end(), row) - offsets.begin()) - 1;
+    return {offsets[s], offsets[s + 1]};
+  }
+};
+
+// the entries of rows not in `poisoned` (a packed sequence whose inputs are NaN), `width` entries a row
+template <typename V>
+std::vector<V> outside(const std::vector<V>& v, int width, const Layout& layout, int poisoned) {
+  std::vector<V> kept;
+  for (size_t i = 0; i < v.size(); ++i)
+    if (!layout.in_sequence(static_cast<int>(i / width), poisoned)) kept.push_back(v[i]);
+  return kept;
+}
+
+// kernel<KS>(...) with the launchers' choice of KS: 9 unrolled, 0 generic
+#define WITH_KS(K, KS_NAME, ...)      \
+  if ((K) == 9) {                     \
+    constexpr int KS_NAME = 9;        \
+    __VA_ARGS__;                      \
+  } else {                            \
+    constexpr int KS_NAME = 0;        \
+    __VA_ARGS__;                      \
+  }
+
+// ---- span conv: v2 (K = 9) and v1 on the same data, each against the double-precision loops
 template <typename T, bool Vector>
-void span_conv_case(const char* name, int batch, int seq_len, int heads, int head_size, int out_pad, double rtol) {
-  constexpr int K = 9, half = K / 2;
+// poisoned >= 0: that packed sequence's values are NaN, and only the other rows are compared: a neighbour's NaN
+// must not reach them. (Its gradient stays finite: the tiled backward lets a non-finite gradient row reach d(values)
+// of the K/2 rows beside it, by design; csrc/cuda/dynamic_span_conv.cu says why.)
+void span_conv_case(const char* name, const Layout& layout, int heads, int head_size, int K, int out_pad,
+                    double rtol, int poisoned = -1) {
+  using A = typename AccType<T>::type;
+  const int half = K / 2, rows = layout.total(), seq_len = layout.seq_len, batch = layout.batch;
   std::mt19937 rng(17);
   const int width = heads * head_size, out_row = width + out_pad;
-  Data<T> values(size_t(batch) * seq_len * width, rng), logits(size_t(batch) * seq_len * heads * K, rng, 2.0);
-  Data<T> grad(size_t(batch) * seq_len * out_row, rng);  // read through the out strides, as the concat's slice
+  Data<T> values(size_t(rows) * width, rng), logits(size_t(rows) * heads * K, rng, 2.0);
+  Data<T> grad(size_t(rows) * out_row, rng);  // read through the out strides, as the concat's slice
+  for (int row = 0; row < rows; ++row) {
+    if (!layout.in_sequence(row, poisoned)) continue;
+    for (int c = 0; c < width; ++c) values.t[size_t(row) * width + c] = to_t<T>(NAN), values.d[size_t(row) * width + c] = NAN;
+  }
   // reference, in double
-  std::vector<double> w(logits.d.size()), out_ref(size_t(batch) * seq_len * out_row, 0.0);
+  std::vector<double> w(logits.d.size()), out_ref(size_t(rows) * out_row, 0.0);
   std::vector<double> grad_values_ref(values.d.size(), 0.0), grad_logits_ref(logits.d.size(), 0.0);
-  for (size_t task = 0; task < size_t(batch) * seq_len * heads; ++task) {
+  for (size_t task = 0; task < size_t(rows) * heads; ++task) {
     const double* z = &logits.d[task * K];
     double top = z[0], total = 0;
     for (int j = 1; j < K; ++j) top = std::max(top, z[j]);
     for (int j = 0; j < K; ++j) total += std::exp(z[j] - top);
     for (int j = 0; j < K; ++j) w[task * K + j] = std::exp(z[j] - top) / total;
   }
-  for (int b = 0; b < batch; ++b)
-    for (int t = 0; t < seq_len; ++t)
-      for (int h = 0; h < heads; ++h) {
-        const size_t task = (size_t(b) * seq_len + t) * heads + h;
-        double grad_w[K] = {}, dot = 0;
-        for (int j = 0; j < K; ++j) {
-          const int s = t + j - half;
-          if (s < 0 || s >= seq_len) continue;
-          for (int d = 0; d < head_size; ++d) {
-            const size_t src = (size_t(b) * seq_len + s) * width + h * head_size + d;
-            const size_t g = (size_t(b) * seq_len + t) * out_row + h * head_size + d;
-            out_ref[g] += w[task * K + j] * values.d[src];
-            grad_w[j] += grad.d[g] * values.d[src];
-            grad_values_ref[src] += w[task * K + j] * grad.d[g];
-          }
+  for (int row = 0; row < rows; ++row) {
+    const auto [lo, hi] = layout.sequence(row);
+    for (int h = 0; h < heads; ++h) {
+      const size_t task = size_t(row) * heads + h;
+      std::vector<double> grad_w(K, 0.0);
+      double dot = 0;
+      for (int j = 0; j < K; ++j) {
+        const int s = row + j - half;
+        if (s < lo || s >= hi) continue;
+        for (int d = 0; d < head_size; ++d) {
+          const size_t src = size_t(s) * width + h * head_size + d, g = size_t(row) * out_row + h * head_size + d;
+          out_ref[g] += w[task * K + j] * values.d[src];
+          grad_w[j] += grad.d[g] * values.d[src];
+          grad_values_ref[src] += w[task * K + j] * grad.d[g];
         }
-        for (int j = 0; j < K; ++j) dot += w[task * K + j] * grad_w[j];
-        for (int j = 0; j < K; ++j) grad_logits_ref[task * K + j] = w[task * K + j] * (grad_w[j] - dot);
       }
-  // the kernels, with the launcher's geometry (csrc/cuda/dynamic_span_conv.cu)
-  const int tiles = ceil_div(seq_len, kSpanTile), tasks = batch * heads * tiles, warps = span_tile_warps<T>();
-  std::vector<T> out(out_ref.size(), to_t<T>(0.0)), grad_values(values.t.size()), grad_logits(logits.t.size());
-  launch(ceil_div(tasks, warps), warps * 32, [&] {
-    span_conv_forward_tiled_kernel<T, K, Vector>(values.t.data(), logits.t.data(), out.data(), tasks, tiles,
-                                                 seq_len, heads, head_size, int64_t(seq_len) * out_row, out_row);
-  });
-  launch(ceil_div(tasks, warps), warps * 32, [&] {
-    span_conv_backward_tiled_kernel<T, K, Vector>(grad.t.data(), values.t.data(), logits.t.data(),
-                                                  grad_values.data(), grad_logits.data(), tasks, tiles, seq_len,
-                                                  heads, head_size, int64_t(seq_len) * out_row, out_row);
-  });
-  // only the conv's columns of out are written: compare those
-  std::vector<T> out_conv;
-  std::vector<double> out_conv_ref;
-  for (size_t row = 0; row < size_t(batch) * seq_len; ++row)
-    for (int c = 0; c < out_row; ++c)
-      if (c < width) out_conv.push_back(out[row * out_row + c]), out_conv_ref.push_back(out_ref[row * out_row + c]);
-      else if (to_d(out[row * out_row + c]) != 0.0) ++failures, std::printf("%s: padding column written\n", name);
-  char label[160];
-  std::snprintf(label, sizeof label, "span conv fwd %s", name);
-  expect_close(label, out_conv, out_conv_ref, rtol);
-  std::snprintf(label, sizeof label, "span conv d(values) %s", name);
-  expect_close(label, grad_values, grad_values_ref, rtol);
-  std::snprintf(label, sizeof label, "span conv d(logits) %s", name);
-  expect_close(label, grad_logits, grad_logits_ref, rtol);
+      for (int j = 0; j < K; ++j) dot += w[task * K + j] * grad_w[j];
+      for (int j = 0; j < K; ++j) grad_logits_ref[task * K + j] = w[task * K + j] * (grad_w[j] - dot);
+    }
+  }
+  std::vector<double> out_conv_ref;  // only the conv's columns of out are written: compare those
+  for (size_t row = 0; row < size_t(rows); ++row)
+    for (int c = 0; c < width; ++c) out_conv_ref.push_back(out_ref[row * out_row + c]);
+  auto check = [&](const char* version, const std::vector<T>& out, const std::vector<T>& grad_values,
+                   const std::vector<T>& grad_logits) {
+    std::vector<T> out_conv;
+    for (size_t row = 0; row < size_t(rows); ++row)
+      for (int c = 0; c < out_row; ++c)
+        if (c < width) out_conv.push_back(out[row * out_row + c]);
+        else if (to_d(out[row * out_row + c]) != 0.0) ++failures, std::printf("%s: padding column written\n", name);
+    char label[200];
+    std::snprintf(label, sizeof label, "span conv %s fwd %s", version, name);
+    expect_close(label, outside(out_conv, width, layout, poisoned), outside(out_conv_ref, width, layout, poisoned),
+                 rtol);
+    std::snprintf(label, sizeof label, "span conv %s d(values) %s", version, name);
+    expect_close(label, outside(grad_values, width, layout, poisoned),
+                 outside(grad_values_ref, width, layout, poisoned), rtol);
+    std::snprintf(label, sizeof label, "span conv %s d(logits) %s", version, name);
+    expect_close(label, outside(grad_logits, heads * K, layout, poisoned),
+                 outside(grad_logits_ref, heads * K, layout, poisoned), rtol);
+  };
+  const int32_t* offsets = layout.device_offsets();
+  const int sequences = layout.sequences();
+  const int64_t out_batch = int64_t(seq_len) * out_row;
+  if (K == 9) {  // v2, with the launcher's geometry (csrc/cuda/dynamic_span_conv.cu)
+    const int tiles = ceil_div(seq_len, kSpanTile), tasks = batch * heads * tiles, warps = span_tile_warps<T>();
+    std::vector<T> out(out_ref.size(), to_t<T>(0.0)), grad_values(values.t.size()), grad_logits(logits.t.size());
+    auto run = [&](auto packed) {
+      constexpr bool Packed = decltype(packed)::value;
+      launch(ceil_div(tasks, warps), warps * 32, [&] {
+        span_conv_forward_tiled_kernel<T, 9, Vector, Packed>(values.t.data(), logits.t.data(), out.data(), tasks,
+                                                             tiles, seq_len, heads, head_size, out_batch, out_row,
+                                                             offsets, sequences);
+      });
+      launch(ceil_div(tasks, warps), warps * 32, [&] {
+        span_conv_backward_tiled_kernel<T, 9, Vector, Packed>(grad.t.data(), values.t.data(), logits.t.data(),
+                                                              grad_values.data(), grad_logits.data(), tasks, tiles,
+                                                              seq_len, heads, head_size, out_batch, out_row, offsets,
+                                                              sequences);
+      });
+    };
+    if (offsets) run(std::true_type{});
+    else run(std::false_type{});
+    check("v2", out, grad_values, grad_logits);
+  }
+  {  // v1: the backward reads a contiguous gradient (the glue makes one) and keeps the weights between its passes
+    const int64_t tasks = int64_t(rows) * heads;
+    const unsigned blocks = static_cast<unsigned>((tasks + kSpanWarpsPerBlock - 1) / kSpanWarpsPerBlock);
+    std::vector<T> out(out_ref.size(), to_t<T>(0.0)), grad_values(values.t.size()), grad_logits(logits.t.size());
+    std::vector<T> grad_dense(values.t.size());
+    for (size_t row = 0; row < size_t(rows); ++row)
+      for (int c = 0; c < width; ++c) grad_dense[row * width + c] = grad.t[row * out_row + c];
+    std::vector<A> weights(logits.t.size());
+    auto run = [&](auto packed) {
+      constexpr bool Packed = decltype(packed)::value;
+      WITH_KS(K, KS,
+        launch(blocks, kSpanWarpsPerBlock * 32, [&] {
+          span_conv_forward_kernel<T, KS, Packed>(values.t.data(), logits.t.data(), out.data(), batch, seq_len, heads,
+                                                  head_size, K, out_batch, out_row, offsets, sequences);
+        });
+        launch(blocks, kSpanWarpsPerBlock * 32, [&] {
+          span_conv_backward_logits_kernel<T, KS, Packed>(grad_dense.data(), values.t.data(), logits.t.data(),
+                                                          grad_logits.data(), weights.data(), batch, seq_len, heads,
+                                                          head_size, K, offsets, sequences);
+        });
+        launch(blocks, kSpanWarpsPerBlock * 32, [&] {
+          span_conv_backward_values_kernel<T, KS, Packed>(grad_dense.data(), weights.data(), grad_values.data(),
+                                                          batch, seq_len, heads, head_size, K, offsets, sequences);
+        }))
+    };
+    if (offsets) run(std::true_type{});
+    else run(std::false_type{});
+    check("v1", out, grad_values, grad_logits);
+  }
 }
 
-// ---- depthwise conv
+// ---- depthwise conv, v2 (K = 9) and v1
 // rtol for the outputs in T; the weight gradient's partial sums stay in the accumulation type: fp32's tolerance
 template <typename T, bool Vector>
-void depthwise_case(const char* name, int batch, int seq_len, int channels, double rtol) {
+// poisoned >= 0: that packed sequence's x and gradient are NaN; the other rows' outputs are compared (d(taps), a
+// sum over every row, is not).
+void depthwise_case(const char* name, const Layout& layout, int channels, int K, double rtol, int poisoned = -1) {
   const double acc_rtol = std::is_same_v<T, double> ? 1e-13 : 2e-6;
-  constexpr int K = 9, half = K / 2;
+  const int half = K / 2, rows = layout.total(), seq_len = layout.seq_len, batch = layout.batch;
   using A = typename AccType<T>::type;
   std::mt19937 rng(18);
-  Data<T> x(size_t(batch) * seq_len * channels, rng), taps(size_t(K) * channels, rng), grad(x.d.size(), rng);
+  Data<T> x(size_t(rows) * channels, rng), taps(size_t(K) * channels, rng), grad(x.d.size(), rng);
+  for (size_t i = 0; i < x.t.size(); ++i) {
+    if (!layout.in_sequence(static_cast<int>(i / channels), poisoned)) continue;
+    x.t[i] = grad.t[i] = to_t<T>(NAN), x.d[i] = grad.d[i] = NAN;
+  }
   std::vector<double> out_ref(x.d.size(), 0.0), taps_grad_ref(taps.d.size(), 0.0);
-  for (int b = 0; b < batch; ++b)
-    for (int t = 0; t < seq_len; ++t)
-      for (int j = 0; j < K; ++j) {
-        const int s = t + j - half;
-        if (s < 0 || s >= seq_len) continue;
-        for (int c = 0; c < channels; ++c) {
-          const size_t at = (size_t(b) * seq_len + t) * channels + c, src = (size_t(b) * seq_len + s) * channels + c;
-          out_ref[at] += taps.d[size_t(j) * channels + c] * x.d[src];
-          taps_grad_ref[size_t(j) * channels + c] += grad.d[at] * x.d[src];
-        }
+  for (int row = 0; row < rows; ++row) {
+    const auto [lo, hi] = layout.sequence(row);
+    for (int j = 0; j < K; ++j) {
+      const int s = row + j - half;
+      if (s < lo || s >= hi) continue;
+      for (int c = 0; c < channels; ++c) {
+        const size_t at = size_t(row) * channels + c, src = size_t(s) * channels + c;
+        out_ref[at] += taps.d[size_t(j) * channels + c] * x.d[src];
+        taps_grad_ref[size_t(j) * channels + c] += grad.d[at] * x.d[src];
       }
-  const int tiles = ceil_div(seq_len, kDepthwiseTile), groups = ceil_div(channels, 32 * kDepthwiseVec);
-  const int tasks = batch * tiles * groups;
-  std::vector<T> out(x.t.size());
-  launch(ceil_div(tasks, kDepthwiseWarps), kDepthwiseWarps * 32, [&] {
-    depthwise_conv_forward_tiled_kernel<T, K, Vector>(x.t.data(), taps.t.data(), out.data(), tasks, tiles, groups,
-                                                      seq_len, channels);
-  });
-  const int chunks = ceil_div(seq_len, kWeightGradChunk), wg_groups = ceil_div(channels, 32 * kWeightGradVec);
-  const int wg_tasks = batch * chunks * wg_groups;
-  std::vector<A> partials(size_t(batch) * chunks * K * channels, A(NAN));
-  launch(ceil_div(wg_tasks, kDepthwiseWarps), kDepthwiseWarps * 32, [&] {
-    depthwise_conv_weight_grad_tiled_kernel<T, K, Vector>(grad.t.data(), x.t.data(), partials.data(), wg_tasks,
-                                                          chunks, wg_groups, seq_len, channels);
-  });
-  std::vector<double> taps_grad(taps.d.size(), 0.0);  // summed over chunks, as the glue does
-  for (size_t chunk = 0; chunk < size_t(batch) * chunks; ++chunk)
-    for (size_t i = 0; i < taps_grad.size(); ++i) taps_grad[i] += partials[chunk * taps_grad.size() + i];
-  char label[160];
-  std::snprintf(label, sizeof label, "depthwise fwd %s", name);
-  expect_close(label, out, out_ref, rtol);
-  std::snprintf(label, sizeof label, "depthwise d(taps) %s", name);
-  expect_close(label, taps_grad, taps_grad_ref, acc_rtol);
+    }
+  }
+  auto check = [&](const char* version, const std::vector<T>& out, const std::vector<A>& partials) {
+    std::vector<double> taps_grad(taps.d.size(), 0.0);  // summed over chunks, as the glue does
+    for (size_t chunk = 0; chunk < partials.size() / taps_grad.size(); ++chunk)
+      for (size_t i = 0; i < taps_grad.size(); ++i) taps_grad[i] += partials[chunk * taps_grad.size() + i];
+    char label[200];
+    std::snprintf(label, sizeof label, "depthwise %s fwd %s", version, name);
+    expect_close(label, outside(out, channels, layout, poisoned), outside(out_ref, channels, layout, poisoned), rtol);
+    std::snprintf(label, sizeof label, "depthwise %s d(taps) %s", version, name);
+    if (poisoned < 0) expect_close(label, taps_grad, taps_grad_ref, acc_rtol);
+  };
+  const int32_t* offsets = layout.device_offsets();
+  const int sequences = layout.sequences();
+  if (K == 9) {  // v2
+    const int tiles = ceil_div(seq_len, kDepthwiseTile), groups = ceil_div(channels, 32 * kDepthwiseVec);
+    const int tasks = batch * tiles * groups;
+    const int chunks = ceil_div(seq_len, kWeightGradChunk), wg_groups = ceil_div(channels, 32 * kWeightGradVec);
+    const int wg_tasks = batch * chunks * wg_groups;
+    std::vector<T> out(x.t.size());
+    std::vector<A> partials(size_t(batch) * chunks * K * channels, A(NAN));
+    auto run = [&](auto packed) {
+      constexpr bool Packed = decltype(packed)::value;
+      launch(ceil_div(tasks, kDepthwiseWarps), kDepthwiseWarps * 32, [&] {
+        depthwise_conv_forward_tiled_kernel<T, 9, Vector, Packed>(x.t.data(), taps.t.data(), out.data(), tasks,
+                                                                  tiles, groups, seq_len, channels, offsets,
+                                                                  sequences);
+      });
+      launch(ceil_div(wg_tasks, kDepthwiseWarps), kDepthwiseWarps * 32, [&] {
+        depthwise_conv_weight_grad_tiled_kernel<T, 9, Vector, Packed>(grad.t.data(), x.t.data(), partials.data(),
+                                                                      wg_tasks, chunks, wg_groups, seq_len, channels,
+                                                                      offsets, sequences);
+      });
+    };
+    if (offsets) run(std::true_type{});
+    else run(std::false_type{});
+    check("v2", out, partials);
+  }
+  {  // v1, with the launcher's geometry: 256 threads, one per element; weight gradient chunks of 64 rows
+    std::vector<T> out(x.t.size());
+    const int chunk_rows = 64, chunks = ceil_div(rows, chunk_rows);
+    std::vector<A> partials(size_t(chunks) * K * channels, A(NAN));
+    auto run = [&](auto packed) {
+      constexpr bool Packed = decltype(packed)::value;
+      WITH_KS(K, KS,
+        launch(ceil_div(rows * channels, 256), 256, [&] {
+          depthwise_conv_forward_kernel<T, KS, Packed>(x.t.data(), taps.t.data(), out.data(), rows, seq_len, channels,
+                                                       K, offsets, sequences);
+        }))
+      launch({unsigned(ceil_div(channels, 256)), unsigned(chunks), 1}, 256, [&] {
+        depthwise_conv_weight_grad_kernel<T, Packed>(grad.t.data(), x.t.data(), partials.data(), rows, seq_len,
+                                                     channels, K, chunk_rows, offsets, sequences);
+      });
+    };
+    if (offsets) run(std::true_type{});
+    else run(std::false_type{});
+    check("v1", out, partials);
+  }
+}
+
+// Offsets that break every rule (decreasing, negative, past the end, not starting at 0, not ending at T): results
+// are meaningless, but under the sanitizers (the CI build) no kernel may touch memory outside its tensors.
+template <typename T>
+void bad_offsets_case() {
+  const int seq_len = 40, heads = 2, head_size = 16, K = 9, channels = 40;
+  const std::vector<std::vector<int32_t>> bad = {
+      {5, 100, 3, -7, 12}, {0, 41}, {-2147483647 - 1, 2147483647}, {40, 0}, {0, 20, 20, 61, 40}};
+  std::mt19937 rng(21);
+  Data<T> values(size_t(seq_len) * heads * head_size, rng), logits(size_t(seq_len) * heads * K, rng);
+  Data<T> x(size_t(seq_len) * channels, rng), taps(size_t(K) * channels, rng);
+  std::vector<T> out(values.t.size()), grad_values(values.t.size()), grad_logits(logits.t.size()), dw_out(x.t.size());
+  std::vector<typename AccType<T>::type> weights(logits.t.size()), partials(size_t(K) * channels);
+  const int width = heads * head_size, span_tasks = heads * ceil_div(seq_len, kSpanTile);
+  for (const auto& o : bad) {
+    const int n = static_cast<int>(o.size()) - 1;
+    launch(ceil_div(span_tasks, span_tile_warps<T>()), span_tile_warps<T>() * 32, [&] {
+      span_conv_forward_tiled_kernel<T, 9, true, true>(values.t.data(), logits.t.data(), out.data(), span_tasks,
+                                                       ceil_div(seq_len, kSpanTile), seq_len, heads, head_size,
+                                                       int64_t(seq_len) * width, width, o.data(), n);
+    });
+    launch(ceil_div(span_tasks, span_tile_warps<T>()), span_tile_warps<T>() * 32, [&] {
+      span_conv_backward_tiled_kernel<T, 9, true, true>(values.t.data(), values.t.data(), logits.t.data(),
+                                                        grad_values.data(), grad_logits.data(), span_tasks,
+                                                        ceil_div(seq_len, kSpanTile), seq_len, heads, head_size,
+                                                        int64_t(seq_len) * width, width, o.data(), n);
+    });
+    const unsigned span_blocks = ceil_div(seq_len * heads, kSpanWarpsPerBlock);
+    launch(span_blocks, kSpanWarpsPerBlock * 32, [&] {
+      span_conv_forward_kernel<T, 9, true>(values.t.data(), logits.t.data(), out.data(), 1, seq_len, heads, head_size, K,
+                                     int64_t(seq_len) * width, width, o.data(), n);
+    });
+    launch(span_blocks, kSpanWarpsPerBlock * 32, [&] {
+      span_conv_backward_logits_kernel<T, 9, true>(values.t.data(), values.t.data(), logits.t.data(), grad_logits.data(),
+                                             weights.data(), 1, seq_len, heads, head_size, K, o.data(), n);
+    });
+    launch(span_blocks, kSpanWarpsPerBlock * 32, [&] {
+      span_conv_backward_values_kernel<T, 9, true>(values.t.data(), weights.data(), grad_values.data(), 1, seq_len, heads,
+                                             head_size, K, o.data(), n);
+    });
+    const int tiles = ceil_div(seq_len, kDepthwiseTile), groups = ceil_div(channels, 32 * kDepthwiseVec);
+    launch(ceil_div(tiles * groups, kDepthwiseWarps), kDepthwiseWarps * 32, [&] {
+      depthwise_conv_forward_tiled_kernel<T, 9, false, true>(x.t.data(), taps.t.data(), dw_out.data(), tiles * groups,
+                                                             tiles, groups, seq_len, channels, o.data(), n);
+    });
+    const int wg_groups = ceil_div(channels, 32 * kWeightGradVec);
+    launch(ceil_div(wg_groups, kDepthwiseWarps), kDepthwiseWarps * 32, [&] {
+      depthwise_conv_weight_grad_tiled_kernel<T, 9, false, true>(x.t.data(), x.t.data(), partials.data(), wg_groups, 1,
+                                                                 wg_groups, seq_len, channels, o.data(), n);
+    });
+    launch(ceil_div(seq_len * channels, 256), 256, [&] {
+      depthwise_conv_forward_kernel<T, 9, true>(x.t.data(), taps.t.data(), dw_out.data(), seq_len, seq_len, channels, K,
+                                          o.data(), n);
+    });
+    launch({unsigned(ceil_div(channels, 256)), 1, 1}, 256, [&] {
+      depthwise_conv_weight_grad_kernel<T, true>(x.t.data(), x.t.data(), partials.data(), seq_len, seq_len, channels, K, 64,
+                                           o.data(), n);
+    });
+  }
+  std::printf("%-60s %zu sets of offsets ran ok\n", "bad offsets: every packed conv kernel", bad.size());
 }
 
 // ---- dropout + residual + LayerNorm
@@ -368,15 +601,42 @@ void dropout_words_case() {
 
 int main() {
   dropout_words_case();
-  // fp32: errors of fp32 accumulation (~1e-6 relative); bf16: the output's rounding (2^-8) on top
-  span_conv_case<float, true>("fp32 D=64 L=70 vector", 2, 70, 3, 64, 0, 2e-6);
-  span_conv_case<float, true>("fp32 D=40 L=33 vector, out rows padded by 8", 2, 33, 2, 40, 8, 2e-6);
-  span_conv_case<float, false>("fp32 D=38 L=70 scalar, out rows padded by 6", 1, 70, 2, 38, 6, 2e-6);
-  span_conv_case<__nv_bfloat16, true>("bf16 D=64 L=130 vector", 1, 130, 2, 64, 0, 8e-3);
-  span_conv_case<double, true>("fp64 D=64 L=5 vector", 1, 5, 2, 64, 0, 1e-13);
-  depthwise_case<float, true>("fp32 C=200 L=70 vector", 2, 70, 200, 2e-6);
-  depthwise_case<float, false>("fp32 C=198 L=300 scalar", 1, 300, 198, 2e-6);
-  depthwise_case<__nv_bfloat16, true>("bf16 C=256 L=40 vector", 2, 40, 256, 8e-3);
+  // fp32: errors of fp32 accumulation (~1e-6 relative); bf16 and fp16: the output's rounding (2^-8, 2^-11) on top.
+  // Packed rows (cu_seqlens) hold an empty sequence, one token, fewer than K and more than K, across tiles.
+  span_conv_case<float, true>("fp32 D=64 L=70 vector", Layout::rows(2, 70), 3, 64, 9, 0, 2e-6);
+  span_conv_case<float, true>("fp32 D=40 L=33 vector, out rows padded by 8", Layout::rows(2, 33), 2, 40, 9, 8, 2e-6);
+  span_conv_case<float, false>("fp32 D=38 L=70 scalar, out rows padded by 6", Layout::rows(1, 70), 2, 38, 9, 6, 2e-6);
+  span_conv_case<__nv_bfloat16, true>("bf16 D=64 L=130 vector", Layout::rows(1, 130), 2, 64, 9, 0, 8e-3);
+  span_conv_case<__half, true>("fp16 D=32 L=40 vector", Layout::rows(2, 40), 2, 32, 9, 0, 1.5e-3);
+  span_conv_case<double, true>("fp64 D=64 L=5 vector", Layout::rows(1, 5), 2, 64, 9, 0, 1e-13);
+  span_conv_case<float, true>("fp32 D=64 packed 5,1,0,9,3,70,0,17 vector", Layout::packed({5, 1, 0, 9, 3, 70, 0, 17}),
+                              2, 64, 9, 0, 2e-6);
+  span_conv_case<float, false>("fp32 D=38 packed 2,0,1,40,8 scalar, out padded by 6", Layout::packed({2, 0, 1, 40, 8}),
+                               2, 38, 9, 6, 2e-6);
+  span_conv_case<__nv_bfloat16, true>("bf16 D=64 packed 0,70,1,4,33 vector", Layout::packed({0, 70, 1, 4, 33}), 1, 64,
+                                      9, 0, 8e-3);
+  span_conv_case<__half, false>("fp16 D=30 packed 6,1,12 scalar", Layout::packed({6, 1, 12}), 2, 30, 9, 0, 1.5e-3);
+  span_conv_case<double, true>("fp64 D=32 packed 3,0,12,1 vector", Layout::packed({3, 0, 12, 1}), 2, 32, 9, 0, 1e-13);
+  span_conv_case<float, true>("fp32 D=32 packed 12,5,30, the 5 NaN", Layout::packed({12, 5, 30}), 2, 32, 9, 0, 2e-6,
+                              1);
+  span_conv_case<float, true>("fp32 D=16 K=5 packed 4,0,1,20 (v1 only)", Layout::packed({4, 0, 1, 20}), 2, 16, 5, 0,
+                              2e-6);
+  span_conv_case<float, true>("fp32 D=48 K=15 L=21 (v1 only)", Layout::rows(2, 21), 1, 48, 15, 0, 2e-6);
+  depthwise_case<float, true>("fp32 C=200 L=70 vector", Layout::rows(2, 70), 200, 9, 2e-6);
+  depthwise_case<float, false>("fp32 C=198 L=300 scalar", Layout::rows(1, 300), 198, 9, 2e-6);
+  depthwise_case<__nv_bfloat16, true>("bf16 C=256 L=40 vector", Layout::rows(2, 40), 256, 9, 8e-3);
+  depthwise_case<__half, true>("fp16 C=128 L=40 vector", Layout::rows(1, 40), 128, 9, 1.5e-3);
+  depthwise_case<float, true>("fp32 C=200 packed 5,1,0,9,3,150,0,17 vector",
+                              Layout::packed({5, 1, 0, 9, 3, 150, 0, 17}), 200, 9, 2e-6);
+  depthwise_case<float, false>("fp32 C=198 packed 1,0,7,40 scalar", Layout::packed({1, 0, 7, 40}), 198, 9, 2e-6);
+  depthwise_case<__nv_bfloat16, true>("bf16 C=256 packed 0,70,1,4,33 vector", Layout::packed({0, 70, 1, 4, 33}), 256,
+                                      9, 8e-3);
+  depthwise_case<__half, false>("fp16 C=66 packed 6,1,12 scalar", Layout::packed({6, 1, 12}), 66, 9, 1.5e-3);
+  depthwise_case<double, true>("fp64 C=64 packed 3,0,12,1,40 vector", Layout::packed({3, 0, 12, 1, 40}), 64, 9, 1e-13);
+  depthwise_case<float, true>("fp32 C=64 packed 12,5,30, the 5 NaN", Layout::packed({12, 5, 30}), 64, 9, 2e-6, 1);
+  depthwise_case<float, true>("fp32 C=64 K=5 packed 4,0,1,20 (v1 only)", Layout::packed({4, 0, 1, 20}), 64, 5, 2e-6);
+  depthwise_case<float, true>("fp32 C=32 K=15 L=21 (v1 only)", Layout::rows(2, 21), 32, 15, 2e-6);
+  bad_offsets_case<float>();
   layer_norm_case<float, 2, true>("fp32 C=200 rows=37 p=0.3", 37, 200, 0.3, 2e-6);
   layer_norm_case<float, 1, false>("fp32 C=128 rows=40 p=0", 40, 128, 0.0, 2e-6);
   layer_norm_case<__nv_bfloat16, 3, true>("bf16 C=768 rows=9 p=0.1", 9, 768, 0.1, 8e-3);
