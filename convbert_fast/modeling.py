@@ -570,10 +570,10 @@ class ConvBertModel(ConvBertPreTrainedModel):
         return_dict=None,
         encoder_hidden_states=None,
         encoder_attention_mask=None,
-        sequence_layout=None,
+        sequence_layout=sequences.UNREAD,
     ):
-        """`sequence_layout`: what `self.sequence_layout(...)` gave for these inputs (the heads read it first and
-        pass it on, so that the padding-invariant mode reads the mask's values once)."""
+        """`sequence_layout`: what `self.sequence_layout(...)` gave for these inputs, None included (the heads read it
+        first and pass it on, so that the padding-invariant mode reads the mask's values once)."""
         output_attentions, output_hidden_states, return_dict = _resolve_output_flags(
             self.config, output_attentions, output_hidden_states, return_dict
         )
@@ -601,7 +601,9 @@ class ConvBertModel(ConvBertPreTrainedModel):
         device = input_ids.device if input_ids is not None else inputs_embeds.device
         plan = "transformers"  # padding as transformers treats it: the attention scores only
         if invariant:
-            layout = sequence_layout or self.sequence_layout(input_ids, inputs_embeds, attention_mask, position_ids)
+            layout = sequence_layout
+            if layout is sequences.UNREAD:
+                layout = self.sequence_layout(input_ids, inputs_embeds, attention_mask, position_ids)
             if layout is not None:
                 plan = layout.plan(
                     fused=ops.backend.fused_layers(),

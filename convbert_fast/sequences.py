@@ -32,6 +32,10 @@ CONFIG_FIELD = "padding_invariant"
 UNPAD_BELOW_REAL_FRACTION = 0.95
 
 
+# ConvBertModel.forward's `sequence_layout` when no head read it (None means full rows)
+UNREAD = object()
+
+
 def is_padding_invariant(config) -> bool:
     return bool(getattr(config, CONFIG_FIELD, False))
 
