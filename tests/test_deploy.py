@@ -182,6 +182,7 @@ def test_cpp_example_runs_the_package(cpp_example, aoti_package, fine_tuned):
         assert_close((got,), (expected,), 1e-5, "C++ against eager")
 
 
+@pytest.mark.timeout(600)  # the package's compile and the C++ build, when this test runs first
 def test_cpp_example_refuses_bad_input(cpp_example, aoti_package):
     result = subprocess.run([str(cpp_example)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "usage:" in result.stderr
@@ -203,7 +204,7 @@ def onnx_file(fine_tuned):
 
 
 @NEEDS_ONNX
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300)  # the export in a child process: 33 s at a load average of 15 on two cores
 def test_onnx_runs_in_onnx_runtime_and_equals_eager_and_transformers(onnx_file, fine_tuned):
     from convbert_fast.deploy import ort
 
@@ -218,6 +219,7 @@ def test_onnx_runs_in_onnx_runtime_and_equals_eager_and_transformers(onnx_file, 
 
 
 @NEEDS_ONNX
+@pytest.mark.timeout(300)  # the export, when this test runs first
 def test_onnx_graph_keeps_the_fused_structure(onnx_file, fine_tuned):
     import onnx
 
@@ -260,6 +262,7 @@ def test_onnx_translations_refuse_what_they_cannot_write():
             assert getattr(torch.ops.convbert_fast, name).default in table
 
 
+@pytest.mark.timeout(300)  # an export in a child process: 23 s loaded
 def test_cli_exported_program_is_written_over_an_old_file_with_force(fine_tuned, tmp_path):
     checkpoint, model = fine_tuned
     out = tmp_path / "model.pt2"
@@ -274,7 +277,10 @@ def test_cli_exported_program_is_written_over_an_old_file_with_force(fine_tuned,
 
 
 BAD_INPUT = {
-    "not a directory": (["{tmp}/none", "--format", "onnx", "{tmp}/m.onnx"], "{tmp}/none is not a checkpoint directory"),
+    "not a directory": (
+        ["{tmp}/none", "--format", "exported-program", "{tmp}/m.pt2"],
+        "{tmp}/none is not a checkpoint directory",
+    ),
     "not ConvBERT": (
         ["{tmp}/bert", "--format", "aoti", "{tmp}/m.pt2"],
         "{tmp}/bert is not a ConvBERT checkpoint: its config.json has model_type 'bert'",
@@ -320,6 +326,7 @@ MISSING = {
 }
 
 
+@pytest.mark.timeout(300)  # a child process importing torch, transformers (and onnx): 20 s loaded
 @pytest.mark.parametrize("case", list(MISSING))
 def test_cli_format_missing_its_dependency_is_one_line_and_exit_status_2(case, fine_tuned, tmp_path):
     prelude, env, args, message = MISSING[case]

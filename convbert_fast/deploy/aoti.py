@@ -9,8 +9,8 @@ loads the op library first, and needs nothing else of ours:
     (logits,) = model(input_ids, attention_mask, token_type_ids)
 
 (examples/aoti_cpp/ is the C++ side.) The proxy executor, not C shims (`aot_inductor.custom_ops_to_c_shims`): a
-shim saves the boxing of one call's arguments, a few microseconds, on about ten calls per layer whose kernels take
-milliseconds at served sizes (README, Deploy).
+shim saves at most the cost of a call, measured at 15 us for a whole call of ours on a tiny tensor, on 4 to 6 calls
+a layer: 0.1 ms of a 78 ms forward (README, Deploy).
 """
 
 from __future__ import annotations
