@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import convbert_fast as cf
-from convbert_fast.bench.providers import PROVIDERS, build_models, provider_problem
+from convbert_fast.bench.providers import INFERENCE_ONLY, PROVIDERS, build_models, provider_problem
 from convbert_fast.configs import named_config
 
 PHASES = ["forward", "backward", "forward+backward"]
@@ -37,7 +37,8 @@ def settings(device, tiny):
 
 
 @pytest.mark.parametrize("phase", PHASES)
-@pytest.mark.parametrize("provider", list(PROVIDERS))
+# the deploy providers are inference-only artifacts: `python -m convbert_fast bench` times them, export included
+@pytest.mark.parametrize("provider", [p for p in PROVIDERS if p not in INFERENCE_ONLY])
 @pytest.mark.parametrize("config_name", ["base", "medium-small", "small"])
 def test_model(benchmark, config_name, provider, phase, device, tiny, model_cache):
     if tiny and config_name != "small":

@@ -1,4 +1,4 @@
-"""`python -m convbert_fast info | demo | bench | train`."""
+"""`python -m convbert_fast info | demo | bench | train | export`."""
 
 from __future__ import annotations
 
@@ -139,6 +139,106 @@ def bench(parser, args) -> int:
     return record.run(args)
 
 
+def load_checkpoint(path: str):
+    """Our class of the checkpoint's architecture (ConvBertModel where it names none of ours), from_pretrained."""
+    import json
+    from pathlib import Path
+
+    import convbert_fast as cf
+    from convbert_fast.data import UsageError
+    from convbert_fast.deploy.program import OUTPUT_NAMES
+
+    config_file = Path(path) / "config.json"
+    if not Path(path).is_dir() or not config_file.is_file():
+        raise UsageError(f"{path} is not a checkpoint directory (save_pretrained's, with a config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{config_file} is not readable JSON ({type(e).__name__})") from None
+    if not isinstance(config, dict) or config.get("model_type") != "convbert":
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+        raise UsageError(f"{path} is not a ConvBERT checkpoint: its config.json has model_type {model_type!r}")
+    architecture = next((a for a in config.get("architectures") or () if a in OUTPUT_NAMES), "ConvBertModel")
+    try:
+        return getattr(cf, architecture).from_pretrained(path).eval()
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: cannot load {architecture}: {str(e).strip().splitlines()[0]}") from None
+
+
+def quiet_exporters() -> None:
+    """Keeps the exporters' chatter off the terminal: transformers' loading bar, and what torch says about itself
+    (deprecations inside torch.export, torch.onnx's axis names and its torchvision notes), not about the model."""
+    import logging
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
+
+
+def export_command(args) -> int:
+    """Checks every argument before any work, writes the artifact, then runs it against eager on a sample batch of
+    another shape than the export's."""
+    from pathlib import Path
+
+    from .data import UsageError
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"{out} is a directory; OUT is the file to write")
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise UsageError(f"the folder of {out} does not exist")
+    suffix = ".onnx" if args.format == "onnx" else ".pt2"  # torch.export.load and aoti_load_package want .pt2
+    if out.suffix != suffix:
+        raise UsageError(f"--format {args.format} writes a {suffix} file, got {out.name}")
+    import torch
+
+    from . import deploy
+    from .deploy import program
+
+    problem = deploy.format_problem(args.format)
+    if problem:
+        raise UsageError(problem)
+    quiet_exporters()
+    model = load_checkpoint(args.checkpoint)
+    deploy.export(model, args.format, out)
+    size_mb = sum(f.stat().st_size for f in out.parent.glob(out.name + "*")) / 2**20  # onnx: + its .data file
+    names = ", ".join(program.output_names(model))
+    print(f"wrote {out} ({args.format}, {size_mb:.1f} MB): {type(model).__name__}, outputs {names}")
+    if args.format == "onnx":
+        print("run time: ONNX Runtime alone (inputs input_ids, attention_mask, token_type_ids: int64)")
+    else:
+        from .deploy import aoti
+
+        library = aoti.op_library_path()
+        print(f"run time: torch {torch.__version__.split('+')[0]}"
+              + (f" with the op library {library} loaded first" if library else "")
+              + (" (the package's C++ runtime: libtorch)" if args.format == "aoti" else ""))  # fmt: skip
+    sample = program.sample_inputs(model, batch_size=3, seq_len=23, seed=1)
+    diff = deploy.max_difference(model, deploy.load(args.format, out), sample)
+    tolerance = deploy.TOLERANCE[args.format]
+    shape = " x ".join(str(s) for s in sample[0].shape)
+    verdict = "matches" if diff <= tolerance else "DIFFERS from"
+    print(f"check: on a sample batch of {shape} tokens (one row padded) it {verdict} eager: max |difference| "
+          f"{diff:.2e} (tolerance {tolerance:g}, fp32)")  # fmt: skip
+    return 0 if diff <= tolerance else 1
+
+
+def export_main(args) -> int:
+    from .data import UsageError
+
+    try:
+        return export_command(args)
+    except UsageError as e:
+        print(f"python -m convbert_fast export: error: {e}", file=sys.stderr)
+        return 2
+
+
 def add_train_parser(sub):
     t = sub.add_parser(
         "train",
@@ -248,6 +348,18 @@ def main(argv=None) -> int:
     b.add_argument("--readme", metavar="PATH", help="with --markdown: rewrite the generated blocks of this file")
     b.add_argument("--check", action="store_true", help="with --readme: exit 1 if the file is not what it writes")
     add_train_parser(sub)
+    e = sub.add_parser(
+        "export",
+        help="write a checkpoint as an exported program, AOTInductor package or ONNX, checked against eager",
+        description="Writes the model of CHECKPOINT (a save_pretrained directory; its architecture's class, "
+        "ConvBertModel if it names none) with inputs input_ids, attention_mask, token_type_ids (batch and sequence "
+        "dynamic), then runs it against the eager model on a sample batch. Exit 1 if they differ beyond the "
+        "format's tolerance, 2 on bad input.",
+    )
+    e.add_argument("checkpoint", metavar="CHECKPOINT")
+    e.add_argument("--format", required=True, choices=["aoti", "onnx", "exported-program"])
+    e.add_argument("out", metavar="OUT", help="the file to write (.pt2 for aoti and exported-program, .onnx)")
+    e.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
@@ -255,6 +367,8 @@ def main(argv=None) -> int:
         from .train import main_or_exit
 
         return main_or_exit(args)
+    if args.command == "export":
+        return export_main(args)
     import torch
 
     if args.command == "bench":

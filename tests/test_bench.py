@@ -320,3 +320,51 @@ def test_breakdown_reports_a_real_round_for_each_model(tmp_path):
         assert math.isclose(sum(categories.values()), totals[1])
     assert record["breakdown_ms"]["ours (auto)"].get("span conv", 0) > 0  # our op is counted as the span conv
     assert "| total |" in result.stdout and record["device"] and record["date"] and "git_dirty" in record
+
+
+@pytest.mark.timeout(600)  # two ONNX exports and the op summary in the run: 60 s on a loaded 2-core Xeon
+def test_bench_times_the_deploy_providers_inference_only(tmp_path, capsys):
+    """The ONNX Runtime providers; `aoti` runs the same way, its package made and loaded by convbert_fast.deploy as
+    `export --format aoti` does (tests/test_deploy.py), a compile this test leaves out."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    record_path = tmp_path / "bench.json"
+    deployed = ("onnxruntime-ours", "onnxruntime-transformers")
+    args = ["bench", "--config", "small", "--layers", "1", "--batch-size", "2", "--seq-len", "16", "--repeats", "1",
+            "--warmup", "0", "--providers", ",".join(("transformers", "cpp") + deployed),
+            "--json", str(record_path)]  # fmt: skip
+    assert cli.main(args) == 0
+    record = json.loads(record_path.read_text())
+    measured = {(m["provider"], m["padded"]): m for m in record["measurements"]}
+    assert len(measured) == 8 and all(m["skipped"] is None for m in measured.values()), measured
+    for (provider, _), m in measured.items():
+        assert m["forward_ms"] > 0 and m["inference_tokens_per_s"] > 0
+        if provider in deployed:  # a forward only: no training step, no memory row
+            assert m["train_step_ms"] is None and m["peak_memory_mb"] is None and m["train_tokens_per_s"] is None
+        else:
+            assert m["train_step_ms"] > 0 and m["peak_memory_mb"] > 0
+    assert re.search(r"16 +no onnxruntime-ours +[\d.]+ +- +-", capsys.readouterr().out)  # no training cells: "-"
+    table = report.deploy_markdown(record, "bench.json")
+    for label in ("ours, ONNX Runtime", "transformers, ONNX Runtime", "ours, `cpp`", "transformers"):
+        assert table.count(f"| {label} | ") == 2  # full and padded rows
+    assert "| 16 | all L | transformers, ONNX Runtime | " in table and " 1.00x |" in table
+
+
+def test_deploy_providers_say_why_they_cannot_run_and_refuse_a_wrong_artifact(tmp_path):
+    from convbert_fast.bench import deploy
+
+    cpu = torch.device("cpu")
+    assert deploy.deploy_problem("aoti", cpu, torch.bfloat16) == "deploy artifacts are exported in fp32"
+    assert "measured on the CPU" in deploy.deploy_problem("onnxruntime-ours", torch.device("cuda"), None)
+    assert deploy.deploy_problem("cpp", cpu, torch.bfloat16) is None  # not a deploy provider
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    import convbert_fast as cf
+
+    model = cf.ConvBertModel(named_config("small", num_hidden_layers=1, max_position_embeddings=64))
+    artifact = deploy.Artifact("onnxruntime-ours", model, tmp_path)
+    ids = torch.randint(5, 100, (2, 9))
+    inputs = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+    artifact.check("onnxruntime-ours", inputs)
+    with torch.no_grad():
+        artifact.reference.model.encoder.layer[0].output.LayerNorm.bias += 0.01  # the model moves, not the artifact
+    with pytest.raises(AssertionError, match="onnxruntime-ours: the artifact differs from its model by"):
+        artifact.check("onnxruntime-ours", inputs)

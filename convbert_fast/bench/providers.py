@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import deploy
 from .timing import DynamoCounts, _timer, copy_bandwidth, cpu_peak_bytes, interleaved_ms, summary_of, tensor_bytes
 
 PROVIDERS = {
@@ -19,7 +20,9 @@ PROVIDERS = {
     "triton": "convbert_fast, backend triton",
     "compile": "torch.compile of convbert_fast (backend auto)",
     "cpp-unpadded": "convbert_fast, backend cpp, padding-invariant mode (padded rows run unpadded)",
+    **deploy.DEPLOY_PROVIDERS,
 }
+INFERENCE_ONLY = set(deploy.DEPLOY_PROVIDERS)  # timed on the forward only: no training step, no memory row
 # Padded batches: each row's length drawn uniformly from [low(L), L], the rest padding, masked out.
 PADDINGS = {"none": None, "half": lambda seq_len: (seq_len + 1) // 2, "heavy": lambda seq_len: min(8, seq_len)}
 PADDING_ROWS = {"none": "all L", "half": "L/2..L", "heavy": "8..L"}
@@ -116,6 +119,8 @@ class ProviderRun:
         # reset before each batch, so the recompile limit is never reached)
         self.compiled = provider.endswith("compile")
         self.runner = torch.compile(self.model, dynamic=False) if self.compiled else self.model
+        self.phases = ("forward",) if provider in INFERENCE_ONLY else ("forward", "train_step")
+        self.artifact = deploy.runner(provider, models, batch) if provider in INFERENCE_ONLY else None
         self.ids, self.mask, self.tokens = batch
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         self.autocast_dtype = autocast_dtype
@@ -129,6 +134,8 @@ class ProviderRun:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled)
 
     def forward(self):
+        if self.artifact is not None:
+            return self.artifact()
         self.model.config.padding_invariant = self.padding_invariant
         with torch.no_grad(), self._autocast():
             self.runner(self.ids, attention_mask=self.mask)
@@ -198,9 +205,11 @@ class ProviderRun:
         result = Measurement(self.provider, seq_len, batch_size, padded=self.mask is not None, tokens=self.tokens)
         result.peak_memory_mb, result.activation_memory_mb = self.peak_memory_mb, self.activation_memory_mb
         result.forward_ms, result.forward_ms_quantiles = summary_of(self.times["forward"])
+        result.inference_tokens_per_s = self.tokens / (result.forward_ms / 1e3)
+        if "train_step" not in self.phases:
+            return result
         result.train_step_ms, result.train_step_ms_quantiles = summary_of(self.times["train_step"])
         result.train_tokens_per_s = self.tokens / (result.train_step_ms / 1e3)
-        result.inference_tokens_per_s = self.tokens / (result.forward_ms / 1e3)
         if train_flops is not None:
             result.train_flops = train_flops
             result.gemm_rate_fraction = train_flops / (result.train_step_ms / 1e3) / gemm_flops
@@ -235,13 +244,13 @@ def measure_batch(providers, models, args, seq_len, padding, device, autocast_dt
 
     states = {id(m): {k: v.clone() for k, v in m.state_dict().items()} for m in models}  # AdamW must not drift
     for provider in providers:
-        problem = provider_problem(provider, device)
+        problem = provider_problem(provider, device) or deploy.deploy_problem(provider, device, autocast_dtype)
         if problem:
             skip(provider, problem)
             continue
         try:
             run = ProviderRun(provider, models, batch, device, autocast_dtype)
-            for phase in ("forward", "train_step"):
+            for phase in run.phases:
                 for _ in range(args.warmup):
                     run.time(phase, record=False)
             runs.append(run)
@@ -249,13 +258,13 @@ def measure_batch(providers, models, args, seq_len, padding, device, autocast_dt
             skip(provider, failure(error))
     for phase in ("forward", "train_step"):
         for _ in range(args.repeats):
-            for run in list(runs):
+            for run in [run for run in runs if phase in run.phases]:
                 try:
                     run.time(phase)
                 except Exception as error:  # noqa: BLE001
                     runs.remove(run)
                     skip(run.provider, failure(error))
-    for run in list(runs):
+    for run in [run for run in runs if "train_step" in run.phases]:
         try:
             run.measure_memory([other for other in runs if other is not run])
         except Exception as error:  # noqa: BLE001

@@ -51,8 +51,9 @@ def table(measurements: list[Measurement]) -> str:
             if m["skipped"]:
                 rows.append(f"{lead} skipped: {m['skipped']}")
                 continue
-            rows.append(
-                f"{lead} {m['forward_ms']:>9.1f} {m['train_step_ms']:>9.1f} {m['train_tokens_per_s']:>12.0f} "
+            rows.append(  # inference-only providers (deploy) have no training step: "-"
+                f"{lead} {m['forward_ms']:>9.1f} {_fmt(m['train_step_ms'], '>9.1f')} "
+                f"{_fmt(m['train_tokens_per_s'], '>12.0f')} "
                 f"{_fmt(_ratio(base and base['forward_ms'], m['forward_ms']), '>10.2f', 'x')} "
                 f"{_fmt(_ratio(base and base['train_step_ms'], m['train_step_ms']), '>12.2f', 'x')} "
                 f"{_fmt(_ratio(compiled and compiled['forward_ms'], m['forward_ms']), '>12.2f', 'x')} "
@@ -69,7 +70,7 @@ def plot(measurements: list[Measurement], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [m for m in measurements if not m.skipped]
+    done = [m for m in measurements if not m.skipped and m.train_step_ms is not None]
     base = {(m.seq_len, m.padding): m.train_step_ms for m in done if m.provider == BASELINE}
     styles = {"none": "-", "half": "--", "heavy": ":"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -104,6 +105,9 @@ OURS = {
     "triton": "ours, `triton`",
     "compile": "ours, compiled",
     "cpp-unpadded": "ours, `cpp`, padding-invariant (unpadded)",
+    "aoti": "ours, AOTInductor package",
+    "onnxruntime-ours": "ours, ONNX Runtime",
+    "onnxruntime-transformers": "transformers, ONNX Runtime",
 }
 README_BLOCK = re.compile(r"(<!-- bench:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)", re.S)
 
@@ -142,14 +146,57 @@ def model_markdown(record, path) -> str:
                 continue
             cells = [
                 f"{m['forward_ms']:.1f} ms",
-                f"{m['train_step_ms']:.1f} ms",
-                f"{m['train_tokens_per_s']:.0f}",
+                _fmt(m["train_step_ms"], ".1f", " ms"),
+                _fmt(m["train_tokens_per_s"], ".0f"),
                 _fmt(_ratio(base and base["forward_ms"], m["forward_ms"]), ".2f", "x"),
                 _fmt(_ratio(base and base["train_step_ms"], m["train_step_ms"]), ".2f", "x"),
                 _fmt(_ratio(compiled and compiled["train_step_ms"], m["train_step_ms"]), ".2f", "x"),
                 _fmt(m["peak_memory_mb"], ".1f", " MB"),
                 _fmt(m["activation_memory_mb"], ".1f", " MB"),
             ]
+            lines.append(f"| {seq_len} | {rows} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+DEPLOY_ROWS = ("transformers", "onnxruntime-transformers", "cpp", "compile", "aoti", "onnxruntime-ours")
+ORT_BASELINE = "onnxruntime-transformers"
+
+
+def _forward_ms(m):
+    return None if m is None or m["skipped"] else m["forward_ms"]
+
+
+def deploy_markdown(record, path) -> str:
+    """Inference of each deployed form of ours against transformers' eager model and ONNX Runtime on transformers'
+    graph, from the deploy rows of a bench record (a sentence where it has none)."""
+    s = record["settings"]
+    measured = [m for m in record["measurements"] if m["provider"] in DEPLOY_ROWS]
+    if not any(m["provider"] in ("aoti", "onnxruntime-ours") for m in measured):
+        return (f"No deploy provider ran for `{path}`: `python -m convbert_fast bench --providers "
+                f"{','.join(DEPLOY_ROWS)}` measures them. {_source(record, path)}\n")  # fmt: skip
+    lines = [
+        f"ConvBERT-{s['config']} encoder with {s['layers']} layer{'s' if s['layers'] != 1 else ''}, "
+        f"B={s['batch_size']}, {s['dtype']}, inference (a forward, no gradients; artifacts checked against their "
+        f"model on every batch): medians of {s['repeats']} rounds in which the providers take turns; padded rows "
+        "pass the attention mask. " + _source(record, path) + _incomplete(record),
+        "",
+        "| L | rows | provider | forward | tokens/s | vs transformers | vs ONNX Runtime on transformers' graph |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (seq_len, padding), at in _by_batch(measured).items():
+        base, ort_base = (_forward_ms(at.get(name)) for name in (BASELINE, ORT_BASELINE))
+        rows = PADDING_ROWS[padding] + ("" if padding == "none" else ", masked")
+        for provider in DEPLOY_ROWS:
+            m = at.get(provider)
+            if m is None:
+                continue
+            label = OURS.get(provider, provider)
+            if m["skipped"]:
+                lines.append(f"| {seq_len} | {rows} | {label} | skipped: {m['skipped']} ||||")
+                continue
+            ms = m["forward_ms"]
+            cells = [f"{ms:.1f} ms", f"{m['inference_tokens_per_s']:.0f}",
+                     _fmt(_ratio(base, ms), ".2f", "x"), _fmt(_ratio(ort_base, ms), ".2f", "x")]
             lines.append(f"| {seq_len} | {rows} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -207,7 +254,7 @@ def breakdown_markdown(record, path) -> str:
 
 
 def markdown_blocks(paths) -> dict[str, str]:
-    """README block name -> its markdown, from bench records (blocks `model`, `ops`) and breakdown records
+    """README block name -> its markdown, from bench records (blocks `model`, `ops`, `deploy`) and breakdown records
     (`breakdown`), in the order given."""
     parts: dict[str, list[str]] = {}
     for path in paths:
@@ -217,6 +264,7 @@ def markdown_blocks(paths) -> dict[str, str]:
         else:
             parts.setdefault("model", []).append(model_markdown(record, path))
             parts.setdefault("ops", []).append(ops_markdown(record, path))
+            parts.setdefault("deploy", []).append(deploy_markdown(record, path))
     return {name: "\n".join(texts) for name, texts in parts.items()}
 
 
