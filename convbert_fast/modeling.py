@@ -619,9 +619,10 @@ class ConvBertModel(ConvBertPreTrainedModel):
             )  # fmt: skip
         token_mask = None
         if plan == "masked":  # positions counted inside each row's run of real tokens (left padding too)
-            token_mask = (attention_mask != 0).unsqueeze(-1)  # [B, L, 1]
+            keep = attention_mask.ne(0).view(batch, seq_len)  # viewed so: traced, its sizes are the ids'
+            token_mask = keep.unsqueeze(-1)  # [B, L, 1]
             if position_ids is None:
-                position_ids = (attention_mask.ne(0).long().cumsum(1) - 1).clamp(min=0)
+                position_ids = (keep.long().cumsum(1) - 1).clamp(min=0)
         # No mask given: the fused layers take none (SDPA's fastest kernels); the seed's math adds zeros.
         attention_mask_given = attention_mask is not None or not ops.backend.fused_layers()
         if attention_mask is None:
@@ -929,7 +930,7 @@ class ConvBertForMultipleChoice(ConvBertPreTrainedModel):
     ):
         """Inputs [B, num_choices, L](, E); labels [B]: the index of the right choice."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        num_choices = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
+        batch, num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
 
         def flatten(t, trailing):  # [B, num_choices, L, ...] -> [B * num_choices, L, ...]
             return None if t is None else t.reshape(-1, *t.shape[-trailing:])
@@ -954,7 +955,7 @@ class ConvBertForMultipleChoice(ConvBertPreTrainedModel):
         # the padding-invariant mode summarises each choice's own tokens ("last": its last real token)
         invariant = sequences.is_padding_invariant(self.config) and attention_mask is not None
         summary = self.sequence_summary(outputs[0], token_mask=attention_mask.ne(0) if invariant else None)
-        logits = self.classifier(summary).view(-1, num_choices)  # [B, num_choices]
+        logits = self.classifier(summary).view(batch, num_choices)  # [B, num_choices]
         loss = CrossEntropyLoss()(logits, labels) if labels is not None else None
         if not return_dict:
             return _with_loss(loss, (logits,) + outputs[1:])

@@ -330,7 +330,7 @@ def test_bench_times_the_deploy_providers_inference_only(tmp_path, capsys):
     record_path = tmp_path / "bench.json"
     deployed = ("onnxruntime-ours", "onnxruntime-transformers")
     args = ["bench", "--config", "small", "--layers", "1", "--batch-size", "2", "--seq-len", "16", "--repeats", "1",
-            "--warmup", "0", "--providers", ",".join(("transformers", "cpp") + deployed),
+            "--warmup", "0", "--padding", "none,half", "--providers", ",".join(("transformers", "cpp") + deployed),
             "--json", str(record_path)]  # fmt: skip
     assert cli.main(args) == 0
     record = json.loads(record_path.read_text())
@@ -342,7 +342,7 @@ def test_bench_times_the_deploy_providers_inference_only(tmp_path, capsys):
             assert m["train_step_ms"] is None and m["peak_memory_mb"] is None and m["train_tokens_per_s"] is None
         else:
             assert m["train_step_ms"] > 0 and m["peak_memory_mb"] > 0
-    assert re.search(r"16 +no onnxruntime-ours +[\d.]+ +- +-", capsys.readouterr().out)  # no training cells: "-"
+    assert re.search(r"16 +none onnxruntime-ours +[\d.]+ +- +-", capsys.readouterr().out)  # no training cells: "-"
     table = report.deploy_markdown(record, "bench.json")
     for label in ("ours, ONNX Runtime", "transformers, ONNX Runtime", "ours, `cpp`", "transformers"):
         assert table.count(f"| {label} | ") == 2  # full and padded rows

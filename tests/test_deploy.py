@@ -25,7 +25,7 @@ from convbert_fast.deploy import aoti, program
 # every class of the family, and the modes the model runs in: the unpadded (varlen) mode of issue 23 is one more
 # entry here, a config field that turns it on
 CLASSES = list(program.OUTPUT_NAMES)
-MODES = {"padded": {}}
+MODES = {"padded": {}, "padding-invariant": {"padding_invariant": True}}  # the latter traced: padded rows in place
 NARROW = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, embedding_size=32)  # medium-small's shape
 OUR_OPS = {
     "convbert_fast.separable_conv1d.default",
