@@ -97,8 +97,8 @@ if AVAILABLE:
     @triton.jit
     def tap_inside(position, lo, hi, offset, K: tl.constexpr, PACKED: tl.constexpr):
         """Whether each row's tap at `offset` (-(K-1)/2 ... (K-1)/2) stays inside its window (position, lo, hi), as
-        window() gives it: position + offset in [lo, hi); packed, lo holds the window in one int32 (see window)."""
-        if PACKED and K <= 31:
+        window() gives it: position + offset in [lo, hi); packed with K <= 63, bit offset + (K-1)/2 of lo."""
+        if PACKED and K <= 63:
             return ((lo >> (offset + (K - 1) // 2)) & 1) != 0
         else:
             at = position + offset
@@ -109,17 +109,18 @@ if AVAILABLE:
                SEARCH_STEPS: tl.constexpr, PACKED: tl.constexpr):
         """(position, lo, hi): a row's tap at row + d may be read iff tap_inside(position, lo, hi, d). Unpacked:
         (the rows' `position` in their sequence, 0, L). Packed: (0, sequence_window's [lo, hi) relative to the
-        row); for K <= 31 the taps inside it as the bits of one int32 in lo, a register per row instead of two:
-        the windows of the separable forward's rows live through its channel loop, where two spilled (a K = 3 test
-        launch on sm_80, 255 registers). The bits are tested with a shift by the tap, which no loop can hoist; 16-bit
-        halves of one int32 did not help (K = 63): each half's decoding was hoisted, two registers again."""
+        row); for K <= 63 the taps inside it as the bits of one int32 (K <= 31) or int64 in lo, tested with a shift
+        by the tap that no loop can hoist. The windows of the separable forward's rows live through its channel
+        loop: kept as two bounds (compared with each tap, the compiler hoisted more per row) they spilled on sm_80
+        (fp16 64x64x32 w4: 16 B at K = 3, 80 B at K = 63); as bits, none. Wider K keeps the two bounds."""
         if PACKED:
             lo, hi = sequence_window(cu_seqlens_ptr, num_seqs, rows, total_rows, SEARCH_STEPS)
             reach = (K - 1) // 2
-            if K <= 31:
+            if K <= 63:
                 first = tl.minimum(tl.maximum(lo + reach, 0), K)
                 last = tl.minimum(tl.maximum(hi + reach, first), K)
-                return 0, (1 << last) - (1 << first), 0  # bits first ... last - 1 (wrapping at last = 31)
+                one = tl.full(lo.shape, 1, tl.int32 if K <= 31 else tl.int64)
+                return 0, (one << last.to(one.dtype)) - (one << first.to(one.dtype)), 0  # bits first ... last - 1
             else:
                 return 0, lo, hi
         else:
