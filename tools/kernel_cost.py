@@ -478,7 +478,141 @@ def main(argv=None) -> int:
             failures.append(f"{kernel.name}: ratio {ratio:.2f}, spills {spills} B, stack {ptxas.get('stack')} B")
     if failures:
         print(f"over budget (ratio > {RATIO_TARGET} or spills):", *failures, sep="\n  ")
+    if args.version is None:
+        triton_table(cuobjdump, outdir)  # the Triton kernels' rows (their own section below)
     return 1 if failures and args.check else 0
+
+
+# ======================================================================================================================
+# The Triton kernels (issue 23: packed sequences). Kept apart from the CUDA rows above, which others maintain.
+#
+# The same shape and terms, from Triton's own sm_90 cubins: each launch of convbert_fast/ops/triton/ at ConvBERT-base
+# bf16 is recorded and specialised as tools/triton_aot_check.py does (the autotuned separable forward in its first
+# config), compiled with triton.compile for GPUTarget("cuda", 90, 32) and listed with cuobjdump -sass. Warps: the
+# launch's grid times its num_warps; a Triton program's warps all run the same instruction stream. `tr`: the B rows
+# as they are; `tr+cu`: the same B*L tokens as B sequences packed into one row with cu_seqlens, where each row's
+# sequence is found by a binary search of ceil(log2 B) steps, unrolled (no loop more): the difference between the
+# two rows is what the sequence boundaries cost.
+# ======================================================================================================================
+
+# (row name, the jit function, its loops' trips per warp from the launch's constants, bytes (or a function of those
+# constants), note)
+TRITON_KERNELS = [
+    (
+        "span conv fwd",
+        "_span_conv_fwd_kernel",
+        lambda kw: [ceil_div(D, kw["BLOCK_D"])],
+        BF16 * (2 * ROWS * W + ROWS * H * K),
+        "loop: D / BLOCK_D channel steps; taps unrolled",
+    ),
+    (
+        "span conv bwd: logits",
+        "_span_conv_grad_logits_kernel",
+        lambda kw: [ceil_div(D, kw["BLOCK_D"])],
+        BF16 * (2 * ROWS * W + 2 * ROWS * H * K) + FP32 * ROWS * H * K,
+        "loop: D / BLOCK_D; writes the fp32 weights",
+    ),
+    (
+        "span conv bwd: values",
+        "_span_conv_grad_values_kernel",
+        lambda kw: [ceil_div(D, kw["BLOCK_D"])],
+        BF16 * 2 * ROWS * W + FP32 * ROWS * H * K,
+        "loop: D / BLOCK_D; reads the fp32 weights",
+    ),
+    (
+        "separable fwd * query",
+        "_separable_fwd_kernel",
+        lambda kw: [ceil_div(C, kw["BLOCK_K"]), K],
+        BF16 * (ROWS * C + 2 * ROWS * W + W * C + K * C + W),
+        "loops: C / BLOCK_K, taps; depthwise + GEMM + bias * query",
+    ),
+    (
+        "depthwise (bwd)",
+        "_depthwise_kernel",
+        lambda kw: [],
+        BF16 * 2 * ROWS * C,
+        "taps unrolled; twice per backward",
+    ),
+    (
+        "depthwise weight grad",
+        "_tap_grad_kernel",
+        lambda kw: [],
+        lambda kw: BF16 * 2 * ROWS * C + FP32 * ceil_div(ROWS, kw["BLOCK_M"]) * K * C,
+        "taps unrolled; fp32 partials per BLOCK_M rows",
+    ),
+]
+
+
+def triton_launches():
+    """(tools/triton_aot_check as a module, {(jit function name, packed): (jit function, args, kwargs with the
+    config's constants, programs)}) of the two convs' launches (forward with the query, backward) at the shape
+    above, recorded, not run."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import triton_aot_check as aot  # noqa: I001 first: it sets the GPU code path's environment for convbert_fast
+    import torch
+    from triton.runtime.autotuner import Autotuner
+
+    log, context, op = aot.recorder()
+    for packed in (False, True):
+        context["packed"] = packed
+        rows = (1, ROWS) if packed else (B, L)
+        cu = torch.arange(0, ROWS + 1, L, dtype=torch.int32) if packed else None  # B sequences of L tokens
+
+        def empty(*shape):
+            return torch.empty(*shape, dtype=torch.bfloat16)
+
+        values, logits, x, query = empty(*rows, W), empty(*rows, H * K), empty(*rows, C), empty(*rows, W)
+        depthwise, pointwise, bias = empty(C, 1, K), empty(W, C, 1), empty(W)
+        op["dynamic_span_conv_triton_op"](values, logits, H, cu)
+        op["dynamic_span_conv_backward_triton_op"](values, values, logits, H, cu)
+        op["separable_conv1d_mul_triton_op"](x, depthwise, pointwise, bias, query, cu)
+        op["separable_conv1d_backward_triton_op"](query, x, depthwise, pointwise, bias, cu)
+    launches = {}
+    for kernel, args, kwargs, labels in log:
+        fn, config = (kernel.fn, kernel.configs[0].all_kwargs()) if isinstance(kernel, Autotuner) else (kernel, {})
+        full = {**kwargs, **config}
+        grid = labels["grid"](full) if callable(labels["grid"]) else labels["grid"]
+        launches.setdefault((fn.__name__, labels["packed"]), (fn, args, full, math.prod(grid)))
+    return aot, launches
+
+
+def triton_table(cuobjdump: str, outdir: str) -> None:
+    """The Triton rows: printed for the record, not judged by --check (the AOT check fails on their spills)."""
+    try:
+        import triton
+    except ImportError as error:
+        print(f"kernel_cost: no Triton rows ({error})")
+        return
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="kernel_cost_triton_")  # ptxas runs: its -v log
+    aot, launches = triton_launches()
+    header = (
+        f"{'kernel':<24}{'ver':<6}{'bytes':>10}{'mem us':>8}{'SASS':>7}{'warp-ins':>11}{'issue us':>10}"
+        f"{'ratio':>7}{'regs':>6}{'spill':>7}  loops (trips per warp)"
+    )
+    print(f"\nTriton {triton.__version__}, the same shape; tr+cu: {B} sequences of {L} packed with cu_seqlens")
+    print(header)
+    print("-" * len(header))
+    for name, function, trips_of, moved_of, note in TRITON_KERNELS:
+        for packed in (False, True):
+            fn, args, kwargs, programs = launches[(function, packed)]
+            signature, constexprs, attrs, options = aot.specialise(fn, args, kwargs, 90)
+            compiled, log = aot.compile_logged(fn, signature, constexprs, attrs, options.__dict__, 90)
+            cubin = os.path.join(outdir, f"{function}{'_packed' if packed else ''}.cubin")
+            with open(cubin, "wb") as f:
+                f.write(compiled.asm["cubin"])
+            (instructions,) = sass_functions(cuobjdump, cubin).values()
+            trips, moved = trips_of(kwargs), moved_of(kwargs) if callable(moved_of) else moved_of
+            version = "tr+cu" if packed else "tr"
+            kernel = Kernel(name, version, "triton", function, programs * compiled.metadata.num_warps, trips, moved)
+            static, per_warp = warp_instructions(kernel, instructions)
+            issue_s, memory_s = per_warp * kernel.warps / ISSUE_RATE, moved / BANDWIDTH
+            ptxas = aot.ptxas_figures(log) or {}
+            spills = ptxas.get("spill_stores", -1) + ptxas.get("spill_loads", 0)
+            print(
+                f"{name:<24}{version:<6}{fmt_bytes(moved):>10}{memory_s * 1e6:>8.1f}{static:>7}"
+                f"{per_warp * kernel.warps / 1e6:>10.2f}M{issue_s * 1e6:>10.1f}{issue_s / memory_s:>7.2f}"
+                f"{ptxas.get('regs', -1):>6}{spills:>7}  {trips or '-'} {note}"
+            )
 
 
 if __name__ == "__main__":

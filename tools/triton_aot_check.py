@@ -3,7 +3,9 @@
 
 The launchers in convbert_fast/ops/triton/ are run on CPU tensors with `wrap_triton` replaced by a recorder, so
 each launch they would make (forward and backward; fp32/fp16/bf16/fp64; the base, medium-small and small model
-shapes, an odd shape, and every case of the op tests) is captured with its exact arguments instead of run.
+shapes, an odd shape, and every case of the op tests; each of these also as sequences packed into one row with
+cu_seqlens, as the unpadded model and the packed-sequence tests run the convs) is captured with its exact
+arguments instead of run.
 Each launch is specialised the way Triton's own launcher does (its binder: constexprs, 16-byte alignment and
 divisibility, ints equal to 1) and compiled with triton.compile for GPUTarget("cuda", arch, 32), once per
 autotune config plus the single no-autotune config. ptxas runs with -v; its log gives registers and spills, and
@@ -25,6 +27,7 @@ import contextlib
 import hashlib
 import importlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -86,21 +89,30 @@ SHAPES = [(4, 512), (3, 37)]  # (B, L): a realistic one and an odd one
 GRADCHECK_SEPARABLE = [(2, 6, 3, 4, k) for k in (1, 3, 9)] + [(2, 7, 5, 6, 9)]
 GRADCHECK_SPAN = [(2, 4, 2, 3, 1), (2, 6, 2, 3, 3), (2, 5, 2, 3, 9), (2, 7, 2, 3, 9), (2, 5, 2, 3, 3)]
 GRADCHECK_GROUPED = [((2, 3), g, 2, 3) for g in (1, 2, 3)] + [((2, 7), 2, 3, 4)]
+# Packed sequences (tests/test_packed_sequences.py's gradchecks, fp64): (lengths, C, A, K), (lengths, heads, D, K)
+GRADCHECK_SEPARABLE_PACKED = [([3, 0, 1, 6], 4, 3, 3)]
+GRADCHECK_SPAN_PACKED = [([3, 0, 1, 6], 2, 3, 5)]
+# The test cases, read (not imported: the tests need pytest) from the files that define them
+TEST_CASES = {
+    "samples.py": ("SPAN_CASES", "SEPARABLE_CASES", "GROUPED_CASES"),
+    "test_packed_sequences.py": ("SPAN_PACKINGS", "SEPARABLE_PACKINGS"),
+}
 
 
 def test_cases():
-    """SPAN_CASES, SEPARABLE_CASES and GROUPED_CASES as the op tests define them in tests/samples.py (read, not
-    imported: the tests need pytest)."""
+    """The op tests' cases: SPAN_CASES, SEPARABLE_CASES and GROUPED_CASES from tests/samples.py, the packed
+    sequences' SPAN_PACKINGS and SEPARABLE_PACKINGS from tests/test_packed_sequences.py."""
     cases = {}
-    for path in [ROOT / "tests" / "samples.py"]:
+    for file, names in TEST_CASES.items():
+        path = ROOT / "tests" / file
         for node in ast.parse(path.read_text()).body:
             if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
                 name = node.targets[0].id
-                if name in ("SPAN_CASES", "SEPARABLE_CASES", "GROUPED_CASES"):
+                if name in names:
                     cases[name] = ast.literal_eval(node.value)
-    missing = {"SPAN_CASES", "SEPARABLE_CASES", "GROUPED_CASES"} - cases.keys()
-    if missing:
-        raise SystemExit(f"triton_aot_check: {sorted(missing)} not found in tests/samples.py")
+        missing = set(names) - cases.keys()
+        if missing:
+            raise SystemExit(f"triton_aot_check: {sorted(missing)} not found in tests/{file}")
     return cases
 
 
@@ -108,47 +120,68 @@ def test_cases():
 
 
 class _Recorder:
-    """Stands in for wrap_triton(kernel): kernel[grid](*args, **kwargs) is logged, not run."""
+    """Stands in for wrap_triton(kernel): kernel[grid](*args, **kwargs) is logged, not run (the grid goes into the
+    logged context: a tuple, or for an autotuned launch a function of the config's constants)."""
 
     def __init__(self, log, context, kernel):
         self.log, self.context, self.kernel = log, context, kernel
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.log.append((self.kernel, args, kwargs, dict(self.context)))
+        return lambda *args, **kwargs: self.log.append((self.kernel, args, kwargs, {**self.context, "grid": grid}))
 
 
-def record_launches():
+def recorder():
+    """(log, context, ops): every launcher module's wrap_triton replaced by a recorder, so that calling one of `ops`
+    (name -> the module's *_triton_op) appends (kernel, args, kwargs, a copy of context) to log for each launch."""
     import convbert_fast.ops.triton as package
 
     log, context, op = [], {}, {}
     for info in pkgutil.iter_modules(package.__path__):  # every launcher module, whatever its file is called
         module = importlib.import_module(f"{package.__name__}.{info.name}")
-        module.wrap_triton = lambda kernel: _Recorder(log, context, kernel)
+        if hasattr(module, "wrap_triton"):
+            module.wrap_triton = lambda kernel: _Recorder(log, context, kernel)
         op.update({name: getattr(module, name) for name in dir(module) if name.endswith("_triton_op")})
+    return log, context, op
+
+
+def record_launches():
+    log, context, op = recorder()
 
     def empty(*shape, dtype):  # nothing runs: only shapes, dtypes, strides and alignment count
         return torch.empty(*shape, dtype=dtype)
 
-    def separable(b, l, c, a, k, dtype):
+    def offsets(lengths):  # None, or cu_seqlens over one row of len(lengths) sequences (b = 1, l = their sum)
+        context["packed"] = lengths is not None
+        return None if lengths is None else torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+
+    def separable(b, l, c, a, k, dtype, lengths=None):
+        cu = offsets(lengths)
         x, dw, pw = empty(b, l, c, dtype=dtype), empty(c, 1, k, dtype=dtype), empty(a, c, 1, dtype=dtype)
         bias, mult = empty(a, 1, dtype=dtype), empty(b, l, a, dtype=dtype)
         context["K"] = k
-        op["separable_conv1d_triton_op"](x, dw, pw, bias)
-        op["separable_conv1d_mul_triton_op"](x, dw, pw, bias, mult)
-        op["separable_conv1d_backward_triton_op"](mult, x, dw, pw, bias)
+        op["separable_conv1d_triton_op"](x, dw, pw, bias, cu)
+        op["separable_conv1d_mul_triton_op"](x, dw, pw, bias, mult, cu)
+        op["separable_conv1d_backward_triton_op"](mult, x, dw, pw, bias, cu)
 
-    def span(b, l, heads, d, k, dtype, prefix=False):
+    def span(b, l, heads, d, k, dtype, prefix=False, lengths=None):
+        cu = offsets(lengths)
         values, logits = empty(b, l, heads * d, dtype=dtype), empty(b, l, heads * k, dtype=dtype)
         context["K"] = k
-        op["dynamic_span_conv_triton_op"](values, logits, heads)
+        op["dynamic_span_conv_triton_op"](values, logits, heads, cu)
         if prefix:  # as the model calls it: the attention context [B, H, L, D] transposed
             attention = empty(b, heads, l, d, dtype=dtype).transpose(1, 2)
-            op["dynamic_span_conv_concat_triton_op"](attention, values, logits, heads)
-        op["dynamic_span_conv_backward_triton_op"](values, values, logits, heads)
+            op["dynamic_span_conv_concat_triton_op"](attention, values, logits, heads, cu)
+        op["dynamic_span_conv_backward_triton_op"](values, values, logits, heads, cu)
+
+    def packed_separable(lengths, c, a, k, dtype):
+        separable(1, sum(lengths), c, a, k, dtype, lengths=lengths)
+
+    def packed_span(lengths, heads, d, k, dtype, prefix=False):
+        span(1, sum(lengths), heads, d, k, dtype, prefix=prefix, lengths=lengths)
 
     def grouped(lead, g, gin, gout, dtype):
         x, w, bias = empty(*lead, g * gin, dtype=dtype), empty(g, gin, gout, dtype=dtype), empty(g * gout, dtype=dtype)
-        context["K"] = None
+        context.update(K=None, packed=False)
         op["grouped_linear_triton_op"](x, w, bias)
         op["grouped_linear_gelu_triton_op"](x, w, bias)
         op["grouped_linear_backward_triton_op"](empty(*lead, g * gout, dtype=dtype), x, w)
@@ -161,6 +194,10 @@ def record_launches():
                 for b, l in SHAPES:
                     separable(b, l, hidden, hidden // 2, 9, dtype)
                     span(b, l, heads // 2, hidden // heads, 9, dtype, prefix=True)
+                    # the same rows unpadded: lengths between L/2 and L, packed into one row
+                    lengths = [l - (l // 2) * i // b for i in range(b)]
+                    packed_separable(lengths, hidden, hidden // 2, 9, dtype)
+                    packed_span(lengths, heads // 2, hidden // heads, 9, dtype, prefix=True)
                     if groups > 1:
                         grouped((b, l), groups, hidden // groups, intermediate // groups, dtype)
                         grouped((b, l), groups, intermediate // groups, hidden // groups, dtype)
@@ -170,6 +207,10 @@ def record_launches():
             separable(*case, dtype)
         for case in cases["SPAN_CASES"] + (GRADCHECK_SPAN if dtype == torch.float64 else []):
             span(*case, dtype, prefix=dtype == torch.float64)
+        for case in cases["SEPARABLE_PACKINGS"] if dtype != torch.float64 else GRADCHECK_SEPARABLE_PACKED:
+            packed_separable(*case, dtype)
+        for case in cases["SPAN_PACKINGS"] if dtype != torch.float64 else GRADCHECK_SPAN_PACKED:
+            packed_span(*case, dtype, prefix=True)
         for case in cases["GROUPED_CASES"] + (GRADCHECK_GROUPED if dtype == torch.float64 else []):
             grouped(*case, dtype)
     return log
@@ -181,6 +222,16 @@ def record_launches():
 def _config_label(kwargs):
     blocks = "x".join(str(v) for k, v in kwargs.items() if k.startswith("BLOCK_"))
     return f"{blocks} w{kwargs.get('num_warps', 4)} s{kwargs.get('num_stages', 3)}"
+
+
+def specialise(fn, args, kwargs, arch):
+    """(signature, constexprs, attrs, options) of the jit function `fn` launched with these arguments on sm_<arch>,
+    as JITFunction.run builds them."""
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return signature, constexprs, attrs, options
 
 
 def compile_tasks(log, archs):
@@ -202,19 +253,18 @@ def compile_tasks(log, archs):
             tuned_test_case = context["suite"] == "tests" and number < len(configs) - 1
             full = {**kwargs, **config}
             for arch in archs:
-                backend = make_backend(GPUTarget("cuda", arch, 32))
-                binder = create_function_from_signature(fn.signature, fn.params, backend)
-                bound_args, specialization, options = binder(*args, **full)
-                options, signature, constexprs, attrs = fn._pack_args(backend, full, bound_args, specialization, options)
+                signature, constexprs, attrs, options = specialise(fn, args, full, arch)
                 src = ASTSource(fn, signature, constexprs, attrs)
                 key = hashlib.sha256(
                     f"{triton.__version__}|{arch}|{src.hash()}|{sorted(options.__dict__.items())}".encode()
                 ).hexdigest()
-                constants = (fn.__name__, arch, context["dtype"], context["K"], _config_label(full))
+                constants = (fn.__name__, arch, context["dtype"], context["K"], context["packed"])
+                constants += (_config_label(full),)
                 if key in seen or (tuned_test_case and constants in seen):
                     continue
                 seen.update((key, constants))
                 labels = {**context, "kernel": fn.__name__, "arch": arch, "config": _config_label(full)}
+                del labels["grid"]
                 tasks.append((key, labels, fn, signature, constexprs, attrs, options.__dict__))
     return tasks
 
@@ -248,19 +298,35 @@ def _cpu_seconds():
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def compile_logged(fn, signature, constexprs, attrs, options, arch):
+    """triton.compile of one specialisation for sm_<arch> -> (the compiled kernel, ptxas' -v log). Triton prints
+    the log when TRITON_DUMP_PTXAS_LOG is set and ptxas runs (a Triton cache without this kernel: see
+    _worker_init)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        compiled = triton.compile(
+            ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32), options=options
+        )
+    return compiled, out.getvalue()
+
+
+def ptxas_figures(log):
+    """{"regs", "spill_stores", "spill_loads"} from a ptxas -v log, or None where it holds none."""
+    found = {name: [int(v) for v in pattern.findall(log)] for name, pattern in _PTXAS.items()}
+    if not found["regs"]:
+        return None
+    return {"regs": max(found["regs"]), "spill_stores": sum(found["spill_stores"]),
+            "spill_loads": sum(found["spill_loads"])}
+
+
 def _compile(index, budget):
     key, labels, fn, signature, constexprs, attrs, options = _TASKS[index]
-    out, start = io.StringIO(), _cpu_seconds()
+    start = _cpu_seconds()
     # A wall-clock stop well past the budget: it interrupts ptxas (subprocess.run kills it) or the compiler's next
     # Python step; the budget itself is judged on CPU time below.
     signal.alarm(WALL_FACTOR * budget)
     try:
-        with contextlib.redirect_stdout(out):
-            compiled = triton.compile(
-                ASTSource(fn, signature, constexprs, attrs),
-                target=GPUTarget("cuda", labels["arch"], 32),
-                options=options,
-            )
+        compiled, log = compile_logged(fn, signature, constexprs, attrs, options, labels["arch"])
     except _OverBudget:
         return {"error": f"stopped after {WALL_FACTOR * budget} s of wall time", "seconds": _cpu_seconds() - start}
     except Exception as error:  # the compiler's own message is the report
@@ -270,17 +336,10 @@ def _compile(index, budget):
     seconds = round(_cpu_seconds() - start, 2)
     if seconds > budget:
         return {"error": f"{seconds} s of CPU time, over the {budget} s budget", "seconds": seconds}
-    log = out.getvalue()
-    result = {name: [int(v) for v in pattern.findall(log)] for name, pattern in _PTXAS.items()}
-    if not result["regs"]:
+    figures = ptxas_figures(log)
+    if figures is None:
         return {"error": f"no ptxas -v log captured:\n{log[-1000:]}", "seconds": seconds}
-    return {
-        "regs": max(result["regs"]),
-        "spill_stores": sum(result["spill_stores"]),
-        "spill_loads": sum(result["spill_loads"]),
-        "shared": compiled.metadata.shared,
-        "seconds": seconds,
-    }
+    return {**figures, "shared": compiled.metadata.shared, "seconds": seconds}
 
 
 def run(tasks, jobs, budget, cache_path):
@@ -339,11 +398,13 @@ def problems(labels, result):
 
 
 def report(rows):
-    """One line per kernel, dtype, config and arch: the worst over its specialisations (shapes, K): registers,
-    bytes of spill stores (ptxas), shared memory per block (Triton), CPU seconds of the slowest compile."""
+    """One line per kernel, packed or not (cu_seqlens), dtype, config and arch: the worst over its specialisations
+    (shapes, K): registers, bytes of spill stores (ptxas), shared memory per block (Triton), CPU seconds of the
+    slowest compile."""
     table = {}
     for labels, result in rows:
-        line = (labels["kernel"], labels["dtype"], labels["config"], labels["arch"])
+        kernel = labels["kernel"] + (" packed" if labels.get("packed") else "")
+        line = (kernel, labels["dtype"], labels["config"], labels["arch"])
         entry = table.setdefault(line, {"n": 0, "regs": 0, "spill": 0, "shared": 0, "seconds": 0.0, "K": set()})
         entry["n"] += 1
         if labels.get("K") is not None:
@@ -355,13 +416,13 @@ def report(rows):
         entry["spill"] = max(entry["spill"], result["spill_stores"])
         entry["shared"] = max(entry["shared"], result["shared"])
         entry["seconds"] = max(entry["seconds"], result["seconds"])
-    header = f"{'kernel':<30} {'dtype':<5} {'config':<22} {'sm':>3} {'n':>3} {'regs':>5} {'spill st':>8} "
+    header = f"{'kernel':<37} {'dtype':<5} {'config':<22} {'sm':>3} {'n':>3} {'regs':>5} {'spill st':>8} "
     print(header + f"{'smem B':>8} {'max s':>6}  K")
     for (kernel, dtype, config, arch), e in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3])):
         ks = ",".join(str(k) for k in sorted(e["K"]))
         flag = "  FAILED" if e.get("error") else ""
         print(
-            f"{kernel:<30} {dtype:<5} {config:<22} {arch:>3} {e['n']:>3} {e['regs']:>5} {e['spill']:>8} "
+            f"{kernel:<37} {dtype:<5} {config:<22} {arch:>3} {e['n']:>3} {e['regs']:>5} {e['spill']:>8} "
             f"{e['shared']:>8} {e['seconds']:>6.1f}  {ks}{flag}"
         )
 
@@ -390,7 +451,8 @@ def main(argv=None):
         args.json.write_text(json.dumps([{**labels, **result} for labels, result in rows], indent=0))
     failures = [(labels, found) for labels, result in rows for found in [problems(labels, result)] if found]
     for labels, found in failures:
-        print(f"FAILED {labels['kernel']} {labels['dtype']} {labels['config']} sm_{labels['arch']} "
+        packed = " packed" if labels.get("packed") else ""
+        print(f"FAILED {labels['kernel']}{packed} {labels['dtype']} {labels['config']} sm_{labels['arch']} "
               f"K={labels.get('K')}: {'; '.join(found)}")
     print(f"triton_aot_check: triton {triton.__version__}: {len(rows)} compiles, {len(failures)} failed, "
           f"{time.perf_counter() - start:.0f} s")

@@ -94,6 +94,38 @@ if AVAILABLE:
         end = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + seq + 1), start), total_rows)
         return start - rows, end - rows
 
+    @triton.jit
+    def tap_inside(position, lo, hi, offset, K: tl.constexpr, PACKED: tl.constexpr):
+        """Whether each row's tap at `offset` (-(K-1)/2 ... (K-1)/2) stays inside its window (position, lo, hi), as
+        window() gives it: position + offset in [lo, hi); packed with K <= 63, bit offset + (K-1)/2 of lo."""
+        if PACKED and K <= 63:
+            return ((lo >> (offset + (K - 1) // 2)) & 1) != 0
+        else:
+            at = position + offset
+            return (at >= lo) & (at < hi)
+
+    @triton.jit
+    def window(cu_seqlens_ptr, num_seqs, rows, position, seq_len, total_rows, K: tl.constexpr,
+               SEARCH_STEPS: tl.constexpr, PACKED: tl.constexpr):
+        """(position, lo, hi): a row's tap at row + d may be read iff tap_inside(position, lo, hi, d). Unpacked:
+        (the rows' `position` in their sequence, 0, L). Packed: (0, sequence_window's [lo, hi) relative to the
+        row); for K <= 63 the taps inside it as the bits of one int32 (K <= 31) or int64 in lo, tested with a shift
+        by the tap that no loop can hoist. The windows of the separable forward's rows live through its channel
+        loop: kept as two bounds (compared with each tap, the compiler hoisted more per row) they spilled on sm_80
+        (fp16 64x64x32 w4: 16 B at K = 3, 80 B at K = 63); as bits, none. Wider K keeps the two bounds."""
+        if PACKED:
+            lo, hi = sequence_window(cu_seqlens_ptr, num_seqs, rows, total_rows, SEARCH_STEPS)
+            reach = (K - 1) // 2
+            if K <= 63:
+                first = tl.minimum(tl.maximum(lo + reach, 0), K)
+                last = tl.minimum(tl.maximum(hi + reach, first), K)
+                one = tl.full(lo.shape, 1, tl.int32 if K <= 31 else tl.int64)
+                return 0, (one << last.to(one.dtype)) - (one << first.to(one.dtype)), 0  # bits first ... last - 1
+            else:
+                return 0, lo, hi
+        else:
+            return position, 0, seq_len
+
 
 def search_steps(num_seqs) -> int:
     """ceil(log2(num_seqs)): the binary search's steps, a constexpr of the kernels (one compile per power of two of
@@ -109,10 +141,10 @@ def packing(cu_seqlens, fallback) -> dict:
     sequences, the search's steps and the PACKED flag that compiles the search in (off, the unpacked code is what
     it was)."""
     if cu_seqlens is None:
-        return dict(cu_seqlens_ptr=fallback, num_seqs=1, SEARCH_STEPS=0, PACKED=False)
+        return {"cu_seqlens_ptr": fallback, "num_seqs": 1, "SEARCH_STEPS": 0, "PACKED": False}
     num_seqs = cu_seqlens.shape[0] - 1
     steps = search_steps(num_seqs)
-    return dict(cu_seqlens_ptr=cu_seqlens.contiguous(), num_seqs=num_seqs, SEARCH_STEPS=steps, PACKED=True)
+    return {"cu_seqlens_ptr": cu_seqlens.contiguous(), "num_seqs": num_seqs, "SEARCH_STEPS": steps, "PACKED": True}
 
 
 def tuning_configs(tuned):

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import INTERPRET, MAX_UNROLL, numerics, packing, sequence_window
+from . import INTERPRET, MAX_UNROLL, numerics, packing, tap_inside, window
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def _span_conv_fwd_kernel(
     a time. PACKED: B = 1 and the taps of a row stop at its sequence's bounds (cu_seqlens [num_seqs + 1])."""
     tile, head, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # 64-bit offsets
     rows = (tile * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
-    position, lo, hi = _tap_window(cu_seqlens_ptr, num_seqs, rows, seq_len, SEARCH_STEPS, PACKED)
+    position, lo, hi = window(cu_seqlens_ptr, num_seqs, rows, rows, seq_len, seq_len, K, SEARCH_STEPS, PACKED)
     taps = tl.arange(0, K_PAD)
     weights = _softmax_rows(logits_ptr + b * stride_kb, rows, seq_len, stride_kl, head * K, taps, K, ACC)
     values = values_ptr + b * stride_vb + head * head_size
@@ -70,12 +70,12 @@ def _span_conv_fwd_kernel(
         if K <= MAX_UNROLL:
             for j in tl.static_range(K):
                 acc = _value_tap(
-                    acc, values, weights, rows, dims, position, lo, hi, head_size, stride_vl, taps, j, K, ACC
+                    acc, values, weights, rows, dims, position, lo, hi, head_size, stride_vl, taps, j, K, ACC, PACKED
                 )
         else:
             for j in range(0, kernel_size):
                 acc = _value_tap(
-                    acc, values, weights, rows, dims, position, lo, hi, head_size, stride_vl, taps, j, K, ACC
+                    acc, values, weights, rows, dims, position, lo, hi, head_size, stride_vl, taps, j, K, ACC, PACKED
                 )
         store_ok = (rows < seq_len)[:, None] & (dims < head_size)[None, :]
         tl.store(
@@ -86,22 +86,10 @@ def _span_conv_fwd_kernel(
 
 
 @triton.jit
-def _tap_window(cu_seqlens_ptr, num_seqs, rows, seq_len, SEARCH_STEPS: tl.constexpr, PACKED: tl.constexpr):
-    """(position, lo, hi): a row's tap at row + d may be read iff lo <= position + d < hi. Unpacked: (row, 0, L);
-    packed: (0, the window of the row's own sequence relative to it)."""
-    if PACKED:
-        lo, hi = sequence_window(cu_seqlens_ptr, num_seqs, rows, seq_len, SEARCH_STEPS)
-        return 0, lo, hi
-    else:
-        return rows, 0, seq_len
-
-
-@triton.jit
-def _value_tap(acc, values, weights, rows, dims, position, lo, hi, head_size, stride_vl, taps, j, K, ACC):
+def _value_tap(acc, values, weights, rows, dims, position, lo, hi, head_size, stride_vl, taps, j, K, ACC, PACKED):
     """acc += weight j of each row x values at row + j - K/2."""
     source = rows + j - (K - 1) // 2
-    at = position + j - (K - 1) // 2  # source, or source - row (packed)
-    ok = ((at >= lo) & (at < hi))[:, None] & (dims < head_size)[None, :]
+    ok = tap_inside(position, lo, hi, j - (K - 1) // 2, K, PACKED)[:, None] & (dims < head_size)[None, :]
     v = tl.load(values + source[:, None] * stride_vl + dims[None, :], mask=ok, other=0.0).to(ACC)
     w_j = tl.sum(tl.where(taps[None, :] == j, weights, 0.0), axis=1)
     return acc + w_j[:, None] * v
@@ -136,7 +124,7 @@ def _span_conv_grad_logits_kernel(
     grad and values share strides (stride_lb, stride_ll); logits, grad_logits and probs (stride_kb, stride_kl)."""
     tile, head, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # 64-bit offsets
     rows = (tile * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
-    position, lo, hi = _tap_window(cu_seqlens_ptr, num_seqs, rows, seq_len, SEARCH_STEPS, PACKED)
+    position, lo, hi = window(cu_seqlens_ptr, num_seqs, rows, rows, seq_len, seq_len, K, SEARCH_STEPS, PACKED)
     taps = tl.arange(0, K_PAD)
     weights = _softmax_rows(logits_ptr + b * stride_kb, rows, seq_len, stride_kl, head * K, taps, K, ACC)
     base = b * stride_lb + head * head_size
@@ -152,11 +140,11 @@ def _span_conv_grad_logits_kernel(
         if K <= MAX_UNROLL:
             for j in tl.static_range(K):
                 grad_weights = _grad_weight_tap(grad_weights, grad_rows, values_ptr + base, rows, dims, dims_ok,
-                                                position, lo, hi, stride_ll, taps, j, K, ACC)
+                                                position, lo, hi, stride_ll, taps, j, K, ACC, PACKED)
         else:
             for j in range(0, kernel_size):
                 grad_weights = _grad_weight_tap(grad_weights, grad_rows, values_ptr + base, rows, dims, dims_ok,
-                                                position, lo, hi, stride_ll, taps, j, K, ACC)
+                                                position, lo, hi, stride_ll, taps, j, K, ACC, PACKED)
     # softmax backward: dlogit_j = w_j (dw_j - sum_i w_i dw_i)
     grad_logits = weights * (grad_weights - tl.sum(weights * grad_weights, axis=1)[:, None])
     offsets = b * stride_kb + rows[:, None] * stride_kl + head * K + taps[None, :]
@@ -167,12 +155,11 @@ def _span_conv_grad_logits_kernel(
 
 @triton.jit
 def _grad_weight_tap(
-    grad_weights, grad_rows, values, rows, dims, dims_ok, position, lo, hi, stride_ll, taps, j, K, ACC
+    grad_weights, grad_rows, values, rows, dims, dims_ok, position, lo, hi, stride_ll, taps, j, K, ACC, PACKED
 ):
     """grad_weights[:, j] += grad . values at rows + j - K/2 (tap j of these rows read there)."""
     source = rows + j - (K - 1) // 2
-    at = position + j - (K - 1) // 2
-    ok = ((at >= lo) & (at < hi))[:, None] & dims_ok
+    ok = tap_inside(position, lo, hi, j - (K - 1) // 2, K, PACKED)[:, None] & dims_ok
     v = tl.load(values + source[:, None] * stride_ll + dims[None, :], mask=ok, other=0.0)
     g_j = tl.sum(grad_rows * v.to(ACC), axis=1)
     return grad_weights + tl.where(taps[None, :] == j, g_j[:, None], 0.0)
@@ -204,7 +191,7 @@ def _span_conv_grad_values_kernel(
     has (stride_kb, stride_kl). A row's readers are in its own sequence: PACKED, the same window as the forward's."""
     tile, head, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # 64-bit offsets
     rows = (tile * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
-    position, lo, hi = _tap_window(cu_seqlens_ptr, num_seqs, rows, seq_len, SEARCH_STEPS, PACKED)
+    position, lo, hi = window(cu_seqlens_ptr, num_seqs, rows, rows, seq_len, seq_len, K, SEARCH_STEPS, PACKED)
     base = b * stride_lb + head * head_size
     probs = probs_ptr + b * stride_kb + head * K
     for d0 in range(0, head_size, BLOCK_D):
@@ -214,11 +201,11 @@ def _span_conv_grad_values_kernel(
         if K <= MAX_UNROLL:
             for j in tl.static_range(K):
                 acc = _grad_value_tap(acc, grad_ptr + base, probs, rows, dims, dims_ok, position, lo, hi, stride_ll,
-                                      stride_kl, j, K, ACC)
+                                      stride_kl, j, K, ACC, PACKED)
         else:
             for j in range(0, kernel_size):
                 acc = _grad_value_tap(acc, grad_ptr + base, probs, rows, dims, dims_ok, position, lo, hi, stride_ll,
-                                      stride_kl, j, K, ACC)
+                                      stride_kl, j, K, ACC, PACKED)
         tl.store(
             grad_values_ptr + base + rows[:, None] * stride_ll + dims[None, :],
             acc.to(grad_values_ptr.dtype.element_ty),
@@ -227,10 +214,9 @@ def _span_conv_grad_values_kernel(
 
 
 @triton.jit
-def _grad_value_tap(acc, grad, probs, rows, dims, dims_ok, position, lo, hi, stride_ll, stride_kl, j, K, ACC):
+def _grad_value_tap(acc, grad, probs, rows, dims, dims_ok, position, lo, hi, stride_ll, stride_kl, j, K, ACC, PACKED):
     reader = rows - j + (K - 1) // 2
-    at = position - j + (K - 1) // 2  # reader, or reader - row (packed)
-    reader_ok = (at >= lo) & (at < hi)
+    reader_ok = tap_inside(position, lo, hi, (K - 1) // 2 - j, K, PACKED)
     w_j = tl.load(probs + reader * stride_kl + j, mask=reader_ok, other=0.0)
     g = tl.load(grad + reader[:, None] * stride_ll + dims[None, :], mask=reader_ok[:, None] & dims_ok, other=0.0)
     return acc + w_j[:, None].to(ACC) * g.to(ACC)

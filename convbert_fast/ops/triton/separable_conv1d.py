@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import INTERPRET, MAX_UNROLL, dot_family, numerics, packing, sequence_window, tuning_configs
+from . import INTERPRET, MAX_UNROLL, dot_family, numerics, packing, tap_inside, tuning_configs, window
 
 
 def _config(m, n, k, warps):
@@ -36,41 +36,30 @@ _CONFIGS = {
 
 
 @triton.jit
-def _sequence_window(
-    rows, seq_len, total_rows, cu_seqlens_ptr, num_seqs, SEARCH_STEPS: tl.constexpr, PACKED: tl.constexpr
-):
-    """(position, lo, hi) of `rows` of the [rows, C] input: a tap of a row reads row + j - K/2, which must lie in its
-    own sequence: position + j - K/2 in [lo, hi). Unpacked, the position in the sequence (row % L) and [0, L);
-    packed (cu_seqlens [num_seqs + 1]), 0 and the window of the row's sequence relative to the row."""
-    if PACKED:
-        lo, hi = sequence_window(cu_seqlens_ptr, num_seqs, rows, total_rows, SEARCH_STEPS)
-        return 0, lo, hi
-    else:
-        return rows % seq_len, 0, seq_len
-
-
-@triton.jit
 def _depthwise_tile(
     x_ptr, taps_ptr, rows, t, lo, hi, total_rows, channels, cols, kernel_size, K: tl.constexpr, ACC: tl.constexpr,
-    UNROLL: tl.constexpr
+    UNROLL: tl.constexpr, PACKED: tl.constexpr
 ):
     """sum_j taps[j, c] * x[row + j - K/2, c] for a [rows, cols] tile, zero outside each sequence ((t, lo, hi):
-    _sequence_window's). kernel_size is K as a runtime value: the loop's trip count when it is not unrolled."""
+    ops/triton window()'s). kernel_size is K as a runtime value: the loop's trip count when it is not unrolled."""
     col_ok = cols < channels
     acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=ACC)
     if UNROLL and K <= MAX_UNROLL:
         for j in tl.static_range(K):
-            acc = _depthwise_tap(acc, x_ptr, taps_ptr, rows, t, lo, hi, total_rows, channels, cols, col_ok, j, K, ACC)
+            acc = _depthwise_tap(
+                acc, x_ptr, taps_ptr, rows, t, lo, hi, total_rows, channels, cols, col_ok, j, K, ACC, PACKED
+            )
     else:
         for j in range(0, kernel_size):
-            acc = _depthwise_tap(acc, x_ptr, taps_ptr, rows, t, lo, hi, total_rows, channels, cols, col_ok, j, K, ACC)
+            acc = _depthwise_tap(
+                acc, x_ptr, taps_ptr, rows, t, lo, hi, total_rows, channels, cols, col_ok, j, K, ACC, PACKED
+            )
     return acc
 
 
 @triton.jit
-def _depthwise_tap(acc, x_ptr, taps_ptr, rows, t, lo, hi, total_rows, channels, cols, col_ok, j, K, ACC):
-    source = t + j - (K - 1) // 2
-    ok = ((source >= lo) & (source < hi) & (rows < total_rows))[:, None] & col_ok[None, :]
+def _depthwise_tap(acc, x_ptr, taps_ptr, rows, t, lo, hi, total_rows, channels, cols, col_ok, j, K, ACC, PACKED):
+    ok = (tap_inside(t, lo, hi, j - (K - 1) // 2, K, PACKED) & (rows < total_rows))[:, None] & col_ok[None, :]
     x = tl.load(x_ptr + (rows + j - (K - 1) // 2)[:, None] * channels + cols[None, :], mask=ok, other=0.0)
     tap = tl.load(taps_ptr + j * channels + cols, mask=col_ok, other=0.0)
     return acc + tap.to(ACC)[None, :] * x.to(ACC)
@@ -106,15 +95,16 @@ def _separable_fwd_kernel(
     PACKED: one row of sequences split by cu_seqlens [num_seqs + 1]."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit offsets: rows x C may pass 2^31
-    t, lo, hi = _sequence_window(rows, seq_len, total_rows, cu_seqlens_ptr, num_seqs, SEARCH_STEPS, PACKED)
+    t, lo, hi = window(cu_seqlens_ptr, num_seqs, rows, rows % seq_len, seq_len, total_rows, K, SEARCH_STEPS, PACKED)
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for c0 in range(0, channels, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
         # a loop over the taps even for small K: the K loads of an unrolled tile, in registers beside the dot's
         # accumulator, spilled (up to 72 B at K = 9 on sm_80)
-        mixed = _depthwise_tile(x_ptr, taps_ptr, rows, t, lo, hi, total_rows, channels, cols, kernel_size, K, ACC,
-                                False)
+        mixed = _depthwise_tile(
+            x_ptr, taps_ptr, rows, t, lo, hi, total_rows, channels, cols, kernel_size, K, ACC, False, PACKED
+        )
         pointwise = tl.load(
             pointwise_ptr + outs[None, :] * channels + cols[:, None],
             mask=(cols < channels)[:, None] & (outs < out_channels)[None, :],
@@ -165,8 +155,10 @@ def _depthwise_kernel(
     cdiv(C, BLOCK_C))."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    t, lo, hi = _sequence_window(rows, seq_len, total_rows, cu_seqlens_ptr, num_seqs, SEARCH_STEPS, PACKED)
-    acc = _depthwise_tile(x_ptr, taps_ptr, rows, t, lo, hi, total_rows, channels, cols, kernel_size, K, ACC, True)
+    t, lo, hi = window(cu_seqlens_ptr, num_seqs, rows, rows % seq_len, seq_len, total_rows, K, SEARCH_STEPS, PACKED)
+    acc = _depthwise_tile(
+        x_ptr, taps_ptr, rows, t, lo, hi, total_rows, channels, cols, kernel_size, K, ACC, True, PACKED
+    )
     mask = (rows < total_rows)[:, None] & (cols < channels)[None, :]
     tl.store(out_ptr + rows[:, None] * channels + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -200,23 +192,24 @@ def _tap_grad_kernel(
         mask=(rows < total_rows)[:, None] & col_ok[None, :],
         other=0.0,
     ).to(ACC)
-    t, lo, hi = _sequence_window(rows, seq_len, total_rows, cu_seqlens_ptr, num_seqs, SEARCH_STEPS, PACKED)
+    t, lo, hi = window(cu_seqlens_ptr, num_seqs, rows, rows % seq_len, seq_len, total_rows, K, SEARCH_STEPS, PACKED)
     if K <= MAX_UNROLL:
         for j in tl.static_range(K):
             _tap_grad_tap(
-                grad, x_ptr, partials_ptr, chunk, rows, t, lo, hi, total_rows, channels, cols, col_ok, j, K, ACC
+                grad, x_ptr, partials_ptr, chunk, rows, t, lo, hi, total_rows, channels, cols, col_ok, j, K, ACC, PACKED
             )
     else:
         for j in range(0, kernel_size):
             _tap_grad_tap(
-                grad, x_ptr, partials_ptr, chunk, rows, t, lo, hi, total_rows, channels, cols, col_ok, j, K, ACC
+                grad, x_ptr, partials_ptr, chunk, rows, t, lo, hi, total_rows, channels, cols, col_ok, j, K, ACC, PACKED
             )
 
 
 @triton.jit
-def _tap_grad_tap(grad, x_ptr, partials_ptr, chunk, rows, t, lo, hi, total_rows, channels, cols, col_ok, j, K, ACC):
-    source = t + j - (K - 1) // 2
-    ok = ((source >= lo) & (source < hi) & (rows < total_rows))[:, None] & col_ok[None, :]
+def _tap_grad_tap(
+    grad, x_ptr, partials_ptr, chunk, rows, t, lo, hi, total_rows, channels, cols, col_ok, j, K, ACC, PACKED
+):
+    ok = (tap_inside(t, lo, hi, j - (K - 1) // 2, K, PACKED) & (rows < total_rows))[:, None] & col_ok[None, :]
     x = tl.load(x_ptr + (rows + j - (K - 1) // 2)[:, None] * channels + cols[None, :], mask=ok, other=0.0)
     tl.store(partials_ptr + (chunk * K + j) * channels + cols, tl.sum(grad * x.to(ACC), axis=0), mask=col_ok)
 
