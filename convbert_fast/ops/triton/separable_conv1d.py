@@ -30,7 +30,7 @@ _CONFIGS = {
     # the depthwise tile is computed in registers from K loads of it: 4-byte tiles take a shorter BLOCK_K
     "tf32": [_config(128, 128, 16, 8), _config(64, 128, 16, 8), _config(64, 64, 16, 4)],
     # FMA dots hold their operands' rows and columns over all of BLOCK_K in registers: a short BLOCK_K
-    "ieee": [_config(128, 64, 16, 8), _config(64, 64, 16, 4)],  # 16: the least tl.dot takes on triton 3.6
+    "ieee": [_config(128, 64, 16, 8), _config(64, 64, 16, 8)],  # 16: the least tl.dot takes on triton 3.6
     "fp64": [_config(64, 32, 16, 4), _config(32, 32, 16, 4)],
 }
 
