@@ -257,7 +257,7 @@ phase_test() {
         "${pytest_base[@]}" "${parallel[@]}" tests/test_dynamic_span_conv.py tests/test_separable_conv1d.py \
         tests/test_dropout_add_layer_norm.py -k "cuda and not triton and not eager" --junitxml="$logs/tests-v1.xml"
     step autotuned "$(budget 50)" env CONVBERT_FAST_TRITON_AUTOTUNE=1 \
-        "${pytest_base[@]}" "${parallel[@]}" tests -k "autotuned or (full_shapes_on_gpu and triton)" --junitxml="$logs/autotuned.xml"
+        "${pytest_base[@]}" "${parallel[@]}" tests -k "autotuned or (full_shapes and triton)" --junitxml="$logs/autotuned.xml"
 }
 
 phase_sanitize() {
