@@ -289,8 +289,10 @@ BAD_INPUT = {
     "directory as the eval file": (["--eval-file", "{tmp}"], "evaluation file {tmp} is a directory"),
     "Latin-1 vocab": (["--vocab", "{tmp}/latin1.txt"], "vocab file {tmp}/latin1.txt is not UTF-8 text"),
     "config not JSON": (["--config", "{tmp}/empty.txt"], "--config {tmp}/empty.txt is not JSON"),
-    "output dir is a file": (["--output-dir", "{tmp}/empty.txt/run"], "--output-dir {tmp}/empty.txt/run: "
-                             "{tmp}/empty.txt is a file, not a directory"),
+    "output dir is a file": (
+        ["--output-dir", "{tmp}/empty.txt/run"],
+        "--output-dir {tmp}/empty.txt/run: {tmp}/empty.txt is a file, not a directory",
+    ),
     "log every 0": (["--log-every", "0"], "--log-every must be at least 1"),
     "negative eval interval": (["--eval-every", "-1"], "--eval-every must be at least 0"),
     "dropout of 1": (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
