@@ -21,7 +21,7 @@ import sys
 import torch
 
 import convbert_fast as cf
-from convbert_fast.bench.providers import build_models
+from convbert_fast.bench.providers import build_models  # (its timing module silences kineto: KINETO_LOG_LEVEL)
 from convbert_fast.bench.record import device_name, provenance, versions
 from convbert_fast.configs import named_config
 

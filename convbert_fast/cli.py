@@ -72,6 +72,13 @@ def demo(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, `PROG: error: MESSAGE`, and exit status 2 (argparse prints its usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def bench_providers():
     from .bench.providers import PROVIDERS
 
@@ -95,11 +102,36 @@ def _padding_list(text: str) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
+def _dtype_list(text: str) -> list[str]:
+    dtypes = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [d for d in dtypes if d not in BENCH_DTYPES]
+    if unknown or not dtypes:
+        raise argparse.ArgumentTypeError(f"{text!r}: each of fp32, bf16, fp16, by commas")
+    return list(dict.fromkeys(dtypes))
+
+
+BENCH_DTYPES = ("fp32", "bf16", "fp16")
+# The adaptive rounds' budget: the seconds the batches may take, warm-up, compilation and memory included (see
+# convbert_fast.bench.providers.MIN_ROUNDS). README's first command, install included, stays within 10 minutes
+# on a 2-core machine with it (README, "Benchmark").
+BENCH_TIME_BUDGET_S = 300.0
+
+
 def bench(parser, args) -> int:
+    from .data import UsageError
+
+    try:
+        return _bench(parser, args)
+    except UsageError as e:  # a file named on the command line: missing, unreadable, not a record, not writable
+        parser.error(str(e))
+
+
+def _bench(parser, args) -> int:
     import torch
 
     from .bench import choose, record, report
     from .bench.providers import PROVIDERS
+    from .data import check_writable
 
     if args.markdown:
         return report.markdown_main(args)
@@ -107,6 +139,9 @@ def bench(parser, args) -> int:
         return choose.choose_main(args.choose)
     if args.readme or args.check:
         parser.error("--readme and --check go with --markdown RECORD...")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):  # before measuring, not after
+        if path:
+            check_writable(path, flag)
     gpu = torch.cuda.is_available()
     valid_devices = ["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if gpu else [])
     args.device = args.device or ("cuda" if gpu else "cpu")
@@ -114,14 +149,15 @@ def bench(parser, args) -> int:
         parser.error(f"--device {args.device!r} is not available here; valid: {', '.join(valid_devices)}")
     on_gpu = args.device.startswith("cuda")
     defaults = dict(
-        dtype="bf16" if on_gpu else "fp32",
+        dtype=["bf16"] if on_gpu else ["fp32"],
         layers=12 if on_gpu else 2,
         batch_size=32 if on_gpu else 8,
         seq_len=[[128, 256, 512, 1024, 2048, 4096]] if on_gpu else [[128, 256]],
-        providers=",".join(PROVIDERS) if on_gpu else "transformers,transformers-compile,cpp,cpp-unpadded",
+        providers=",".join(PROVIDERS) if on_gpu
+        else "transformers,transformers-compile,cpp,cpp-unpadded,onnxruntime-transformers",
         padding=["none", "half", "heavy"],
-        repeats=20 if on_gpu else 3,
         warmup=3 if on_gpu else 1,
+        time_budget=BENCH_TIME_BUDGET_S,
     )
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -132,10 +168,14 @@ def bench(parser, args) -> int:
     if unknown or not args.providers:
         parser.error(f"unknown provider(s) {unknown}; valid: {', '.join(PROVIDERS)}")
     for name in ("layers", "batch_size", "repeats"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0 or any(length < 1 for length in args.seq_len):
-        parser.error("--warmup must be >= 0 and every --seq-len >= 1")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be at least 0, got {args.warmup}")
+    if not args.seq_len or min(args.seq_len) < 1:
+        parser.error(f"--seq-len: every length must be at least 1, got {args.seq_len}")
+    if not args.time_budget > 0:
+        parser.error(f"--time-budget must be positive, got {args.time_budget}")
     return record.run(args)
 
 
@@ -294,7 +334,7 @@ def add_train_parser(sub):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convbert_fast", description=__doc__)
+    parser = _Parser(prog="python -m convbert_fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and each backend's status")
     p = sub.add_parser("demo", help="time a forward and a training step of a small built-in model")
@@ -306,7 +346,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     b = sub.add_parser("bench", help="our ConvBERT against transformers' eager model and torch.compile of it")
     b.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
-    b.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on a GPU, else fp32")
+    b.add_argument(
+        "--dtype",
+        type=_dtype_list,
+        default=None,
+        help="one or more of fp32, bf16, fp16, by commas, each measured in the same run (bf16/fp16: autocast); "
+        "default: bf16 on a GPU, else fp32",
+    )
     b.add_argument("--config", default="base", choices=["small", "medium-small", "base"])
     b.add_argument("--layers", type=int, default=None, help="default: 12 on a GPU, 2 on the CPU")
     b.add_argument("--batch-size", type=int, default=None, help="default: 32 on a GPU, 8 on the CPU")
@@ -319,7 +365,19 @@ def main(argv=None) -> int:
     )
     b.add_argument("--providers", default=None, help="comma-separated, of: " + ", ".join(bench_providers()))
     b.add_argument(
-        "--repeats", type=int, default=None, help="timed runs per measurement (default: 20 on a GPU, 3 on the CPU)"
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed rounds per batch; default: adaptive, at least 5 and then until every speed-up ratio's "
+        "standard error is <= 0.01 or --time-budget is spent",
+    )
+    b.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"with adaptive rounds: what the batches may take in all, warm-up and compilation included "
+        f"(default {BENCH_TIME_BUDGET_S:.0f}); each batch gets an equal share of what is left",
     )
     b.add_argument("--warmup", type=int, default=None)
     b.add_argument(
@@ -372,7 +430,7 @@ def main(argv=None) -> int:
     import torch
 
     if args.command == "bench":
-        return bench(parser, args)
+        return bench(b, args)
 
     try:
         device = torch.device(args.device)

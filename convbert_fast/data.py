@@ -37,18 +37,66 @@ def builtin_corpus() -> list[str]:
 
 def read_text_file(path: str) -> list[str]:
     """Plain text, one document per non-blank line."""
-    docs = [" ".join(line.split()) for line in _read(path).splitlines()]
+    docs = [" ".join(line.split()) for line in read_text(path).splitlines()]
     docs = [d for d in docs if d]
     if not docs:
         raise UsageError(f"training file {path} is empty (expected one document per line)")
     return docs
 
 
-def _read(path: str) -> str:
-    if not os.path.isfile(path):
-        raise UsageError(f"training file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+def read_text(path: str, what: str = "training file") -> str:
+    """The UTF-8 text of a file the user named, or a UsageError that says what is wrong with it: missing, a
+    directory, unreadable (the OS's reason: permissions, an I/O error), compressed, or not UTF-8."""
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a directory, not a file")
+    if not os.path.exists(path):
+        raise UsageError(f"{what} {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UsageError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    if raw[:2] == b"\x1f\x8b":
+        raise UsageError(f"{what} {path} is gzip-compressed: give the decompressed text (gunzip it)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"{what} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}): convert it, e.g. "
+            f"`iconv -f latin1 -t utf-8`"
+        ) from None
+
+
+def read_json(path: str, what: str):
+    """A JSON file the user named, parsed, or a UsageError (read_text's, or where the JSON is malformed)."""
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{what} {path} is not JSON: {e}") from None
+
+
+def check_writable(path: str, what: str) -> None:
+    """A UsageError unless a file can be written at `path` (checked before any work, so that a run does not end
+    in a traceback after it measured or trained): not a directory, and its nearest existing directory writable."""
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a directory, not a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{what} {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{what} {path}: no permission to write there")
+
+
+def check_directory_creatable(path: str, what: str) -> None:
+    """A UsageError unless `path` is a directory, or one can be made there (the nearest existing ancestor is a
+    writable directory, not a file)."""
+    ancestor = os.path.abspath(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UsageError(f"{what} {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK):
+        raise UsageError(f"{what} {path}: no permission to write in {ancestor}")
 
 
 def split_eval(items: list) -> tuple[list, list]:
@@ -122,10 +170,8 @@ def load_vocab(path: str):
     """A BERT-style vocab.txt (one token per line) -> tokenizer; the five special tokens must be in it."""
     from tokenizers import Tokenizer, models
 
-    if not os.path.isfile(path):
-        raise UsageError(f"vocab file {path} does not exist")
     vocab = {}
-    for token in _read(path).splitlines():
+    for token in read_text(path, "vocab file").splitlines():
         if token and token not in vocab:
             vocab[token] = len(vocab)
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
@@ -174,7 +220,7 @@ def documents(docs: list[str], tokenizer, seq_len: int) -> dict[str, torch.Tenso
 def read_labelled(path: str) -> tuple[list[str], list[str]]:
     """Labelled examples: JSON lines `{"text": ..., "label": ...}` (a .jsonl file), else `text<TAB>label` lines."""
     texts, labels = [], []
-    for n, line in enumerate(_read(path).splitlines(), 1):
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         if path.endswith(".jsonl"):

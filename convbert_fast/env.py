@@ -21,6 +21,31 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux names them (/proc/cpuinfo); empty where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_isa() -> dict:
+    """What the CPU kernels can use here: torch's vectorisation level (ATen's CPU capability) and whether the CPU
+    has the native bf16/fp16 instructions that oneDNN's GEMMs use (None: unknown, /proc/cpuinfo unreadable)."""
+    flags = cpu_flags()
+    has = (lambda *names: all(n in flags for n in names)) if flags else (lambda *names: None)
+    return {
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "amx": has("amx_tile", "amx_bf16"),
+        "avx512_bf16": has("avx512_bf16"),
+        "avx512_fp16": has("avx512_fp16"),
+    }
+
+
 def triton_version() -> str | None:
     """triton.__version__, or None where Triton does not import (triton_problem() says why)."""
     return None if triton_problem() else __import__("triton").__version__

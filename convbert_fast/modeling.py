@@ -155,25 +155,25 @@ class ConvBertSelfAttention(nn.Module):
             return self.fused_forward(
                 hidden_states, attention_mask, head_mask, encoder_hidden_states, output_attentions, sequences
             )
-        # The seed's math, step for step (the `eager` backend).
+        # The seed's math, step for step (the `eager` backend), in transformers' order: autograd sums the
+        # gradients of x's uses in the reverse order of their creation, so another order rounds differently.
         # Cross-attention takes keys and values from the encoder; the conv half always reads `hidden_states`.
         kv_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        mixed_query = self.query(hidden_states)  # [B, L, A]
         cu_seqlens = None if sequences is None else sequences.cu_seqlens
+        conv_input = hidden_states if sequences is None else sequences.conv_input(hidden_states)
+        mixed_key, mixed_value = self.key(kv_states), self.value(kv_states)  # [B, Lk, A]
+        conv_x = self.key_conv_attn_layer(conv_input, None, cu_seqlens)  # [B, L, A]
+        mixed_query = self.query(hidden_states)  # [B, L, A]
+        query, key, value = self.split_heads(mixed_query), self.split_heads(mixed_key), self.split_heads(mixed_value)
 
         # Conv half: span weights come from the separable conv of x multiplied by the query.
-        conv_input = hidden_states if sequences is None else sequences.conv_input(hidden_states)
-        conv_attn = self.key_conv_attn_layer(conv_input, mixed_query, cu_seqlens)  # [B, L, A]
-        kernel_logits = self.conv_kernel_layer(conv_attn)  # [B, L, H*K]
+        kernel_logits = self.conv_kernel_layer(torch.multiply(conv_x, mixed_query))  # [B, L, H*K]
         conv_values = self.conv_out_layer(hidden_states)  # [B, L, A]
         if sequences is not None:
             conv_values = sequences.conv_input(conv_values)
         conv_context = ops.dynamic_span_conv(conv_values, kernel_logits, self.num_attention_heads, None, cu_seqlens)
 
         # Attention half: ordinary scaled dot-product attention.
-        query = self.split_heads(mixed_query)  # [B, H, L, D]
-        key = self.split_heads(self.key(kv_states))  # [B, H, Lk, D]
-        value = self.split_heads(self.value(kv_states))  # [B, H, Lk, D]
         if cu_seqlens is not None:  # packed rows: no attention across sequences
             attention_mask = sequences.block_diagonal_mask(query.dtype)
         probs = self.attention_probs(query, key, attention_mask, head_mask)  # [B, H, L, Lk]

@@ -312,9 +312,29 @@ def _check_args(args, world, device):
         raise UsageError("--precision fp16 needs a CUDA GPU (autocast + GradScaler); use bf16 or fp32 on the CPU")
     if args.fsdp and (device.type != "cuda" or world < 2):
         raise UsageError("--fsdp needs CUDA GPUs and torchrun with 2 or more processes; on the CPU, torchrun runs DDP")
-    for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "vocab_size"):
-        if getattr(args, name) < 1:
+    for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "vocab_size", "log_every", "layers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("eval_every", "save_every", "warmup_steps", "weight_decay", "max_grad_norm"):
+        if getattr(args, name) is not None and not getattr(args, name) >= 0:  # `not >=`: NaN fails too
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 0")
+    if not args.lr > 0:
+        raise UsageError(f"--lr must be positive, got {args.lr}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    # every file named is read through (and every directory to write checked) now, before any work
+    for path, what in ((args.train_file, "training file"), (args.eval_file, "evaluation file"),
+                       (args.vocab, "vocab file")):  # fmt: skip
+        if path:
+            data.read_text(path, what)
+    if args.config not in RELEASED_CONFIGS and not (args.init_from or args.resume):  # else the checkpoint's config
+        if not os.path.exists(args.config):
+            raise UsageError(f"--config {args.config!r}: neither one of {', '.join(RELEASED_CONFIGS)} nor a file")
+        if not isinstance(data.read_json(args.config, "--config"), dict):
+            raise UsageError(f"--config {args.config} is not a config.json (a JSON object)")
+    for flag, path in (("--output-dir", args.output_dir), ("--cache-dir", args.cache_dir)):
+        if path:
+            data.check_directory_creatable(path, flag)
     if args.batch_size % (world * args.grad_accum):
         raise UsageError(
             f"--batch-size {args.batch_size} (the global batch) must be a multiple of processes x --grad-accum "

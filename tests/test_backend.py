@@ -1,5 +1,5 @@
 """The backend API (choice, auto order, fallbacks and their warnings) and what crosses ops: torch.compile of a
-block of them, full ConvBERT-base shapes on a GPU. Each op's own tests are in tests/test_<op>.py."""
+block of them, full ConvBERT-base shapes. Each op's own tests are in tests/test_<op>.py."""
 
 from __future__ import annotations
 
@@ -205,13 +205,18 @@ def test_auto_on_cuda_follows_the_measured_table(monkeypatch):
     assert backend._auto_order("dynamic_span_conv", cuda) == ("cpp", "triton", "eager")
 
 
-@NO_GPU
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend_name", ["cpp", "triton"])
-def test_full_shapes_on_gpu(backend_name, dtype, rng):
+@pytest.mark.parametrize(
+    "backend_name,device",
+    [
+        ("cpp", "cpu"),  # the only L=512 check of the CPU kernels
+        pytest.param("cpp", "cuda", marks=NO_GPU),
+        pytest.param("triton", "cuda", marks=NO_GPU),  # Triton's interpreter at these sizes would take minutes
+    ],
+)
+def test_full_shapes(backend_name, device, dtype, rng):
     """ConvBERT-base shapes (L=512, 6 conv heads of 64, C=768, K=9) and medium-small's FFN, forward and backward,
     within the low-precision rule against the fp64 oracle."""
-    device = "cuda"
     with cf.use_backend(backend_name):
         values, logits = on(device, span_inputs(4, 512, 6, 64, 9, dtype, rng))
         assert_within_torch_error(

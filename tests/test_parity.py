@@ -1,5 +1,7 @@
 """The model family against transformers' own ConvBERT classes: weights loaded strictly from a transformers model,
-fp32, every output and every gradient. The eager backend is the seed's math, so differences are at rounding level."""
+fp32, every output and every gradient. The eager backend is the seed's math in transformers' order of operations,
+so its outputs and gradients are bit-identical (compared with torch.equal); the fused backends differ at rounding
+level."""
 
 from __future__ import annotations
 
@@ -72,10 +74,11 @@ def max_diff(a, b, where=""):
     return max((max_diff(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b))), default=0.0)
 
 
-def assert_parity(label, ours, theirs):
+def assert_parity(label, ours, theirs, exact=False):
+    """Within ATOL of transformers; `exact` (the eager backend): bit for bit."""
     diff = max_diff(ours, theirs, label)
     record_parity(label, diff)
-    assert diff <= ATOL, f"{label}: max |ours - transformers| = {diff:.3e}"
+    assert diff <= (0.0 if exact else ATOL), f"{label}: max |ours - transformers| = {diff:.3e}"
 
 
 BACKENDS = ["eager", "cpp"]
@@ -98,15 +101,17 @@ def test_outputs_match_transformers(class_name, config_name, backend_name):
     if class_name == "ConvBertModel":
         inputs.pop("labels", None)
     flags = dict(output_attentions=True, output_hidden_states=True)
+    exact = backend_name == "eager"  # transformers' math in transformers' order: bit for bit
     with torch.no_grad():
         expected = theirs(**inputs, **flags)
-        assert_parity(label, ours(**inputs, **flags), expected)
+        assert_parity(label, ours(**inputs, **flags), expected, exact=exact)
         if class_name != "ConvBertModel":
             assert expected.loss is not None
         # return_dict=False: the same values as a tuple
-        assert_parity(label, ours(**inputs, **flags, return_dict=False), theirs(**inputs, **flags, return_dict=False))
+        assert_parity(label, ours(**inputs, **flags, return_dict=False), theirs(**inputs, **flags, return_dict=False),
+                      exact=exact)  # fmt: skip
         # defaults: no attentions or hidden states
-        assert_parity(label, ours(**inputs), theirs(**inputs))
+        assert_parity(label, ours(**inputs), theirs(**inputs), exact=exact)
 
 
 @pytest.mark.parametrize("class_name", CLASSES)
@@ -150,15 +155,40 @@ def test_gradients_match_transformers(class_name, config_name, backend_name):
         loss_of = lambda out: out.last_hidden_state.square().mean()  # noqa: E731
     else:
         loss_of = lambda out: out.loss  # noqa: E731
-    loss_of(theirs(**inputs)).backward()
-    loss_of(ours(**inputs)).backward()
+    their_loss, our_loss = loss_of(theirs(**inputs)), loss_of(ours(**inputs))
+    their_loss.backward()
+    our_loss.backward()
     their_grads = dict(theirs.named_parameters())
-    worst = 0.0
+    worst = max_diff(our_loss, their_loss, "loss")
     for name, param in ours.named_parameters():
         assert param.grad is not None, f"{name} got no gradient"
         worst = max(worst, max_diff(param.grad, their_grads[name].grad, name))
     record_parity(f"{class_name} [{backend_name}] (gradients)", worst)
-    assert worst <= ATOL
+    assert worst <= (0.0 if backend_name == "eager" else ATOL), f"max |ours - transformers| = {worst:.3e}"
+
+
+@pytest.mark.parametrize("config_name", ["base", "medium-small"])
+def test_eager_training_step_with_dropout_is_transformers_bit_for_bit(config_name):
+    """Dropout on, the same seed: the eager backend draws transformers' masks in transformers' order, so the loss and
+    every gradient are equal, not merely close (the fused layers' dropout is a hash of its own, see the README)."""
+    config = make_config(config_name, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    torch.manual_seed(0)
+    theirs, ours = model_pair("ConvBertForMaskedLM", config, train=True)
+    inputs = make_inputs("ConvBertForMaskedLM", config, torch.Generator().manual_seed(10))
+    torch.manual_seed(11)
+    their_loss = theirs(**inputs).loss
+    torch.manual_seed(11)
+    with cf.use_backend("eager"):
+        our_loss = ours(**inputs).loss
+    torch.manual_seed(12)
+    dropped = theirs(**inputs).loss
+    assert not torch.equal(dropped, their_loss)  # the masks matter: another seed, another loss
+    their_loss.backward()
+    our_loss.backward()
+    assert torch.equal(our_loss, their_loss)
+    their_grads = dict(theirs.named_parameters())
+    for name, param in ours.named_parameters():
+        assert torch.equal(param.grad, their_grads[name].grad), name
 
 
 @pytest.mark.parametrize("class_name", CLASSES)

@@ -4,6 +4,7 @@ per session on a slice of the built-in corpus) keep the file to about a minute o
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -324,6 +325,27 @@ def _vocab(path, tokens):
 BAD_INPUT = {
     "missing file": (["--train-file", "{tmp}/nope.txt"], "training file {tmp}/nope.txt does not exist"),
     "empty file": (["--train-file", "{tmp}/empty.txt"], "is empty"),
+    "gzip file": (["--train-file", "{tmp}/corpus.txt.gz"], "training file {tmp}/corpus.txt.gz is gzip-compressed"),
+    "Latin-1 file": (["--train-file", "{tmp}/latin1.txt"], "is not UTF-8 text (byte 0xe9 at offset 3)"),
+    "directory as the file": (["--train-file", "{tmp}"], "training file {tmp} is a directory, not a file"),
+    # root reads any file whatever its mode: /proc/self/mem is a file whose read fails (EIO) for root too
+    "unreadable file": (["--train-file", "/proc/self/mem"], "training file /proc/self/mem cannot be read: "),
+    "cls: gzip file, checked before the tokenizer is trained": (
+        ["--task", "cls", "--train-file", "{tmp}/corpus.txt.gz", "--cache-dir", "{tmp}/fresh-cache"],
+        "is gzip-compressed",
+    ),
+    "directory as the eval file": (["--eval-file", "{tmp}"], "evaluation file {tmp} is a directory"),
+    "Latin-1 vocab": (["--vocab", "{tmp}/latin1.txt"], "vocab file {tmp}/latin1.txt is not UTF-8 text"),
+    "config not JSON": (["--config", "{tmp}/empty.txt"], "--config {tmp}/empty.txt is not JSON"),
+    "output dir is a file": (
+        ["--output-dir", "{tmp}/empty.txt/run"],
+        "--output-dir {tmp}/empty.txt/run: {tmp}/empty.txt is a file, not a directory",
+    ),
+    "log every 0": (["--log-every", "0"], "--log-every must be at least 1"),
+    "negative eval interval": (["--eval-every", "-1"], "--eval-every must be at least 0"),
+    "dropout of 1": (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+    "lr of 0": (["--lr", "0"], "--lr must be positive, got 0.0"),
+    "no layers": (["--layers", "0"], "--layers must be at least 1"),
     "vocab without [MASK]": (["--vocab", "{tmp}/no_mask.txt"], "lacks the special token(s) [MASK]"),
     "vocab larger than the model": (
         ["--init-from", "{ckpt}", "--vocab", "{tmp}/big.txt"],
@@ -352,6 +374,8 @@ def test_bad_input_is_one_line_and_exit_status_2(case, ws, tmp_path, small_check
     if case == "no GPU for the process" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "corpus.txt.gz").write_bytes(gzip.compress(Path(ws.corpus).read_bytes()))
+    (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 au lait\tyes\n".encode("latin-1"))
     _vocab(tmp_path / "no_mask.txt", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the"])
     _vocab(tmp_path / "big.txt", data.SPECIAL_TOKENS + [f"w{i}" for i in range(2000)])
     extra, message = BAD_INPUT[case]
@@ -363,6 +387,7 @@ def test_bad_input_is_one_line_and_exit_status_2(case, ws, tmp_path, small_check
     assert message.format(**fill) in err, err
     assert err.count("\n") == 1 and err.startswith("python -m convbert_fast train: error: ")  # no traceback
     assert not (tmp_path / "out" / "checkpoint-2").exists()
+    assert not (tmp_path / "fresh-cache").exists()  # no tokenizer was trained before the check
 
 
 def test_a_failed_save_leaves_no_checkpoint(ws, tmp_path, monkeypatch):

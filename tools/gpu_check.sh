@@ -260,7 +260,7 @@ phase_test() {
         tests/test_dropout_add_layer_norm.py tests/test_packed_sequences.py -k "cuda and not triton and not eager" \
         --junitxml="$logs/tests-v1.xml"
     step autotuned "$(budget 50)" env CONVBERT_FAST_TRITON_AUTOTUNE=1 \
-        "${pytest_base[@]}" "${parallel[@]}" tests -k "autotuned or (full_shapes_on_gpu and triton)" --junitxml="$logs/autotuned.xml"
+        "${pytest_base[@]}" "${parallel[@]}" tests -k "autotuned or (full_shapes and triton)" --junitxml="$logs/autotuned.xml"
 }
 
 phase_sanitize() {

@@ -4,10 +4,6 @@ tools/gpu_check.sh writes it): per op, the backend whose fwd+bwd medians, summed
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-
 CHOICE_BACKENDS = ("cpp", "triton")
 
 
@@ -36,12 +32,15 @@ def measured_choices(record: dict) -> dict[str, dict]:
 
 
 def choose_main(path: str) -> int:
-    record = json.loads(Path(path).read_text())
-    families = {b.get("extra_info", {}).get("gpu_family") for b in record.get("benchmarks", [])}
+    from ..data import UsageError, read_json
+
+    record = read_json(path, "--choose record")
+    if not isinstance(record, dict) or not isinstance(record.get("benchmarks"), list):
+        raise UsageError(f"--choose record {path} is not a pytest-benchmark JSON (no list of `benchmarks`)")
+    families = {b.get("extra_info", {}).get("gpu_family") for b in record["benchmarks"]}
     if None in families or len(families) != 1:
-        print(f"{path}: not a CUDA op-benchmark record of one GPU family (pytest benchmarks --bench-device cuda "
-              f"--benchmark-json=...); families found: {sorted(map(str, families))}", file=sys.stderr)  # fmt: skip
-        return 2
+        raise UsageError(f"--choose record {path}: not a CUDA op-benchmark record of one GPU family (pytest benchmarks "
+                         f"--bench-device cuda --benchmark-json=...); families found: {sorted(map(str, families))}")
     (family,) = families
     print(f"# MEASURED_CUDA_CHOICE entries from {path} ({record['benchmarks'][0]['extra_info']['device']}, "
           f"{record.get('datetime', 'date unknown')[:10]}): fwd+bwd medians summed over each op's groups")  # fmt: skip

@@ -5,12 +5,22 @@ one batch taking turns, and the op summary (each op against its eager math)."""
 from __future__ import annotations
 
 import gc
+import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from . import deploy
-from .timing import DynamoCounts, _timer, copy_bandwidth, cpu_peak_bytes, interleaved_ms, summary_of, tensor_bytes
+from .timing import (
+    DynamoCounts,
+    _timer,
+    cpu_peak_bytes,
+    interleaved_ms,
+    ratio_standard_errors,
+    summary_of,
+    tensor_bytes,
+)
 
 PROVIDERS = {
     "transformers": "transformers' eager ConvBertModel",
@@ -27,6 +37,14 @@ INFERENCE_ONLY = set(deploy.DEPLOY_PROVIDERS)  # timed on the forward only: no t
 PADDINGS = {"none": None, "half": lambda seq_len: (seq_len + 1) // 2, "heavy": lambda seq_len: min(8, seq_len)}
 PADDING_ROWS = {"none": "all L", "half": "L/2..L", "heavy": "8..L"}
 BASELINE, COMPILE_BASELINE = "transformers", "transformers-compile"
+# the inference peer a user deploying a BERT-class encoder on a CPU weighs us against (issue 25)
+ORT_BASELINE = "onnxruntime-transformers"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Adaptive rounds (no --repeats): at least MIN_ROUNDS, then more until every ratio of the table (each provider's
+# forward and training step against transformers', transformers-compile's and ONNX Runtime's) has a bootstrap standard error of
+# at most RATIO_SE_TARGET, or the batch's share of --time-budget is spent, or MAX_ROUNDS. Two runs then differ by
+# a normal difference of SD sqrt(2) x 0.01, within 0.05 at 3.5 SDs, which leaves room for the dozen ratios a run has.
+MIN_ROUNDS, MAX_ROUNDS, RATIO_SE_TARGET = 5, 60, 0.01
 
 
 @dataclass
@@ -38,12 +56,20 @@ class Measurement:
     padding: str = "none"  # of PADDINGS: "half" lengths uniform in [L/2, L], "heavy" in [8, L]
     tokens: int | None = None  # real (not padding) tokens per batch: what tokens/s count
     skipped: str | None = None  # why it could not run here
+    dtype: str = "fp32"  # fp32, or the autocast dtype (bf16, fp16) over fp32 weights
+    rounds: int | None = None  # timed rounds (each provider once per phase a round)
+    ratio_se: dict | None = None  # "phase vs baseline" -> bootstrap standard error of that ratio (see MIN_ROUNDS)
+    max_abs_diff: float | None = None  # the forward's output against transformers' eager model's, eval mode
+    inference_only: bool = False  # no training step (the deploy providers): train figures are None, not zero
     forward_ms: float | None = None
     forward_ms_quantiles: list[float] = field(default_factory=list)  # p20, p50, p80
     train_step_ms: float | None = None
     train_step_ms_quantiles: list[float] = field(default_factory=list)
-    peak_memory_mb: float | None = None  # one training step of this provider alone (see measure_memory)
-    activation_memory_mb: float | None = None  # the peak less weights, gradients and optimizer state
+    # memory of one training step of this provider alone (see measure_memory)
+    peak_memory_mb: float | None = None  # the step's peak: the larger of the two below
+    forward_backward_peak_mb: float | None = None  # during forward + backward
+    activation_memory_mb: float | None = None  # the forward + backward peak less weights, gradients, optimizer state
+    optimizer_step_peak_mb: float | None = None  # during optimizer.step() (AdamW's scratch above its state)
     train_tokens_per_s: float | None = None
     inference_tokens_per_s: float | None = None
     train_flops: float | None = None
@@ -52,8 +78,8 @@ class Measurement:
     dynamo: dict | None = None  # compiled providers: dynamo's counts per phase (see DynamoCounts)
 
 
-def provider_problem(provider: str, device: torch.device) -> str | None:
-    """Why `provider` cannot run on `device`, or None."""
+def provider_problem(provider: str, device: torch.device, dtype: str = "fp32") -> str | None:
+    """Why `provider` cannot run on `device` in `dtype`, or None."""
     import convbert_fast as cf
 
     backend = provider.removesuffix("-unpadded")
@@ -66,7 +92,7 @@ def provider_problem(provider: str, device: torch.device) -> str | None:
             return gap
         if provider == "triton" and device.type == "cpu":
             return "Triton on the CPU runs in its interpreter: not a speed to measure"
-    return None
+    return deploy.deploy_problem(provider, device, None if dtype == "fp32" else DTYPES[dtype])
 
 def build_models(config, device, dtype):
     """transformers' model and ours with the same weights."""
@@ -126,7 +152,7 @@ class ProviderRun:
         self.autocast_dtype = autocast_dtype
         self.times: dict[str, list[float]] = {"forward": [], "train_step": []}
         self.dynamo = {"forward": DynamoCounts(), "train_step": DynamoCounts()}
-        self.peak_memory_mb = self.activation_memory_mb = None
+        self.memory_mb: dict[str, float | None] = {}
         self.measure = _timer(device)
 
     def _autocast(self):
@@ -135,17 +161,32 @@ class ProviderRun:
 
     def forward(self):
         if self.artifact is not None:
-            return self.artifact()
+            return self.artifact()[0]
         self.model.config.padding_invariant = self.padding_invariant
         with torch.no_grad(), self._autocast():
-            self.runner(self.ids, attention_mask=self.mask)
+            return self.runner(self.ids, attention_mask=self.mask).last_hidden_state
 
-    def train_step(self):
+    def output(self) -> torch.Tensor:
+        """The forward's output in eval mode, as fp32 (compared with transformers' eager model's)."""
+        import convbert_fast as cf
+
+        with cf.use_backend(self.backend):
+            self.model.train(False)
+            if not self.compiled:
+                return self.forward().float()
+            out = []  # a compile here (no warm-up) is counted like the timed calls' compiles
+            self.dynamo["forward"].around(lambda: out.append(self.forward()))
+            return out[0].float()
+
+    def forward_backward(self):
         self.model.config.padding_invariant = self.padding_invariant
-        self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             loss = self.runner(self.ids, attention_mask=self.mask).last_hidden_state.float().square().mean()
         loss.backward()
+
+    def train_step(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        self.forward_backward()
         self.optimizer.step()
 
     def time(self, phase: str, record: bool = True) -> None:
@@ -164,16 +205,21 @@ class ProviderRun:
             self.times[phase].append(ms)
 
     def measure_memory(self, others) -> None:
+        if "train_step" not in self.phases:
+            return
         """One more training step with only this provider's state in play: every other run's gradients and
-        optimizer state freed, the allocator's cache emptied, the peak counted from here. The peak is this
-        provider's weights, optimizer state and batch plus the most the step allocated above that (a second
-        model left resident holds neither, and is not counted); activation memory is the peak less weights,
-        gradients and optimizer state."""
+        optimizer state freed, the allocator's cache emptied, each part's peak counted from where it starts.
+        Forward + backward starts from this provider's weights, optimizer state and batch (gradients freed) and
+        peaks with the activations and the gradients made so far; the optimizer step starts from those and the
+        full gradients, and peaks with AdamW's scratch (which, at short lengths, exceeds the activations). A second
+        model left resident holds neither, and is not counted. Activation memory is the forward + backward peak
+        less weights, gradients and optimizer state."""
         import convbert_fast as cf
 
         for run in others:
-            run.optimizer.zero_grad(set_to_none=True)
-            run.optimizer.state.clear()
+            if "train_step" in run.phases:  # not a deploy provider's, which holds no training state
+                run.optimizer.zero_grad(set_to_none=True)
+                run.optimizer.state.clear()
         if not self.optimizer.state:  # an earlier run's measurement freed it: remake it, unmeasured
             with cf.use_backend(self.backend):
                 self.model.train(True)
@@ -187,26 +233,36 @@ class ProviderRun:
         batch = tensor_bytes(t for t in (self.ids, self.mask) if t is not None)
         with cf.use_backend(self.backend):
             self.model.train(True)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(self.device)
-                start = torch.cuda.memory_allocated(self.device)
-                self.train_step()
-                torch.cuda.synchronize(self.device)
-                above = torch.cuda.max_memory_allocated(self.device) - start
-            else:
-                above = cpu_peak_bytes(self.train_step)
-        peak = weights + state + batch + above
-        self.peak_memory_mb = peak / 2**20
-        self.activation_memory_mb = (peak - weights - grads - state) / 2**20
+            above_forward_backward = self._peak_above(self.forward_backward)
+            above_optimizer = self._peak_above(self.optimizer.step)
+        forward_backward = weights + state + batch + above_forward_backward
+        optimizer = weights + state + batch + grads + above_optimizer
+        mb = {"forward_backward": forward_backward, "optimizer": optimizer, "step": max(forward_backward, optimizer),
+              "activations": forward_backward - weights - grads - state}  # fmt: skip
+        self.memory_mb = {k: v / 2**20 for k, v in mb.items()}
+
+    def _peak_above(self, fn) -> int:
+        """The most bytes allocated above the level at the start while `fn` ran."""
+        if self.device.type != "cuda":
+            return cpu_peak_bytes(fn)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        start = torch.cuda.memory_allocated(self.device)
+        fn()
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - start
 
     def result(self, seq_len, batch_size, gemm_flops, train_flops) -> Measurement:
         result = Measurement(self.provider, seq_len, batch_size, padded=self.mask is not None, tokens=self.tokens)
-        result.peak_memory_mb, result.activation_memory_mb = self.peak_memory_mb, self.activation_memory_mb
+        result.peak_memory_mb = self.memory_mb.get("step")
+        result.forward_backward_peak_mb = self.memory_mb.get("forward_backward")
+        result.activation_memory_mb = self.memory_mb.get("activations")
+        result.optimizer_step_peak_mb = self.memory_mb.get("optimizer")
         result.forward_ms, result.forward_ms_quantiles = summary_of(self.times["forward"])
         result.inference_tokens_per_s = self.tokens / (result.forward_ms / 1e3)
         if "train_step" not in self.phases:
+            result.inference_only = True
             return result
         result.train_step_ms, result.train_step_ms_quantiles = summary_of(self.times["train_step"])
         result.train_tokens_per_s = self.tokens / (result.train_step_ms / 1e3)
@@ -226,53 +282,115 @@ def failure(error: Exception) -> str:
     return f"failed: {type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
 
 
-def measure_batch(providers, models, args, seq_len, padding, device, autocast_dtype, gemm_flops, train_flops,
-                  progress):  # fmt: skip
-    """Every provider on one batch (L tokens a row, or padded as PADDINGS[padding] says): warm-up calls, then
-    `repeats` rounds that time
-    each provider once per phase, then each provider's memory alone. A provider that fails (a compiler bug,
-    say, or out of memory) is recorded as skipped with the error; it never ends the run."""
+def ratio_pairs(runs) -> list[tuple[str, str]]:
+    """The ratios the table shows, as (baseline series, provider series) with series named "provider phase":
+    every provider's phases against transformers', transformers-compile's and ONNX Runtime's, where both ran."""
+    series = {f"{run.provider} {phase}" for run in runs for phase in run.phases}
+    return [(f"{base} {phase}", f"{run.provider} {phase}") for run in runs for phase in run.phases
+            for base in (BASELINE, COMPILE_BASELINE, ORT_BASELINE)
+            if run.provider != base and f"{base} {phase}" in series]  # fmt: skip
+
+
+def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm_flops, train_flops, progress,
+                  budget_s=None):  # fmt: skip
+    """Every provider on one batch (L tokens a row, or padded as PADDINGS[padding] says) in one dtype: warm-up calls, the forward's output
+    against transformers', then rounds that time each provider once per phase (the order rotating round by round),
+    then each provider's memory alone. Rounds: --repeats if given, else adaptive (see MIN_ROUNDS) within
+    `budget_s` seconds. A provider that fails (a compiler bug, say, or out of memory) is recorded as skipped with
+    the error; it never ends the run."""
     torch._dynamo.reset()  # fresh graphs for this shape: the recompile limit counts per code object
     batch = make_batch(models[0].config, args.batch_size, seq_len, padding, device, seed=seq_len)
+    padded = padding != "none"
+    autocast_dtype = None if dtype == "fp32" else DTYPES[dtype]
     measurements, runs = [], []
 
     def skip(provider, why):
         measurements.append(
-            Measurement(provider, seq_len, args.batch_size, padding != "none", padding, batch[2], skipped=why)
+            Measurement(provider, seq_len, args.batch_size, padded, padding, batch[2], skipped=why, dtype=dtype)
         )
         progress.update(1)
 
     states = {id(m): {k: v.clone() for k, v in m.state_dict().items()} for m in models}  # AdamW must not drift
+    # transformers' eager forward in eval mode, before any training step has moved a weight: each provider's
+    # output is compared with it on the real tokens (the deploy artifacts hold the weights every batch starts
+    # from); the padding-invariant providers' with our eager backend's in that mode, whose real tokens differ
+    # from transformers' by design
+    references = {}
+
+    def reference(provider):
+        mode = provider.endswith("-unpadded")
+        if mode not in references:
+            try:
+                references[mode] = ProviderRun("eager-unpadded" if mode else BASELINE, models, batch, device,
+                                               autocast_dtype).output()  # fmt: skip
+            except Exception as error:  # noqa: BLE001  (out of memory, say: no comparison, the timings still run)
+                references[mode] = None
+                print(f"WARNING: the reference forward failed ({failure(error)}): no output comparison at "
+                      f"L={seq_len}", file=sys.stderr)  # fmt: skip
+        return references[mode]
+
+    def max_abs_diff(provider, output):
+        expected = reference(provider)
+        if expected is None:
+            return None
+        diff = (output - expected).abs()
+        if batch[1] is not None:  # the padding's outputs are nobody's answer
+            diff = diff.masked_fill(batch[1][..., None] == 0, 0.0)
+        return diff.max().item()
+
     for provider in providers:
-        problem = provider_problem(provider, device) or deploy.deploy_problem(provider, device, autocast_dtype)
+        problem = provider_problem(provider, device, dtype)
         if problem:
             skip(provider, problem)
             continue
         try:
             run = ProviderRun(provider, models, batch, device, autocast_dtype)
-            for phase in run.phases:
-                for _ in range(args.warmup):
-                    run.time(phase, record=False)
+            run.max_abs_diff = max_abs_diff(provider, run.output())
             runs.append(run)
         except Exception as error:  # noqa: BLE001  (reported in the record instead)
             skip(provider, failure(error))
-    for phase in ("forward", "train_step"):
-        for _ in range(args.repeats):
-            for run in [run for run in runs if phase in run.phases]:
+    for run in list(runs):
+        try:
+            for phase in run.phases:
+                for _ in range(args.warmup):
+                    run.time(phase, record=False)
+        except Exception as error:  # noqa: BLE001
+            runs.remove(run)
+            skip(run.provider, failure(error))
+    rounds, began, ses = 0, time.perf_counter(), {}
+    while runs:
+        for run in runs[rounds % len(runs):] + runs[: rounds % len(runs)]:
+            for phase in run.phases:
                 try:
                     run.time(phase)
                 except Exception as error:  # noqa: BLE001
                     runs.remove(run)
                     skip(run.provider, failure(error))
-    for run in [run for run in runs if "train_step" in run.phases]:
+                    break
+        rounds += 1  # a provider that failed is gone: the others all ran this round
+        pairs = ratio_pairs(runs)
+        if pairs and rounds > 1:
+            series = {f"{run.provider} {phase}": run.times[phase] for run in runs for phase in run.phases}
+            ses = ratio_standard_errors(series, pairs)
+        if args.repeats:
+            if rounds >= args.repeats:
+                break
+        elif rounds >= MAX_ROUNDS or rounds >= MIN_ROUNDS and (
+            max(ses.values(), default=0.0) <= RATIO_SE_TARGET or time.perf_counter() - began >= (budget_s or 0)
+        ):
+            break
+    for run in list(runs):
         try:
             run.measure_memory([other for other in runs if other is not run])
         except Exception as error:  # noqa: BLE001
             runs.remove(run)
             skip(run.provider, failure(error))
     for run in runs:
-        measurements.append(run.result(seq_len, args.batch_size, gemm_flops, train_flops))
-        measurements[-1].padding = padding
+        m = run.result(seq_len, args.batch_size, gemm_flops, train_flops)
+        m.dtype, m.rounds, m.max_abs_diff, m.padding = dtype, rounds, run.max_abs_diff, padding
+        m.ratio_se = {f"{other.split(' ')[1]} vs {base.split(' ')[0]}": round(se, 4)
+                      for (base, other), se in ses.items() if other.split(" ")[0] == run.provider} or None  # fmt: skip
+        measurements.append(m)
         progress.update(1)
     for model in models:
         model.load_state_dict(states[id(model)])
@@ -286,11 +404,11 @@ def span_conv_bytes(values, logits) -> int:
     return values.element_size() * (5 * values.numel() + 3 * logits.numel())
 
 
-def ops_summary(device, dtype, warmup, repeats) -> dict:
+def ops_summary(device, dtype, warmup, repeats, copy_bytes_per_s) -> dict:
     """Each op forward + backward at the shapes of the issues (B=8 on the CPU, 32 on a GPU; L=512; 6 conv heads
     of 64, K=9, separable conv 768 -> 384, grouped linear 384 -> 1536 in 2 groups): the `eager` backend (the
     seed's code, step for step, as transformers runs it) against the best backend here, all of them taking
-    turns round by round; and the share of the copy bandwidth the span conv reaches."""
+    turns round by round; and the share of the copy bandwidth (measured in the same run) the span conv reaches."""
     import convbert_fast as cf
 
     best = "cpp" if provider_problem("cpp", device) is None else "eager"
@@ -330,7 +448,5 @@ def ops_summary(device, dtype, warmup, repeats) -> dict:
         eager_ms, best_ms = times[f"{op} eager"][0], times[f"{op} {best}"][0]
         result[op] = {"eager_ms": eager_ms, "ms": best_ms, "vs_eager": eager_ms / best_ms}
     seconds = result["dynamic_span_conv"]["ms"] / 1e3
-    result["dynamic_span_conv"]["bandwidth_fraction"] = span_conv_bytes(values, logits) / seconds / copy_bandwidth(
-        device
-    )
+    result["dynamic_span_conv"]["bandwidth_fraction"] = span_conv_bytes(values, logits) / seconds / copy_bytes_per_s
     return result

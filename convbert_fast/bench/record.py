@@ -17,6 +17,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,6 +26,11 @@ import torch
 from .providers import (
     BASELINE,
     COMPILE_BASELINE,
+    DTYPES,
+    MAX_ROUNDS,
+    MIN_ROUNDS,
+    ORT_BASELINE,
+    RATIO_SE_TARGET,
     Measurement,
     build_models,
     measure_batch,
@@ -32,7 +38,9 @@ from .providers import (
     train_step_flops,
 )
 from .report import _ratio, plot, provider_label, table
-from .timing import CPU_MEMORY_TOOL, CUDA_MEMORY_TOOL, gemm_rate
+from .timing import CPU_MEMORY_TOOL, CUDA_MEMORY_TOOL, copy_bandwidth, gemm_rate
+
+OPS_REPEATS = 10  # the op summary's rounds when the model's are adaptive (its ratios are 1.1x to 26x: see README)
 
 
 def versions(device) -> dict:
@@ -75,20 +83,30 @@ def provenance() -> dict:
     return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
-
 # summary keys' prefix per padding: full rows none, padded rows (lengths in [L/2, L]) `padded_`, heavy `heavy_`
 SUMMARY_PREFIX = {"none": "", "half": "padded_", "heavy": "heavy_"}
 
 
-def summarize(measurements: list[Measurement], provider_ours: str) -> dict:
+def summarize(measurements: list[Measurement], provider_ours: str, dtypes: list[str]) -> dict:
     """Headline figures at the longest sequence length measured, per padding (SUMMARY_PREFIX), for our
-    fastest-by-default provider; and for the padding-invariant mode (`cpp-unpadded`), its speed-ups over
-    transformers and over the same backend in the default mode on the same batch (`unpadded_..._vs_ours`)."""
+    fastest-by-default provider, in the first dtype; the other dtypes' under their name (`bf16_...`). For the
+    padding-invariant mode (`cpp-unpadded`), its speed-ups over transformers and over the same backend in the
+    default mode on the same batch (`unpadded_..._vs_ours`); against ONNX Runtime on transformers' graph,
+    `inference_vs_onnxruntime`."""
+    summary = {}
+    for dtype in dtypes:
+        figures = _summarize_dtype([m for m in measurements if m.dtype == dtype], provider_ours)
+        prefix = "" if dtype == dtypes[0] else f"{dtype}_"
+        summary |= {prefix + key: value for key, value in figures.items()}
+    return summary
+
+
+def _summarize_dtype(measurements: list[Measurement], provider_ours: str) -> dict:
     done = [m for m in measurements if m.skipped is None]
     if not done:
         return {}
     seq_len = max(m.seq_len for m in done)
-    summary = {"seq_len": seq_len, "provider": provider_ours}
+    summary = {"seq_len": seq_len, "provider": provider_ours, "dtype": done[0].dtype}
     for padding, prefix in SUMMARY_PREFIX.items():
         at = {m.provider: m for m in done if m.seq_len == seq_len and m.padding == padding}
         if not at:
@@ -108,6 +126,9 @@ def summarize(measurements: list[Measurement], provider_ours: str) -> dict:
                 prefix + "unpadded_train_step_vs_ours": _ratio(default and default.train_step_ms, unpadded.train_step_ms),
                 prefix + "unpadded_inference_vs_ours": _ratio(default and default.forward_ms, unpadded.forward_ms),
             }
+        if ORT_BASELINE in at:
+            ort = at[ORT_BASELINE]
+            summary[prefix + "inference_vs_onnxruntime"] = _ratio(ort.forward_ms, ours and ours.forward_ms)
     return summary
 
 
@@ -118,42 +139,50 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..configs import named_config
+    from ..env import cpu_isa
 
     device = torch.device(args.device)
     began = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **provenance()}
     # a position table long enough for every length asked for (speed does not depend on its size)
     config = named_config(args.config, num_hidden_layers=args.layers, max_position_embeddings=max(512, *args.seq_len))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    # fp32 weights with autocast for bf16/fp16, as training runs
-    autocast_dtype = None if dtype == torch.float32 else dtype
+    dtypes = args.dtype  # fp32 weights with autocast for bf16/fp16, as training runs
     providers = args.providers
     ours = next((p for p in ("compile", "cpp", "triton", "eager") if p in providers), providers[-1])
-    batches = [(seq_len, padding) for seq_len in args.seq_len for padding in args.padding]
+    batches = [(dtype, seq_len, padding) for dtype in dtypes for seq_len in args.seq_len for padding in args.padding]
     title = (
-        f"ConvBertModel {args.config}, {args.layers} layers, batch {args.batch_size}, {args.dtype}, "
+        f"ConvBertModel {args.config}, {args.layers} layers, batch {args.batch_size}, {','.join(dtypes)}, "
         f"{device_name(device)}"
     )
     memory_tool = CUDA_MEMORY_TOOL if device.type == "cuda" else CPU_MEMORY_TOOL
     measurements: list[Measurement] = []
+    rounds_rule = (
+        f"{args.repeats} per batch" if args.repeats else f"adaptive: at least {MIN_ROUNDS}, then until every ratio's "
+        f"bootstrap standard error is <= {RATIO_SE_TARGET} or the batch's share of {args.time_budget:.0f} s is spent "
+        f"(at most {MAX_ROUNDS})"
+    )  # fmt: skip
     record = {
         "device": device_name(device),
+        "cpu_isa": cpu_isa() if device.type == "cpu" else None,
         "versions": versions(device),
         **began,  # the code that ran: the tree when the run began
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "command", "markdown", "readme",
                                                                        "check", "choose")},  # fmt: skip
+        "rounds_rule": rounds_rule,
         "memory_tool": memory_tool,
         "complete": False,
         "stopped": None,  # why a run that is not complete ended early
-        "gemm_rate_flops": None,
+        "ops_repeats": args.repeats or OPS_REPEATS,
+        "copy_bandwidth_gbps": None,  # a copy of written memory larger than the caches, read + write counted
+        "gemm_rate_flops": {},  # per dtype
         "measurements": [],
-        "ops": None,
+        "ops": [],  # per dtype
         "summary": {},
     }
 
     def save():
-        summary = summarize(measurements, ours)
-        if record["ops"] is not None:
-            span_conv = record["ops"]["dynamic_span_conv"]
+        summary = summarize(measurements, ours, dtypes)
+        if record["ops"]:
+            span_conv = record["ops"][0]["dynamic_span_conv"]
             summary.update(span_conv_vs_eager=span_conv["vs_eager"],
                            span_conv_bandwidth_fraction=span_conv["bandwidth_fraction"])  # fmt: skip
         record["measurements"] = [asdict(m) for m in measurements]
@@ -162,37 +191,49 @@ def run(args) -> int:
             Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 
     try:
+        bandwidth = copy_bandwidth(device)
+        record["copy_bandwidth_gbps"] = bandwidth / 1e9
         # the ops first: a minute at most, and the figures the kernels are judged by
-        record["ops"] = ops_summary(device, dtype, args.warmup, args.repeats)
+        for dtype in dtypes:
+            record["ops"].append(ops_summary(device, DTYPES[dtype], args.warmup, record["ops_repeats"], bandwidth))
         save()
         models = build_models(config, device, torch.float32)
-        record["gemm_rate_flops"] = gemm_flops = gemm_rate(device, dtype)
+        for dtype in dtypes:
+            record["gemm_rate_flops"][dtype] = gemm_rate(device, DTYPES[dtype])
         flops = {seq_len: train_step_flops(models[0], args.batch_size, seq_len, device) for seq_len in args.seq_len}
+        deadline = time.perf_counter() + args.time_budget  # the timed rounds' budget, shared out batch by batch
         with tqdm(total=len(batches) * len(providers), desc="bench", unit="provider") as progress:
-            for seq_len, padding in batches:
-                measurements.extend(measure_batch(providers, models, args, seq_len, padding, device, autocast_dtype,
-                                                  gemm_flops, flops[seq_len], progress))  # fmt: skip
+            for i, (dtype, seq_len, padding) in enumerate(batches):
+                budget_s = max(0.0, deadline - time.perf_counter()) / (len(batches) - i)
+                measurements.extend(measure_batch(providers, models, args, seq_len, padding, device, dtype,
+                                                  record["gemm_rate_flops"][dtype], flops[seq_len], progress,
+                                                  budget_s))  # fmt: skip
                 save()
         del models
         record["complete"] = True
     except KeyboardInterrupt:
-        done = len({(m.seq_len, m.padding) for m in measurements})
+        done = len({(m.dtype, m.seq_len, m.padding) for m in measurements})
         record["stopped"] = f"interrupted (SIGINT) after {done} of {len(batches)} batches"
         print(f"\nSTOPPED: {record['stopped']}; the record keeps what was measured", file=sys.stderr)
     save()
-    ops = record["ops"]
     print(title)
     print(table(measurements))
-    print(f"(medians of {args.repeats} rounds; padded rows: lengths uniform in [L/2, L] (half) or [8, L] (heavy), "
-          f"tokens/s of real tokens; "
-          f"memory: {memory_tool})")  # fmt: skip
-    if ops is not None:
+    rounds = sorted({m.rounds for m in measurements if m.rounds})
+    print(f"(rounds: {rounds_rule}; taken: {', '.join(map(str, rounds)) or 'none'}; padded rows: lengths uniform in "
+          f"[L/2, L] (half) or [8, L] (heavy), tokens/s of real tokens; memory: {memory_tool})")  # fmt: skip
+    worst = max((se for m in measurements for se in (m.ratio_se or {}).values()), default=None)
+    if worst is not None:
+        print(f"largest standard error of a ratio above: {worst:.3f}")
+    for ops in record["ops"]:
         for op in ("dynamic_span_conv", "separable_conv1d", "grouped_linear"):
-            print(f"{op} fwd+bwd at base shapes: {ops[op]['eager_ms']:.1f} ms eager, {ops[op]['ms']:.1f} ms "
-                  f"{ops['backend']} ({ops[op]['vs_eager']:.1f}x)")  # fmt: skip
-        print(f"span conv: {100 * ops['dynamic_span_conv']['bandwidth_fraction']:.0f}% of copy bandwidth")
-    if record["gemm_rate_flops"] is not None:
-        print(f"dense GEMM rate here: {record['gemm_rate_flops'] / 1e9:.0f} GFLOP/s")
+            print(f"{op} fwd+bwd at base shapes, {ops['dtype']}: {ops[op]['eager_ms']:.1f} ms eager, "
+                  f"{ops[op]['ms']:.1f} ms {ops['backend']} ({ops[op]['vs_eager']:.1f}x)")  # fmt: skip
+        print(f"span conv, {ops['dtype']}: {100 * ops['dynamic_span_conv']['bandwidth_fraction']:.0f}% of copy "
+              f"bandwidth")  # fmt: skip
+    if record["copy_bandwidth_gbps"] is not None:
+        print(f"copy bandwidth here: {record['copy_bandwidth_gbps']:.1f} GB/s (read + write)")
+    for dtype, rate in record["gemm_rate_flops"].items():
+        print(f"dense GEMM rate here, {dtype}: {rate / 1e9:.0f} GFLOP/s")
     not_compiled = [provider_label(m) for m in measurements if m.compiled is False]
     if not_compiled:
         print(f"WARNING: {len(not_compiled)} compiled measurement(s) fell back to eager: see `dynamo` in the record")

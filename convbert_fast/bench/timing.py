@@ -3,8 +3,15 @@ GEMM rate and copy bandwidth of this device, dynamo's counts, and the CPU alloca
 
 from __future__ import annotations
 
+import os
+import random
 import statistics
 import time
+
+# kineto (torch.profiler's backend, used by the memory measurement and benchmarks/breakdown.py) prints a
+# `USDT: ... profiler_start` line per profiler session unless this is 6 (5 does not silence it) before the first
+KINETO_LOG_LEVEL = "6"
+os.environ.setdefault("KINETO_LOG_LEVEL", KINETO_LOG_LEVEL)
 
 import torch
 
@@ -60,10 +67,26 @@ def gemm_rate(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / (ms / 1e3)
 
 
+def copy_bytes(device: torch.device) -> int:
+    """The size of copy_bandwidth's source: 256 MiB, or the last-level cache where that is larger (a copy that
+    fits in the cache measures the cache: 64 MiB copied at 33 GB/s on this project's Xeon, 256 MiB at 26)."""
+    if device.type == "cuda":
+        return 256 * 2**20
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            text = f.read().strip()  # e.g. "491520K"
+        cache = int(text[:-1]) * {"K": 2**10, "M": 2**20}[text[-1]] if text[-1] in "KM" else int(text)
+    except (OSError, ValueError):
+        cache = 0
+    return max(256 * 2**20, cache)
+
+
 def copy_bandwidth(device: torch.device) -> float:
-    """Bytes/s of a large tensor copy (read + write), measured now."""
-    src = torch.empty(64 * 2**20 if device.type == "cuda" else 16 * 2**20, device=device)
-    dst = torch.empty_like(src)
+    """Bytes/s of a large tensor copy (read + write, both counted), measured now. Both tensors are written first:
+    reading never-written memory reads the kernel's shared zero page, which runs from the cache (79 GB/s where
+    the real copy moved 26)."""
+    src = torch.ones(copy_bytes(device) // 4, device=device)
+    dst = torch.zeros_like(src)
     ms, _ = time_ms(lambda: dst.copy_(src), device, warmup=2, repeats=10)
     return 2 * src.numel() * src.element_size() / (ms / 1e3)
 
@@ -73,6 +96,23 @@ def summary_of(times: list[float]) -> tuple[float, list[float]]:
     times = sorted(times)
     quantiles = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
     return statistics.median(times), [quantiles[0], statistics.median(times), quantiles[-1]]
+
+def ratio_standard_errors(times: dict[str, list[float]], pairs: list[tuple[str, str]], resamples: int = 200,
+                          seed: int = 0) -> dict[tuple[str, str], float]:  # fmt: skip
+    """(base, other) -> the standard error of median(times[base]) / median(times[other]), by a bootstrap over the
+    rounds: the rounds resampled with replacement, the same rounds for every series (a round's calls ran side by
+    side, so a slow minute that slowed all of them cancels in the ratio), the ratio of medians recomputed each time.
+    Every series in `pairs` must have the same number of rounds."""
+    rounds = len(times[pairs[0][0]])
+    draw = random.Random(seed)
+    samples: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
+    for _ in range(resamples):
+        picked = [draw.randrange(rounds) for _ in range(rounds)]
+        medians = {name: statistics.median(times[name][i] for i in picked) for name in {n for p in pairs for n in p}}
+        for base, other in pairs:
+            samples[base, other].append(medians[base] / medians[other])
+    return {pair: statistics.pstdev(values) for pair, values in samples.items()}
+
 
 class DynamoCounts:
     """What dynamo did during the calls made `around` it: frames it was handed (`frames`), frames it compiled
