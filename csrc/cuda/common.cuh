@@ -4,8 +4,9 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <initializer_list>
 #include <type_traits>
+
+#include "plan.h"
 
 namespace convbert_fast {
 
@@ -236,19 +237,6 @@ __device__ __forceinline__ double mask_as_acc(uint32_t bits, double) { return __
 __device__ __forceinline__ uint32_t acc_as_mask(float value) { return __float_as_uint(value); }
 __device__ __forceinline__ uint32_t acc_as_mask(double value) {
   return static_cast<uint32_t>(__double_as_longlong(value));
-}
-
-// Whether vectors of n elements of element_size bytes can be used: every pointer aligned to a vector, every
-// stride (in elements, the head size included) a multiple of n.
-inline bool vectors_aligned(int64_t n, int64_t element_size, std::initializer_list<const void*> pointers,
-                            std::initializer_list<int64_t> strides) {
-  for (const void* p : pointers) {
-    if (reinterpret_cast<uintptr_t>(p) % (n * element_size) != 0) return false;
-  }
-  for (int64_t s : strides) {
-    if (s % n != 0) return false;
-  }
-  return true;
 }
 
 }  // namespace convbert_fast

@@ -21,7 +21,6 @@
 
 namespace convbert_fast {
 
-constexpr int kSpanWarpsPerBlock = 4;
 constexpr int kSpanMaxKernel = kMaxCudaKernelSize + 1;  // the softmax scratch per warp: two logits per lane
 
 // Softmax of the K (<= kMaxCudaKernelSize) logits at `logits` into weights[0, K), by one warp; as
@@ -152,13 +151,10 @@ __global__ void __launch_bounds__(kSpanWarpsPerBlock * 32)
   }
 }
 
-constexpr int kSpanTile = 64;  // tokens per warp
-constexpr int kSpanRun = 32;   // tokens per half-warp
-
-// Warps per block: 4, or 2 in fp64 (shared memory is 48 KB a block).
+// The tiled kernels' warps per block (plan.h: kSpanTile tokens per warp, kSpanRun per half-warp).
 template <typename T>
 constexpr int span_tile_warps() {
-  return sizeof(typename AccType<T>::type) == 8 ? 2 : 4;
+  return span_tile_warps(sizeof(typename AccType<T>::type));
 }
 
 // Row stride of a token's weights in shared memory: K rounded up to whole 16-byte vectors.
@@ -425,95 +421,76 @@ namespace {
 template <typename T>
 using Acc = typename AccType<T>::type;
 
-int64_t blocks_for(int64_t tasks) { return (tasks + kSpanWarpsPerBlock - 1) / kSpanWarpsPerBlock; }
-
-int64_t tiles_for(int64_t seq_len) { return (seq_len + kSpanTile - 1) / kSpanTile; }
-
-// Whether the tiled kernels take this shape: K = 9, a head within a half-warp's channels, and the 32-bit
-// offsets (row r < L + 64 times the largest row stride) and task count within int.
-bool tiled(int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
-           int64_t row_stride) {
-  const int64_t width = heads * head_size;
-  return cuda_kernel_choice() == KernelChoice::kV2 && kernel_size == 9 && head_size <= 2 * 32 && row_stride >= 0 &&
-         (seq_len + kSpanTile) * std::max(width, row_stride) < INT_MAX &&
-         batch * heads * tiles_for(seq_len) < INT_MAX - 4;
+template <typename T, bool Vector, bool Packed>
+void forward_tiled(const SpanConvPlan& plan, const void* values, const void* logits, void* out, int64_t seq_len,
+                   int64_t heads, int64_t head_size, int64_t out_batch_stride, int64_t out_row_stride,
+                   const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
+  span_conv_forward_tiled_kernel<T, 9, Vector, Packed><<<plan.blocks, plan.threads, 0, stream>>>(
+      static_cast<const T*>(values), static_cast<const T*>(logits), static_cast<T*>(out),
+      static_cast<int>(plan.tasks), static_cast<int>(plan.tiles), static_cast<int>(seq_len), static_cast<int>(heads),
+      static_cast<int>(head_size), out_batch_stride, static_cast<int>(out_row_stride), offsets,
+      static_cast<int>(sequences));
 }
 
 template <typename T, bool Vector, bool Packed>
-void forward_tiled(const void* values, const void* logits, void* out, int64_t batch, int64_t seq_len, int64_t heads,
-                   int64_t head_size, int64_t out_batch_stride, int64_t out_row_stride, const int32_t* offsets,
-                   int64_t sequences, cudaStream_t stream) {
-  const int64_t tiles = tiles_for(seq_len), tasks = batch * heads * tiles;
-  constexpr int warps = span_tile_warps<T>();
-  span_conv_forward_tiled_kernel<T, 9, Vector, Packed><<<(tasks + warps - 1) / warps, warps * 32, 0, stream>>>(
-      static_cast<const T*>(values), static_cast<const T*>(logits), static_cast<T*>(out), static_cast<int>(tasks),
-      static_cast<int>(tiles), static_cast<int>(seq_len), static_cast<int>(heads), static_cast<int>(head_size),
-      out_batch_stride, static_cast<int>(out_row_stride), offsets, static_cast<int>(sequences));
-}
-
-template <typename T, bool Vector, bool Packed>
-void backward_tiled(const void* grad_out, const void* values, const void* logits, void* grad_values,
-                    void* grad_logits, int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size,
+void backward_tiled(const SpanConvPlan& plan, const void* grad_out, const void* values, const void* logits,
+                    void* grad_values, void* grad_logits, int64_t seq_len, int64_t heads, int64_t head_size,
                     int64_t grad_batch_stride, int64_t grad_row_stride, const int32_t* offsets, int64_t sequences,
                     cudaStream_t stream) {
-  const int64_t tiles = tiles_for(seq_len), tasks = batch * heads * tiles;
-  constexpr int warps = span_tile_warps<T>();
-  span_conv_backward_tiled_kernel<T, 9, Vector, Packed><<<(tasks + warps - 1) / warps, warps * 32, 0, stream>>>(
+  span_conv_backward_tiled_kernel<T, 9, Vector, Packed><<<plan.blocks, plan.threads, 0, stream>>>(
       static_cast<const T*>(grad_out), static_cast<const T*>(values), static_cast<const T*>(logits),
-      static_cast<T*>(grad_values), static_cast<T*>(grad_logits), static_cast<int>(tasks), static_cast<int>(tiles),
-      static_cast<int>(seq_len), static_cast<int>(heads), static_cast<int>(head_size), grad_batch_stride,
-      static_cast<int>(grad_row_stride), offsets, static_cast<int>(sequences));
+      static_cast<T*>(grad_values), static_cast<T*>(grad_logits), static_cast<int>(plan.tasks),
+      static_cast<int>(plan.tiles), static_cast<int>(seq_len), static_cast<int>(heads), static_cast<int>(head_size),
+      grad_batch_stride, static_cast<int>(grad_row_stride), offsets, static_cast<int>(sequences));
 }
 
 template <typename T>
-void forward(const void* values, const void* logits, void* out, int64_t batch, int64_t seq_len, int64_t heads,
-             int64_t head_size, int64_t kernel_size, int64_t out_batch_stride, int64_t out_row_stride,
-             const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
-  if (tiled(batch, seq_len, heads, head_size, kernel_size, out_row_stride)) {
+void forward(const SpanConvPlan& plan, const void* values, const void* logits, void* out, int64_t batch,
+             int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size, int64_t out_batch_stride,
+             int64_t out_row_stride, const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
+  if (plan.tiled) {
     const bool aligned = vectors_aligned(4, sizeof(T), {values, out}, {head_size, out_batch_stride, out_row_stride});
     CONVBERT_FAST_WITH_PACKED(offsets, Packed,
       if (aligned) {
-        forward_tiled<T, true, Packed>(values, logits, out, batch, seq_len, heads, head_size, out_batch_stride,
+        forward_tiled<T, true, Packed>(plan, values, logits, out, seq_len, heads, head_size, out_batch_stride,
                                        out_row_stride, offsets, sequences, stream);
       } else {
-        forward_tiled<T, false, Packed>(values, logits, out, batch, seq_len, heads, head_size, out_batch_stride,
+        forward_tiled<T, false, Packed>(plan, values, logits, out, seq_len, heads, head_size, out_batch_stride,
                                         out_row_stride, offsets, sequences, stream);
       })
     return;
   }
-  const int64_t tasks = batch * seq_len * heads;
   CONVBERT_FAST_WITH_PACKED(offsets, Packed, CONVBERT_FAST_WITH_KERNEL_SIZE(kernel_size, KS,
-      span_conv_forward_kernel<T, KS, Packed><<<blocks_for(tasks), kSpanWarpsPerBlock * 32, 0, stream>>>(
+      span_conv_forward_kernel<T, KS, Packed><<<plan.blocks, plan.threads, 0, stream>>>(
           static_cast<const T*>(values), static_cast<const T*>(logits), static_cast<T*>(out), batch, seq_len,
           static_cast<int>(heads), static_cast<int>(head_size), static_cast<int>(kernel_size), out_batch_stride,
           out_row_stride, offsets, static_cast<int>(sequences))))
 }
 
 template <typename T>
-void backward(const void* grad_out, const void* values, const void* logits, void* grad_values, void* grad_logits,
-              void* weights, int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
-              int64_t grad_batch_stride, int64_t grad_row_stride, const int32_t* offsets, int64_t sequences,
-              cudaStream_t stream) {
-  if (tiled(batch, seq_len, heads, head_size, kernel_size, grad_row_stride)) {
+void backward(const SpanConvPlan& plan, const void* grad_out, const void* values, const void* logits,
+              void* grad_values, void* grad_logits, void* weights, int64_t batch, int64_t seq_len, int64_t heads,
+              int64_t head_size, int64_t kernel_size, int64_t grad_batch_stride, int64_t grad_row_stride,
+              const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
+  if (plan.tiled) {
     const bool aligned =
         vectors_aligned(4, sizeof(T), {grad_out, values, grad_values}, {head_size, grad_batch_stride, grad_row_stride});
     CONVBERT_FAST_WITH_PACKED(offsets, Packed,
       if (aligned) {
-        backward_tiled<T, true, Packed>(grad_out, values, logits, grad_values, grad_logits, batch, seq_len, heads,
+        backward_tiled<T, true, Packed>(plan, grad_out, values, logits, grad_values, grad_logits, seq_len, heads,
                                         head_size, grad_batch_stride, grad_row_stride, offsets, sequences, stream);
       } else {
-        backward_tiled<T, false, Packed>(grad_out, values, logits, grad_values, grad_logits, batch, seq_len, heads,
+        backward_tiled<T, false, Packed>(plan, grad_out, values, logits, grad_values, grad_logits, seq_len, heads,
                                          head_size, grad_batch_stride, grad_row_stride, offsets, sequences, stream);
       })
     return;
   }
-  const int64_t tasks = batch * seq_len * heads;
   CONVBERT_FAST_WITH_PACKED(offsets, Packed, CONVBERT_FAST_WITH_KERNEL_SIZE(kernel_size, KS,
-      span_conv_backward_logits_kernel<T, KS, Packed><<<blocks_for(tasks), kSpanWarpsPerBlock * 32, 0, stream>>>(
+      span_conv_backward_logits_kernel<T, KS, Packed><<<plan.blocks, plan.threads, 0, stream>>>(
           static_cast<const T*>(grad_out), static_cast<const T*>(values), static_cast<const T*>(logits),
           static_cast<T*>(grad_logits), static_cast<Acc<T>*>(weights), batch, seq_len, static_cast<int>(heads),
           static_cast<int>(head_size), static_cast<int>(kernel_size), offsets, static_cast<int>(sequences));
-      span_conv_backward_values_kernel<T, KS, Packed><<<blocks_for(tasks), kSpanWarpsPerBlock * 32, 0, stream>>>(
+      span_conv_backward_values_kernel<T, KS, Packed><<<plan.blocks, plan.threads, 0, stream>>>(
           static_cast<const T*>(grad_out), static_cast<const Acc<T>*>(weights), static_cast<T*>(grad_values), batch,
           seq_len, static_cast<int>(heads), static_cast<int>(head_size), static_cast<int>(kernel_size), offsets,
           static_cast<int>(sequences))))
@@ -521,37 +498,36 @@ void backward(const void* grad_out, const void* values, const void* logits, void
 
 }  // namespace
 
-cudaError_t span_conv_forward(DType dtype, const void* values, const void* logits, void* out, int64_t batch,
-                              int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
+cudaError_t span_conv_forward(KernelChoice kernels, DType dtype, const void* values, const void* logits, void* out,
+                              int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
                               int64_t out_batch_stride, int64_t out_row_stride, const int32_t* offsets,
                               int64_t sequences, cudaStream_t stream) {
   if (kernel_size < 1 || kernel_size > kMaxCudaKernelSize) return cudaErrorInvalidValue;
   if (!packed_sequences_valid(batch, seq_len, offsets, sequences)) return cudaErrorInvalidValue;
   if (batch * seq_len * heads * head_size == 0) return cudaSuccess;
-  if (blocks_for(batch * seq_len * heads) > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // grid.x
-  CONVBERT_FAST_DISPATCH(dtype, forward, values, logits, out, batch, seq_len, heads, head_size, kernel_size,
+  const SpanConvPlan plan =
+      span_conv_plan(kernels, dtype, batch, seq_len, heads, head_size, kernel_size, out_row_stride);
+  if (plan.blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // grid.x
+  CONVBERT_FAST_DISPATCH(dtype, forward, plan, values, logits, out, batch, seq_len, heads, head_size, kernel_size,
                          out_batch_stride, out_row_stride, offsets, sequences, stream)
   return cudaGetLastError();
 }
 
-cudaError_t span_conv_backward(DType dtype, const void* grad_out, const void* values, const void* logits,
-                               void* grad_values, void* grad_logits, void* weights, int64_t batch, int64_t seq_len,
-                               int64_t heads, int64_t head_size, int64_t kernel_size, int64_t grad_batch_stride,
-                               int64_t grad_row_stride, const int32_t* offsets, int64_t sequences,
-                               cudaStream_t stream) {
+cudaError_t span_conv_backward(KernelChoice kernels, DType dtype, const void* grad_out, const void* values,
+                               const void* logits, void* grad_values, void* grad_logits, void* weights, int64_t batch,
+                               int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
+                               int64_t grad_batch_stride, int64_t grad_row_stride, const int32_t* offsets,
+                               int64_t sequences, cudaStream_t stream) {
   if (kernel_size < 1 || kernel_size > kMaxCudaKernelSize) return cudaErrorInvalidValue;
   if (!packed_sequences_valid(batch, seq_len, offsets, sequences)) return cudaErrorInvalidValue;
   if (batch * seq_len * heads == 0) return cudaSuccess;
-  if (blocks_for(batch * seq_len * heads) > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // grid.x
-  CONVBERT_FAST_DISPATCH(dtype, backward, grad_out, values, logits, grad_values, grad_logits, weights, batch,
+  const SpanConvPlan plan =
+      span_conv_plan(kernels, dtype, batch, seq_len, heads, head_size, kernel_size, grad_row_stride);
+  if (plan.blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // grid.x
+  CONVBERT_FAST_DISPATCH(dtype, backward, plan, grad_out, values, logits, grad_values, grad_logits, weights, batch,
                          seq_len, heads, head_size, kernel_size, grad_batch_stride, grad_row_stride, offsets,
                          sequences, stream)
   return cudaGetLastError();
-}
-
-bool span_conv_backward_reads_strided_grad(int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size,
-                                           int64_t kernel_size, int64_t grad_row_stride) {
-  return tiled(batch, seq_len, heads, head_size, kernel_size, grad_row_stride);
 }
 #endif  // __CUDACC__
 

@@ -162,6 +162,13 @@ double to_d(T v) {
   else return static_cast<double>(v);
 }
 template <typename T>
+constexpr DType dtype_of() {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return DType::BFloat16;
+  else if constexpr (std::is_same_v<T, __half>) return DType::Float16;
+  else if constexpr (std::is_same_v<T, double>) return DType::Float64;
+  else return DType::Float32;
+}
+template <typename T>
 struct Data {
   std::vector<T> t;
   std::vector<double> d;
@@ -302,31 +309,32 @@ void span_conv_case(const char* name, const Layout& layout, int heads, int head_
   const int32_t* offsets = layout.device_offsets();
   const int sequences = layout.sequences();
   const int64_t out_batch = int64_t(seq_len) * out_row;
-  if (K == 9) {  // v2, with the launcher's geometry (csrc/cuda/dynamic_span_conv.cu)
-    const int tiles = ceil_div(seq_len, kSpanTile), tasks = batch * heads * tiles, warps = span_tile_warps<T>();
+  // each kernel choice, through the launchers' own plans (csrc/cuda/plan.h): v2 takes the tiled kernels where they
+  // apply (K = 9 here), v1 the general ones
+  for (const KernelChoice kernels : {KernelChoice::kV2, KernelChoice::kV1}) {
+    const SpanConvPlan plan = span_conv_plan(kernels, dtype_of<T>(), batch, seq_len, heads, head_size, K, out_row);
     std::vector<T> out(out_ref.size(), to_t<T>(0.0)), grad_values(values.t.size()), grad_logits(logits.t.size());
-    auto run = [&](auto packed) {
-      constexpr bool Packed = decltype(packed)::value;
-      launch(ceil_div(tasks, warps), warps * 32, [&] {
-        span_conv_forward_tiled_kernel<T, 9, Vector, Packed>(values.t.data(), logits.t.data(), out.data(), tasks,
-                                                             tiles, seq_len, heads, head_size, out_batch, out_row,
-                                                             offsets, sequences);
-      });
-      launch(ceil_div(tasks, warps), warps * 32, [&] {
-        span_conv_backward_tiled_kernel<T, 9, Vector, Packed>(grad.t.data(), values.t.data(), logits.t.data(),
-                                                              grad_values.data(), grad_logits.data(), tasks, tiles,
-                                                              seq_len, heads, head_size, out_batch, out_row, offsets,
-                                                              sequences);
-      });
-    };
-    if (offsets) run(std::true_type{});
-    else run(std::false_type{});
-    check("v2", out, grad_values, grad_logits);
-  }
-  {  // v1: the backward reads a contiguous gradient (the glue makes one) and keeps the weights between its passes
-    const int64_t tasks = int64_t(rows) * heads;
-    const unsigned blocks = static_cast<unsigned>((tasks + kSpanWarpsPerBlock - 1) / kSpanWarpsPerBlock);
-    std::vector<T> out(out_ref.size(), to_t<T>(0.0)), grad_values(values.t.size()), grad_logits(logits.t.size());
+    if (plan.tiled) {
+      auto run = [&](auto packed) {
+        constexpr bool Packed = decltype(packed)::value;
+        launch(plan.blocks, plan.threads, [&] {
+          span_conv_forward_tiled_kernel<T, 9, Vector, Packed>(values.t.data(), logits.t.data(), out.data(),
+                                                               plan.tasks, plan.tiles, seq_len, heads, head_size,
+                                                               out_batch, out_row, offsets, sequences);
+        });
+        launch(plan.blocks, plan.threads, [&] {
+          span_conv_backward_tiled_kernel<T, 9, Vector, Packed>(grad.t.data(), values.t.data(), logits.t.data(),
+                                                                grad_values.data(), grad_logits.data(), plan.tasks,
+                                                                plan.tiles, seq_len, heads, head_size, out_batch,
+                                                                out_row, offsets, sequences);
+        });
+      };
+      if (offsets) run(std::true_type{});
+      else run(std::false_type{});
+      check("v2", out, grad_values, grad_logits);
+      continue;
+    }
+    // v1: the backward reads a contiguous gradient (the glue makes one) and keeps the weights between its passes
     std::vector<T> grad_dense(values.t.size());
     for (size_t row = 0; row < size_t(rows); ++row)
       for (int c = 0; c < width; ++c) grad_dense[row * width + c] = grad.t[row * out_row + c];
@@ -334,23 +342,23 @@ void span_conv_case(const char* name, const Layout& layout, int heads, int head_
     auto run = [&](auto packed) {
       constexpr bool Packed = decltype(packed)::value;
       WITH_KS(K, KS,
-        launch(blocks, kSpanWarpsPerBlock * 32, [&] {
+        launch(plan.blocks, plan.threads, [&] {
           span_conv_forward_kernel<T, KS, Packed>(values.t.data(), logits.t.data(), out.data(), batch, seq_len, heads,
                                                   head_size, K, out_batch, out_row, offsets, sequences);
         });
-        launch(blocks, kSpanWarpsPerBlock * 32, [&] {
+        launch(plan.blocks, plan.threads, [&] {
           span_conv_backward_logits_kernel<T, KS, Packed>(grad_dense.data(), values.t.data(), logits.t.data(),
                                                           grad_logits.data(), weights.data(), batch, seq_len, heads,
                                                           head_size, K, offsets, sequences);
         });
-        launch(blocks, kSpanWarpsPerBlock * 32, [&] {
+        launch(plan.blocks, plan.threads, [&] {
           span_conv_backward_values_kernel<T, KS, Packed>(grad_dense.data(), weights.data(), grad_values.data(),
                                                           batch, seq_len, heads, head_size, K, offsets, sequences);
         }))
     };
     if (offsets) run(std::true_type{});
     else run(std::false_type{});
-    check("v1", out, grad_values, grad_logits);
+    check(kernels == KernelChoice::kV1 ? "v1" : "v1 (v2 chose it)", out, grad_values, grad_logits);
   }
 }
 
@@ -394,49 +402,44 @@ void depthwise_case(const char* name, const Layout& layout, int channels, int K,
   };
   const int32_t* offsets = layout.device_offsets();
   const int sequences = layout.sequences();
-  if (K == 9) {  // v2
-    const int tiles = ceil_div(seq_len, kDepthwiseTile), groups = ceil_div(channels, 32 * kDepthwiseVec);
-    const int tasks = batch * tiles * groups;
-    const int chunks = ceil_div(seq_len, kWeightGradChunk), wg_groups = ceil_div(channels, 32 * kWeightGradVec);
-    const int wg_tasks = batch * chunks * wg_groups;
+  for (const KernelChoice kernels : {KernelChoice::kV2, KernelChoice::kV1}) {  // through the launchers' plans
+    const DepthwisePlan plan = depthwise_forward_plan(kernels, batch, seq_len, channels, K);
+    const WeightGradPlan wg = depthwise_weight_grad_plan(kernels, batch, seq_len, channels, K);
     std::vector<T> out(x.t.size());
-    std::vector<A> partials(size_t(batch) * chunks * K * channels, A(NAN));
+    // the glue allocates the partial sums from the plan, uninitialised: every entry must be written (NaN shows if not)
+    std::vector<A> partials(size_t(wg.chunks) * K * channels, A(NAN));
     auto run = [&](auto packed) {
       constexpr bool Packed = decltype(packed)::value;
-      launch(ceil_div(tasks, kDepthwiseWarps), kDepthwiseWarps * 32, [&] {
-        depthwise_conv_forward_tiled_kernel<T, 9, Vector, Packed>(x.t.data(), taps.t.data(), out.data(), tasks,
-                                                                  tiles, groups, seq_len, channels, offsets,
-                                                                  sequences);
-      });
-      launch(ceil_div(wg_tasks, kDepthwiseWarps), kDepthwiseWarps * 32, [&] {
-        depthwise_conv_weight_grad_tiled_kernel<T, 9, Vector, Packed>(grad.t.data(), x.t.data(), partials.data(),
-                                                                      wg_tasks, chunks, wg_groups, seq_len, channels,
-                                                                      offsets, sequences);
-      });
+      if (plan.tiled) {
+        launch(plan.blocks, plan.threads, [&] {
+          depthwise_conv_forward_tiled_kernel<T, 9, Vector, Packed>(x.t.data(), taps.t.data(), out.data(),
+                                                                    plan.tasks, plan.tiles, plan.groups, seq_len,
+                                                                    channels, offsets, sequences);
+        });
+      } else {
+        WITH_KS(K, KS,
+          launch(plan.blocks, plan.threads, [&] {
+            depthwise_conv_forward_kernel<T, KS, Packed>(x.t.data(), taps.t.data(), out.data(), rows, seq_len,
+                                                         channels, K, offsets, sequences);
+          }))
+      }
+      if (wg.tiled) {
+        launch(wg.blocks_x, wg.threads, [&] {
+          depthwise_conv_weight_grad_tiled_kernel<T, 9, Vector, Packed>(grad.t.data(), x.t.data(), partials.data(),
+                                                                        wg.tasks, wg.row_chunks, wg.groups, seq_len,
+                                                                        channels, offsets, sequences);
+        });
+      } else {
+        launch({unsigned(wg.blocks_x), unsigned(wg.blocks_y), 1}, wg.threads, [&] {
+          depthwise_conv_weight_grad_kernel<T, Packed>(grad.t.data(), x.t.data(), partials.data(), rows, seq_len,
+                                                       channels, K, wg.chunk_rows, offsets, sequences);
+        });
+      }
     };
     if (offsets) run(std::true_type{});
     else run(std::false_type{});
-    check("v2", out, partials);
-  }
-  {  // v1, with the launcher's geometry: 256 threads, one per element; weight gradient chunks of 64 rows
-    std::vector<T> out(x.t.size());
-    const int chunk_rows = 64, chunks = ceil_div(rows, chunk_rows);
-    std::vector<A> partials(size_t(chunks) * K * channels, A(NAN));
-    auto run = [&](auto packed) {
-      constexpr bool Packed = decltype(packed)::value;
-      WITH_KS(K, KS,
-        launch(ceil_div(rows * channels, 256), 256, [&] {
-          depthwise_conv_forward_kernel<T, KS, Packed>(x.t.data(), taps.t.data(), out.data(), rows, seq_len, channels,
-                                                       K, offsets, sequences);
-        }))
-      launch({unsigned(ceil_div(channels, 256)), unsigned(chunks), 1}, 256, [&] {
-        depthwise_conv_weight_grad_kernel<T, Packed>(grad.t.data(), x.t.data(), partials.data(), rows, seq_len,
-                                                     channels, K, chunk_rows, offsets, sequences);
-      });
-    };
-    if (offsets) run(std::true_type{});
-    else run(std::false_type{});
-    check("v1", out, partials);
+    const char* version = plan.tiled ? "v2" : kernels == KernelChoice::kV1 ? "v1" : "v1 (v2 chose it)";
+    check(version, out, partials);
   }
 }
 
@@ -549,34 +552,67 @@ void layer_norm_case(const char* name, int rows, int channels, double p, double 
       gx_ref[i] = keep[c] ? gr_ref[i] * scale : 0.0;
     }
   }
-  std::vector<T> out(x.t.size()), gx(x.t.size()), gr(x.t.size());
-  std::vector<A> mean(rows), rstd(rows);
-  launch(ceil_div(rows, kNormWarps * kNormForwardRows), kNormWarps * 32, [&] {
-    dropout_add_layer_norm_forward_tiled_kernel<T, NV, Dropout>(
-        x.t.data(), residual.t.data(), weight.t.data(), bias.t.data(), out.data(), mean.data(), rstd.data(), rows,
-        channels, seed, threshold, static_cast<A>(scale), static_cast<A>(eps));
-  });
-  const int blocks = ceil_div(rows, kNormWarps * kNormBackwardRows);
-  std::vector<A> wp(size_t(blocks) * channels, A(NAN)), bp(size_t(blocks) * channels, A(NAN));
-  launch(blocks, kNormWarps * 32, [&] {
-    dropout_add_layer_norm_backward_tiled_kernel<T, NV, Dropout>(
-        grad.t.data(), x.t.data(), residual.t.data(), weight.t.data(), mean.data(), rstd.data(), gx.data(),
-        gr.data(), wp.data(), bp.data(), rows, channels, seed, threshold, static_cast<A>(scale));
-  });
-  std::vector<double> dw(channels, 0.0), db(channels, 0.0);
-  for (int k = 0; k < blocks; ++k)
-    for (int c = 0; c < channels; ++c) dw[c] += wp[size_t(k) * channels + c], db[c] += bp[size_t(k) * channels + c];
-  char label[160];
-  std::snprintf(label, sizeof label, "LayerNorm fwd %s", name);
-  expect_close(label, out, out_ref, rtol);
-  std::snprintf(label, sizeof label, "LayerNorm d(x) %s", name);
-  expect_close(label, gx, gx_ref, rtol);
-  std::snprintf(label, sizeof label, "LayerNorm d(residual) %s", name);
-  expect_close(label, gr, gr_ref, rtol);
-  std::snprintf(label, sizeof label, "LayerNorm d(weight) %s", name);
-  expect_close(label, dw, dw_ref, acc_rtol);
-  std::snprintf(label, sizeof label, "LayerNorm d(bias) %s", name);
-  expect_close(label, db, db_ref, acc_rtol);
+  // each kernel choice through the launchers' plans (csrc/cuda/plan.h), which must pick these NV vectors per lane
+  for (const KernelChoice kernels : {KernelChoice::kV2, KernelChoice::kV1}) {
+    std::vector<T> out(x.t.size()), gx(x.t.size()), gr(x.t.size());
+    std::vector<A> mean(rows), rstd(rows);
+    const NormPlan forward = norm_forward_plan(kernels, dtype_of<T>(), x.t.data(), residual.t.data(),
+                                               weight.t.data(), bias.t.data(), out.data(), rows, channels);
+    const NormPlan backward = norm_backward_plan(kernels, dtype_of<T>(), grad.t.data(), x.t.data(),
+                                                 residual.t.data(), weight.t.data(), gx.data(), gr.data(), rows,
+                                                 channels);
+    const int expected = kernels == KernelChoice::kV2 ? NV : 0;
+    if (forward.vectors != expected || backward.vectors != expected) {
+      ++failures;
+      std::printf("LayerNorm %s: the plans chose %d and %d vectors per lane, not %d\n", name, forward.vectors,
+                  backward.vectors, expected);
+      continue;
+    }
+    // the partial sums as the glue allocates them, from the plan: every entry must be written (NaN shows if not)
+    std::vector<A> wp(size_t(backward.weight_rows) * channels, A(NAN)), bp(size_t(backward.bias_rows) * channels, A(NAN));
+    if (forward.vectors > 0) {
+      launch(forward.forward_blocks, kNormWarps * 32, [&] {
+        dropout_add_layer_norm_forward_tiled_kernel<T, NV, Dropout>(
+            x.t.data(), residual.t.data(), weight.t.data(), bias.t.data(), out.data(), mean.data(), rstd.data(), rows,
+            channels, seed, threshold, static_cast<A>(scale), static_cast<A>(eps));
+      });
+      launch(backward.backward_blocks, kNormWarps * 32, [&] {
+        dropout_add_layer_norm_backward_tiled_kernel<T, NV, Dropout>(
+            grad.t.data(), x.t.data(), residual.t.data(), weight.t.data(), mean.data(), rstd.data(), gx.data(),
+            gr.data(), wp.data(), bp.data(), rows, channels, seed, threshold, static_cast<A>(scale));
+      });
+    } else {  // v1: a block per row; d(bias) is the caller's sum of grad
+      launch(forward.forward_blocks, kNormThreads, [&] {
+        dropout_add_layer_norm_forward_kernel<T>(x.t.data(), residual.t.data(), weight.t.data(), bias.t.data(),
+                                                 out.data(), mean.data(), rstd.data(), channels, seed, threshold,
+                                                 static_cast<A>(scale), static_cast<A>(eps));
+      });
+      launch(backward.backward_blocks, kNormThreads, [&] {
+        dropout_add_layer_norm_backward_kernel<T>(grad.t.data(), x.t.data(), residual.t.data(), weight.t.data(),
+                                                  mean.data(), rstd.data(), gx.data(), gr.data(), wp.data(), channels,
+                                                  seed, threshold, static_cast<A>(scale));
+      });
+      bp.assign(size_t(rows) * channels, A(0));
+      for (size_t i = 0; i < bp.size(); ++i) bp[i] = to_d(grad.t[i]);
+    }
+    std::vector<double> dw(channels, 0.0), db(channels, 0.0);
+    for (size_t k = 0; k < wp.size() / channels; ++k)
+      for (int c = 0; c < channels; ++c) dw[c] += wp[k * channels + c];
+    for (size_t k = 0; k < bp.size() / channels; ++k)
+      for (int c = 0; c < channels; ++c) db[c] += bp[k * channels + c];
+    const char* version = kernels == KernelChoice::kV2 ? "v2" : "v1";
+    char label[160];
+    std::snprintf(label, sizeof label, "LayerNorm %s fwd %s", version, name);
+    expect_close(label, out, out_ref, rtol);
+    std::snprintf(label, sizeof label, "LayerNorm %s d(x) %s", version, name);
+    expect_close(label, gx, gx_ref, rtol);
+    std::snprintf(label, sizeof label, "LayerNorm %s d(residual) %s", version, name);
+    expect_close(label, gr, gr_ref, rtol);
+    std::snprintf(label, sizeof label, "LayerNorm %s d(weight) %s", version, name);
+    expect_close(label, dw, dw_ref, acc_rtol);
+    std::snprintf(label, sizeof label, "LayerNorm %s d(bias) %s", version, name);
+    expect_close(label, db, db_ref, acc_rtol);
+  }
 }
 
 // the GPU's 32-bit form of the dropout hash (csrc/dropout_mask.h) against splitmix64, around each decision's threshold
