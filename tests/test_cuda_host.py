@@ -1,11 +1,12 @@
-"""The CUDA path's host side: the kernel choice read once per op (issue 24, item 1). The cases that need the CUDA
-build of convbert_fast._C but no GPU run in CI's GPU-image venv (tools/ci_gpu_image.sh builds it there); those that
-run kernels, on a GPU (tools/gpu_check.sh)."""
+"""The CUDA path's host side (issue 24): the kernel choice read once per op (item 1); `auto` where _C has no code for
+the GPU (item 2). The cases that need the CUDA build of convbert_fast._C but no GPU run in CI's GPU-image venv
+(tools/ci_gpu_image.sh builds it there); those that run kernels, on a GPU (tools/gpu_check.sh)."""
 
 from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from conftest import NO_GPU
 from reference import dynamic_span_conv_ref, separable_conv1d_ref
 
 import convbert_fast as cf
-from convbert_fast.ops import cpp
+from convbert_fast.ops import backend, cpp
 
 CUDA_BUILD = cpp.LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("convbert_fast::dynamic_span_conv", "CUDA")
 needs_cuda_build = pytest.mark.skipif(
@@ -85,3 +86,39 @@ def test_cuda_kernel_choice_flipped_from_another_thread_while_ops_run():
             os.environ.pop(VARIABLE, None)
         else:
             os.environ[VARIABLE] = previous
+
+
+# What _C says on a GPU it holds no code for (an sm_75 card: older than its arch list), here simulated by the cpp
+# backend's preflight, which on a GPU asks _C (cpp.missing_image).
+NO_IMAGE = (
+    "convbert_fast._C holds no code for Simulated T4 (compute capability 7.5: no kernel image is available for "
+    "execution on the device); it was built for TORCH_CUDA_ARCH_LIST (setup.py's default: 8.0;9.0+PTX): rebuild "
+    "it with TORCH_CUDA_ARCH_LIST=7.5"
+)
+
+
+def test_auto_falls_back_once_with_the_reason_where_the_extension_has_no_code_for_the_gpu(device_name, monkeypatch):
+    """`auto` takes the next backend of its order (Triton, then eager, on CUDA; eager on the CPU) with one warning
+    naming the reason, and gives the right answer; an explicit `cpp` raises the reason."""
+    monkeypatch.setitem(backend._preflights, "cpp", lambda device: NO_IMAGE if device.type == device_name else None)
+    monkeypatch.setattr(backend, "_warned_fallback", set())
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(2, 12, 16, generator=gen).to(device_name)
+    logits = torch.randn(2, 12, 2 * 5, generator=gen).to(device_name)
+    expected = dynamic_span_conv_ref(values.double(), logits.double(), 2).to(values.dtype)
+    with pytest.warns(RuntimeWarning, match="backend 'cpp' cannot run on .*compute capability 7.5") as caught:
+        out = cf.ops.dynamic_span_conv(values, logits, 2)
+    assert len([w for w in caught if "cannot run" in str(w.message)]) == 1
+    torch.testing.assert_close(out, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per device: the second call is silent
+        torch.testing.assert_close(cf.ops.dynamic_span_conv(values, logits, 2), expected)
+    with cf.use_backend("cpp"), pytest.raises(RuntimeError, match="backend 'cpp' cannot run on .*rebuild it with"):
+        cf.ops.dynamic_span_conv(values, logits, 2)
+
+
+@NO_GPU
+@needs_cuda_build
+def test_the_cuda_kernels_have_code_for_this_gpu():
+    """The real probe, on the GPU pass's GPU: cubins for sm_80/sm_90 or PTX its driver compiles."""
+    assert cpp.missing_image(torch.cuda.current_device()) is None

@@ -214,7 +214,7 @@ if [ "$built" = cuda ] || { [ "$built" = cpu ] && [ "$gpu" = 0 ]; }; then
 else
     # this GPU's arch only (setup.py's default builds two); MAX_JOBS: setup.py's default (cores, memory-capped)
     arch_list=${TORCH_CUDA_ARCH_LIST:-$arch}
-    [ "$arch_list" = none ] && arch_list="8.0;9.0"  # no GPU to ask: setup.py's default
+    [ "$arch_list" = none ] && arch_list="8.0;9.0+PTX"  # no GPU to ask: setup.py's default
     step build "$(budget $BUILD_BUDGET)" env TORCH_CUDA_ARCH_LIST="$arch_list" "$PY" setup.py build_ext --inplace || { say "the build failed: nothing else can run (build.log)" && exit 1; }
 fi
 

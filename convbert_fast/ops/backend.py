@@ -89,6 +89,20 @@ def _preflight(backend: str, device: torch.device) -> str | None:
     return check(device) if check is not None else None
 
 
+def preflight_gaps() -> dict[tuple[str, str], str]:
+    """``{(backend, "cuda:N"): why}`` for each visible GPU a loaded backend's preflight refuses (say, _C has no
+    code for it)."""
+    devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gaps = {}
+    for name in _preflights:
+        if name in _unavailable_reason:
+            continue
+        for device in devices:
+            if (reason := _preflight(name, device)) is not None:
+                gaps[(name, str(device))] = reason
+    return gaps
+
+
 def available_backends() -> dict[str, str]:
     """``{name: "ok" or the reason it cannot be used}`` for every backend."""
     return {name: _unavailable_reason.get(name, "ok") for name in BACKEND_NAMES}

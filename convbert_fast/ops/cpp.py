@@ -5,6 +5,7 @@ The op files register their fake (meta) and autograd rules and the `cpp` backend
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -43,10 +44,20 @@ def hand_over_kernel_choice() -> None:
         _handed_over = value
 
 
+@functools.cache
+def missing_image(device_index: int) -> str | None:
+    """Why _C's CUDA kernels cannot run on GPU `device_index` (no cubin for its architecture nor PTX its driver can
+    compile: a GPU older than the arch list, or one built without +PTX), or None."""
+    return torch.ops.convbert_fast._cuda_kernel_image(device_index) or None
+
+
 def _cuda_preflight(device: torch.device) -> str | None:
-    if device.type == "cuda":
-        hand_over_kernel_choice()
-    return None
+    """Before an op on `device`: the kernel choice handed over, and `auto` told where _C has no code for the GPU
+    (it falls back to Triton, then eager, warning once with this reason)."""
+    if device.type != "cuda":
+        return None
+    hand_over_kernel_choice()
+    return missing_image(device.index if device.index is not None else torch.cuda.current_device())
 
 
 if LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("convbert_fast::dynamic_span_conv", "CUDA"):

@@ -24,6 +24,10 @@ inline bool packed_sequences_valid(int64_t batch, int64_t seq_len, const int32_t
   return offsets == nullptr || (batch == 1 && sequences >= 1 && sequences < INT32_MAX && seq_len < INT32_MAX);
 }
 
+// Whether this build holds code the current device can run (a cubin for its architecture, or PTX its driver can
+// compile): cudaSuccess, else what a launch would fail with (cudaErrorNoKernelImageForDevice). Leaves no error pending.
+cudaError_t kernel_image_for_current_device();
+
 // out[b, t, h*D + d] = sum_j softmax(logits[b, t, h*K:(h+1)*K])[j] * values[b, t + j - K/2, h*D + d].
 // values and logits contiguous; out rows at out_batch_stride / out_row_stride elements, channels dense.
 cudaError_t span_conv_forward(KernelChoice kernels, DType dtype, const void* values, const void* logits, void* out, int64_t batch,

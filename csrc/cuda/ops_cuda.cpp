@@ -218,12 +218,28 @@ void norm_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::T
                "dropout_add_layer_norm_backward");
 }
 
+// "" when _C holds code GPU `device` can run, else why not (read by cf.ops' `auto`, which falls back then).
+std::string cuda_kernel_image(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const cudaError_t status = kernel_image_for_current_device();
+  if (status == cudaSuccess) return "";
+  cudaDeviceProp properties;
+  TORCH_CHECK(cudaGetDeviceProperties(&properties, static_cast<int>(device)) == cudaSuccess,
+              "convbert_fast: cannot read the properties of CUDA device ", device);
+  const std::string capability = std::to_string(properties.major) + "." + std::to_string(properties.minor);
+  return "convbert_fast._C holds no code for " + std::string(properties.name) + " (compute capability " +
+         capability + ": " + cudaGetErrorString(status) + "); it was built for TORCH_CUDA_ARCH_LIST (setup.py's " +
+         "default: 8.0;9.0+PTX): rebuild it with TORCH_CUDA_ARCH_LIST=" + capability;
+}
+
 }  // namespace
 
 // Ops of the CUDA build only, without tensors (catch-all kernels).
 TORCH_LIBRARY_FRAGMENT(convbert_fast, m) {
   // CONVBERT_FAST_CUDA_KERNELS handed over from Python (None: only read it) -> the choice in force, "v1" or "v2"
   m.def("_cuda_kernels(str? value=None) -> str", &cuda_kernels);
+  // "" when the kernels have code GPU `device` can run, else why not
+  m.def("_cuda_kernel_image(int device) -> str", &cuda_kernel_image);
 }
 
 TORCH_LIBRARY_IMPL(convbert_fast, CUDA, m) {

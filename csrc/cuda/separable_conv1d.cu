@@ -277,6 +277,14 @@ void weight_grad(const WeightGradPlan& plan, const void* grad, const void* x, vo
 
 }  // namespace
 
+cudaError_t kernel_image_for_current_device() {
+  // every .cu holds code for the same architectures (one arch list): one kernel of one of them answers for all
+  cudaFuncAttributes attributes;
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, depthwise_conv_forward_kernel<float, 0, false>);
+  cudaGetLastError();  // not sticky, but recorded: cleared, so that the next launch's check does not see it
+  return status;
+}
+
 cudaError_t depthwise_conv_forward(KernelChoice kernels, DType dtype, const void* x, const void* taps, void* out,
                                    int64_t batch, int64_t seq_len, int64_t channels, int64_t kernel_size,
                                    const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
