@@ -122,3 +122,79 @@ def test_auto_falls_back_once_with_the_reason_where_the_extension_has_no_code_fo
 def test_the_cuda_kernels_have_code_for_this_gpu():
     """The real probe, on the GPU pass's GPU: cubins for sm_80/sm_90 or PTX its driver compiles."""
     assert cpp.missing_image(torch.cuda.current_device()) is None
+
+
+# --- CUDA graphs and the dropout seed (item 3) -----------------------------------------------------------------
+
+
+def norm_inputs(device, rows=64, channels=768):
+    gen = torch.Generator().manual_seed(5)
+    return [torch.randn(shape, generator=gen).to(device) for shape in ((rows, channels),) * 2 + ((channels,),) * 2]
+
+
+def test_compiled_dropout_draws_a_new_seed_at_each_call():
+    """The seed is drawn inside the graph (by the input device's generator): a compiled function draws a new one at
+    each call, as a replayed CUDA graph does on a GPU (below), instead of baking in the one it was traced with."""
+    x, residual, weight, bias = norm_inputs("cpu", rows=8, channels=64)
+    with cf.use_backend("cpp"):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda a: cf.ops.dropout_add_layer_norm(a, residual, weight, bias, 0.5, 1e-5, True))
+        outs = [compiled(x) for _ in range(3)]
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+
+
+def dropped_where_the_gradient_is_zero(out, grad_x, x, residual, weight, bias, p):
+    """d(x) = d(h) * mask / (1 - p) is zero exactly where dropped (d(h) is not, almost surely): the mask it shows
+    must be the one the forward used."""
+    keep = grad_x != 0
+    expected = F.layer_norm(torch.where(keep, x / (1 - p), 0) + residual, (x.shape[-1],), weight, bias, 1e-5)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.05
+    return keep
+
+
+@NO_GPU
+def test_cuda_graph_replays_draw_new_dropout_masks():
+    """Captured with torch.cuda.graph, forward and backward: each replay draws a new seed on the GPU (the CUDA
+    generator is capture-safe), so the masks differ between replays, and each replay's backward regenerates its
+    forward's mask."""
+    x, residual, weight, bias = norm_inputs("cuda")
+    x.requires_grad_()
+    grad = torch.randn_like(x)
+
+    def step():
+        out = cf.ops.dropout_add_layer_norm(x, residual, weight, bias, 0.5, 1e-5, True)
+        return out, torch.autograd.grad(out, x, grad)[0]
+
+    with cf.use_backend("cpp"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graph's docs ask
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, grad_x = step()
+        masks = []
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            masks.append(
+                dropped_where_the_gradient_is_zero(out, grad_x, x.detach(), residual, weight, bias, 0.5).clone()
+            )
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
+@NO_GPU
+@pytest.mark.timeout(300)
+def test_cuda_reduce_overhead_compile_draws_new_dropout_masks():
+    """torch.compile(mode="reduce-overhead") records CUDA graphs and replays them: the masks still differ per call."""
+    x, residual, weight, bias = norm_inputs("cuda")
+    with cf.use_backend("cpp"):
+        torch._dynamo.reset()
+        compiled = torch.compile(
+            lambda a: cf.ops.dropout_add_layer_norm(a, residual, weight, bias, 0.5, 1e-5, True), mode="reduce-overhead"
+        )
+        outs = [compiled(x).clone() for _ in range(4)]  # warm-up, recording, then replays
+    assert all(not torch.equal(a, b) for a, b in zip(outs, outs[1:]))

@@ -35,6 +35,11 @@ __device__ __forceinline__ A block_sum(A value, A* shared) {
   return value;
 }
 
+// The mask's seed: read from the GPU where cf.ops had the CUDA generator draw it (launchers.h: DropoutSeed).
+__device__ __forceinline__ uint64_t seed_value(DropoutSeed seed) {
+  return seed.device != nullptr ? static_cast<uint64_t>(*seed.device) : seed.value;
+}
+
 template <typename T, typename A>
 __device__ __forceinline__ A dropped_sum(const T* x, const T* residual, int64_t index, uint64_t seed,
                                          uint32_t threshold, A scale) {
@@ -48,9 +53,10 @@ __global__ void dropout_add_layer_norm_forward_kernel(const T* __restrict__ x, c
                                                       const T* __restrict__ weight, const T* __restrict__ bias,
                                                       T* __restrict__ out, typename AccType<T>::type* mean,
                                                       typename AccType<T>::type* rstd, int64_t channels,
-                                                      uint64_t seed, uint32_t threshold, typename AccType<T>::type scale,
-                                                      typename AccType<T>::type eps) {
+                                                      DropoutSeed dropout_seed, uint32_t threshold,
+                                                      typename AccType<T>::type scale, typename AccType<T>::type eps) {
   using A = typename AccType<T>::type;
+  const uint64_t seed = seed_value(dropout_seed);
   __shared__ A shared[33];
   const int64_t row = blockIdx.x, base = row * channels;
   A sum = 0;
@@ -79,8 +85,9 @@ __global__ void dropout_add_layer_norm_backward_kernel(
     const T* __restrict__ grad, const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ weight,
     const typename AccType<T>::type* __restrict__ mean, const typename AccType<T>::type* __restrict__ rstd,
     T* __restrict__ grad_x, T* __restrict__ grad_residual, typename AccType<T>::type* __restrict__ grad_times_xhat,
-    int64_t channels, uint64_t seed, uint32_t threshold, typename AccType<T>::type scale) {
+    int64_t channels, DropoutSeed dropout_seed, uint32_t threshold, typename AccType<T>::type scale) {
   using A = typename AccType<T>::type;
+  const uint64_t seed = seed_value(dropout_seed);
   __shared__ A shared[33];
   const int64_t row = blockIdx.x, base = row * channels;
   const A mu = mean[row], inv = rstd[row];
@@ -146,10 +153,11 @@ __global__ void __launch_bounds__(kNormWarps * 32, 1)
                                                 const T* __restrict__ weight, const T* __restrict__ bias,
                                                 T* __restrict__ out, typename AccType<T>::type* __restrict__ mean,
                                                 typename AccType<T>::type* __restrict__ rstd, int64_t rows,
-                                                int channels, uint64_t seed, uint32_t threshold,
+                                                int channels, DropoutSeed dropout_seed, uint32_t threshold,
                                                 typename AccType<T>::type scale, typename AccType<T>::type eps) {
   using A = typename AccType<T>::type;
   constexpr int VEC = norm_vec<T>();
+  const uint64_t seed = Dropout ? seed_value(dropout_seed) : 0;
   const int lane = threadIdx.x & 31, vectors = channels / VEC;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kNormWarps + (threadIdx.x >> 5)) * kNormForwardRows;
   A w[NV][VEC], b[NV][VEC];
@@ -226,10 +234,11 @@ __global__ void __launch_bounds__(kNormWarps * 32, 1)
                                                  T* __restrict__ grad_x, T* __restrict__ grad_residual,
                                                  typename AccType<T>::type* __restrict__ weight_partials,
                                                  typename AccType<T>::type* __restrict__ bias_partials, int64_t rows,
-                                                 int channels, uint64_t seed, uint32_t threshold,
+                                                 int channels, DropoutSeed dropout_seed, uint32_t threshold,
                                                  typename AccType<T>::type scale) {
   using A = typename AccType<T>::type;
   constexpr int VEC = norm_vec<T>();
+  const uint64_t seed = Dropout ? seed_value(dropout_seed) : 0;
   __shared__ A columns[kNormWarps][NV * 32 * VEC];  // the warps' column sums, added in warp order
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, vectors = channels / VEC;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kNormWarps + warp) * kNormBackwardRows;
@@ -295,7 +304,7 @@ namespace {
 template <typename T>
 void launch_forward_tiled(const NormPlan& plan, const void* x, const void* residual, const void* weight,
                           const void* bias, void* out, void* mean, void* rstd, int64_t rows, int64_t channels,
-                          uint64_t seed, double p, double eps, cudaStream_t stream) {
+                          DropoutSeed seed, double p, double eps, cudaStream_t stream) {
   using A = typename AccType<T>::type;
   const A scale = p < 1.0 ? static_cast<A>(1.0 / (1.0 - p)) : A(0);
   const uint32_t threshold = dropout_threshold(p);
@@ -312,8 +321,8 @@ void launch_forward_tiled(const NormPlan& plan, const void* x, const void* resid
 template <typename T>
 void launch_backward_tiled(const NormPlan& plan, const void* grad, const void* x, const void* residual,
                            const void* weight, const void* mean, const void* rstd, void* grad_x, void* grad_residual,
-                           void* weight_partials, void* bias_partials, int64_t rows, int64_t channels, uint64_t seed,
-                           double p, cudaStream_t stream) {
+                           void* weight_partials, void* bias_partials, int64_t rows, int64_t channels,
+                           DropoutSeed seed, double p, cudaStream_t stream) {
   using A = typename AccType<T>::type;
   const A scale = p < 1.0 ? static_cast<A>(1.0 / (1.0 - p)) : A(0);
   const uint32_t threshold = dropout_threshold(p);
@@ -329,7 +338,7 @@ void launch_backward_tiled(const NormPlan& plan, const void* grad, const void* x
 
 template <typename T>
 void launch_forward(const NormPlan& plan, const void* x, const void* residual, const void* weight, const void* bias,
-                    void* out, void* mean, void* rstd, int64_t rows, int64_t channels, uint64_t seed, double p,
+                    void* out, void* mean, void* rstd, int64_t rows, int64_t channels, DropoutSeed seed, double p,
                     double eps, cudaStream_t stream) {
   if (plan.vectors > 0) {
     launch_forward_tiled<T>(plan, x, residual, weight, bias, out, mean, rstd, rows, channels, seed, p, eps, stream);
@@ -346,7 +355,7 @@ void launch_forward(const NormPlan& plan, const void* x, const void* residual, c
 template <typename T>
 void launch_backward(const NormPlan& plan, const void* grad, const void* x, const void* residual, const void* weight,
                      const void* mean, const void* rstd, void* grad_x, void* grad_residual, void* weight_partials,
-                     void* bias_partials, int64_t rows, int64_t channels, uint64_t seed, double p,
+                     void* bias_partials, int64_t rows, int64_t channels, DropoutSeed seed, double p,
                      cudaStream_t stream) {
   if (plan.vectors > 0) {
     launch_backward_tiled<T>(plan, grad, x, residual, weight, mean, rstd, grad_x, grad_residual, weight_partials,
@@ -365,7 +374,7 @@ void launch_backward(const NormPlan& plan, const void* grad, const void* x, cons
 
 cudaError_t dropout_add_layer_norm_forward(KernelChoice kernels, DType dtype, const void* x, const void* residual,
                                            const void* weight, const void* bias, void* out, void* mean, void* rstd,
-                                           int64_t rows, int64_t channels, uint64_t seed, double p, double eps,
+                                           int64_t rows, int64_t channels, DropoutSeed seed, double p, double eps,
                                            cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const NormPlan plan = norm_forward_plan(kernels, dtype, x, residual, weight, bias, out, rows, channels);
@@ -379,7 +388,7 @@ cudaError_t dropout_add_layer_norm_backward(KernelChoice kernels, DType dtype, c
                                             const void* residual, const void* weight, const void* mean,
                                             const void* rstd, void* grad_x, void* grad_residual,
                                             void* weight_partials, void* bias_partials, int64_t rows,
-                                            int64_t channels, uint64_t seed, double p, cudaStream_t stream) {
+                                            int64_t channels, DropoutSeed seed, double p, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const NormPlan plan =
       norm_backward_plan(kernels, dtype, grad, x, residual, weight, grad_x, grad_residual, rows, channels);

@@ -59,11 +59,19 @@ cudaError_t depthwise_conv_weight_grad_partials(KernelChoice kernels, DType dtyp
                                                 int64_t kernel_size, const int32_t* offsets, int64_t sequences,
                                                 cudaStream_t stream);
 
+// The dropout mask's seed: its value, or (device != nullptr) the int64 on the GPU that the kernels read, drawn there by
+// the CUDA generator so that each replay of a captured CUDA graph has a new one.
+struct DropoutSeed {
+  uint64_t value;
+  const int64_t* device;
+};
+
 // out = LayerNorm(dropout(x) + residual) per row (all [rows, C] contiguous, weight and bias [C]); mean and rstd
 // [rows] in fp32 (fp64 for Float64). The dropout mask is dropout_keeps(seed, row * C + c) (csrc/dropout_mask.h).
 cudaError_t dropout_add_layer_norm_forward(KernelChoice kernels, DType dtype, const void* x, const void* residual, const void* weight,
                                            const void* bias, void* out, void* mean, void* rstd, int64_t rows,
-                                           int64_t channels, uint64_t seed, double p, double eps, cudaStream_t stream);
+                                           int64_t channels, DropoutSeed seed, double p, double eps,
+                                           cudaStream_t stream);
 
 // grad_x, grad_residual [rows, C]; weight_partials [P, C] and bias_partials [Q, C] in the accumulation dtype, P and
 // Q from norm_backward_plan (same arguments), every entry written: their column sums are d(weight) and d(bias).
@@ -72,7 +80,7 @@ cudaError_t dropout_add_layer_norm_forward(KernelChoice kernels, DType dtype, co
 cudaError_t dropout_add_layer_norm_backward(KernelChoice kernels, DType dtype, const void* grad, const void* x, const void* residual,
                                             const void* weight, const void* mean, const void* rstd, void* grad_x,
                                             void* grad_residual, void* weight_partials, void* bias_partials,
-                                            int64_t rows, int64_t channels, uint64_t seed, double p,
+                                            int64_t rows, int64_t channels, DropoutSeed seed, double p,
                                             cudaStream_t stream);
 
 }  // namespace convbert_fast

@@ -185,21 +185,29 @@ at::Tensor depthwise_weight_grad_cuda(const at::Tensor& grad, const at::Tensor& 
   return partials.sum(0).to(x.scalar_type());  // a fixed-order reduction: the same bits every run
 }
 
+// The seed as the kernels take it: its value when it is on the CPU, else its address (composite.cpp checked it is one
+// int64 on the CPU or on the input's device).
+DropoutSeed dropout_seed_of(const at::Tensor& seed) {
+  if (seed.is_cpu()) return {static_cast<uint64_t>(seed.item<int64_t>()), nullptr};
+  return {0, seed.const_data_ptr<int64_t>()};
+}
+
 void norm_forward_cuda(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, const at::Tensor& bias,
-                       double p, double eps, int64_t seed, at::Tensor& out, at::Tensor& mean, at::Tensor& rstd) {
+                       double p, double eps, const at::Tensor& seed, at::Tensor& out, at::Tensor& mean,
+                       at::Tensor& rstd) {
   const KernelChoice kernels = kernel_choice();
   const c10::cuda::CUDAGuard guard(x.device());
   check_launch(dropout_add_layer_norm_forward(kernels, dtype_of(x), x.const_data_ptr(), residual.const_data_ptr(),
                                               weight.const_data_ptr(), bias.const_data_ptr(), out.mutable_data_ptr(),
                                               mean.mutable_data_ptr(), rstd.mutable_data_ptr(), x.size(0), x.size(1),
-                                              static_cast<uint64_t>(seed), p, eps, c10::cuda::getCurrentCUDAStream()),
+                                              dropout_seed_of(seed), p, eps, c10::cuda::getCurrentCUDAStream()),
                "dropout_add_layer_norm");
 }
 
 void norm_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& residual,
                         const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd, double p,
-                        int64_t seed, at::Tensor& grad_x, at::Tensor& grad_residual, at::Tensor& weight_partials,
-                        at::Tensor& bias_partials) {
+                        const at::Tensor& seed, at::Tensor& grad_x, at::Tensor& grad_residual,
+                        at::Tensor& weight_partials, at::Tensor& bias_partials) {
   const KernelChoice kernels = kernel_choice();
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), channels = x.size(1);
@@ -213,7 +221,7 @@ void norm_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::T
                                                rstd.const_data_ptr(), grad_x.mutable_data_ptr(),
                                                grad_residual.mutable_data_ptr(), weight_partials.mutable_data_ptr(),
                                                sizes.bias_rows > 0 ? bias_partials.mutable_data_ptr() : nullptr, rows,
-                                               channels, static_cast<uint64_t>(seed), p,
+                                               channels, dropout_seed_of(seed), p,
                                                c10::cuda::getCurrentCUDAStream()),
                "dropout_add_layer_norm_backward");
 }

@@ -552,6 +552,9 @@ void layer_norm_case(const char* name, int rows, int channels, double p, double 
       gx_ref[i] = keep[c] ? gr_ref[i] * scale : 0.0;
     }
   }
+  // the seed by value (a CPU tensor's) to v1, by address (a GPU tensor's, read by the kernels) to v2
+  const int64_t seed_on_device = static_cast<int64_t>(seed);
+  const DropoutSeed by_value{seed, nullptr}, on_device{0, &seed_on_device};
   // each kernel choice through the launchers' plans (csrc/cuda/plan.h), which must pick these NV vectors per lane
   for (const KernelChoice kernels : {KernelChoice::kV2, KernelChoice::kV1}) {
     std::vector<T> out(x.t.size()), gx(x.t.size()), gr(x.t.size());
@@ -574,23 +577,23 @@ void layer_norm_case(const char* name, int rows, int channels, double p, double 
       launch(forward.forward_blocks, kNormWarps * 32, [&] {
         dropout_add_layer_norm_forward_tiled_kernel<T, NV, Dropout>(
             x.t.data(), residual.t.data(), weight.t.data(), bias.t.data(), out.data(), mean.data(), rstd.data(), rows,
-            channels, seed, threshold, static_cast<A>(scale), static_cast<A>(eps));
+            channels, on_device, threshold, static_cast<A>(scale), static_cast<A>(eps));
       });
       launch(backward.backward_blocks, kNormWarps * 32, [&] {
         dropout_add_layer_norm_backward_tiled_kernel<T, NV, Dropout>(
             grad.t.data(), x.t.data(), residual.t.data(), weight.t.data(), mean.data(), rstd.data(), gx.data(),
-            gr.data(), wp.data(), bp.data(), rows, channels, seed, threshold, static_cast<A>(scale));
+            gr.data(), wp.data(), bp.data(), rows, channels, on_device, threshold, static_cast<A>(scale));
       });
     } else {  // v1: a block per row; d(bias) is the caller's sum of grad
       launch(forward.forward_blocks, kNormThreads, [&] {
         dropout_add_layer_norm_forward_kernel<T>(x.t.data(), residual.t.data(), weight.t.data(), bias.t.data(),
-                                                 out.data(), mean.data(), rstd.data(), channels, seed, threshold,
+                                                 out.data(), mean.data(), rstd.data(), channels, by_value, threshold,
                                                  static_cast<A>(scale), static_cast<A>(eps));
       });
       launch(backward.backward_blocks, kNormThreads, [&] {
         dropout_add_layer_norm_backward_kernel<T>(grad.t.data(), x.t.data(), residual.t.data(), weight.t.data(),
                                                   mean.data(), rstd.data(), gx.data(), gr.data(), wp.data(), channels,
-                                                  seed, threshold, static_cast<A>(scale));
+                                                  by_value, threshold, static_cast<A>(scale));
       });
       bp.assign(size_t(rows) * channels, A(0));
       for (size_t i = 0; i < bp.size(); ++i) bp[i] = to_d(grad.t[i]);
