@@ -2,9 +2,9 @@
 // CONVBERT_FAST_CUDA_KERNELS). Both recompute h = dropout(x) + residual in the backward (the mask from (seed,
 // index), see dropout_mask.h) instead of keeping it.
 // v1, general: one block per row of C channels, h recomputed in each pass.
-// v2, tiled (rows of up to 4 16-byte vectors per lane): a warp per row, lane l holding vectors l, l + 32, ... of
-// the row in registers, so x and residual are read once, the dropout hash runs once per element (one multiply
-// per vector: consecutive indices are kDropoutStep apart), and the statistics are warp sums. Weight and bias stay
+// v2, tiled (rows of up to 32 elements per lane, plan.h: norm_plan): a warp per row, lane l holding vectors l,
+// l + 32, ... of the row in registers, so x and residual are read once, the dropout hash runs once per element (one
+// multiply per vector: consecutive indices are kDropoutStep apart), and the statistics are warp sums. Weight and bias stay
 // in registers for the warp's rows. The backward adds grad * xhat and grad over its block's rows in registers and
 // writes one partial row per block for d(weight) and for d(bias) (summed by the caller in a fixed order:
 // deterministic), instead of an fp32 [rows, C] buffer.
@@ -293,12 +293,15 @@ __global__ void __launch_bounds__(kNormWarps * 32, 1)
 #if defined(__CUDACC__)
 namespace {
 
-#define CONVBERT_FAST_WITH_VECTORS(NV_VALUE, NV, ...) \
-  switch (NV_VALUE) {                                 \
-    case 1: { constexpr int NV = 1; __VA_ARGS__; } break; \
-    case 2: { constexpr int NV = 2; __VA_ARGS__; } break; \
-    case 3: { constexpr int NV = 3; __VA_ARGS__; } break; \
-    default: { constexpr int NV = 4; __VA_ARGS__; } break; \
+// the plan's vectors per lane (plan.h: norm_plan): 1 to 4, and 6 or 8 in fp32 only
+#define CONVBERT_FAST_WITH_VECTORS(NV_VALUE, NV, ...)                                        \
+  switch (NV_VALUE) {                                                                        \
+    case 1: { constexpr int NV = 1; __VA_ARGS__; } break;                                    \
+    case 2: { constexpr int NV = 2; __VA_ARGS__; } break;                                    \
+    case 3: { constexpr int NV = 3; __VA_ARGS__; } break;                                    \
+    case 4: { constexpr int NV = 4; __VA_ARGS__; } break;                                    \
+    case 6: if constexpr (sizeof(T) == 4) { constexpr int NV = 6; __VA_ARGS__; } break;      \
+    default: if constexpr (sizeof(T) == 4) { constexpr int NV = 8; __VA_ARGS__; } break;     \
   }
 
 template <typename T>

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <optional>
@@ -94,6 +95,13 @@ void check_cuda_kernel_size(int64_t kernel_size) {
                     "; use the 'eager' backend for larger spans");
 }
 
+// values as the span conv kernels read it: in place (the fused projection's slice: no copy, issue 24) when its
+// channels are dense and its strides not negative, else a contiguous copy.
+at::Tensor span_values(const at::Tensor& values) {
+  const bool in_place = (values.size(2) <= 1 || values.stride(2) == 1) && values.stride(0) >= 0 && values.stride(1) >= 0;
+  return in_place ? values : values.contiguous();
+}
+
 // The launchers' form of sequence_offsets' result (composite.h): a device pointer and the number of sequences, or
 // nullptr (batch rows). Their values are not read here (a device sync): the kernels clamp what they find.
 struct Offsets {
@@ -111,12 +119,13 @@ void span_conv_into_cuda(const at::Tensor& values, const at::Tensor& kernel_logi
   const Offsets offsets(sequence_offsets("dynamic_span_conv", cu_seqlens, values));
   const KernelChoice kernels = kernel_choice();
   const c10::cuda::CUDAGuard guard(values.device());
-  const at::Tensor v = values.contiguous(), k = kernel_logits.contiguous();
+  const at::Tensor v = span_values(values), k = kernel_logits.contiguous();
   const int64_t kernel_size = k.size(2) / num_heads;
   check_cuda_kernel_size(kernel_size);
   check_launch(span_conv_forward(kernels, dtype_of(v), v.const_data_ptr(), k.const_data_ptr(), out.mutable_data_ptr(),
-                                 v.size(0), v.size(1), num_heads, v.size(2) / num_heads, kernel_size, out.stride(0),
-                                 out.stride(1), offsets.data, offsets.sequences, c10::cuda::getCurrentCUDAStream()),
+                                 v.size(0), v.size(1), num_heads, v.size(2) / num_heads, kernel_size, v.stride(0),
+                                 v.stride(1), out.stride(0), out.stride(1), offsets.data, offsets.sequences,
+                                 c10::cuda::getCurrentCUDAStream()),
                "dynamic_span_conv");
 }
 
@@ -135,23 +144,24 @@ std::tuple<at::Tensor, at::Tensor> span_conv_backward_cuda(const at::Tensor& gra
   const KernelChoice kernels = kernel_choice();
   check_span_conv_grad(grad_out, values);
   const c10::cuda::CUDAGuard guard(values.device());
-  const at::Tensor v = values.contiguous(), k = kernel_logits.contiguous();
+  const at::Tensor v = span_values(values), k = kernel_logits.contiguous();
   const int64_t kernel_size = k.size(2) / num_heads, head_size = v.size(2) / num_heads;
   check_cuda_kernel_size(kernel_size);
   // the tiled kernels read grad_out through its row strides (the concat's slice of a wider gradient, uncopied)
   const bool strided = grad_out.sizes() == v.sizes() && (grad_out.size(2) <= 1 || grad_out.stride(2) == 1) &&
+                       grad_out.stride(1) >= 0 &&
                        span_conv_plan(kernels, dtype_of(v), v.size(0), v.size(1), num_heads, head_size, kernel_size,
-                                      grad_out.stride(1))
+                                      std::max(v.stride(1), grad_out.stride(1)))
                            .tiled;
   const at::Tensor g = strided ? grad_out : grad_out.contiguous();
-  at::Tensor grad_values = at::empty_like(v), grad_logits = at::empty_like(k);
+  at::Tensor grad_values = at::empty(v.sizes(), v.options()), grad_logits = at::empty_like(k);
   // the softmax weights between the general kernels' two passes (the tiled kernels need none)
   const at::TensorOptions acc = k.options().dtype(acc_dtype(k));
   at::Tensor weights = strided ? at::empty({0}, acc) : at::empty(k.sizes(), acc);
   check_launch(span_conv_backward(kernels, dtype_of(v), g.const_data_ptr(), v.const_data_ptr(), k.const_data_ptr(),
                                   grad_values.mutable_data_ptr(), grad_logits.mutable_data_ptr(),
                                   weights.mutable_data_ptr(), v.size(0), v.size(1), num_heads, head_size, kernel_size,
-                                  g.stride(0), g.stride(1), offsets.data, offsets.sequences,
+                                  v.stride(0), v.stride(1), g.stride(0), g.stride(1), offsets.data, offsets.sequences,
                                   c10::cuda::getCurrentCUDAStream()),
                "dynamic_span_conv_backward");
   return {grad_values, grad_logits};

@@ -66,6 +66,21 @@ inline SpanConvPlan span_conv_plan(KernelChoice kernels, DType dtype, int64_t ba
   return {false, ceil_div(tasks, kSpanWarpsPerBlock), kSpanWarpsPerBlock * 32, tasks, 0};
 }
 
+// The tiled kernels' vector path (4 channels a lane): the pointers they read or write in vectors aligned to 4
+// elements, and every stride a multiple of 4 (values and the output, or the gradient, read through their strides).
+inline bool span_forward_vectors(int64_t element_size, const void* values, const void* out, int64_t head_size,
+                                 int64_t values_batch_stride, int64_t values_row_stride, int64_t out_batch_stride,
+                                 int64_t out_row_stride) {
+  return vectors_aligned(4, element_size, {values, out},
+                         {head_size, values_batch_stride, values_row_stride, out_batch_stride, out_row_stride});
+}
+inline bool span_backward_vectors(int64_t element_size, const void* grad, const void* values, const void* grad_values,
+                                  int64_t head_size, int64_t values_batch_stride, int64_t values_row_stride,
+                                  int64_t grad_batch_stride, int64_t grad_row_stride) {
+  return vectors_aligned(4, element_size, {grad, values, grad_values},
+                         {head_size, values_batch_stride, values_row_stride, grad_batch_stride, grad_row_stride});
+}
+
 // ---- the depthwise conv (separable_conv1d.cu)
 constexpr int kDepthwiseThreads = 256;  // v1: a thread per element (forward) or channel (weight gradient)
 constexpr int kDepthwiseWarps = 4;      // v2: warps per block
@@ -97,6 +112,14 @@ inline DepthwisePlan depthwise_forward_plan(KernelChoice kernels, int64_t batch,
   // a grid-stride loop: at most 2^30 blocks
   const int64_t blocks = std::min<int64_t>(ceil_div(batch * seq_len * channels, kDepthwiseThreads), int64_t(1) << 30);
   return {false, blocks, kDepthwiseThreads, 0, 0, 0};
+}
+
+inline bool depthwise_forward_vectors(int64_t element_size, const void* x, const void* taps, const void* out,
+                                      int64_t channels) {
+  return vectors_aligned(kDepthwiseVec, element_size, {x, taps, out}, {channels});
+}
+inline bool depthwise_weight_grad_vectors(int64_t element_size, const void* grad, const void* x, int64_t channels) {
+  return vectors_aligned(kWeightGradVec, element_size, {grad, x}, {channels});
 }
 
 struct WeightGradPlan {
@@ -135,14 +158,17 @@ struct NormPlan {
   int64_t weight_rows, bias_rows;           // the backward's partial sums [rows, C] of d(weight) and d(bias)
 };
 
-// The tiled kernels hold a row in registers: up to 4 vectors per lane (C <= 1024 in fp16/bf16, 512 in fp32, 256 in
-// fp64; more would not fit), for C a whole number of vectors and every pointer aligned (`aligned`: vectors_aligned
-// over them with norm_vec). v1 writes grad * xhat per row (weight_rows = rows) and no bias partials; v2 one row of
-// each per block of 32 rows.
+// The tiled kernels hold a row in registers, up to 32 elements per lane: 4 vectors in fp16/bf16 (C <= 1024), 8 in
+// fp32 (C <= 1024: ConvBERT-base under autocast, whose LayerNorm runs in fp32), 4 in fp64 (C <= 256; more would not
+// fit); instantiated for 1 to 4 vectors, and 6 and 8 in fp32 (5 and 7 round up: the extra vectors are masked). For C
+// a whole number of vectors and every pointer aligned (`aligned`: vectors_aligned over them with norm_vec). v1
+// writes grad * xhat per row (weight_rows = rows) and no bias partials; v2 one row of each per block of 32 rows.
+constexpr int norm_max_vectors(DType dtype) { return dtype == DType::Float32 ? 8 : 4; }
 inline NormPlan norm_plan(KernelChoice kernels, DType dtype, int64_t rows, int64_t channels, bool aligned) {
   const int vec = norm_vec(dtype);
-  const int64_t needed = ceil_div(channels, 32 * vec);
-  if (kernels == KernelChoice::kV2 && aligned && channels % vec == 0 && needed <= 4) {
+  int64_t needed = ceil_div(channels, 32 * vec);
+  if (needed == 5 || needed == 7) ++needed;
+  if (kernels == KernelChoice::kV2 && aligned && channels % vec == 0 && needed <= norm_max_vectors(dtype)) {
     const int64_t backward_blocks = ceil_div(rows, kNormWarps * kNormBackwardRows);
     return {static_cast<int>(needed), ceil_div(rows, kNormWarps * kNormForwardRows), backward_blocks,
             backward_blocks, backward_blocks};

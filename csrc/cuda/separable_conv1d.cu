@@ -80,7 +80,8 @@ __global__ void depthwise_conv_weight_grad_kernel(const T* __restrict__ grad, co
   }
 }
 
-// The tiled kernels' geometry: plan.h (kDepthwiseWarps, kDepthwiseTile, kDepthwiseVec, kWeightGradChunk, kWeightGradVec).
+// The tiled kernels' geometry: plan.h (kDepthwiseWarps, kDepthwiseTile, kDepthwiseVec, kWeightGradChunk,
+// kWeightGradVec).
 // Task = (batch * tiles + tile) * groups + group: a block's warps take neighbouring channel groups of a tile.
 struct DepthwiseTask {
   int batch, tile, channel;
@@ -241,7 +242,7 @@ template <typename T>
 void forward(const DepthwisePlan& plan, const void* x, const void* taps, void* out, int64_t batch, int64_t seq_len,
              int64_t channels, int64_t kernel_size, const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
   if (plan.tiled) {
-    const bool aligned = vectors_aligned(kDepthwiseVec, sizeof(T), {x, taps, out}, {channels});
+    const bool aligned = depthwise_forward_vectors(sizeof(T), x, taps, out, channels);
     CONVBERT_FAST_WITH_PACKED(offsets, Packed,
       if (aligned) forward_tiled<T, true, Packed>(plan, x, taps, out, seq_len, channels, offsets, sequences, stream);
       else forward_tiled<T, false, Packed>(plan, x, taps, out, seq_len, channels, offsets, sequences, stream))
@@ -258,7 +259,7 @@ void weight_grad(const WeightGradPlan& plan, const void* grad, const void* x, vo
                  int64_t seq_len, int64_t channels, int64_t kernel_size, const int32_t* offsets, int64_t sequences,
                  cudaStream_t stream) {
   if (plan.tiled) {
-    const bool aligned = vectors_aligned(kWeightGradVec, sizeof(T), {grad, x}, {channels});
+    const bool aligned = depthwise_weight_grad_vectors(sizeof(T), grad, x, channels);
     CONVBERT_FAST_WITH_PACKED(offsets, Packed,
       if (aligned) {
         weight_grad_tiled<T, true, Packed>(plan, grad, x, partials, seq_len, channels, offsets, sequences, stream);
