@@ -32,7 +32,7 @@ def test_kernel_choice_is_handed_over_from_os_environ_and_unknown_values_refused
         cpp.hand_over_kernel_choice()
         assert ops._cuda_kernels() == choice
     monkeypatch.setenv(VARIABLE, "v3")
-    with pytest.raises(ValueError, match="CONVBERT_FAST_CUDA_KERNELS must be v1 or v2 \\(or unset: v2\\), got 'v3'"):
+    with pytest.raises(ValueError, match="CONVBERT_FAST_CUDA_KERNELS must be v1, v2 or tiled \\(or unset: v2\\), got 'v3'"):
         cpp.hand_over_kernel_choice()
     assert ops._cuda_kernels() == "v1"  # the refused value changed nothing
     monkeypatch.delenv(VARIABLE)

@@ -257,7 +257,8 @@ phase_test() {
         --junitxml="$logs/cuda-host.xml"
     # the CUDA cases of the whole suite (ids with cuda or gpu), one Triton config per kernel (autotuning every
     # test shape would not fit); then the autotuned configs, each checked at ConvBERT-base shapes
-    step cuda-tests "$(rest 100)" env CONVBERT_FAST_TRITON_AUTOTUNE=0 \
+    # (CONVBERT_FAST_CUDA_KERNELS=tiled: v2 takes the tiled kernels only from a size the tests' shapes stay below)
+    step cuda-tests "$(rest 100)" env CONVBERT_FAST_TRITON_AUTOTUNE=0 CONVBERT_FAST_CUDA_KERNELS=tiled \
         "${pytest_base[@]}" "${parallel[@]}" tests -k "(cuda or gpu) and not test_cuda_host" \
         --junitxml="$logs/cuda-tests.xml"
     # the general (v1) CUDA kernels too, while both sets exist (README: two sets of CUDA kernels), packed included

@@ -33,7 +33,7 @@ _handed_over: str | None = None
 
 
 def hand_over_kernel_choice() -> None:
-    """CONVBERT_FAST_CUDA_KERNELS ("v2" or unset, "v1": README, two sets of CUDA kernels), read here under the GIL,
+    """CONVBERT_FAST_CUDA_KERNELS ("v2" or unset, "v1", "tiled": README, two sets of CUDA kernels), read here under the GIL,
     which os.environ's writers hold too, and handed to the C++ CUDA ops whenever its value changed. They read the
     choice once per op and pass it to every allocation and launch, and never call getenv while ops run (getenv
     racing another thread's setenv is undefined). A value they do not know raises ValueError."""

@@ -512,7 +512,7 @@ cudaError_t span_conv_forward(KernelChoice kernels, DType dtype, const void* val
   if (!packed_sequences_valid(batch, seq_len, offsets, sequences)) return cudaErrorInvalidValue;
   if (batch * seq_len * heads * head_size == 0) return cudaSuccess;
   const SpanConvPlan plan = span_conv_plan(kernels, dtype, batch, seq_len, heads, head_size, kernel_size,
-                                           std::max(values_row_stride, out_row_stride));
+                                           std::max(values_row_stride, out_row_stride), false);
   if (plan.blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // grid.x
   CONVBERT_FAST_DISPATCH(dtype, forward, plan, values, logits, out, batch, seq_len, heads, head_size, kernel_size,
                          Strides{values_batch_stride, values_row_stride}, Strides{out_batch_stride, out_row_stride},
@@ -530,7 +530,7 @@ cudaError_t span_conv_backward(KernelChoice kernels, DType dtype, const void* gr
   if (!packed_sequences_valid(batch, seq_len, offsets, sequences)) return cudaErrorInvalidValue;
   if (batch * seq_len * heads == 0) return cudaSuccess;
   const SpanConvPlan plan = span_conv_plan(kernels, dtype, batch, seq_len, heads, head_size, kernel_size,
-                                           std::max(values_row_stride, grad_row_stride));
+                                           std::max(values_row_stride, grad_row_stride), true);
   if (plan.blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // grid.x
   CONVBERT_FAST_DISPATCH(dtype, backward, plan, grad_out, values, logits, grad_values, grad_logits, weights, batch,
                          seq_len, heads, head_size, kernel_size, Strides{values_batch_stride, values_row_stride},

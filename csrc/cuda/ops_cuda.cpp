@@ -38,7 +38,8 @@ void check_launch(cudaError_t status, const char* what) {
   TORCH_CHECK(status == cudaSuccess, "convbert_fast: ", what, " failed: ", cudaGetErrorString(status));
 }
 
-// CONVBERT_FAST_CUDA_KERNELS ("v2" or unset: the tiled kernels where they apply; "v1": the general ones) is read
+// CONVBERT_FAST_CUDA_KERNELS ("v2" or unset: the tiled kernels where they apply and pay by size; "v1": the general
+// ones; "tiled": the tiled ones wherever they apply, whatever the size, so that tests at small sizes run them) is read
 // from the environment once, when the library loads, and afterwards handed over by convbert_fast's Python ops each
 // time os.environ's value changes (ops/cpp.py, through the _cuda_kernels op): nothing here calls getenv while ops
 // run, since getenv racing another thread's setenv is undefined. Each op reads the choice once (kernel_choice) and
@@ -48,6 +49,7 @@ constexpr const char* kKernelsVariable = "CONVBERT_FAST_CUDA_KERNELS";
 std::optional<KernelChoice> parse_kernel_choice(const std::string& value) {
   if (value.empty() || value == "v2") return KernelChoice::kV2;
   if (value == "v1") return KernelChoice::kV1;
+  if (value == "tiled") return KernelChoice::kTiled;
   return std::nullopt;
 }
 
@@ -68,7 +70,7 @@ int choice_at_load() {
 std::atomic<int> current_choice{choice_at_load()};
 
 void refuse_unknown_choice(const std::string& value) {
-  TORCH_CHECK_VALUE(false, "convbert_fast: ", kKernelsVariable, " must be v1 or v2 (or unset: v2), got '", value, "'");
+  TORCH_CHECK_VALUE(false, "convbert_fast: ", kKernelsVariable, " must be v1, v2 or tiled (or unset: v2), got '", value, "'");
 }
 
 KernelChoice kernel_choice() {
@@ -78,14 +80,18 @@ KernelChoice kernel_choice() {
 }
 
 // _cuda_kernels(value): hands over os.environ's value (raising for one it does not know); returns the choice in
-// force, "v1" or "v2".
+// force, "v1", "v2" or "tiled".
 std::string cuda_kernels(const std::optional<std::string>& value) {
   if (value.has_value()) {
     const std::optional<KernelChoice> choice = parse_kernel_choice(*value);
     if (!choice) refuse_unknown_choice(*value);
     current_choice.store(static_cast<int>(*choice), std::memory_order_relaxed);
   }
-  return kernel_choice() == KernelChoice::kV1 ? "v1" : "v2";
+  switch (kernel_choice()) {
+    case KernelChoice::kV1: return "v1";
+    case KernelChoice::kTiled: return "tiled";
+    default: return "v2";
+  }
 }
 
 void check_cuda_kernel_size(int64_t kernel_size) {
@@ -151,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> span_conv_backward_cuda(const at::Tensor& gra
   const bool strided = grad_out.sizes() == v.sizes() && (grad_out.size(2) <= 1 || grad_out.stride(2) == 1) &&
                        grad_out.stride(1) >= 0 &&
                        span_conv_plan(kernels, dtype_of(v), v.size(0), v.size(1), num_heads, head_size, kernel_size,
-                                      std::max(v.stride(1), grad_out.stride(1)))
+                                      std::max(v.stride(1), grad_out.stride(1)), true)
                            .tiled;
   const at::Tensor g = strided ? grad_out : grad_out.contiguous();
   at::Tensor grad_values = at::empty(v.sizes(), v.options()), grad_logits = at::empty_like(k);
@@ -254,7 +260,7 @@ std::string cuda_kernel_image(int64_t device) {
 
 // Ops of the CUDA build only, without tensors (catch-all kernels).
 TORCH_LIBRARY_FRAGMENT(convbert_fast, m) {
-  // CONVBERT_FAST_CUDA_KERNELS handed over from Python (None: only read it) -> the choice in force, "v1" or "v2"
+  // CONVBERT_FAST_CUDA_KERNELS handed over from Python (None: only read it) -> the choice in force, "v1", "v2" or "tiled"
   m.def("_cuda_kernels(str? value=None) -> str", &cuda_kernels);
   // "" when the kernels have code GPU `device` can run, else why not
   m.def("_cuda_kernel_image(int device) -> str", &cuda_kernel_image);

@@ -10,11 +10,27 @@
 
 namespace convbert_fast {
 
-// Which kernels run: v2, the tiled kernels where they apply and the general (v1) ones elsewhere; v1, the general
-// ones everywhere (both stay until a GPU has run them side by side, issue 17). The glue reads it once per op
-// (ops_cuda.cpp: kernel_choice) and passes it to every plan and launcher of that op, so that what it allocates and
-// what the kernels write always come from the same choice.
-enum class KernelChoice { kV1, kV2 };
+// Which kernels run: v2, the tiled kernels where they apply and pay (below) and the general (v1) ones elsewhere;
+// v1, the general ones everywhere (both stay until a GPU has run them side by side, issue 17); kTiled, the tiled
+// ones wherever they apply whatever the size (CONVBERT_FAST_CUDA_KERNELS=tiled: the emulation and the GPU pass's
+// tests, which run them at small sizes). The glue reads the choice once per op (ops_cuda.cpp: kernel_choice) and passes it to every plan and
+// launcher of that op, so that what it allocates and what the kernels write always come from the same choice.
+enum class KernelChoice { kV1, kV2, kTiled };
+
+// Where v2 takes the tiled kernels by size: from these many tokens (rows) on, tools/kernel_cost.py's model has them
+// faster than the general ones on an H100 and an H200 (its choice check fails CI otherwise). Below, a tiled kernel's
+// few warps each walk a long tile with a few loads in flight and wait on the memory's latency, while the general
+// kernels spread the same work over a warp or a block per token: at B=1, L=128 the span conv's forward takes
+// 0.5 us against 6.3, LayerNorm's 1.2 against 3.1 (H100). The span conv's backward and the depthwise weight
+// gradient are tiled at any size: their general kernels lose everywhere.
+constexpr int64_t kSpanForwardTiledTokens = 2048;
+constexpr int64_t kDepthwiseForwardTiledTokens = 256;
+constexpr int64_t norm_tiled_rows(bool four_or_eight_byte, bool backward) {
+  return (four_or_eight_byte ? 512 : 1024) * (backward ? 2 : 1);
+}
+constexpr bool tiled_by_size(KernelChoice kernels, int64_t size, int64_t threshold) {
+  return kernels == KernelChoice::kTiled || (kernels == KernelChoice::kV2 && size >= threshold);
+}
 
 enum class DType { Float32, Float64, Float16, BFloat16 };
 
@@ -51,11 +67,12 @@ struct SpanConvPlan {
 
 // row_stride: the widest row stride (in elements) of the tensors the kernels read or write with 32-bit offsets.
 // The tiled kernels take K = 9, a head within a half-warp's 16 lanes of 4 channels, and 32-bit offsets inside a
-// sequence (row r < L + 64 times the row stride) and task count.
+// sequence (row r < L + 64 times the row stride) and task count; the forward, kSpanForwardTiledTokens tokens.
 inline SpanConvPlan span_conv_plan(KernelChoice kernels, DType dtype, int64_t batch, int64_t seq_len, int64_t heads,
-                                   int64_t head_size, int64_t kernel_size, int64_t row_stride) {
+                                   int64_t head_size, int64_t kernel_size, int64_t row_stride, bool backward) {
   const int64_t tiles = ceil_div(seq_len, kSpanTile), tiled_tasks = batch * heads * tiles;
-  const bool tiled = kernels == KernelChoice::kV2 && kernel_size == 9 && head_size <= 2 * 32 && row_stride >= 0 &&
+  const bool tiled = tiled_by_size(kernels, backward ? INT64_MAX : batch * seq_len, kSpanForwardTiledTokens) &&
+                     kernel_size == 9 && head_size <= 2 * 32 && row_stride >= 0 &&
                      (seq_len + kSpanTile) * std::max(heads * head_size, row_stride) < INT_MAX &&
                      tiled_tasks < INT_MAX - 4;
   if (tiled) {
@@ -89,10 +106,12 @@ constexpr int kDepthwiseVec = 4;        // v2 forward: channels per lane
 constexpr int kWeightGradChunk = 128;   // v2 weight gradient: tokens per partial sum
 constexpr int kWeightGradVec = 2;       // v2 weight gradient: channels per lane (more warps in flight)
 
-// Whether the tiled kernels take this shape: K = 9 and 32-bit offsets inside a sequence (rows < L + tile).
+// Whether the tiled kernels take this shape: K = 9 and 32-bit offsets inside a sequence (rows < L + tile), and
+// `min_tokens` tokens.
 inline bool depthwise_tiled(KernelChoice kernels, int64_t batch, int64_t seq_len, int64_t channels,
-                            int64_t kernel_size, int64_t tile) {
-  return kernels == KernelChoice::kV2 && kernel_size == 9 && (seq_len + tile) * channels < INT_MAX &&
+                            int64_t kernel_size, int64_t tile, int64_t min_tokens) {
+  return tiled_by_size(kernels, batch * seq_len, min_tokens) && kernel_size == 9 &&
+         (seq_len + tile) * channels < INT_MAX &&
          batch * ceil_div(seq_len, tile) * ceil_div(channels, 32) < INT_MAX - kDepthwiseWarps;
 }
 
@@ -104,7 +123,8 @@ struct DepthwisePlan {
 
 inline DepthwisePlan depthwise_forward_plan(KernelChoice kernels, int64_t batch, int64_t seq_len, int64_t channels,
                                             int64_t kernel_size) {
-  if (depthwise_tiled(kernels, batch, seq_len, channels, kernel_size, kDepthwiseTile)) {
+  if (depthwise_tiled(kernels, batch, seq_len, channels, kernel_size, kDepthwiseTile,
+                      kDepthwiseForwardTiledTokens)) {
     const int64_t tiles = ceil_div(seq_len, kDepthwiseTile), groups = ceil_div(channels, 32 * kDepthwiseVec);
     const int64_t tasks = batch * tiles * groups;
     return {true, ceil_div(tasks, kDepthwiseWarps), kDepthwiseWarps * 32, tasks, tiles, groups};
@@ -134,7 +154,7 @@ struct WeightGradPlan {
 // tokens inside each batch row.
 inline WeightGradPlan depthwise_weight_grad_plan(KernelChoice kernels, int64_t batch, int64_t seq_len,
                                                  int64_t channels, int64_t kernel_size) {
-  if (depthwise_tiled(kernels, batch, seq_len, channels, kernel_size, kWeightGradChunk)) {
+  if (depthwise_tiled(kernels, batch, seq_len, channels, kernel_size, kWeightGradChunk, 0)) {
     const int64_t chunks = ceil_div(seq_len, kWeightGradChunk), groups = ceil_div(channels, 32 * kWeightGradVec);
     const int64_t tasks = batch * chunks * groups;
     return {true, batch * chunks, 0, ceil_div(tasks, kDepthwiseWarps), 1, kDepthwiseWarps * 32, tasks, chunks, groups};
@@ -163,12 +183,16 @@ struct NormPlan {
 // fit); instantiated for 1 to 4 vectors, and 6 and 8 in fp32 (5 and 7 round up: the extra vectors are masked). For C
 // a whole number of vectors and every pointer aligned (`aligned`: vectors_aligned over them with norm_vec). v1
 // writes grad * xhat per row (weight_rows = rows) and no bias partials; v2 one row of each per block of 32 rows.
+// v2 takes them from norm_tiled_rows rows on.
 constexpr int norm_max_vectors(DType dtype) { return dtype == DType::Float32 ? 8 : 4; }
-inline NormPlan norm_plan(KernelChoice kernels, DType dtype, int64_t rows, int64_t channels, bool aligned) {
+inline NormPlan norm_plan(KernelChoice kernels, DType dtype, int64_t rows, int64_t channels, bool aligned,
+                          bool backward) {
   const int vec = norm_vec(dtype);
   int64_t needed = ceil_div(channels, 32 * vec);
   if (needed == 5 || needed == 7) ++needed;
-  if (kernels == KernelChoice::kV2 && aligned && channels % vec == 0 && needed <= norm_max_vectors(dtype)) {
+  const int64_t threshold = norm_tiled_rows(element_size(dtype) >= 4, backward);
+  if (tiled_by_size(kernels, rows, threshold) && aligned && channels % vec == 0 &&
+      needed <= norm_max_vectors(dtype)) {
     const int64_t backward_blocks = ceil_div(rows, kNormWarps * kNormBackwardRows);
     return {static_cast<int>(needed), ceil_div(rows, kNormWarps * kNormForwardRows), backward_blocks,
             backward_blocks, backward_blocks};
@@ -180,14 +204,14 @@ inline NormPlan norm_forward_plan(KernelChoice kernels, DType dtype, const void*
                                   int64_t channels) {
   const bool aligned = vectors_aligned(norm_vec(dtype), element_size(dtype), {x, residual, weight, bias, out},
                                        {channels});
-  return norm_plan(kernels, dtype, rows, channels, aligned);
+  return norm_plan(kernels, dtype, rows, channels, aligned, false);
 }
 inline NormPlan norm_backward_plan(KernelChoice kernels, DType dtype, const void* grad, const void* x,
                                    const void* residual, const void* weight, const void* grad_x,
                                    const void* grad_residual, int64_t rows, int64_t channels) {
   const bool aligned = vectors_aligned(norm_vec(dtype), element_size(dtype),
                                        {grad, x, residual, weight, grad_x, grad_residual}, {channels});
-  return norm_plan(kernels, dtype, rows, channels, aligned);
+  return norm_plan(kernels, dtype, rows, channels, aligned, true);
 }
 
 }  // namespace convbert_fast

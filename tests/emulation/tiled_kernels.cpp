@@ -339,10 +339,11 @@ void span_conv_case(const char* name, const Layout& layout, int heads, int head_
   const int32_t* offsets = layout.device_offsets();
   const int sequences = layout.sequences();
   const int64_t out_batch = int64_t(seq_len) * out_row, values_batch = int64_t(seq_len) * values_row;
-  // each kernel choice, through the launchers' own plans (csrc/cuda/plan.h): v2 takes the tiled kernels where they
-  // apply (K = 9 here), v1 the general ones
-  for (const KernelChoice kernels : {KernelChoice::kV2, KernelChoice::kV1}) {
-    const SpanConvPlan plan = span_conv_plan(kernels, dtype_of<T>(), batch, seq_len, heads, head_size, K, out_row);
+  // each kernel choice, through the launchers' own plans (csrc/cuda/plan.h): the tiled kernels where they apply
+  // (K = 9 here; whatever the size: kTiled), and v1 the general ones
+  for (const KernelChoice kernels : {KernelChoice::kTiled, KernelChoice::kV1}) {
+    const SpanConvPlan plan =
+        span_conv_plan(kernels, dtype_of<T>(), batch, seq_len, heads, head_size, K, out_row, false);
     Buffer<T> out(out_ref.size(), to_t<T>(0.0)), grad_values(size_t(rows) * width), grad_logits(logits.t.size());
     if (plan.tiled) {
       // the launchers' vector choice (plan.h) must be this case's
@@ -400,7 +401,7 @@ void span_conv_case(const char* name, const Layout& layout, int heads, int head_
     };
     if (offsets) run(std::true_type{});
     else run(std::false_type{});
-    check(kernels == KernelChoice::kV1 ? "v1" : "v1 (v2 chose it)", out, grad_values, grad_logits);
+    check(kernels == KernelChoice::kV1 ? "v1" : "v1 (the tiled choice took it)", out, grad_values, grad_logits);
   }
 }
 
@@ -444,7 +445,7 @@ void depthwise_case(const char* name, const Layout& layout, int channels, int K,
   };
   const int32_t* offsets = layout.device_offsets();
   const int sequences = layout.sequences();
-  for (const KernelChoice kernels : {KernelChoice::kV2, KernelChoice::kV1}) {  // through the launchers' plans
+  for (const KernelChoice kernels : {KernelChoice::kTiled, KernelChoice::kV1}) {  // through the launchers' plans
     const DepthwisePlan plan = depthwise_forward_plan(kernels, batch, seq_len, channels, K);
     const WeightGradPlan wg = depthwise_weight_grad_plan(kernels, batch, seq_len, channels, K);
     Buffer<T> out(x.t.size());
@@ -480,7 +481,7 @@ void depthwise_case(const char* name, const Layout& layout, int channels, int K,
     };
     if (offsets) run(std::true_type{});
     else run(std::false_type{});
-    const char* version = plan.tiled ? "v2" : kernels == KernelChoice::kV1 ? "v1" : "v1 (v2 chose it)";
+    const char* version = plan.tiled ? "v2" : kernels == KernelChoice::kV1 ? "v1" : "v1 (the tiled choice took it)";
     check(version, out, partials);
   }
 }
@@ -602,7 +603,7 @@ void layer_norm_case(const char* name, int rows, int channels, double p, double 
   const int64_t seed_on_device = static_cast<int64_t>(seed);
   const DropoutSeed by_value{seed, nullptr}, on_device{0, &seed_on_device};
   // each kernel choice through the launchers' plans (csrc/cuda/plan.h), which must pick these NV vectors per lane
-  for (const KernelChoice kernels : {KernelChoice::kV2, KernelChoice::kV1}) {
+  for (const KernelChoice kernels : {KernelChoice::kTiled, KernelChoice::kV1}) {
     Buffer<T> out(x.t.size()), gx(x.t.size()), gr(x.t.size());
     Buffer<A> mean(rows), rstd(rows);
     const NormPlan forward = norm_forward_plan(kernels, dtype_of<T>(), x.t.data(), residual.t.data(),
@@ -610,7 +611,7 @@ void layer_norm_case(const char* name, int rows, int channels, double p, double 
     const NormPlan backward = norm_backward_plan(kernels, dtype_of<T>(), grad.t.data(), x.t.data(),
                                                  residual.t.data(), weight.t.data(), gx.data(), gr.data(), rows,
                                                  channels);
-    const int expected = kernels == KernelChoice::kV2 ? NV : 0;
+    const int expected = kernels == KernelChoice::kTiled ? NV : 0;
     if (forward.vectors != expected || backward.vectors != expected) {
       ++failures;
       std::printf("LayerNorm %s: the plans chose %d and %d vectors per lane, not %d\n", name, forward.vectors,
@@ -649,7 +650,7 @@ void layer_norm_case(const char* name, int rows, int channels, double p, double 
       for (int c = 0; c < channels; ++c) dw[c] += wp[k * channels + c];
     for (size_t k = 0; k < bp.size() / channels; ++k)
       for (int c = 0; c < channels; ++c) db[c] += bp[k * channels + c];
-    const char* version = kernels == KernelChoice::kV2 ? "v2" : "v1";
+    const char* version = kernels == KernelChoice::kTiled ? "v2" : "v1";
     char label[160];
     std::snprintf(label, sizeof label, "LayerNorm %s fwd %s", version, name);
     expect_close(label, out, out_ref, rtol);
