@@ -2,7 +2,8 @@
 
 Environment:
   CONVBERT_FAST_NO_CUDA=1      build the CPU kernels only
-  TORCH_CUDA_ARCH_LIST         GPU architectures (default "8.0;9.0": A100 and H100/H200); no GPU is queried
+  TORCH_CUDA_ARCH_LIST         GPU architectures (default "8.0;9.0+PTX": cubins for A100 and H100/H200, which sm_86
+                               and sm_89 run too, and PTX that newer GPUs compile at load); no GPU is queried
   MAX_JOBS                     parallel compile jobs (default: the cores, capped at one per 3 GiB of memory)
 Metadata lives in pyproject.toml.
 """
@@ -53,7 +54,7 @@ def memory_capped_jobs():
 
 
 os.environ.setdefault("MAX_JOBS", str(memory_capped_jobs()))
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
 sources = ["csrc/ops.cpp", "csrc/composite.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
 # py_limited_api: torch defines Py_LIMITED_API as its own oldest Python (3.10 for torch 2.11 to 2.13)

@@ -72,11 +72,11 @@ def versions() -> dict:
 
 
 def backend_status() -> dict[str, list[str]]:
-    """``{backend: ["ok" or why it cannot be used, then "but not on <device type>: why" per gap]}``."""
+    """``{backend: ["ok" or why it cannot be used, then "but not on <device type or GPU>: why" per gap]}``."""
     from .ops import available_backends, backend
 
     status = {name: [ok] for name, ok in available_backends().items()}
-    for (name, device_type), why in backend.device_gaps().items():
+    for (name, device), why in [*backend.device_gaps().items(), *backend.preflight_gaps().items()]:
         if status[name][0] == "ok":
-            status[name].append(f"but not on {device_type}: {why}")
+            status[name].append(f"but not on {device}: {why}")
     return status

@@ -85,6 +85,18 @@ int64_t dropout_seed(const at::Tensor& seed) {
   return seed.item<int64_t>();
 }
 
+// The seed as the row kernels take it: its value (dropout_seed); or the int64 tensor, on the CPU or on the input's
+// device (CUDA's kernels read it there).
+int64_t seed_for(const at::Tensor& seed, const at::Tensor&, const int64_t*) { return dropout_seed(seed); }
+const at::Tensor& seed_for(const at::Tensor& seed, const at::Tensor& x, const at::Tensor*) {
+  TORCH_CHECK_VALUE((seed.is_cpu() || seed.device() == x.device()) && seed.numel() == 1 &&
+                        seed.scalar_type() == at::kLong,
+                    "dropout_add_layer_norm: seed must be one int64 on the CPU or on ", x.device(),
+                    " (the input's device), got ", seed.scalar_type(), " on ", seed.device(), " with ", seed.numel(),
+                    " elements");
+  return seed;
+}
+
 }  // namespace
 
 void check_tensors(const char* op, std::initializer_list<NamedTensor> tensors) {
@@ -238,23 +250,28 @@ at::Tensor dynamic_span_conv_concat(const at::Tensor& prefix, const at::Tensor& 
 
 // Checks, [rows, C] views, allocations and the weight and bias gradients (column sums, ATen's reduction) around
 // the device's row kernels.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
-                                                                      const at::Tensor& weight, const at::Tensor& bias,
-                                                                      double p, double eps, const at::Tensor& seed,
-                                                                      NormForwardFn rows_forward) {
+namespace {
+
+template <typename Seed, typename RowsForward>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const at::Tensor& x, const at::Tensor& residual,
+                                                            const at::Tensor& weight, const at::Tensor& bias, double p,
+                                                            double eps, const at::Tensor& seed,
+                                                            RowsForward rows_forward) {
   check_norm_args("dropout_add_layer_norm", x, residual, weight, &bias, p);
   TORCH_CHECK_VALUE(eps >= 0.0, "dropout_add_layer_norm: eps must be >= 0, got ", eps);
   const int64_t rows = rows_of(x), channels = x.size(-1);
   const at::Tensor x2 = x.contiguous().view({rows, channels}), r2 = residual.contiguous().view({rows, channels});
   at::Tensor out = at::empty_like(x2);
   at::Tensor mean = at::empty({rows}, x.options().dtype(stat_dtype(x))), rstd = at::empty_like(mean);
-  rows_forward(x2, r2, weight.contiguous(), bias.contiguous(), p, eps, dropout_seed(seed), out, mean, rstd);
+  rows_forward(x2, r2, weight.contiguous(), bias.contiguous(), p, eps, seed_for(seed, x, static_cast<Seed*>(nullptr)),
+               out, mean, rstd);
   return {out.view(x.sizes()), mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_backward(
+template <typename Seed, typename RowsBackward>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-    const at::Tensor& mean, const at::Tensor& rstd, double p, const at::Tensor& seed, NormBackwardFn rows_backward) {
+    const at::Tensor& mean, const at::Tensor& rstd, double p, const at::Tensor& seed, RowsBackward rows_backward) {
   const char* op = "dropout_add_layer_norm_backward";
   check_norm_args(op, x, residual, weight, nullptr, p);
   check_grad(op, "grad_out", grad_out, x, x.sizes());
@@ -271,12 +288,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
   const at::Tensor x2 = x.contiguous().view({rows, channels}), r2 = residual.contiguous().view({rows, channels});
   at::Tensor grad_x = at::empty_like(x2), grad_residual = at::empty_like(x2);
   at::Tensor weight_partials, bias_partials;  // allocated by rows_backward (composite.h)
-  rows_backward(g2, x2, r2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), p, dropout_seed(seed), grad_x,
-                grad_residual, weight_partials, bias_partials);
+  rows_backward(g2, x2, r2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), p,
+                seed_for(seed, x, static_cast<Seed*>(nullptr)), grad_x, grad_residual, weight_partials, bias_partials);
   at::Tensor grad_weight = weight_partials.sum(0).to(weight.scalar_type());
   at::Tensor grad_bias =
       (bias_partials.defined() ? bias_partials.sum(0) : g2.sum(0, false, stat_dtype(x))).to(weight.scalar_type());
   return {grad_x.view(x.sizes()), grad_residual.view(x.sizes()), grad_weight, grad_bias};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                                      const at::Tensor& weight, const at::Tensor& bias,
+                                                                      double p, double eps, const at::Tensor& seed,
+                                                                      NormForwardFn rows_forward) {
+  return norm_forward<int64_t>(x, residual, weight, bias, p, eps, seed, rows_forward);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                                      const at::Tensor& weight, const at::Tensor& bias,
+                                                                      double p, double eps, const at::Tensor& seed,
+                                                                      NormForwardOnDeviceFn rows_forward) {
+  return norm_forward<at::Tensor>(x, residual, weight, bias, p, eps, seed, rows_forward);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, double p, const at::Tensor& seed, NormBackwardFn rows_backward) {
+  return norm_backward<int64_t>(grad_out, x, residual, weight, mean, rstd, p, seed, rows_backward);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, double p, const at::Tensor& seed,
+    NormBackwardOnDeviceFn rows_backward) {
+  return norm_backward<at::Tensor>(grad_out, x, residual, weight, mean, rstd, p, seed, rows_backward);
 }
 
 // The groups are column blocks of the 2-D views [N, Din] and [N, Dout]: no permuted copies are made. On CUDA

@@ -57,6 +57,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm(const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
     const at::Tensor& mean, const at::Tensor& rstd, double p, const at::Tensor& seed, NormBackwardFn rows_backward);
+// CUDA's row kernels take the seed as the int64 tensor: on the CPU (its value read on the host, as the CPU's), or on
+// the input's device, read by the kernels: cf.ops has the CUDA generator draw it there, so each replay of a captured
+// CUDA graph draws a new one.
+using NormForwardOnDeviceFn = void (*)(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                       const at::Tensor& bias, double p, double eps, const at::Tensor& seed,
+                                       at::Tensor& out, at::Tensor& mean, at::Tensor& rstd);
+using NormBackwardOnDeviceFn = void (*)(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& residual,
+                                        const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd,
+                                        double p, const at::Tensor& seed, at::Tensor& grad_x,
+                                        at::Tensor& grad_residual, at::Tensor& weight_partials,
+                                        at::Tensor& bias_partials);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                                      const at::Tensor& weight, const at::Tensor& bias,
+                                                                      double p, double eps, const at::Tensor& seed,
+                                                                      NormForwardOnDeviceFn rows_forward);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, double p, const at::Tensor& seed,
+    NormBackwardOnDeviceFn rows_backward);
 
 at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
 std::tuple<at::Tensor, at::Tensor> grouped_linear_gelu(const at::Tensor& x, const at::Tensor& weight,

@@ -1,8 +1,9 @@
 """Checks a CUDA build of convbert_fast._C without a GPU: the library loads (so it linked against this torch),
 every op schema in csrc/ops.cpp has a CUDA kernel registered with the dispatcher, and the library holds a cubin
-for each architecture asked for. Fails naming what is missing.
+for each architecture asked for and PTX for each one marked +PTX (what newer GPUs compile at load). Fails naming
+what is missing.
 
-    python tools/check_cuda_build.py [--arch 8.0;9.0]     (run from the tree the extension was built in)
+    python tools/check_cuda_build.py [--arch "8.0;9.0+PTX"]     (run from the tree the extension was built in)
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ def schema_names() -> list[str]:
     return names
 
 
-def cubin_arches(library: str) -> set[str] | None:
-    """{"sm_80", ...} of the cubins in `library`, by cuobjdump (the toolkit's, else the one Triton's wheel ships);
-    None when none is found."""
+def embedded_arches(library: str) -> tuple[set[str], set[str]] | None:
+    """({"sm_80", ...} of the cubins, {"sm_90", ...} of the PTX) in `library`, by cuobjdump (the toolkit's, else the
+    one Triton's wheel ships); None when none is found."""
     folders = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin")]
     with contextlib.suppress(ImportError):
         import triton
@@ -39,13 +40,16 @@ def cubin_arches(library: str) -> set[str] | None:
     cuobjdump = shutil.which("cuobjdump") or next((path for path in paths if os.path.isfile(path)), None)
     if cuobjdump is None:
         return None
-    listing = subprocess.run([cuobjdump, "--list-elf", library], capture_output=True, text=True, check=True).stdout
-    return set(re.findall(r"\.(sm_\d+a?)\.cubin", listing))
+    def listed(kind: str, suffix: str) -> set[str]:
+        listing = subprocess.run([cuobjdump, kind, library], capture_output=True, text=True, check=True).stdout
+        return set(re.findall(rf"\.(sm_\d+a?)\.{suffix}", listing))
+
+    return listed("--list-elf", "cubin"), listed("--list-ptx", "ptx")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default=os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0"))
+    parser.add_argument("--arch", default=os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX"))
     args = parser.parse_args()
 
     import torch
@@ -64,16 +68,21 @@ def main() -> int:
     if missing:
         print("no CUDA kernel registered for: " + ", ".join(missing), file=sys.stderr)
 
-    arches = [a.split("+")[0] for a in re.split(r"[;\s]+", args.arch) if a]  # "8.0+PTX": its cubin too
-    wanted = {"sm_" + a.replace(".", "") for a in arches}
-    found = cubin_arches(library.__file__)
+    arches = [a for a in re.split(r"[;\s]+", args.arch) if a]  # "9.0+PTX": its cubin and its PTX
+    wanted = {"sm_" + a.split("+")[0].replace(".", "") for a in arches}
+    wanted_ptx = {"sm_" + a.split("+")[0].replace(".", "") for a in arches if a.endswith("+PTX")}
+    found = embedded_arches(library.__file__)
     if found is None:
-        print("cuobjdump not found: the cubins' architectures were not checked", file=sys.stderr)
+        print("cuobjdump not found: the embedded architectures were not checked", file=sys.stderr)
         failed = True
     else:
-        print("cubins for: " + ", ".join(sorted(found)))
-        if wanted - found:
-            print("no cubin for: " + ", ".join(sorted(wanted - found)), file=sys.stderr)
+        cubins, ptx = found
+        print("cubins for: " + ", ".join(sorted(cubins)) + "; PTX for: " + (", ".join(sorted(ptx)) or "none"))
+        if wanted - cubins:
+            print("no cubin for: " + ", ".join(sorted(wanted - cubins)), file=sys.stderr)
+            failed = True
+        if wanted_ptx - ptx:
+            print("no PTX for: " + ", ".join(sorted(wanted_ptx - ptx)), file=sys.stderr)
             failed = True
     return int(failed)
 

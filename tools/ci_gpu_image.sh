@@ -5,7 +5,7 @@
 #      3.6.0, transformers 5.17.0) on Python 3.12, cached under ~/.cache/convbert_fast/ and keyed by that file
 #      and the Python, so the default suite keeps its CPU torch;
 #   2. pyproject.toml's metadata under the setuptools that a fresh venv of each claimed Python brings;
-#   3. the CUDA extension built and linked against that torch for sm_80 and sm_90, the way tools/gpu_check.sh
+#   3. the CUDA extension built and linked against that torch for sm_80 and sm_90 (and PTX), the way tools/gpu_check.sh
 #      builds it (pip install --no-build-isolation --no-deps -e .), then tools/check_cuda_build.py: it loads, and
 #      every op has a CUDA kernel registered and a cubin per architecture;
 #   4. the test suite in that venv, on the CPU (tests/test_tf_checkpoint.py aside: the image has no tensorflow);
@@ -25,7 +25,7 @@ fi
 cd "$(dirname "$0")/.."
 root=$PWD
 requirements=$root/tools/gpu_image_requirements.txt
-arches="8.0;9.0"
+arches="8.0;9.0+PTX"  # setup.py's default
 
 timed() {  # timed NAME COMMAND...: run it, then print how long it took
     local name=$1 start=$SECONDS
@@ -101,7 +101,7 @@ work=$(mktemp -d)
 trap 'cd /; "$python" -m pip uninstall -q -y convbert_fast >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 git ls-files -z -co --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$work"
 cd "$work"
-timed "the CUDA build (sm_80, sm_90)" env TORCH_CUDA_ARCH_LIST="$arches" \
+timed "the CUDA build (sm_80, sm_90, compute_90 PTX)" env TORCH_CUDA_ARCH_LIST="$arches" \
     "$python" -m pip install -q --no-build-isolation --no-deps -e .
 timed "the CUDA registration check" "$python" tools/check_cuda_build.py --arch "$arches"
 if [ -n "$build_only" ]; then

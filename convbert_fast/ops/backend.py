@@ -54,6 +54,9 @@ _failed_to_load: set[str] = set()
 # (backend, device type) -> why a loaded backend cannot run there (say, _C built without CUDA).
 _device_gaps: dict[tuple[str, str], str] = {}
 _warned_fallback: set[tuple[str, str]] = set()
+# backend -> a check run before each op it is chosen for on a device: why it cannot run there, or None (the cpp
+# backend's, on CUDA, hands over CONVBERT_FAST_CUDA_KERNELS and asks whether _C holds code for that GPU).
+_preflights: dict[str, Callable[[torch.device], str | None]] = {}
 _selected = "auto"
 
 
@@ -73,6 +76,31 @@ def mark_failed(backend: str, reason: str) -> None:
 
 def mark_device_unsupported(backend: str, device_type: str, reason: str) -> None:
     _device_gaps[(backend, device_type)] = reason
+
+
+def set_preflight(backend: str, check: Callable[[torch.device], str | None]) -> None:
+    """Run `check(device)` before each op dispatched to `backend` on `device`; a reason it returns makes `auto` skip
+    the backend there (warning once per device) and an explicit choice of it raise."""
+    _preflights[backend] = check
+
+
+def _preflight(backend: str, device: torch.device) -> str | None:
+    check = _preflights.get(backend)
+    return check(device) if check is not None else None
+
+
+def preflight_gaps() -> dict[tuple[str, str], str]:
+    """``{(backend, "cuda:N"): why}`` for each visible GPU a loaded backend's preflight refuses (say, _C has no
+    code for it)."""
+    devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gaps = {}
+    for name in _preflights:
+        if name in _unavailable_reason:
+            continue
+        for device in devices:
+            if (reason := _preflight(name, device)) is not None:
+                gaps[(name, str(device))] = reason
+    return gaps
 
 
 def available_backends() -> dict[str, str]:
@@ -134,21 +162,24 @@ def use_backend(name: str) -> Iterator[None]:
 def implementation(op_name: str, device: torch.device) -> Callable:
     """The function that runs `op_name` for tensors on `device` under the current backend choice."""
     if _selected != "auto" and op_name in _implementations[_selected]:
-        gap = _device_gaps.get((_selected, device.type))
+        gap = _device_gaps.get((_selected, device.type)) or _preflight(_selected, device)
         if gap is not None:
-            raise RuntimeError(f"backend {_selected!r} cannot run on {device.type}: {gap}")
+            raise RuntimeError(f"backend {_selected!r} cannot run on {device}: {gap}")
         return _implementations[_selected][op_name]
     for name in _auto_order(op_name, device):
         if op_name not in BACKEND_OPS[name]:
             continue
         reason = _unavailable_reason.get(name) or _device_gaps.get((name, device.type))
+        where = device.type
         if reason is None:
-            return _implementations[name][op_name]
-        shipped = name in _failed_to_load or (name, device.type) in _device_gaps
-        if shipped and (name, device.type) not in _warned_fallback:
-            _warned_fallback.add((name, device.type))
+            reason, where = _preflight(name, device), str(device)
+            if reason is None:
+                return _implementations[name][op_name]
+        shipped = name in _failed_to_load or (name, device.type) in _device_gaps or name in _preflights
+        if shipped and (name, where) not in _warned_fallback:
+            _warned_fallback.add((name, where))
             warnings.warn(
-                f"convbert_fast: backend {name!r} cannot run on {device.type} ({reason}); 'auto' falls back to "
+                f"convbert_fast: backend {name!r} cannot run on {where} ({reason}); 'auto' falls back to "
                 "a slower backend. `python -m convbert_fast info` shows details.",
                 RuntimeWarning,
                 stacklevel=3,

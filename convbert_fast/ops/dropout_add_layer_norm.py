@@ -2,9 +2,11 @@
 bias rides in its GEMM), as one pass over each row in the C++ extension (CPU and CUDA), forward and backward.
 
 Dropout's mask is a hash of (seed, element index): the backward regenerates it instead of keeping a mask, and
-the seed is drawn in the graph from torch's CPU generator, so `torch.manual_seed` reproduces a run and activation
-checkpointing (which restores that generator) replays the same mask. The masks are not nn.Dropout's (another
-random stream with the same distribution: keep with probability 1 - p, scale 1 / (1 - p)).
+the seed is drawn in the graph by the generator of the input's device, on that device: `torch.manual_seed`
+reproduces a run, activation checkpointing (which restores those generators) replays the same mask, and on CUDA the
+seed never leaves the GPU (the kernels read it there), so each replay of a captured CUDA graph, or of
+torch.compile(mode="reduce-overhead"), draws a new one, as torch's own dropout does. The masks are not
+nn.Dropout's (another random stream with the same distribution: keep with probability 1 - p, scale 1 / (1 - p)).
 """
 
 from __future__ import annotations
@@ -70,8 +72,11 @@ if cpp.LOADED:
         p = p if training else 0.0
         if torch.is_autocast_enabled(x.device.type):  # autocast runs LayerNorm in fp32: so does this op
             x, residual, weight, bias = (t.float() for t in (x, residual, weight, bias))
-        # no random draw without dropout, as nn.Dropout in eval mode
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64) if p > 0 else torch.zeros((), dtype=torch.int64)
+        # no random draw without dropout, as nn.Dropout in eval mode (then a CPU zero: read without a device sync)
+        if p > 0:
+            seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
+        else:
+            seed = torch.zeros((), dtype=torch.int64)
         return torch.ops.convbert_fast.dropout_add_layer_norm(x, residual, weight, bias, p, eps, seed)[0]
 
     backend.register("cpp", OP, dropout_add_layer_norm_cpp)

@@ -4,8 +4,9 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <initializer_list>
 #include <type_traits>
+
+#include "plan.h"
 
 namespace convbert_fast {
 
@@ -55,9 +56,14 @@ __device__ __forceinline__ A warp_max(A value) {
 // the launcher checks the alignment (vectors_aligned). Without it, N scalar accesses, each channel past `count`
 // reading 0 and not written. A lane that is off reads zeros and writes nothing.
 
-// Words = N * sizeof(T) / 4 32-bit words from/to 4 * Words-byte-aligned memory, in 16-byte pieces.
+// Words = N * sizeof(T) / 4 32-bit words from/to 4 * Words-byte-aligned memory, in 16-byte pieces. A GPU faults on
+// a misaligned vector access and x86 does not: the emulation defines CONVBERT_FAST_VECTOR_ALIGNED to trap there.
+#ifndef CONVBERT_FAST_VECTOR_ALIGNED
+#define CONVBERT_FAST_VECTOR_ALIGNED(pointer, bytes)
+#endif
 template <int Words>
 __device__ __forceinline__ void load_words(const void* p, uint32_t (&w)[Words]) {
+  CONVBERT_FAST_VECTOR_ALIGNED(p, 4 * Words);
   if constexpr (Words == 1) {
     w[0] = *static_cast<const uint32_t*>(p);
   } else if constexpr (Words == 2) {
@@ -73,8 +79,27 @@ __device__ __forceinline__ void load_words(const void* p, uint32_t (&w)[Words]) 
   }
 }
 
-template <int Words>
+// AsWritten: PTX vector stores as written. A uint2 or uint4 assignment came out of NVVM (in the PTX, before ptxas)
+// as 2 or 4 scalar st.global in the span conv's kernels, and whole in the depthwise and LayerNorm ones (issue 24,
+// item 4); inline PTX keeps it whole, at the cost of an address register per store (no [reg + offset] form), so
+// only the span conv takes it. No "memory" clobber: no kernel reads back what it stores, and loads stay free to
+// move past the store.
+template <int Words, bool AsWritten = false>
 __device__ __forceinline__ void store_words(void* p, const uint32_t (&w)[Words]) {
+  CONVBERT_FAST_VECTOR_ALIGNED(p, 4 * Words);
+#if defined(__CUDA_ARCH__)
+  if constexpr (AsWritten && Words == 2) {
+    asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(w[0]), "r"(w[1]));
+    return;
+  } else if constexpr (AsWritten && Words % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < Words / 4; ++i) {
+      asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(static_cast<uint4*>(p) + i), "r"(w[4 * i]),
+                   "r"(w[4 * i + 1]), "r"(w[4 * i + 2]), "r"(w[4 * i + 3]));
+    }
+    return;
+  }
+#endif
   if constexpr (Words == 1) {
     *static_cast<uint32_t*>(p) = w[0];
   } else if constexpr (Words == 2) {
@@ -148,13 +173,13 @@ __device__ __forceinline__ void load_vec(const T* p, bool on, int count, typenam
   }
 }
 
-template <typename T, int N, bool Vector>
+template <typename T, int N, bool Vector, bool AsWritten = false>
 __device__ __forceinline__ void store_vec(T* p, bool on, int count, const typename AccType<T>::type (&x)[N]) {
   if constexpr (Vector) {
     if (on) {
       uint32_t w[N * sizeof(T) / 4];
       acc_to_words<T, N>(x, w);
-      store_words(p, w);
+      store_words<N * sizeof(T) / 4, AsWritten>(p, w);
     }
   } else {
 #pragma unroll
@@ -236,19 +261,6 @@ __device__ __forceinline__ double mask_as_acc(uint32_t bits, double) { return __
 __device__ __forceinline__ uint32_t acc_as_mask(float value) { return __float_as_uint(value); }
 __device__ __forceinline__ uint32_t acc_as_mask(double value) {
   return static_cast<uint32_t>(__double_as_longlong(value));
-}
-
-// Whether vectors of n elements of element_size bytes can be used: every pointer aligned to a vector, every
-// stride (in elements, the head size included) a multiple of n.
-inline bool vectors_aligned(int64_t n, int64_t element_size, std::initializer_list<const void*> pointers,
-                            std::initializer_list<int64_t> strides) {
-  for (const void* p : pointers) {
-    if (reinterpret_cast<uintptr_t>(p) % (n * element_size) != 0) return false;
-  }
-  for (int64_t s : strides) {
-    if (s % n != 0) return false;
-  }
-  return true;
 }
 
 }  // namespace convbert_fast

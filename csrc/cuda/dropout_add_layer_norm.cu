@@ -2,24 +2,21 @@
 // CONVBERT_FAST_CUDA_KERNELS). Both recompute h = dropout(x) + residual in the backward (the mask from (seed,
 // index), see dropout_mask.h) instead of keeping it.
 // v1, general: one block per row of C channels, h recomputed in each pass.
-// v2, tiled (rows of up to 4 16-byte vectors per lane): a warp per row, lane l holding vectors l, l + 32, ... of
-// the row in registers, so x and residual are read once, the dropout hash runs once per element (one multiply
-// per vector: consecutive indices are kDropoutStep apart), and the statistics are warp sums. Weight and bias stay
+// v2, tiled (rows of up to 32 elements per lane, plan.h: norm_plan): a warp per row, lane l holding vectors l,
+// l + 32, ... of the row in registers, so x and residual are read once, the dropout hash runs once per element (one
+// multiply per vector: consecutive indices are kDropoutStep apart), and the statistics are warp sums. Weight and bias stay
 // in registers for the warp's rows. The backward adds grad * xhat and grad over its block's rows in registers and
 // writes one partial row per block for d(weight) and for d(bias) (summed by the caller in a fixed order:
 // deterministic), instead of an fp32 [rows, C] buffer.
 // The kernels, then their launchers (torch-free; nvcc only: tests/emulation/tiled_kernels.cpp compiles the
 // kernels with g++).
 #include <cstdint>
-#include <initializer_list>
 
 #include "../dropout_mask.h"
 #include "common.cuh"
 #include "dispatch.cuh"
 
 namespace convbert_fast {
-
-constexpr int kLayerNormThreads = 256;
 
 // The sum over the block, returned to every thread; `shared` holds 33 values and is free again on return.
 template <typename A>
@@ -38,6 +35,11 @@ __device__ __forceinline__ A block_sum(A value, A* shared) {
   return value;
 }
 
+// The mask's seed: read from the GPU where cf.ops had the CUDA generator draw it (launchers.h: DropoutSeed).
+__device__ __forceinline__ uint64_t seed_value(DropoutSeed seed) {
+  return seed.device != nullptr ? static_cast<uint64_t>(*seed.device) : seed.value;
+}
+
 template <typename T, typename A>
 __device__ __forceinline__ A dropped_sum(const T* x, const T* residual, int64_t index, uint64_t seed,
                                          uint32_t threshold, A scale) {
@@ -51,9 +53,10 @@ __global__ void dropout_add_layer_norm_forward_kernel(const T* __restrict__ x, c
                                                       const T* __restrict__ weight, const T* __restrict__ bias,
                                                       T* __restrict__ out, typename AccType<T>::type* mean,
                                                       typename AccType<T>::type* rstd, int64_t channels,
-                                                      uint64_t seed, uint32_t threshold, typename AccType<T>::type scale,
-                                                      typename AccType<T>::type eps) {
+                                                      DropoutSeed dropout_seed, uint32_t threshold,
+                                                      typename AccType<T>::type scale, typename AccType<T>::type eps) {
   using A = typename AccType<T>::type;
+  const uint64_t seed = seed_value(dropout_seed);
   __shared__ A shared[33];
   const int64_t row = blockIdx.x, base = row * channels;
   A sum = 0;
@@ -82,8 +85,9 @@ __global__ void dropout_add_layer_norm_backward_kernel(
     const T* __restrict__ grad, const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ weight,
     const typename AccType<T>::type* __restrict__ mean, const typename AccType<T>::type* __restrict__ rstd,
     T* __restrict__ grad_x, T* __restrict__ grad_residual, typename AccType<T>::type* __restrict__ grad_times_xhat,
-    int64_t channels, uint64_t seed, uint32_t threshold, typename AccType<T>::type scale) {
+    int64_t channels, DropoutSeed dropout_seed, uint32_t threshold, typename AccType<T>::type scale) {
   using A = typename AccType<T>::type;
+  const uint64_t seed = seed_value(dropout_seed);
   __shared__ A shared[33];
   const int64_t row = blockIdx.x, base = row * channels;
   const A mu = mean[row], inv = rstd[row];
@@ -109,10 +113,7 @@ __global__ void dropout_add_layer_norm_backward_kernel(
   }
 }
 
-constexpr int kNormWarps = 4;
-constexpr int kNormForwardRows = 4;   // rows per warp
-constexpr int kNormBackwardRows = 8;  // rows per warp: a block's partial sums cover 32 rows
-
+// The tiled kernels' geometry: plan.h (kNormWarps, kNormForwardRows, kNormBackwardRows).
 template <typename T>
 constexpr int norm_vec() {
   return 16 / static_cast<int>(sizeof(T));
@@ -152,10 +153,11 @@ __global__ void __launch_bounds__(kNormWarps * 32, 1)
                                                 const T* __restrict__ weight, const T* __restrict__ bias,
                                                 T* __restrict__ out, typename AccType<T>::type* __restrict__ mean,
                                                 typename AccType<T>::type* __restrict__ rstd, int64_t rows,
-                                                int channels, uint64_t seed, uint32_t threshold,
+                                                int channels, DropoutSeed dropout_seed, uint32_t threshold,
                                                 typename AccType<T>::type scale, typename AccType<T>::type eps) {
   using A = typename AccType<T>::type;
   constexpr int VEC = norm_vec<T>();
+  const uint64_t seed = Dropout ? seed_value(dropout_seed) : 0;
   const int lane = threadIdx.x & 31, vectors = channels / VEC;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kNormWarps + (threadIdx.x >> 5)) * kNormForwardRows;
   A w[NV][VEC], b[NV][VEC];
@@ -232,10 +234,11 @@ __global__ void __launch_bounds__(kNormWarps * 32, 1)
                                                  T* __restrict__ grad_x, T* __restrict__ grad_residual,
                                                  typename AccType<T>::type* __restrict__ weight_partials,
                                                  typename AccType<T>::type* __restrict__ bias_partials, int64_t rows,
-                                                 int channels, uint64_t seed, uint32_t threshold,
+                                                 int channels, DropoutSeed dropout_seed, uint32_t threshold,
                                                  typename AccType<T>::type scale) {
   using A = typename AccType<T>::type;
   constexpr int VEC = norm_vec<T>();
+  const uint64_t seed = Dropout ? seed_value(dropout_seed) : 0;
   __shared__ A columns[kNormWarps][NV * 32 * VEC];  // the warps' column sums, added in warp order
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, vectors = channels / VEC;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kNormWarps + warp) * kNormBackwardRows;
@@ -290,57 +293,46 @@ __global__ void __launch_bounds__(kNormWarps * 32, 1)
 #if defined(__CUDACC__)
 namespace {
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// The 16-byte vectors per lane the tiled kernels need for a row of C (1 to 4: C <= 1024 in fp16/bf16, 512 in fp32;
-// more would not fit in registers), or 0 when they do not apply: v1 chosen, C not a whole number of vectors or
-// over 4 per lane, or a pointer not aligned.
-int vectors_per_lane(DType dtype, int64_t channels, std::initializer_list<const void*> pointers) {
-  const int64_t element = dtype == DType::Float64 ? 8 : dtype == DType::Float32 ? 4 : 2, vec = 16 / element;
-  if (cuda_kernel_choice() != KernelChoice::kV2 || !vectors_aligned(vec, element, pointers, {channels})) return 0;
-  const int64_t needed = ceil_div(channels, 32 * vec);
-  return needed <= 4 ? static_cast<int>(needed) : 0;
-}
-
-#define CONVBERT_FAST_WITH_VECTORS(NV_VALUE, NV, ...) \
-  switch (NV_VALUE) {                                 \
-    case 1: { constexpr int NV = 1; __VA_ARGS__; } break; \
-    case 2: { constexpr int NV = 2; __VA_ARGS__; } break; \
-    case 3: { constexpr int NV = 3; __VA_ARGS__; } break; \
-    default: { constexpr int NV = 4; __VA_ARGS__; } break; \
+// the plan's vectors per lane (plan.h: norm_plan): 1 to 4, and 6 or 8 in fp32 only
+#define CONVBERT_FAST_WITH_VECTORS(NV_VALUE, NV, ...)                                        \
+  switch (NV_VALUE) {                                                                        \
+    case 1: { constexpr int NV = 1; __VA_ARGS__; } break;                                    \
+    case 2: { constexpr int NV = 2; __VA_ARGS__; } break;                                    \
+    case 3: { constexpr int NV = 3; __VA_ARGS__; } break;                                    \
+    case 4: { constexpr int NV = 4; __VA_ARGS__; } break;                                    \
+    case 6: if constexpr (sizeof(T) == 4) { constexpr int NV = 6; __VA_ARGS__; } break;      \
+    default: if constexpr (sizeof(T) == 4) { constexpr int NV = 8; __VA_ARGS__; } break;     \
   }
 
 template <typename T>
-void launch_forward_tiled(int nv, const void* x, const void* residual, const void* weight, const void* bias, void* out,
-                          void* mean, void* rstd, int64_t rows, int64_t channels, uint64_t seed, double p, double eps,
-                          cudaStream_t stream) {
+void launch_forward_tiled(const NormPlan& plan, const void* x, const void* residual, const void* weight,
+                          const void* bias, void* out, void* mean, void* rstd, int64_t rows, int64_t channels,
+                          DropoutSeed seed, double p, double eps, cudaStream_t stream) {
   using A = typename AccType<T>::type;
   const A scale = p < 1.0 ? static_cast<A>(1.0 / (1.0 - p)) : A(0);
   const uint32_t threshold = dropout_threshold(p);
-  const unsigned blocks = static_cast<unsigned>(ceil_div(rows, kNormWarps * kNormForwardRows));
-  CONVBERT_FAST_WITH_VECTORS(nv, NV,
+  CONVBERT_FAST_WITH_VECTORS(plan.vectors, NV,
     // without dropout (p = 0: eval, or a caller's choice) the instantiation that computes no hash
     const auto kernel = threshold == 0 ? dropout_add_layer_norm_forward_tiled_kernel<T, NV, false>
                                        : dropout_add_layer_norm_forward_tiled_kernel<T, NV, true>;
-    kernel<<<blocks, kNormWarps * 32, 0, stream>>>(
+    kernel<<<static_cast<unsigned>(plan.forward_blocks), kNormWarps * 32, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const T*>(weight),
         static_cast<const T*>(bias), static_cast<T*>(out), static_cast<A*>(mean), static_cast<A*>(rstd), rows,
         static_cast<int>(channels), seed, threshold, scale, static_cast<A>(eps)))
 }
 
 template <typename T>
-void launch_backward_tiled(int nv, const void* grad, const void* x, const void* residual, const void* weight,
-                           const void* mean, const void* rstd, void* grad_x, void* grad_residual,
-                           void* weight_partials, void* bias_partials, int64_t rows, int64_t channels, uint64_t seed,
-                           double p, cudaStream_t stream) {
+void launch_backward_tiled(const NormPlan& plan, const void* grad, const void* x, const void* residual,
+                           const void* weight, const void* mean, const void* rstd, void* grad_x, void* grad_residual,
+                           void* weight_partials, void* bias_partials, int64_t rows, int64_t channels,
+                           DropoutSeed seed, double p, cudaStream_t stream) {
   using A = typename AccType<T>::type;
   const A scale = p < 1.0 ? static_cast<A>(1.0 / (1.0 - p)) : A(0);
   const uint32_t threshold = dropout_threshold(p);
-  const unsigned blocks = static_cast<unsigned>(ceil_div(rows, kNormWarps * kNormBackwardRows));
-  CONVBERT_FAST_WITH_VECTORS(nv, NV,
+  CONVBERT_FAST_WITH_VECTORS(plan.vectors, NV,
     const auto kernel = threshold == 0 ? dropout_add_layer_norm_backward_tiled_kernel<T, NV, false>
                                        : dropout_add_layer_norm_backward_tiled_kernel<T, NV, true>;
-    kernel<<<blocks, kNormWarps * 32, 0, stream>>>(
+    kernel<<<static_cast<unsigned>(plan.backward_blocks), kNormWarps * 32, 0, stream>>>(
         static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<const T*>(residual),
         static_cast<const T*>(weight), static_cast<const A*>(mean), static_cast<const A*>(rstd),
         static_cast<T*>(grad_x), static_cast<T*>(grad_residual), static_cast<A*>(weight_partials),
@@ -348,70 +340,64 @@ void launch_backward_tiled(int nv, const void* grad, const void* x, const void* 
 }
 
 template <typename T>
-void launch_forward(const void* x, const void* residual, const void* weight, const void* bias, void* out, void* mean,
-                    void* rstd, int64_t rows, int64_t channels, uint64_t seed, double p, double eps,
-                    cudaStream_t stream) {
+void launch_forward(const NormPlan& plan, const void* x, const void* residual, const void* weight, const void* bias,
+                    void* out, void* mean, void* rstd, int64_t rows, int64_t channels, DropoutSeed seed, double p,
+                    double eps, cudaStream_t stream) {
+  if (plan.vectors > 0) {
+    launch_forward_tiled<T>(plan, x, residual, weight, bias, out, mean, rstd, rows, channels, seed, p, eps, stream);
+    return;
+  }
   using A = typename AccType<T>::type;
   const A scale = p < 1.0 ? static_cast<A>(1.0 / (1.0 - p)) : A(0);
-  dropout_add_layer_norm_forward_kernel<T><<<static_cast<unsigned>(rows), kLayerNormThreads, 0, stream>>>(
+  dropout_add_layer_norm_forward_kernel<T><<<static_cast<unsigned>(plan.forward_blocks), kNormThreads, 0, stream>>>(
       static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const T*>(weight),
       static_cast<const T*>(bias), static_cast<T*>(out), static_cast<A*>(mean), static_cast<A*>(rstd), channels, seed,
       dropout_threshold(p), scale, static_cast<A>(eps));
 }
 
 template <typename T>
-void launch_backward(const void* grad, const void* x, const void* residual, const void* weight, const void* mean,
-                     const void* rstd, void* grad_x, void* grad_residual, void* grad_times_xhat, int64_t rows,
-                     int64_t channels, uint64_t seed, double p, cudaStream_t stream) {
+void launch_backward(const NormPlan& plan, const void* grad, const void* x, const void* residual, const void* weight,
+                     const void* mean, const void* rstd, void* grad_x, void* grad_residual, void* weight_partials,
+                     void* bias_partials, int64_t rows, int64_t channels, DropoutSeed seed, double p,
+                     cudaStream_t stream) {
+  if (plan.vectors > 0) {
+    launch_backward_tiled<T>(plan, grad, x, residual, weight, mean, rstd, grad_x, grad_residual, weight_partials,
+                             bias_partials, rows, channels, seed, p, stream);
+    return;
+  }
   using A = typename AccType<T>::type;
   const A scale = p < 1.0 ? static_cast<A>(1.0 / (1.0 - p)) : A(0);
-  dropout_add_layer_norm_backward_kernel<T><<<static_cast<unsigned>(rows), kLayerNormThreads, 0, stream>>>(
+  dropout_add_layer_norm_backward_kernel<T><<<static_cast<unsigned>(plan.backward_blocks), kNormThreads, 0, stream>>>(
       static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<const T*>(residual),
       static_cast<const T*>(weight), static_cast<const A*>(mean), static_cast<const A*>(rstd), static_cast<T*>(grad_x),
-      static_cast<T*>(grad_residual), static_cast<A*>(grad_times_xhat), channels, seed, dropout_threshold(p), scale);
+      static_cast<T*>(grad_residual), static_cast<A*>(weight_partials), channels, seed, dropout_threshold(p), scale);
 }
 
 }  // namespace
 
-cudaError_t dropout_add_layer_norm_forward(DType dtype, const void* x, const void* residual, const void* weight,
-                                           const void* bias, void* out, void* mean, void* rstd, int64_t rows,
-                                           int64_t channels, uint64_t seed, double p, double eps, cudaStream_t stream) {
+cudaError_t dropout_add_layer_norm_forward(KernelChoice kernels, DType dtype, const void* x, const void* residual,
+                                           const void* weight, const void* bias, void* out, void* mean, void* rstd,
+                                           int64_t rows, int64_t channels, DropoutSeed seed, double p, double eps,
+                                           cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  if (const int nv = vectors_per_lane(dtype, channels, {x, residual, weight, bias, out}); nv > 0) {
-    CONVBERT_FAST_DISPATCH(dtype, launch_forward_tiled, nv, x, residual, weight, bias, out, mean, rstd, rows, channels,
-                           seed, p, eps, stream);
-    return cudaGetLastError();
-  }
-  if (rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // one block per row (grid.x)
-  CONVBERT_FAST_DISPATCH(dtype, launch_forward, x, residual, weight, bias, out, mean, rstd, rows, channels, seed, p, eps,
-                         stream);
+  const NormPlan plan = norm_forward_plan(kernels, dtype, x, residual, weight, bias, out, rows, channels);
+  if (plan.forward_blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // grid.x
+  CONVBERT_FAST_DISPATCH(dtype, launch_forward, plan, x, residual, weight, bias, out, mean, rstd, rows, channels, seed,
+                         p, eps, stream);
   return cudaGetLastError();
 }
 
-NormPartials dropout_add_layer_norm_backward_partials(DType dtype, const void* grad, const void* x,
-                                                      const void* residual, const void* weight, const void* grad_x,
-                                                      const void* grad_residual, int64_t rows, int64_t channels) {
-  if (vectors_per_lane(dtype, channels, {grad, x, residual, weight, grad_x, grad_residual}) > 0) {
-    const int64_t blocks = ceil_div(rows, kNormWarps * kNormBackwardRows);
-    return {blocks, blocks};
-  }
-  return {rows, 0};
-}
-
-cudaError_t dropout_add_layer_norm_backward(DType dtype, const void* grad, const void* x, const void* residual,
-                                            const void* weight, const void* mean, const void* rstd, void* grad_x,
-                                            void* grad_residual, void* weight_partials, void* bias_partials,
-                                            int64_t rows, int64_t channels, uint64_t seed, double p,
-                                            cudaStream_t stream) {
+cudaError_t dropout_add_layer_norm_backward(KernelChoice kernels, DType dtype, const void* grad, const void* x,
+                                            const void* residual, const void* weight, const void* mean,
+                                            const void* rstd, void* grad_x, void* grad_residual,
+                                            void* weight_partials, void* bias_partials, int64_t rows,
+                                            int64_t channels, DropoutSeed seed, double p, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  if (const int nv = vectors_per_lane(dtype, channels, {grad, x, residual, weight, grad_x, grad_residual}); nv > 0) {
-    CONVBERT_FAST_DISPATCH(dtype, launch_backward_tiled, nv, grad, x, residual, weight, mean, rstd, grad_x,
-                           grad_residual, weight_partials, bias_partials, rows, channels, seed, p, stream);
-    return cudaGetLastError();
-  }
-  if (rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  CONVBERT_FAST_DISPATCH(dtype, launch_backward, grad, x, residual, weight, mean, rstd, grad_x, grad_residual,
-                         weight_partials, rows, channels, seed, p, stream);
+  const NormPlan plan =
+      norm_backward_plan(kernels, dtype, grad, x, residual, weight, grad_x, grad_residual, rows, channels);
+  if (plan.backward_blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // grid.x
+  CONVBERT_FAST_DISPATCH(dtype, launch_backward, plan, grad, x, residual, weight, mean, rstd, grad_x, grad_residual,
+                         weight_partials, bias_partials, rows, channels, seed, p, stream);
   return cudaGetLastError();
 }
 #endif  // __CUDACC__

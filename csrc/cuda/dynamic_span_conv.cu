@@ -21,7 +21,6 @@
 
 namespace convbert_fast {
 
-constexpr int kSpanWarpsPerBlock = 4;
 constexpr int kSpanMaxKernel = kMaxCudaKernelSize + 1;  // the softmax scratch per warp: two logits per lane
 
 // Softmax of the K (<= kMaxCudaKernelSize) logits at `logits` into weights[0, K), by one warp; as
@@ -46,8 +45,8 @@ template <typename T, int KS, bool Packed>
 __global__ void __launch_bounds__(kSpanWarpsPerBlock * 32)
     span_conv_forward_kernel(const T* __restrict__ values, const T* __restrict__ logits, T* __restrict__ out,
                              int64_t batch, int64_t seq_len, int heads, int head_size, int kernel_size,
-                             int64_t out_batch_stride, int64_t out_row_stride, const int32_t* __restrict__ offsets,
-                             int sequences) {
+                             int64_t values_batch_stride, int64_t values_row_stride, int64_t out_batch_stride,
+                             int64_t out_row_stride, const int32_t* __restrict__ offsets, int sequences) {
   using A = typename AccType<T>::type;
   __shared__ A weights_smem[kSpanWarpsPerBlock][kSpanMaxKernel];
   const int K = KS > 0 ? KS : kernel_size;
@@ -56,20 +55,19 @@ __global__ void __launch_bounds__(kSpanWarpsPerBlock * 32)
   if (task >= batch * seq_len * heads) return;  // whole warps leave together
   const int64_t row = task / heads, t = row % seq_len;
   const int h = static_cast<int>(task % heads), half = K / 2;
-  const int64_t width = static_cast<int64_t>(heads) * head_size;
   A* weights = weights_smem[warp];
   warp_softmax(logits + task * K, weights, K, lane);
   // taps j in [first, last) read rows inside the row's sequence; the zero padding adds nothing
   const RowPosition at = locate_row<Packed>(offsets, sequences, row, seq_len);
   const int first = at.t < half ? static_cast<int>(half - at.t) : 0;
   const int last = at.length - at.t + half < K ? static_cast<int>(at.length - at.t + half) : K;
-  const T* head_values = values + h * head_size;
+  const T* head_values = values + (row / seq_len) * values_batch_stride + h * head_size;
   T* out_row = out + (row / seq_len) * out_batch_stride + t * out_row_stride + h * head_size;
   for (int d = lane; d < head_size; d += 32) {
     A acc = 0;
 #pragma unroll
     for (int j = 0; j < K; ++j) {  // fully unrolled when K is the compile-time KS
-      if (j >= first && j < last) acc += weights[j] * to_acc(head_values[(row + j - half) * width + d]);
+      if (j >= first && j < last) acc += weights[j] * to_acc(head_values[(t + j - half) * values_row_stride + d]);
     }
     out_row[d] = from_acc<T>(acc);
   }
@@ -83,6 +81,7 @@ __global__ void __launch_bounds__(kSpanWarpsPerBlock * 32)
                                      const T* __restrict__ logits, T* __restrict__ grad_logits,
                                      typename AccType<T>::type* __restrict__ weights_out, int64_t batch,
                                      int64_t seq_len, int heads, int head_size, int kernel_size,
+                                     int64_t values_batch_stride, int64_t values_row_stride,
                                      const int32_t* __restrict__ offsets, int sequences) {
   using A = typename AccType<T>::type;
   __shared__ A weights_smem[kSpanWarpsPerBlock][kSpanMaxKernel];
@@ -91,21 +90,21 @@ __global__ void __launch_bounds__(kSpanWarpsPerBlock * 32)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t task = static_cast<int64_t>(blockIdx.x) * kSpanWarpsPerBlock + warp;
   if (task >= batch * seq_len * heads) return;
-  const int64_t row = task / heads;
+  const int64_t row = task / heads, t = row % seq_len;
   const int h = static_cast<int>(task % heads), half = K / 2;
   const int64_t width = static_cast<int64_t>(heads) * head_size;
   A* weights = weights_smem[warp];
   A* grad_weights = grad_weights_smem[warp];
   warp_softmax(logits + task * K, weights, K, lane);
   const T* grad_row = grad + row * width + h * head_size;
-  const T* head_values = values + h * head_size;
+  const T* head_values = values + (row / seq_len) * values_batch_stride + h * head_size;
   const RowPosition at = locate_row<Packed>(offsets, sequences, row, seq_len);
   for (int j = 0; j < K; ++j) {
     const int64_t source = at.t + j - half;  // position inside the sequence
     A partial = 0;
     if (source >= 0 && source < at.length) {
       for (int d = lane; d < head_size; d += 32) {
-        partial += to_acc(grad_row[d]) * to_acc(head_values[(row + j - half) * width + d]);
+        partial += to_acc(grad_row[d]) * to_acc(head_values[(t + j - half) * values_row_stride + d]);
       }
     }
     partial = warp_sum(partial);
@@ -152,13 +151,10 @@ __global__ void __launch_bounds__(kSpanWarpsPerBlock * 32)
   }
 }
 
-constexpr int kSpanTile = 64;  // tokens per warp
-constexpr int kSpanRun = 32;   // tokens per half-warp
-
-// Warps per block: 4, or 2 in fp64 (shared memory is 48 KB a block).
+// The tiled kernels' warps per block (plan.h: kSpanTile tokens per warp, kSpanRun per half-warp).
 template <typename T>
 constexpr int span_tile_warps() {
-  return sizeof(typename AccType<T>::type) == 8 ? 2 : 4;
+  return span_tile_warps(sizeof(typename AccType<T>::type));
 }
 
 // Row stride of a token's weights in shared memory: K rounded up to whole 16-byte vectors.
@@ -237,8 +233,8 @@ template <typename T, int K, bool Vector, bool Packed>
 __global__ void __launch_bounds__(span_tile_warps<T>() * 32)
     span_conv_forward_tiled_kernel(const T* __restrict__ values, const T* __restrict__ logits, T* __restrict__ out,
                                    int tasks, int tiles, int seq_len, int heads, int head_size,
-                                   int64_t out_batch_stride, int out_row_stride, const int32_t* __restrict__ offsets,
-                                   int sequences) {
+                                   int64_t values_batch_stride, int values_row_stride, int64_t out_batch_stride,
+                                   int out_row_stride, const int32_t* __restrict__ offsets, int sequences) {
   using A = typename AccType<T>::type;
   constexpr int KP = padded_taps<A, K>(), half = K / 2, warps = span_tile_warps<T>();
   static_assert(!Packed || KP > K, "the tap mask lives in the padding");
@@ -247,7 +243,6 @@ __global__ void __launch_bounds__(span_tile_warps<T>() * 32)
   const int task = blockIdx.x * warps + warp;
   if (task >= tasks) return;  // whole warps leave together
   const SpanTask at = span_task(task, tiles, heads);
-  const int width = heads * head_size;
   A* taps = taps_smem[warp];
 #pragma unroll
   for (int round = 0; round < kSpanTile / 32; ++round) {  // token t0 + k, one per lane
@@ -264,14 +259,13 @@ __global__ void __launch_bounds__(span_tile_warps<T>() * 32)
   __syncwarp();
   const int run = lane >> 4, c = 4 * (lane & 15), count = head_size - c;
   const int first = at.t0 + run * kSpanRun;  // this half-warp's first token
-  const T* v = values + static_cast<int64_t>(at.batch) * seq_len * width + (first - half) * width +
-               at.head * head_size + c;
+  const T* v = values + at.batch * values_batch_stride + (first - half) * values_row_stride + at.head * head_size + c;
   T* o = out + at.batch * out_batch_stride + first * out_row_stride + at.head * head_size + c;
   const A* run_taps = taps + run * kSpanRun * KP;
   A ring[K][4];  // row first - half + i in ring[i % K]
   int r = first - half;
 #pragma unroll
-  for (int i = 0; i < kSpanRun + K - 1; ++i, ++r, v += width) {
+  for (int i = 0; i < kSpanRun + K - 1; ++i, ++r, v += values_row_stride) {
     load_vec<T, 4, Vector>(v, count > 0 && static_cast<unsigned>(r) < static_cast<unsigned>(seq_len), count,
                              ring[i % K]);
     if (i >= K - 1) {  // token first + k: its rows first + k - half + j are ring[(k + j) % K]
@@ -288,7 +282,7 @@ __global__ void __launch_bounds__(span_tile_warps<T>() * 32)
           for (int q = 0; q < 4; ++q) acc[q] += w[j] * ring[(k + j) % K][q];
         }
       }
-      store_vec<T, 4, Vector>(o, count > 0 && first + k < seq_len, count, acc);
+      store_vec<T, 4, Vector, true>(o, count > 0 && first + k < seq_len, count, acc);
       o += out_row_stride;
     }
   }
@@ -312,7 +306,8 @@ __global__ void __launch_bounds__(span_tile_warps<T>() * 32, 3)
     span_conv_backward_tiled_kernel(const T* __restrict__ grad, const T* __restrict__ values,
                                     const T* __restrict__ logits, T* __restrict__ grad_values,
                                     T* __restrict__ grad_logits, int tasks, int tiles, int seq_len, int heads,
-                                    int head_size, int64_t grad_batch_stride, int grad_row_stride,
+                                    int head_size, int64_t values_batch_stride, int values_row_stride,
+                                    int64_t grad_batch_stride, int grad_row_stride,
                                     const int32_t* __restrict__ offsets, int sequences) {
   using A = typename AccType<T>::type;
   using A2 = std::conditional_t<sizeof(A) == 8, double2, float2>;
@@ -358,17 +353,16 @@ __global__ void __launch_bounds__(span_tile_warps<T>() * 32, 3)
   __syncwarp();
   const int run = lane >> 4, c = 4 * (lane & 15), count = head_size - c;
   const int first = at.t0 + run * kSpanRun;
-  const int64_t sequence = static_cast<int64_t>(at.batch) * seq_len * width + at.head * head_size + c;
   const T* g = grad + at.batch * grad_batch_stride + (first - half) * grad_row_stride + at.head * head_size + c;
-  const T* v = values + sequence + (first - half) * width;
-  T* gv = grad_values + sequence + first * width;
+  const T* v = values + at.batch * values_batch_stride + (first - half) * values_row_stride + at.head * head_size + c;
+  T* gv = grad_values + static_cast<int64_t>(at.batch) * seq_len * width + first * width + at.head * head_size + c;
   const A* run_diag = diag + run * kSpanRun * KP;
   A* run_grad_taps = grad_taps + run * kSpanRun * K;
   A g_ring[K][4], v_ring[K][4];  // row first - half + i in slot i % K
   A partial[32];                 // d(w) lane partials: value m = k * K + j in partial[m % 32]
   int r = first - half;
 #pragma unroll
-  for (int i = 0; i < kSpanRun + K - 1; ++i, ++r, g += grad_row_stride, v += width) {
+  for (int i = 0; i < kSpanRun + K - 1; ++i, ++r, g += grad_row_stride, v += values_row_stride) {
     const bool row_on = count > 0 && static_cast<unsigned>(r) < static_cast<unsigned>(seq_len);
     load_vec<T, 4, Vector>(g, row_on, count, g_ring[i % K]);
     load_vec<T, 4, Vector>(v, row_on, count, v_ring[i % K]);
@@ -382,7 +376,7 @@ __global__ void __launch_bounds__(span_tile_warps<T>() * 32, 3)
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[q] += w[j] * g_ring[(k + 2 * half - j) % K][q];
       }
-      store_vec<T, 4, Vector>(gv, count > 0 && first + k < seq_len, count, acc);
+      store_vec<T, 4, Vector, true>(gv, count > 0 && first + k < seq_len, count, acc);
       gv += width;
 #pragma unroll
       for (int j = 0; j < K; ++j) {  // grad row s is slot (k + half) % K
@@ -425,95 +419,84 @@ namespace {
 template <typename T>
 using Acc = typename AccType<T>::type;
 
-int64_t blocks_for(int64_t tasks) { return (tasks + kSpanWarpsPerBlock - 1) / kSpanWarpsPerBlock; }
-
-int64_t tiles_for(int64_t seq_len) { return (seq_len + kSpanTile - 1) / kSpanTile; }
-
-// Whether the tiled kernels take this shape: K = 9, a head within a half-warp's channels, and the 32-bit
-// offsets (row r < L + 64 times the largest row stride) and task count within int.
-bool tiled(int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
-           int64_t row_stride) {
-  const int64_t width = heads * head_size;
-  return cuda_kernel_choice() == KernelChoice::kV2 && kernel_size == 9 && head_size <= 2 * 32 && row_stride >= 0 &&
-         (seq_len + kSpanTile) * std::max(width, row_stride) < INT_MAX &&
-         batch * heads * tiles_for(seq_len) < INT_MAX - 4;
-}
+// The values' rows (the fused projection's slice, uncopied) and the output's or gradient's: batch and row strides.
+struct Strides {
+  int64_t batch, row;
+};
 
 template <typename T, bool Vector, bool Packed>
-void forward_tiled(const void* values, const void* logits, void* out, int64_t batch, int64_t seq_len, int64_t heads,
-                   int64_t head_size, int64_t out_batch_stride, int64_t out_row_stride, const int32_t* offsets,
+void forward_tiled(const SpanConvPlan& plan, const void* values, const void* logits, void* out, int64_t seq_len,
+                   int64_t heads, int64_t head_size, Strides values_rows, Strides out_rows, const int32_t* offsets,
                    int64_t sequences, cudaStream_t stream) {
-  const int64_t tiles = tiles_for(seq_len), tasks = batch * heads * tiles;
-  constexpr int warps = span_tile_warps<T>();
-  span_conv_forward_tiled_kernel<T, 9, Vector, Packed><<<(tasks + warps - 1) / warps, warps * 32, 0, stream>>>(
-      static_cast<const T*>(values), static_cast<const T*>(logits), static_cast<T*>(out), static_cast<int>(tasks),
-      static_cast<int>(tiles), static_cast<int>(seq_len), static_cast<int>(heads), static_cast<int>(head_size),
-      out_batch_stride, static_cast<int>(out_row_stride), offsets, static_cast<int>(sequences));
+  span_conv_forward_tiled_kernel<T, 9, Vector, Packed><<<plan.blocks, plan.threads, 0, stream>>>(
+      static_cast<const T*>(values), static_cast<const T*>(logits), static_cast<T*>(out),
+      static_cast<int>(plan.tasks), static_cast<int>(plan.tiles), static_cast<int>(seq_len), static_cast<int>(heads),
+      static_cast<int>(head_size), values_rows.batch, static_cast<int>(values_rows.row), out_rows.batch,
+      static_cast<int>(out_rows.row), offsets, static_cast<int>(sequences));
 }
 
 template <typename T, bool Vector, bool Packed>
-void backward_tiled(const void* grad_out, const void* values, const void* logits, void* grad_values,
-                    void* grad_logits, int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size,
-                    int64_t grad_batch_stride, int64_t grad_row_stride, const int32_t* offsets, int64_t sequences,
+void backward_tiled(const SpanConvPlan& plan, const void* grad_out, const void* values, const void* logits,
+                    void* grad_values, void* grad_logits, int64_t seq_len, int64_t heads, int64_t head_size,
+                    Strides values_rows, Strides grad_rows, const int32_t* offsets, int64_t sequences,
                     cudaStream_t stream) {
-  const int64_t tiles = tiles_for(seq_len), tasks = batch * heads * tiles;
-  constexpr int warps = span_tile_warps<T>();
-  span_conv_backward_tiled_kernel<T, 9, Vector, Packed><<<(tasks + warps - 1) / warps, warps * 32, 0, stream>>>(
+  span_conv_backward_tiled_kernel<T, 9, Vector, Packed><<<plan.blocks, plan.threads, 0, stream>>>(
       static_cast<const T*>(grad_out), static_cast<const T*>(values), static_cast<const T*>(logits),
-      static_cast<T*>(grad_values), static_cast<T*>(grad_logits), static_cast<int>(tasks), static_cast<int>(tiles),
-      static_cast<int>(seq_len), static_cast<int>(heads), static_cast<int>(head_size), grad_batch_stride,
-      static_cast<int>(grad_row_stride), offsets, static_cast<int>(sequences));
+      static_cast<T*>(grad_values), static_cast<T*>(grad_logits), static_cast<int>(plan.tasks),
+      static_cast<int>(plan.tiles), static_cast<int>(seq_len), static_cast<int>(heads), static_cast<int>(head_size),
+      values_rows.batch, static_cast<int>(values_rows.row), grad_rows.batch, static_cast<int>(grad_rows.row), offsets,
+      static_cast<int>(sequences));
 }
 
 template <typename T>
-void forward(const void* values, const void* logits, void* out, int64_t batch, int64_t seq_len, int64_t heads,
-             int64_t head_size, int64_t kernel_size, int64_t out_batch_stride, int64_t out_row_stride,
-             const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
-  if (tiled(batch, seq_len, heads, head_size, kernel_size, out_row_stride)) {
-    const bool aligned = vectors_aligned(4, sizeof(T), {values, out}, {head_size, out_batch_stride, out_row_stride});
+void forward(const SpanConvPlan& plan, const void* values, const void* logits, void* out, int64_t batch,
+             int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size, Strides values_rows,
+             Strides out_rows, const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
+  if (plan.tiled) {
+    const bool aligned = span_forward_vectors(sizeof(T), values, out, head_size, values_rows.batch, values_rows.row,
+                                              out_rows.batch, out_rows.row);
     CONVBERT_FAST_WITH_PACKED(offsets, Packed,
       if (aligned) {
-        forward_tiled<T, true, Packed>(values, logits, out, batch, seq_len, heads, head_size, out_batch_stride,
-                                       out_row_stride, offsets, sequences, stream);
+        forward_tiled<T, true, Packed>(plan, values, logits, out, seq_len, heads, head_size, values_rows, out_rows,
+                                       offsets, sequences, stream);
       } else {
-        forward_tiled<T, false, Packed>(values, logits, out, batch, seq_len, heads, head_size, out_batch_stride,
-                                        out_row_stride, offsets, sequences, stream);
+        forward_tiled<T, false, Packed>(plan, values, logits, out, seq_len, heads, head_size, values_rows, out_rows,
+                                        offsets, sequences, stream);
       })
     return;
   }
-  const int64_t tasks = batch * seq_len * heads;
   CONVBERT_FAST_WITH_PACKED(offsets, Packed, CONVBERT_FAST_WITH_KERNEL_SIZE(kernel_size, KS,
-      span_conv_forward_kernel<T, KS, Packed><<<blocks_for(tasks), kSpanWarpsPerBlock * 32, 0, stream>>>(
+      span_conv_forward_kernel<T, KS, Packed><<<plan.blocks, plan.threads, 0, stream>>>(
           static_cast<const T*>(values), static_cast<const T*>(logits), static_cast<T*>(out), batch, seq_len,
-          static_cast<int>(heads), static_cast<int>(head_size), static_cast<int>(kernel_size), out_batch_stride,
-          out_row_stride, offsets, static_cast<int>(sequences))))
+          static_cast<int>(heads), static_cast<int>(head_size), static_cast<int>(kernel_size), values_rows.batch,
+          values_rows.row, out_rows.batch, out_rows.row, offsets, static_cast<int>(sequences))))
 }
 
 template <typename T>
-void backward(const void* grad_out, const void* values, const void* logits, void* grad_values, void* grad_logits,
-              void* weights, int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
-              int64_t grad_batch_stride, int64_t grad_row_stride, const int32_t* offsets, int64_t sequences,
-              cudaStream_t stream) {
-  if (tiled(batch, seq_len, heads, head_size, kernel_size, grad_row_stride)) {
-    const bool aligned =
-        vectors_aligned(4, sizeof(T), {grad_out, values, grad_values}, {head_size, grad_batch_stride, grad_row_stride});
+void backward(const SpanConvPlan& plan, const void* grad_out, const void* values, const void* logits,
+              void* grad_values, void* grad_logits, void* weights, int64_t batch, int64_t seq_len, int64_t heads,
+              int64_t head_size, int64_t kernel_size, Strides values_rows, Strides grad_rows, const int32_t* offsets,
+              int64_t sequences, cudaStream_t stream) {
+  if (plan.tiled) {
+    const bool aligned = span_backward_vectors(sizeof(T), grad_out, values, grad_values, head_size, values_rows.batch,
+                                               values_rows.row, grad_rows.batch, grad_rows.row);
     CONVBERT_FAST_WITH_PACKED(offsets, Packed,
       if (aligned) {
-        backward_tiled<T, true, Packed>(grad_out, values, logits, grad_values, grad_logits, batch, seq_len, heads,
-                                        head_size, grad_batch_stride, grad_row_stride, offsets, sequences, stream);
+        backward_tiled<T, true, Packed>(plan, grad_out, values, logits, grad_values, grad_logits, seq_len, heads,
+                                        head_size, values_rows, grad_rows, offsets, sequences, stream);
       } else {
-        backward_tiled<T, false, Packed>(grad_out, values, logits, grad_values, grad_logits, batch, seq_len, heads,
-                                         head_size, grad_batch_stride, grad_row_stride, offsets, sequences, stream);
+        backward_tiled<T, false, Packed>(plan, grad_out, values, logits, grad_values, grad_logits, seq_len, heads,
+                                         head_size, values_rows, grad_rows, offsets, sequences, stream);
       })
     return;
   }
-  const int64_t tasks = batch * seq_len * heads;
   CONVBERT_FAST_WITH_PACKED(offsets, Packed, CONVBERT_FAST_WITH_KERNEL_SIZE(kernel_size, KS,
-      span_conv_backward_logits_kernel<T, KS, Packed><<<blocks_for(tasks), kSpanWarpsPerBlock * 32, 0, stream>>>(
+      span_conv_backward_logits_kernel<T, KS, Packed><<<plan.blocks, plan.threads, 0, stream>>>(
           static_cast<const T*>(grad_out), static_cast<const T*>(values), static_cast<const T*>(logits),
           static_cast<T*>(grad_logits), static_cast<Acc<T>*>(weights), batch, seq_len, static_cast<int>(heads),
-          static_cast<int>(head_size), static_cast<int>(kernel_size), offsets, static_cast<int>(sequences));
-      span_conv_backward_values_kernel<T, KS, Packed><<<blocks_for(tasks), kSpanWarpsPerBlock * 32, 0, stream>>>(
+          static_cast<int>(head_size), static_cast<int>(kernel_size), values_rows.batch, values_rows.row, offsets,
+          static_cast<int>(sequences));
+      span_conv_backward_values_kernel<T, KS, Packed><<<plan.blocks, plan.threads, 0, stream>>>(
           static_cast<const T*>(grad_out), static_cast<const Acc<T>*>(weights), static_cast<T*>(grad_values), batch,
           seq_len, static_cast<int>(heads), static_cast<int>(head_size), static_cast<int>(kernel_size), offsets,
           static_cast<int>(sequences))))
@@ -521,37 +504,38 @@ void backward(const void* grad_out, const void* values, const void* logits, void
 
 }  // namespace
 
-cudaError_t span_conv_forward(DType dtype, const void* values, const void* logits, void* out, int64_t batch,
-                              int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
-                              int64_t out_batch_stride, int64_t out_row_stride, const int32_t* offsets,
-                              int64_t sequences, cudaStream_t stream) {
+cudaError_t span_conv_forward(KernelChoice kernels, DType dtype, const void* values, const void* logits, void* out,
+                              int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
+                              int64_t values_batch_stride, int64_t values_row_stride, int64_t out_batch_stride,
+                              int64_t out_row_stride, const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
   if (kernel_size < 1 || kernel_size > kMaxCudaKernelSize) return cudaErrorInvalidValue;
   if (!packed_sequences_valid(batch, seq_len, offsets, sequences)) return cudaErrorInvalidValue;
   if (batch * seq_len * heads * head_size == 0) return cudaSuccess;
-  if (blocks_for(batch * seq_len * heads) > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // grid.x
-  CONVBERT_FAST_DISPATCH(dtype, forward, values, logits, out, batch, seq_len, heads, head_size, kernel_size,
-                         out_batch_stride, out_row_stride, offsets, sequences, stream)
+  const SpanConvPlan plan = span_conv_plan(kernels, dtype, batch, seq_len, heads, head_size, kernel_size,
+                                           std::max(values_row_stride, out_row_stride), false);
+  if (plan.blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // grid.x
+  CONVBERT_FAST_DISPATCH(dtype, forward, plan, values, logits, out, batch, seq_len, heads, head_size, kernel_size,
+                         Strides{values_batch_stride, values_row_stride}, Strides{out_batch_stride, out_row_stride},
+                         offsets, sequences, stream)
   return cudaGetLastError();
 }
 
-cudaError_t span_conv_backward(DType dtype, const void* grad_out, const void* values, const void* logits,
-                               void* grad_values, void* grad_logits, void* weights, int64_t batch, int64_t seq_len,
-                               int64_t heads, int64_t head_size, int64_t kernel_size, int64_t grad_batch_stride,
+cudaError_t span_conv_backward(KernelChoice kernels, DType dtype, const void* grad_out, const void* values,
+                               const void* logits, void* grad_values, void* grad_logits, void* weights, int64_t batch,
+                               int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
+                               int64_t values_batch_stride, int64_t values_row_stride, int64_t grad_batch_stride,
                                int64_t grad_row_stride, const int32_t* offsets, int64_t sequences,
                                cudaStream_t stream) {
   if (kernel_size < 1 || kernel_size > kMaxCudaKernelSize) return cudaErrorInvalidValue;
   if (!packed_sequences_valid(batch, seq_len, offsets, sequences)) return cudaErrorInvalidValue;
   if (batch * seq_len * heads == 0) return cudaSuccess;
-  if (blocks_for(batch * seq_len * heads) > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // grid.x
-  CONVBERT_FAST_DISPATCH(dtype, backward, grad_out, values, logits, grad_values, grad_logits, weights, batch,
-                         seq_len, heads, head_size, kernel_size, grad_batch_stride, grad_row_stride, offsets,
-                         sequences, stream)
+  const SpanConvPlan plan = span_conv_plan(kernels, dtype, batch, seq_len, heads, head_size, kernel_size,
+                                           std::max(values_row_stride, grad_row_stride), true);
+  if (plan.blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // grid.x
+  CONVBERT_FAST_DISPATCH(dtype, backward, plan, grad_out, values, logits, grad_values, grad_logits, weights, batch,
+                         seq_len, heads, head_size, kernel_size, Strides{values_batch_stride, values_row_stride},
+                         Strides{grad_batch_stride, grad_row_stride}, offsets, sequences, stream)
   return cudaGetLastError();
-}
-
-bool span_conv_backward_reads_strided_grad(int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size,
-                                           int64_t kernel_size, int64_t grad_row_stride) {
-  return tiled(batch, seq_len, heads, head_size, kernel_size, grad_row_stride);
 }
 #endif  // __CUDACC__
 

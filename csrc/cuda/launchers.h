@@ -4,24 +4,13 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
+
+#include "plan.h"
 
 namespace convbert_fast {
 
-// Which kernels run, from CONVBERT_FAST_CUDA_KERNELS (read at every launch, so a benchmark can switch it):
-// "v2" or unset, the tiled kernels where they apply (K = 9, and head_size <= 64 for the span conv; LayerNorm rows
-// of up to 4 16-byte vectors per lane; any alignment for the convs, 16 bytes for the LayerNorm) and the general
-// v1 kernels elsewhere; "v1", the general kernels everywhere. Both stay until a GPU has run them side by side
-// (issue 17). Any other value: kInvalid (the glue raises).
-enum class KernelChoice { kV1, kV2, kInvalid };
-inline KernelChoice cuda_kernel_choice() {
-  const char* value = std::getenv("CONVBERT_FAST_CUDA_KERNELS");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "v2") == 0) return KernelChoice::kV2;
-  return std::strcmp(value, "v1") == 0 ? KernelChoice::kV1 : KernelChoice::kInvalid;
-}
-
-enum class DType { Float32, Float64, Float16, BFloat16 };
+// Every launcher takes the kernel choice its op read once (plan.h: KernelChoice), and sizes nothing itself: the glue
+// allocates workspaces from the same plans (plan.h) with the same choice.
 
 // Largest kernel size of the span conv's CUDA kernels (the softmax weights live in shared memory).
 constexpr int64_t kMaxCudaKernelSize = 63;
@@ -35,60 +24,65 @@ inline bool packed_sequences_valid(int64_t batch, int64_t seq_len, const int32_t
   return offsets == nullptr || (batch == 1 && sequences >= 1 && sequences < INT32_MAX && seq_len < INT32_MAX);
 }
 
-// out[b, t, h*D + d] = sum_j softmax(logits[b, t, h*K:(h+1)*K])[j] * values[b, t + j - K/2, h*D + d].
-// values and logits contiguous; out rows at out_batch_stride / out_row_stride elements, channels dense.
-cudaError_t span_conv_forward(DType dtype, const void* values, const void* logits, void* out, int64_t batch,
-                              int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
-                              int64_t out_batch_stride, int64_t out_row_stride, const int32_t* offsets,
-                              int64_t sequences, cudaStream_t stream);
+// Whether this build holds code the current device can run (a cubin for its architecture, or PTX its driver can
+// compile): cudaSuccess, else what a launch would fail with (cudaErrorNoKernelImageForDevice). Leaves no error pending.
+cudaError_t kernel_image_for_current_device();
 
-// grad_values and grad_logits, values and logits contiguous; grad_out rows at grad_batch_stride / grad_row_stride
-// elements, channels dense, when span_conv_backward_reads_strided_grad() says so, else contiguous. `weights`
-// ([B, L, H, K], fp64 for Float64, else fp32) receives the softmax weights between the two passes of the
-// general kernels (the tiled ones need no workspace).
-cudaError_t span_conv_backward(DType dtype, const void* grad_out, const void* values, const void* logits,
-                               void* grad_values, void* grad_logits, void* weights, int64_t batch, int64_t seq_len,
-                               int64_t heads, int64_t head_size, int64_t kernel_size, int64_t grad_batch_stride,
+// out[b, t, h*D + d] = sum_j softmax(logits[b, t, h*K:(h+1)*K])[j] * values[b, t + j - K/2, h*D + d].
+// logits contiguous; values and out rows at their batch / row strides (in elements), channels dense (values: the
+// fused projection's slice, read where it lies).
+cudaError_t span_conv_forward(KernelChoice kernels, DType dtype, const void* values, const void* logits, void* out,
+                              int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
+                              int64_t values_batch_stride, int64_t values_row_stride, int64_t out_batch_stride,
+                              int64_t out_row_stride, const int32_t* offsets, int64_t sequences, cudaStream_t stream);
+
+// grad_values, grad_logits and logits contiguous; values rows at their strides; grad_out rows at grad_batch_stride /
+// grad_row_stride elements, channels dense, when the plan is tiled (span_conv_plan), else contiguous. `weights`
+// ([B, L, H, K], fp64 for Float64, else fp32) receives the softmax weights between the two passes of the general
+// kernels (the tiled ones need no workspace).
+cudaError_t span_conv_backward(KernelChoice kernels, DType dtype, const void* grad_out, const void* values,
+                               const void* logits, void* grad_values, void* grad_logits, void* weights, int64_t batch,
+                               int64_t seq_len, int64_t heads, int64_t head_size, int64_t kernel_size,
+                               int64_t values_batch_stride, int64_t values_row_stride, int64_t grad_batch_stride,
                                int64_t grad_row_stride, const int32_t* offsets, int64_t sequences,
                                cudaStream_t stream);
-bool span_conv_backward_reads_strided_grad(int64_t batch, int64_t seq_len, int64_t heads, int64_t head_size,
-                                           int64_t kernel_size, int64_t grad_row_stride);
 
 // out[b, t, c] = sum_j taps[j, c] * x[b, t + j - K/2, c] (rows of t's sequence only); x, taps [K, C], out
 // contiguous.
-cudaError_t depthwise_conv_forward(DType dtype, const void* x, const void* taps, void* out, int64_t batch,
-                                   int64_t seq_len, int64_t channels, int64_t kernel_size, const int32_t* offsets,
-                                   int64_t sequences, cudaStream_t stream);
+cudaError_t depthwise_conv_forward(KernelChoice kernels, DType dtype, const void* x, const void* taps, void* out,
+                                   int64_t batch, int64_t seq_len, int64_t channels, int64_t kernel_size,
+                                   const int32_t* offsets, int64_t sequences, cudaStream_t stream);
 
 // partials[chunk, j, c] = sum over the rows of `chunk` of grad[row, c] * x[row + j - K/2, c] (rows of the same
-// sequence only; fp64 for Float64, else fp32; [depthwise_conv_weight_grad_chunks(...), K, C], every entry written);
+// sequence only; fp64 for Float64, else fp32; [depthwise_weight_grad_plan(...).chunks, K, C], every entry written);
 // summing them over chunks gives d(taps).
-int64_t depthwise_conv_weight_grad_chunks(int64_t batch, int64_t seq_len, int64_t channels, int64_t kernel_size);
-cudaError_t depthwise_conv_weight_grad_partials(DType dtype, const void* grad, const void* x, void* partials,
-                                                int64_t batch, int64_t seq_len, int64_t channels,
+cudaError_t depthwise_conv_weight_grad_partials(KernelChoice kernels, DType dtype, const void* grad, const void* x,
+                                                void* partials, int64_t batch, int64_t seq_len, int64_t channels,
                                                 int64_t kernel_size, const int32_t* offsets, int64_t sequences,
                                                 cudaStream_t stream);
 
+// The dropout mask's seed: its value, or (device != nullptr) the int64 on the GPU that the kernels read, drawn there by
+// the CUDA generator so that each replay of a captured CUDA graph has a new one.
+struct DropoutSeed {
+  uint64_t value;
+  const int64_t* device;
+};
+
 // out = LayerNorm(dropout(x) + residual) per row (all [rows, C] contiguous, weight and bias [C]); mean and rstd
 // [rows] in fp32 (fp64 for Float64). The dropout mask is dropout_keeps(seed, row * C + c) (csrc/dropout_mask.h).
-cudaError_t dropout_add_layer_norm_forward(DType dtype, const void* x, const void* residual, const void* weight,
-                                           const void* bias, void* out, void* mean, void* rstd, int64_t rows,
-                                           int64_t channels, uint64_t seed, double p, double eps, cudaStream_t stream);
+cudaError_t dropout_add_layer_norm_forward(KernelChoice kernels, DType dtype, const void* x, const void* residual,
+                                           const void* weight, const void* bias, void* out, void* mean, void* rstd,
+                                           int64_t rows, int64_t channels, DropoutSeed seed, double p, double eps,
+                                           cudaStream_t stream);
 
 // grad_x, grad_residual [rows, C]; weight_partials [P, C] and bias_partials [Q, C] in the accumulation dtype, P and
-// Q from dropout_add_layer_norm_backward_partials (same arguments), every entry written: their column sums are
-// d(weight) and d(bias). The general kernels write grad * xhat per row (P = rows) and no bias partials (Q = 0:
-// the caller sums grad); the tiled ones one row of each per block of rows.
-struct NormPartials {
-  int64_t weight_rows, bias_rows;
-};
-NormPartials dropout_add_layer_norm_backward_partials(DType dtype, const void* grad, const void* x,
-                                                      const void* residual, const void* weight, const void* grad_x,
-                                                      const void* grad_residual, int64_t rows, int64_t channels);
-cudaError_t dropout_add_layer_norm_backward(DType dtype, const void* grad, const void* x, const void* residual,
-                                            const void* weight, const void* mean, const void* rstd, void* grad_x,
-                                            void* grad_residual, void* weight_partials, void* bias_partials,
-                                            int64_t rows, int64_t channels, uint64_t seed, double p,
-                                            cudaStream_t stream);
+// Q from norm_backward_plan (same arguments), every entry written: their column sums are d(weight) and d(bias).
+// The general kernels write grad * xhat per row (P = rows) and no bias partials (Q = 0: the caller sums grad); the
+// tiled ones one row of each per block of rows.
+cudaError_t dropout_add_layer_norm_backward(KernelChoice kernels, DType dtype, const void* grad, const void* x,
+                                            const void* residual, const void* weight, const void* mean,
+                                            const void* rstd, void* grad_x, void* grad_residual,
+                                            void* weight_partials, void* bias_partials, int64_t rows,
+                                            int64_t channels, DropoutSeed seed, double p, cudaStream_t stream);
 
 }  // namespace convbert_fast

@@ -4,6 +4,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <optional>
+#include <string>
+
 #include "../composite.h"
 #include "launchers.h"
 
@@ -32,11 +38,60 @@ void check_launch(cudaError_t status, const char* what) {
   TORCH_CHECK(status == cudaSuccess, "convbert_fast: ", what, " failed: ", cudaGetErrorString(status));
 }
 
-// CONVBERT_FAST_CUDA_KERNELS picks the kernels at each launch (launchers.h); a value it does not know is an error.
-void check_kernel_choice() {
-  TORCH_CHECK_VALUE(cuda_kernel_choice() != KernelChoice::kInvalid,
-                    "convbert_fast: CONVBERT_FAST_CUDA_KERNELS must be v1 or v2 (or unset: v2), got '",
-                    std::getenv("CONVBERT_FAST_CUDA_KERNELS"), "'");
+// CONVBERT_FAST_CUDA_KERNELS ("v2" or unset: the tiled kernels where they apply and pay by size; "v1": the general
+// ones; "tiled": the tiled ones wherever they apply, whatever the size, so that tests at small sizes run them) is read
+// from the environment once, when the library loads, and afterwards handed over by convbert_fast's Python ops each
+// time os.environ's value changes (ops/cpp.py, through the _cuda_kernels op): nothing here calls getenv while ops
+// run, since getenv racing another thread's setenv is undefined. Each op reads the choice once (kernel_choice) and
+// passes it to every plan and launch it makes, so its workspaces and its kernels always agree.
+constexpr const char* kKernelsVariable = "CONVBERT_FAST_CUDA_KERNELS";
+
+std::optional<KernelChoice> parse_kernel_choice(const std::string& value) {
+  if (value.empty() || value == "v2") return KernelChoice::kV2;
+  if (value == "v1") return KernelChoice::kV1;
+  if (value == "tiled") return KernelChoice::kTiled;
+  return std::nullopt;
+}
+
+// The environment's value at load; set once, read-only afterwards.
+const std::string& value_at_load() {
+  static const std::string value = [] {
+    const char* v = std::getenv(kKernelsVariable);
+    return std::string(v == nullptr ? "" : v);
+  }();
+  return value;
+}
+
+// static_cast<int>(KernelChoice), or -1: the value at load was not one (every op raises until one is handed over)
+int choice_at_load() {
+  const std::optional<KernelChoice> choice = parse_kernel_choice(value_at_load());
+  return choice ? static_cast<int>(*choice) : -1;
+}
+std::atomic<int> current_choice{choice_at_load()};
+
+void refuse_unknown_choice(const std::string& value) {
+  TORCH_CHECK_VALUE(false, "convbert_fast: ", kKernelsVariable, " must be v1, v2 or tiled (or unset: v2), got '", value, "'");
+}
+
+KernelChoice kernel_choice() {
+  const int choice = current_choice.load(std::memory_order_relaxed);
+  if (choice < 0) refuse_unknown_choice(value_at_load());
+  return static_cast<KernelChoice>(choice);
+}
+
+// _cuda_kernels(value): hands over os.environ's value (raising for one it does not know); returns the choice in
+// force, "v1", "v2" or "tiled".
+std::string cuda_kernels(const std::optional<std::string>& value) {
+  if (value.has_value()) {
+    const std::optional<KernelChoice> choice = parse_kernel_choice(*value);
+    if (!choice) refuse_unknown_choice(*value);
+    current_choice.store(static_cast<int>(*choice), std::memory_order_relaxed);
+  }
+  switch (kernel_choice()) {
+    case KernelChoice::kV1: return "v1";
+    case KernelChoice::kTiled: return "tiled";
+    default: return "v2";
+  }
 }
 
 void check_cuda_kernel_size(int64_t kernel_size) {
@@ -44,6 +99,13 @@ void check_cuda_kernel_size(int64_t kernel_size) {
   TORCH_CHECK_VALUE(kernel_size <= kMaxCudaKernelSize, "dynamic_span_conv: the cpp backend's CUDA kernels take ",
                     "kernel sizes up to ", kMaxCudaKernelSize, ", got ", kernel_size,
                     "; use the 'eager' backend for larger spans");
+}
+
+// values as the span conv kernels read it: in place (the fused projection's slice: no copy, issue 24) when its
+// channels are dense and its strides not negative, else a contiguous copy.
+at::Tensor span_values(const at::Tensor& values) {
+  const bool in_place = (values.size(2) <= 1 || values.stride(2) == 1) && values.stride(0) >= 0 && values.stride(1) >= 0;
+  return in_place ? values : values.contiguous();
 }
 
 // The launchers' form of sequence_offsets' result (composite.h): a device pointer and the number of sequences, or
@@ -61,14 +123,15 @@ void span_conv_into_cuda(const at::Tensor& values, const at::Tensor& kernel_logi
   check_span_conv_args(values, kernel_logits, num_heads);
   check_span_conv_out(values, kernel_logits, out);
   const Offsets offsets(sequence_offsets("dynamic_span_conv", cu_seqlens, values));
-  check_kernel_choice();
+  const KernelChoice kernels = kernel_choice();
   const c10::cuda::CUDAGuard guard(values.device());
-  const at::Tensor v = values.contiguous(), k = kernel_logits.contiguous();
+  const at::Tensor v = span_values(values), k = kernel_logits.contiguous();
   const int64_t kernel_size = k.size(2) / num_heads;
   check_cuda_kernel_size(kernel_size);
-  check_launch(span_conv_forward(dtype_of(v), v.const_data_ptr(), k.const_data_ptr(), out.mutable_data_ptr(),
-                                 v.size(0), v.size(1), num_heads, v.size(2) / num_heads, kernel_size, out.stride(0),
-                                 out.stride(1), offsets.data, offsets.sequences, c10::cuda::getCurrentCUDAStream()),
+  check_launch(span_conv_forward(kernels, dtype_of(v), v.const_data_ptr(), k.const_data_ptr(), out.mutable_data_ptr(),
+                                 v.size(0), v.size(1), num_heads, v.size(2) / num_heads, kernel_size, v.stride(0),
+                                 v.stride(1), out.stride(0), out.stride(1), offsets.data, offsets.sequences,
+                                 c10::cuda::getCurrentCUDAStream()),
                "dynamic_span_conv");
 }
 
@@ -84,25 +147,27 @@ std::tuple<at::Tensor, at::Tensor> span_conv_backward_cuda(const at::Tensor& gra
                                                            const OptionalTensor& cu_seqlens) {
   check_span_conv_args(values, kernel_logits, num_heads);
   const Offsets offsets(sequence_offsets("dynamic_span_conv_backward", cu_seqlens, values));
-  check_kernel_choice();
+  const KernelChoice kernels = kernel_choice();
   check_span_conv_grad(grad_out, values);
   const c10::cuda::CUDAGuard guard(values.device());
-  const at::Tensor v = values.contiguous(), k = kernel_logits.contiguous();
+  const at::Tensor v = span_values(values), k = kernel_logits.contiguous();
   const int64_t kernel_size = k.size(2) / num_heads, head_size = v.size(2) / num_heads;
   check_cuda_kernel_size(kernel_size);
   // the tiled kernels read grad_out through its row strides (the concat's slice of a wider gradient, uncopied)
   const bool strided = grad_out.sizes() == v.sizes() && (grad_out.size(2) <= 1 || grad_out.stride(2) == 1) &&
-                       span_conv_backward_reads_strided_grad(v.size(0), v.size(1), num_heads, head_size, kernel_size,
-                                                             grad_out.stride(1));
+                       grad_out.stride(1) >= 0 &&
+                       span_conv_plan(kernels, dtype_of(v), v.size(0), v.size(1), num_heads, head_size, kernel_size,
+                                      std::max(v.stride(1), grad_out.stride(1)), true)
+                           .tiled;
   const at::Tensor g = strided ? grad_out : grad_out.contiguous();
-  at::Tensor grad_values = at::empty_like(v), grad_logits = at::empty_like(k);
+  at::Tensor grad_values = at::empty(v.sizes(), v.options()), grad_logits = at::empty_like(k);
   // the softmax weights between the general kernels' two passes (the tiled kernels need none)
   const at::TensorOptions acc = k.options().dtype(acc_dtype(k));
   at::Tensor weights = strided ? at::empty({0}, acc) : at::empty(k.sizes(), acc);
-  check_launch(span_conv_backward(dtype_of(v), g.const_data_ptr(), v.const_data_ptr(), k.const_data_ptr(),
+  check_launch(span_conv_backward(kernels, dtype_of(v), g.const_data_ptr(), v.const_data_ptr(), k.const_data_ptr(),
                                   grad_values.mutable_data_ptr(), grad_logits.mutable_data_ptr(),
                                   weights.mutable_data_ptr(), v.size(0), v.size(1), num_heads, head_size, kernel_size,
-                                  g.stride(0), g.stride(1), offsets.data, offsets.sequences,
+                                  v.stride(0), v.stride(1), g.stride(0), g.stride(1), offsets.data, offsets.sequences,
                                   c10::cuda::getCurrentCUDAStream()),
                "dynamic_span_conv_backward");
   return {grad_values, grad_logits};
@@ -110,10 +175,10 @@ std::tuple<at::Tensor, at::Tensor> span_conv_backward_cuda(const at::Tensor& gra
 
 at::Tensor depthwise_cuda(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& offsets_or_undefined) {
   const Offsets offsets(offsets_or_undefined);
-  check_kernel_choice();
+  const KernelChoice kernels = kernel_choice();
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
-  check_launch(depthwise_conv_forward(dtype_of(x), x.const_data_ptr(), taps.const_data_ptr(), out.mutable_data_ptr(),
+  check_launch(depthwise_conv_forward(kernels, dtype_of(x), x.const_data_ptr(), taps.const_data_ptr(), out.mutable_data_ptr(),
                                       x.size(0), x.size(1), x.size(2), taps.size(0), offsets.data, offsets.sequences,
                                       c10::cuda::getCurrentCUDAStream()),
                "depthwise conv");
@@ -123,11 +188,12 @@ at::Tensor depthwise_cuda(const at::Tensor& x, const at::Tensor& taps, const at:
 at::Tensor depthwise_weight_grad_cuda(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size,
                                       const at::Tensor& offsets_or_undefined) {
   const Offsets offsets(offsets_or_undefined);
+  const KernelChoice kernels = kernel_choice();
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor g = grad.contiguous();
-  const int64_t chunks = depthwise_conv_weight_grad_chunks(x.size(0), x.size(1), x.size(2), kernel_size);
+  const int64_t chunks = depthwise_weight_grad_plan(kernels, x.size(0), x.size(1), x.size(2), kernel_size).chunks;
   at::Tensor partials = at::empty({chunks, kernel_size, x.size(2)}, x.options().dtype(acc_dtype(x)));  // all written
-  check_launch(depthwise_conv_weight_grad_partials(dtype_of(x), g.const_data_ptr(), x.const_data_ptr(),
+  check_launch(depthwise_conv_weight_grad_partials(kernels, dtype_of(x), g.const_data_ptr(), x.const_data_ptr(),
                                                    partials.mutable_data_ptr(), x.size(0), x.size(1), x.size(2),
                                                    kernel_size, offsets.data, offsets.sequences,
                                                    c10::cuda::getCurrentCUDAStream()),
@@ -135,40 +201,70 @@ at::Tensor depthwise_weight_grad_cuda(const at::Tensor& grad, const at::Tensor& 
   return partials.sum(0).to(x.scalar_type());  // a fixed-order reduction: the same bits every run
 }
 
+// The seed as the kernels take it: its value when it is on the CPU, else its address (composite.cpp checked it is one
+// int64 on the CPU or on the input's device).
+DropoutSeed dropout_seed_of(const at::Tensor& seed) {
+  if (seed.is_cpu()) return {static_cast<uint64_t>(seed.item<int64_t>()), nullptr};
+  return {0, seed.const_data_ptr<int64_t>()};
+}
+
 void norm_forward_cuda(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, const at::Tensor& bias,
-                       double p, double eps, int64_t seed, at::Tensor& out, at::Tensor& mean, at::Tensor& rstd) {
-  check_kernel_choice();
+                       double p, double eps, const at::Tensor& seed, at::Tensor& out, at::Tensor& mean,
+                       at::Tensor& rstd) {
+  const KernelChoice kernels = kernel_choice();
   const c10::cuda::CUDAGuard guard(x.device());
-  check_launch(dropout_add_layer_norm_forward(dtype_of(x), x.const_data_ptr(), residual.const_data_ptr(),
+  check_launch(dropout_add_layer_norm_forward(kernels, dtype_of(x), x.const_data_ptr(), residual.const_data_ptr(),
                                               weight.const_data_ptr(), bias.const_data_ptr(), out.mutable_data_ptr(),
                                               mean.mutable_data_ptr(), rstd.mutable_data_ptr(), x.size(0), x.size(1),
-                                              static_cast<uint64_t>(seed), p, eps, c10::cuda::getCurrentCUDAStream()),
+                                              dropout_seed_of(seed), p, eps, c10::cuda::getCurrentCUDAStream()),
                "dropout_add_layer_norm");
 }
 
 void norm_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& residual,
                         const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd, double p,
-                        int64_t seed, at::Tensor& grad_x, at::Tensor& grad_residual, at::Tensor& weight_partials,
-                        at::Tensor& bias_partials) {
-  check_kernel_choice();
+                        const at::Tensor& seed, at::Tensor& grad_x, at::Tensor& grad_residual,
+                        at::Tensor& weight_partials, at::Tensor& bias_partials) {
+  const KernelChoice kernels = kernel_choice();
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), channels = x.size(1);
-  const NormPartials sizes = dropout_add_layer_norm_backward_partials(
-      dtype_of(x), grad.const_data_ptr(), x.const_data_ptr(), residual.const_data_ptr(), weight.const_data_ptr(),
-      grad_x.const_data_ptr(), grad_residual.const_data_ptr(), rows, channels);
+  const NormPlan sizes = norm_backward_plan(kernels, dtype_of(x), grad.const_data_ptr(), x.const_data_ptr(),
+                                            residual.const_data_ptr(), weight.const_data_ptr(),
+                                            grad_x.const_data_ptr(), grad_residual.const_data_ptr(), rows, channels);
   weight_partials = at::empty({sizes.weight_rows, channels}, x.options().dtype(acc_dtype(x)));
   if (sizes.bias_rows > 0) bias_partials = at::empty({sizes.bias_rows, channels}, weight_partials.options());
-  check_launch(dropout_add_layer_norm_backward(dtype_of(x), grad.const_data_ptr(), x.const_data_ptr(),
+  check_launch(dropout_add_layer_norm_backward(kernels, dtype_of(x), grad.const_data_ptr(), x.const_data_ptr(),
                                                residual.const_data_ptr(), weight.const_data_ptr(), mean.const_data_ptr(),
                                                rstd.const_data_ptr(), grad_x.mutable_data_ptr(),
                                                grad_residual.mutable_data_ptr(), weight_partials.mutable_data_ptr(),
                                                sizes.bias_rows > 0 ? bias_partials.mutable_data_ptr() : nullptr, rows,
-                                               channels, static_cast<uint64_t>(seed), p,
+                                               channels, dropout_seed_of(seed), p,
                                                c10::cuda::getCurrentCUDAStream()),
                "dropout_add_layer_norm_backward");
 }
 
+// "" when _C holds code GPU `device` can run, else why not (read by cf.ops' `auto`, which falls back then).
+std::string cuda_kernel_image(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const cudaError_t status = kernel_image_for_current_device();
+  if (status == cudaSuccess) return "";
+  cudaDeviceProp properties;
+  TORCH_CHECK(cudaGetDeviceProperties(&properties, static_cast<int>(device)) == cudaSuccess,
+              "convbert_fast: cannot read the properties of CUDA device ", device);
+  const std::string capability = std::to_string(properties.major) + "." + std::to_string(properties.minor);
+  return "convbert_fast._C holds no code for " + std::string(properties.name) + " (compute capability " +
+         capability + ": " + cudaGetErrorString(status) + "); it was built for TORCH_CUDA_ARCH_LIST (setup.py's " +
+         "default: 8.0;9.0+PTX): rebuild it with TORCH_CUDA_ARCH_LIST=" + capability;
+}
+
 }  // namespace
+
+// Ops of the CUDA build only, without tensors (catch-all kernels).
+TORCH_LIBRARY_FRAGMENT(convbert_fast, m) {
+  // CONVBERT_FAST_CUDA_KERNELS handed over from Python (None: only read it) -> the choice in force, "v1", "v2" or "tiled"
+  m.def("_cuda_kernels(str? value=None) -> str", &cuda_kernels);
+  // "" when the kernels have code GPU `device` can run, else why not
+  m.def("_cuda_kernel_image(int device) -> str", &cuda_kernel_image);
+}
 
 TORCH_LIBRARY_IMPL(convbert_fast, CUDA, m) {
   m.impl("dynamic_span_conv", &span_conv_cuda);

@@ -80,12 +80,8 @@ __global__ void depthwise_conv_weight_grad_kernel(const T* __restrict__ grad, co
   }
 }
 
-constexpr int kDepthwiseWarps = 4;
-constexpr int kDepthwiseTile = 32;  // forward: tokens per warp
-constexpr int kDepthwiseVec = 4;    // forward: channels per lane
-constexpr int kWeightGradChunk = 128;  // weight gradient: tokens per partial sum
-constexpr int kWeightGradVec = 2;      // weight gradient: channels per lane (more warps in flight)
-
+// The tiled kernels' geometry: plan.h (kDepthwiseWarps, kDepthwiseTile, kDepthwiseVec, kWeightGradChunk,
+// kWeightGradVec).
 // Task = (batch * tiles + tile) * groups + group: a block's warps take neighbouring channel groups of a tile.
 struct DepthwiseTask {
   int batch, tile, channel;
@@ -224,108 +220,91 @@ __global__ void __launch_bounds__(kDepthwiseWarps * 32)
 #if defined(__CUDACC__)
 namespace {
 
-constexpr int kThreads = 256;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Whether the tiled kernels take this shape: K = 9 and 32-bit offsets inside a sequence (rows < L + tile).
-bool tiled(int64_t batch, int64_t seq_len, int64_t channels, int64_t kernel_size, int64_t tile) {
-  return cuda_kernel_choice() == KernelChoice::kV2 && kernel_size == 9 && (seq_len + tile) * channels < INT_MAX &&
-         batch * ceil_div(seq_len, tile) * ceil_div(channels, 32) < INT_MAX - kDepthwiseWarps;
-}
-
-// v1: chunks of chunk_rows consecutive rows of [B * L, C], at most 65535 (grid.y);
-// v2: chunks of kWeightGradChunk tokens inside each sequence.
-int64_t v1_chunk_rows(int64_t rows) { return std::max<int64_t>(64, ceil_div(rows, 65535)); }
-
 template <typename T, bool Vector, bool Packed>
-void forward_tiled(const void* x, const void* taps, void* out, int64_t batch, int64_t seq_len, int64_t channels,
-                   const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
-  const int64_t tiles = ceil_div(seq_len, kDepthwiseTile), groups = ceil_div(channels, 32 * kDepthwiseVec);
-  const int64_t tasks = batch * tiles * groups;
-  depthwise_conv_forward_tiled_kernel<T, 9, Vector, Packed>
-      <<<ceil_div(tasks, kDepthwiseWarps), kDepthwiseWarps * 32, 0, stream>>>(
-          static_cast<const T*>(x), static_cast<const T*>(taps), static_cast<T*>(out), static_cast<int>(tasks),
-          static_cast<int>(tiles), static_cast<int>(groups), static_cast<int>(seq_len), static_cast<int>(channels),
-          offsets, static_cast<int>(sequences));
+void forward_tiled(const DepthwisePlan& plan, const void* x, const void* taps, void* out, int64_t seq_len,
+                   int64_t channels, const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
+  depthwise_conv_forward_tiled_kernel<T, 9, Vector, Packed><<<plan.blocks, plan.threads, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<const T*>(taps), static_cast<T*>(out), static_cast<int>(plan.tasks),
+      static_cast<int>(plan.tiles), static_cast<int>(plan.groups), static_cast<int>(seq_len),
+      static_cast<int>(channels), offsets, static_cast<int>(sequences));
 }
 
 template <typename T, bool Vector, bool Packed>
-void weight_grad_tiled(const void* grad, const void* x, void* partials, int64_t batch, int64_t seq_len,
+void weight_grad_tiled(const WeightGradPlan& plan, const void* grad, const void* x, void* partials, int64_t seq_len,
                        int64_t channels, const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
-  const int64_t chunks = ceil_div(seq_len, kWeightGradChunk), groups = ceil_div(channels, 32 * kWeightGradVec);
-  const int64_t tasks = batch * chunks * groups;
-  depthwise_conv_weight_grad_tiled_kernel<T, 9, Vector, Packed>
-      <<<ceil_div(tasks, kDepthwiseWarps), kDepthwiseWarps * 32, 0, stream>>>(
-          static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<typename AccType<T>::type*>(partials),
-          static_cast<int>(tasks), static_cast<int>(chunks), static_cast<int>(groups), static_cast<int>(seq_len),
-          static_cast<int>(channels), offsets, static_cast<int>(sequences));
+  depthwise_conv_weight_grad_tiled_kernel<T, 9, Vector, Packed><<<plan.blocks_x, plan.threads, 0, stream>>>(
+      static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<typename AccType<T>::type*>(partials),
+      static_cast<int>(plan.tasks), static_cast<int>(plan.row_chunks), static_cast<int>(plan.groups),
+      static_cast<int>(seq_len), static_cast<int>(channels), offsets, static_cast<int>(sequences));
 }
 
 template <typename T>
-void forward(const void* x, const void* taps, void* out, int64_t batch, int64_t seq_len, int64_t channels,
-             int64_t kernel_size, const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
-  if (tiled(batch, seq_len, channels, kernel_size, kDepthwiseTile)) {
-    const bool aligned = vectors_aligned(kDepthwiseVec, sizeof(T), {x, taps, out}, {channels});
+void forward(const DepthwisePlan& plan, const void* x, const void* taps, void* out, int64_t batch, int64_t seq_len,
+             int64_t channels, int64_t kernel_size, const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
+  if (plan.tiled) {
+    const bool aligned = depthwise_forward_vectors(sizeof(T), x, taps, out, channels);
     CONVBERT_FAST_WITH_PACKED(offsets, Packed,
-      if (aligned) forward_tiled<T, true, Packed>(x, taps, out, batch, seq_len, channels, offsets, sequences, stream);
-      else forward_tiled<T, false, Packed>(x, taps, out, batch, seq_len, channels, offsets, sequences, stream))
+      if (aligned) forward_tiled<T, true, Packed>(plan, x, taps, out, seq_len, channels, offsets, sequences, stream);
+      else forward_tiled<T, false, Packed>(plan, x, taps, out, seq_len, channels, offsets, sequences, stream))
     return;
   }
-  const int64_t total = batch * seq_len * channels;
-  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 30);  // grid-stride loop
   CONVBERT_FAST_WITH_PACKED(offsets, Packed, CONVBERT_FAST_WITH_KERNEL_SIZE(kernel_size, KS,
-      depthwise_conv_forward_kernel<T, KS, Packed><<<blocks, kThreads, 0, stream>>>(
+      depthwise_conv_forward_kernel<T, KS, Packed><<<plan.blocks, plan.threads, 0, stream>>>(
           static_cast<const T*>(x), static_cast<const T*>(taps), static_cast<T*>(out), batch * seq_len, seq_len,
           channels, static_cast<int>(kernel_size), offsets, static_cast<int>(sequences))))
 }
 
 template <typename T>
-void weight_grad(const void* grad, const void* x, void* partials, int64_t batch, int64_t seq_len, int64_t channels,
-                 int64_t kernel_size, const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
-  if (tiled(batch, seq_len, channels, kernel_size, kWeightGradChunk)) {
-    const bool aligned = vectors_aligned(kWeightGradVec, sizeof(T), {grad, x}, {channels});
+void weight_grad(const WeightGradPlan& plan, const void* grad, const void* x, void* partials, int64_t batch,
+                 int64_t seq_len, int64_t channels, int64_t kernel_size, const int32_t* offsets, int64_t sequences,
+                 cudaStream_t stream) {
+  if (plan.tiled) {
+    const bool aligned = depthwise_weight_grad_vectors(sizeof(T), grad, x, channels);
     CONVBERT_FAST_WITH_PACKED(offsets, Packed,
       if (aligned) {
-        weight_grad_tiled<T, true, Packed>(grad, x, partials, batch, seq_len, channels, offsets, sequences, stream);
+        weight_grad_tiled<T, true, Packed>(plan, grad, x, partials, seq_len, channels, offsets, sequences, stream);
       } else {
-        weight_grad_tiled<T, false, Packed>(grad, x, partials, batch, seq_len, channels, offsets, sequences, stream);
+        weight_grad_tiled<T, false, Packed>(plan, grad, x, partials, seq_len, channels, offsets, sequences, stream);
       })
     return;
   }
-  const int64_t rows = batch * seq_len, chunk_rows = v1_chunk_rows(rows), chunks = ceil_div(rows, chunk_rows);
-  const dim3 grid(static_cast<unsigned>((channels + kThreads - 1) / kThreads), static_cast<unsigned>(chunks));
+  const dim3 grid(static_cast<unsigned>(plan.blocks_x), static_cast<unsigned>(plan.blocks_y));
   CONVBERT_FAST_WITH_PACKED(offsets, Packed,
-    depthwise_conv_weight_grad_kernel<T, Packed><<<grid, kThreads, 0, stream>>>(
+    depthwise_conv_weight_grad_kernel<T, Packed><<<grid, plan.threads, 0, stream>>>(
         static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<typename AccType<T>::type*>(partials),
-        rows, seq_len, channels, static_cast<int>(kernel_size), chunk_rows, offsets, static_cast<int>(sequences)))
+        batch * seq_len, seq_len, channels, static_cast<int>(kernel_size), plan.chunk_rows, offsets,
+        static_cast<int>(sequences)))
 }
 
 }  // namespace
 
-cudaError_t depthwise_conv_forward(DType dtype, const void* x, const void* taps, void* out, int64_t batch,
-                                   int64_t seq_len, int64_t channels, int64_t kernel_size, const int32_t* offsets,
-                                   int64_t sequences, cudaStream_t stream) {
+cudaError_t kernel_image_for_current_device() {
+  // every .cu holds code for the same architectures (one arch list): one kernel of one of them answers for all
+  cudaFuncAttributes attributes;
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, depthwise_conv_forward_kernel<float, 0, false>);
+  cudaGetLastError();  // not sticky, but recorded: cleared, so that the next launch's check does not see it
+  return status;
+}
+
+cudaError_t depthwise_conv_forward(KernelChoice kernels, DType dtype, const void* x, const void* taps, void* out,
+                                   int64_t batch, int64_t seq_len, int64_t channels, int64_t kernel_size,
+                                   const int32_t* offsets, int64_t sequences, cudaStream_t stream) {
   if (!packed_sequences_valid(batch, seq_len, offsets, sequences)) return cudaErrorInvalidValue;
   if (batch * seq_len * channels == 0) return cudaSuccess;
-  CONVBERT_FAST_DISPATCH(dtype, forward, x, taps, out, batch, seq_len, channels, kernel_size, offsets, sequences,
-                         stream)
+  const DepthwisePlan plan = depthwise_forward_plan(kernels, batch, seq_len, channels, kernel_size);
+  CONVBERT_FAST_DISPATCH(dtype, forward, plan, x, taps, out, batch, seq_len, channels, kernel_size, offsets,
+                         sequences, stream)
   return cudaGetLastError();
 }
 
-int64_t depthwise_conv_weight_grad_chunks(int64_t batch, int64_t seq_len, int64_t channels, int64_t kernel_size) {
-  if (tiled(batch, seq_len, channels, kernel_size, kWeightGradChunk)) return batch * ceil_div(seq_len, kWeightGradChunk);
-  const int64_t rows = batch * seq_len;
-  return ceil_div(rows, v1_chunk_rows(rows));
-}
-
-cudaError_t depthwise_conv_weight_grad_partials(DType dtype, const void* grad, const void* x, void* partials,
-                                                int64_t batch, int64_t seq_len, int64_t channels,
+cudaError_t depthwise_conv_weight_grad_partials(KernelChoice kernels, DType dtype, const void* grad, const void* x,
+                                                void* partials, int64_t batch, int64_t seq_len, int64_t channels,
                                                 int64_t kernel_size, const int32_t* offsets, int64_t sequences,
                                                 cudaStream_t stream) {
   if (!packed_sequences_valid(batch, seq_len, offsets, sequences)) return cudaErrorInvalidValue;
   if (channels == 0 || batch * seq_len == 0) return cudaSuccess;
-  CONVBERT_FAST_DISPATCH(dtype, weight_grad, grad, x, partials, batch, seq_len, channels, kernel_size, offsets,
+  const WeightGradPlan plan = depthwise_weight_grad_plan(kernels, batch, seq_len, channels, kernel_size);
+  CONVBERT_FAST_DISPATCH(dtype, weight_grad, plan, grad, x, partials, batch, seq_len, channels, kernel_size, offsets,
                          sequences, stream)
   return cudaGetLastError();
 }

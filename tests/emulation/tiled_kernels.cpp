@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -114,6 +115,15 @@ using std::fma;
 using std::min;
 using std::sqrt;
 
+// A GPU faults on a misaligned vector access, x86 does not: the vector loads and stores (common.cuh) trap here.
+[[noreturn]] void misaligned_vector(const void* p, int bytes) {
+  std::printf("TRAP: a %d-byte vector access at %p, not %d-byte aligned (a GPU faults here)\n", bytes, p, bytes);
+  std::fflush(stdout);
+  std::abort();
+}
+#define CONVBERT_FAST_VECTOR_ALIGNED(pointer, bytes) \
+  if (reinterpret_cast<uintptr_t>(pointer) % (bytes) != 0) misaligned_vector(pointer, bytes)
+
 // the kernels of each .cu (their launchers are nvcc-only)
 #include "../../csrc/cuda/dropout_add_layer_norm.cu"
 #include "../../csrc/cuda/dynamic_span_conv.cu"
@@ -161,9 +171,31 @@ double to_d(T v) {
   else if constexpr (std::is_same_v<T, __half>) return __half2float(v);
   else return static_cast<double>(v);
 }
+// Device memory as the CUDA caching allocator hands it out: 512-byte aligned (std::vector's 16 bytes would not let
+// fp64 take vectors of 32 bytes), and sized exactly (AddressSanitizer sees a read past the end)
+template <typename T>
+struct DeviceAllocator {
+  using value_type = T;
+  DeviceAllocator() = default;
+  template <typename U>
+  DeviceAllocator(const DeviceAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(512))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(512)); }
+  bool operator==(const DeviceAllocator&) const { return true; }
+};
+template <typename T>
+using Buffer = std::vector<T, DeviceAllocator<T>>;
+
+template <typename T>
+constexpr DType dtype_of() {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return DType::BFloat16;
+  else if constexpr (std::is_same_v<T, __half>) return DType::Float16;
+  else if constexpr (std::is_same_v<T, double>) return DType::Float64;
+  else return DType::Float32;
+}
 template <typename T>
 struct Data {
-  std::vector<T> t;
+  Buffer<T> t;
   std::vector<double> d;
   Data(size_t n, std::mt19937& rng, double scale = 1.0) : t(n), d(n) {
     std::normal_distribution<double> normal(0.0, scale);
@@ -175,7 +207,7 @@ int failures = 0;
 
 // max |got - want| <= atol + rtol * max |want|, over the entries want[i] (got from T)
 template <typename T>
-void expect_close(const char* what, const std::vector<T>& got, const std::vector<double>& want, double rtol,
+void expect_close(const char* what, const T& got, const std::vector<double>& want, double rtol,
                   double atol = 0.0) {
   double worst = 0.0, scale = 0.0;
   for (size_t i = 0; i < want.size(); ++i) {
@@ -213,9 +245,9 @@ struct Layout {
 };
 
 // the entries of rows not in `poisoned` (a packed sequence whose inputs are NaN), `width` entries a row
-template <typename V>
-std::vector<V> outside(const std::vector<V>& v, int width, const Layout& layout, int poisoned) {
-  std::vector<V> kept;
+template <typename Container>
+Container outside(const Container& v, int width, const Layout& layout, int poisoned) {
+  Container kept;
   for (size_t i = 0; i < v.size(); ++i)
     if (!layout.in_sequence(static_cast<int>(i / width), poisoned)) kept.push_back(v[i]);
   return kept;
@@ -232,25 +264,30 @@ std::vector<V> outside(const std::vector<V>& v, int width, const Layout& layout,
   }
 
 // ---- span conv: v2 (K = 9) and v1 on the same data, each against the double-precision loops
-template <typename T, bool Vector>
+// out_pad > 0: the output, the gradient and the values are rows of a wider tensor (the concat's slice, the fused
+// projection's slice), the padding columns of values NaN: read through their strides, and those never read.
 // poisoned >= 0: that packed sequence's values are NaN, and only the other rows are compared: a neighbour's NaN
 // must not reach them. (Its gradient stays finite: the tiled backward lets a non-finite gradient row reach d(values)
 // of the K/2 rows beside it, by design; csrc/cuda/dynamic_span_conv.cu says why.)
+template <typename T, bool Vector>
 void span_conv_case(const char* name, const Layout& layout, int heads, int head_size, int K, int out_pad,
                     double rtol, int poisoned = -1) {
   using A = typename AccType<T>::type;
   const int half = K / 2, rows = layout.total(), seq_len = layout.seq_len, batch = layout.batch;
   std::mt19937 rng(17);
-  const int width = heads * head_size, out_row = width + out_pad;
-  Data<T> values(size_t(rows) * width, rng), logits(size_t(rows) * heads * K, rng, 2.0);
+  const int width = heads * head_size, out_row = width + out_pad, values_row = out_row;
+  Data<T> values(size_t(rows) * values_row, rng), logits(size_t(rows) * heads * K, rng, 2.0);
   Data<T> grad(size_t(rows) * out_row, rng);  // read through the out strides, as the concat's slice
   for (int row = 0; row < rows; ++row) {
-    if (!layout.in_sequence(row, poisoned)) continue;
-    for (int c = 0; c < width; ++c) values.t[size_t(row) * width + c] = to_t<T>(NAN), values.d[size_t(row) * width + c] = NAN;
+    for (int c = 0; c < values_row; ++c) {
+      if (c >= width || layout.in_sequence(row, poisoned)) {
+        values.t[size_t(row) * values_row + c] = to_t<T>(NAN), values.d[size_t(row) * values_row + c] = NAN;
+      }
+    }
   }
   // reference, in double
   std::vector<double> w(logits.d.size()), out_ref(size_t(rows) * out_row, 0.0);
-  std::vector<double> grad_values_ref(values.d.size(), 0.0), grad_logits_ref(logits.d.size(), 0.0);
+  std::vector<double> grad_values_ref(size_t(rows) * width, 0.0), grad_logits_ref(logits.d.size(), 0.0);
   for (size_t task = 0; task < size_t(rows) * heads; ++task) {
     const double* z = &logits.d[task * K];
     double top = z[0], total = 0;
@@ -268,10 +305,10 @@ void span_conv_case(const char* name, const Layout& layout, int heads, int head_
         const int s = row + j - half;
         if (s < lo || s >= hi) continue;
         for (int d = 0; d < head_size; ++d) {
-          const size_t src = size_t(s) * width + h * head_size + d, g = size_t(row) * out_row + h * head_size + d;
+          const size_t src = size_t(s) * values_row + h * head_size + d, g = size_t(row) * out_row + h * head_size + d;
           out_ref[g] += w[task * K + j] * values.d[src];
           grad_w[j] += grad.d[g] * values.d[src];
-          grad_values_ref[src] += w[task * K + j] * grad.d[g];
+          grad_values_ref[size_t(s) * width + h * head_size + d] += w[task * K + j] * grad.d[g];
         }
       }
       for (int j = 0; j < K; ++j) dot += w[task * K + j] * grad_w[j];
@@ -281,9 +318,9 @@ void span_conv_case(const char* name, const Layout& layout, int heads, int head_
   std::vector<double> out_conv_ref;  // only the conv's columns of out are written: compare those
   for (size_t row = 0; row < size_t(rows); ++row)
     for (int c = 0; c < width; ++c) out_conv_ref.push_back(out_ref[row * out_row + c]);
-  auto check = [&](const char* version, const std::vector<T>& out, const std::vector<T>& grad_values,
-                   const std::vector<T>& grad_logits) {
-    std::vector<T> out_conv;
+  auto check = [&](const char* version, const Buffer<T>& out, const Buffer<T>& grad_values,
+                   const Buffer<T>& grad_logits) {
+    Buffer<T> out_conv;
     for (size_t row = 0; row < size_t(rows); ++row)
       for (int c = 0; c < out_row; ++c)
         if (c < width) out_conv.push_back(out[row * out_row + c]);
@@ -301,56 +338,70 @@ void span_conv_case(const char* name, const Layout& layout, int heads, int head_
   };
   const int32_t* offsets = layout.device_offsets();
   const int sequences = layout.sequences();
-  const int64_t out_batch = int64_t(seq_len) * out_row;
-  if (K == 9) {  // v2, with the launcher's geometry (csrc/cuda/dynamic_span_conv.cu)
-    const int tiles = ceil_div(seq_len, kSpanTile), tasks = batch * heads * tiles, warps = span_tile_warps<T>();
-    std::vector<T> out(out_ref.size(), to_t<T>(0.0)), grad_values(values.t.size()), grad_logits(logits.t.size());
-    auto run = [&](auto packed) {
-      constexpr bool Packed = decltype(packed)::value;
-      launch(ceil_div(tasks, warps), warps * 32, [&] {
-        span_conv_forward_tiled_kernel<T, 9, Vector, Packed>(values.t.data(), logits.t.data(), out.data(), tasks,
-                                                             tiles, seq_len, heads, head_size, out_batch, out_row,
-                                                             offsets, sequences);
-      });
-      launch(ceil_div(tasks, warps), warps * 32, [&] {
-        span_conv_backward_tiled_kernel<T, 9, Vector, Packed>(grad.t.data(), values.t.data(), logits.t.data(),
-                                                              grad_values.data(), grad_logits.data(), tasks, tiles,
-                                                              seq_len, heads, head_size, out_batch, out_row, offsets,
-                                                              sequences);
-      });
-    };
-    if (offsets) run(std::true_type{});
-    else run(std::false_type{});
-    check("v2", out, grad_values, grad_logits);
-  }
-  {  // v1: the backward reads a contiguous gradient (the glue makes one) and keeps the weights between its passes
-    const int64_t tasks = int64_t(rows) * heads;
-    const unsigned blocks = static_cast<unsigned>((tasks + kSpanWarpsPerBlock - 1) / kSpanWarpsPerBlock);
-    std::vector<T> out(out_ref.size(), to_t<T>(0.0)), grad_values(values.t.size()), grad_logits(logits.t.size());
-    std::vector<T> grad_dense(values.t.size());
+  const int64_t out_batch = int64_t(seq_len) * out_row, values_batch = int64_t(seq_len) * values_row;
+  // each kernel choice, through the launchers' own plans (csrc/cuda/plan.h): the tiled kernels where they apply
+  // (K = 9 here; whatever the size: kTiled), and v1 the general ones
+  for (const KernelChoice kernels : {KernelChoice::kTiled, KernelChoice::kV1}) {
+    const SpanConvPlan plan =
+        span_conv_plan(kernels, dtype_of<T>(), batch, seq_len, heads, head_size, K, out_row, false);
+    Buffer<T> out(out_ref.size(), to_t<T>(0.0)), grad_values(size_t(rows) * width), grad_logits(logits.t.size());
+    if (plan.tiled) {
+      // the launchers' vector choice (plan.h) must be this case's
+      const bool forward_vectors = span_forward_vectors(sizeof(T), values.t.data(), out.data(), head_size,
+                                                        values_batch, values_row, out_batch, out_row);
+      const bool backward_vectors = span_backward_vectors(sizeof(T), grad.t.data(), values.t.data(),
+                                                          grad_values.data(), head_size, values_batch, values_row,
+                                                          out_batch, out_row);
+      if (forward_vectors != Vector || backward_vectors != Vector) {
+        ++failures;
+        std::printf("span conv %s: the plans chose vectors %d/%d\n", name, forward_vectors, backward_vectors);
+      }
+      auto run = [&](auto packed) {
+        constexpr bool Packed = decltype(packed)::value;
+        launch(plan.blocks, plan.threads, [&] {
+          span_conv_forward_tiled_kernel<T, 9, Vector, Packed>(values.t.data(), logits.t.data(), out.data(),
+                                                               plan.tasks, plan.tiles, seq_len, heads, head_size,
+                                                               values_batch, values_row, out_batch, out_row, offsets,
+                                                               sequences);
+        });
+        launch(plan.blocks, plan.threads, [&] {
+          span_conv_backward_tiled_kernel<T, 9, Vector, Packed>(grad.t.data(), values.t.data(), logits.t.data(),
+                                                                grad_values.data(), grad_logits.data(), plan.tasks,
+                                                                plan.tiles, seq_len, heads, head_size, values_batch,
+                                                                values_row, out_batch, out_row, offsets, sequences);
+        });
+      };
+      if (offsets) run(std::true_type{});
+      else run(std::false_type{});
+      check("v2", out, grad_values, grad_logits);
+      continue;
+    }
+    // v1: the backward reads a contiguous gradient (the glue makes one) and keeps the weights between its passes
+    Buffer<T> grad_dense(size_t(rows) * width);
     for (size_t row = 0; row < size_t(rows); ++row)
       for (int c = 0; c < width; ++c) grad_dense[row * width + c] = grad.t[row * out_row + c];
-    std::vector<A> weights(logits.t.size());
+    Buffer<A> weights(logits.t.size());
     auto run = [&](auto packed) {
       constexpr bool Packed = decltype(packed)::value;
       WITH_KS(K, KS,
-        launch(blocks, kSpanWarpsPerBlock * 32, [&] {
+        launch(plan.blocks, plan.threads, [&] {
           span_conv_forward_kernel<T, KS, Packed>(values.t.data(), logits.t.data(), out.data(), batch, seq_len, heads,
-                                                  head_size, K, out_batch, out_row, offsets, sequences);
+                                                  head_size, K, values_batch, values_row, out_batch, out_row, offsets,
+                                                  sequences);
         });
-        launch(blocks, kSpanWarpsPerBlock * 32, [&] {
+        launch(plan.blocks, plan.threads, [&] {
           span_conv_backward_logits_kernel<T, KS, Packed>(grad_dense.data(), values.t.data(), logits.t.data(),
                                                           grad_logits.data(), weights.data(), batch, seq_len, heads,
-                                                          head_size, K, offsets, sequences);
+                                                          head_size, K, values_batch, values_row, offsets, sequences);
         });
-        launch(blocks, kSpanWarpsPerBlock * 32, [&] {
+        launch(plan.blocks, plan.threads, [&] {
           span_conv_backward_values_kernel<T, KS, Packed>(grad_dense.data(), weights.data(), grad_values.data(),
                                                           batch, seq_len, heads, head_size, K, offsets, sequences);
         }))
     };
     if (offsets) run(std::true_type{});
     else run(std::false_type{});
-    check("v1", out, grad_values, grad_logits);
+    check(kernels == KernelChoice::kV1 ? "v1" : "v1 (the tiled choice took it)", out, grad_values, grad_logits);
   }
 }
 
@@ -382,7 +433,7 @@ void depthwise_case(const char* name, const Layout& layout, int channels, int K,
       }
     }
   }
-  auto check = [&](const char* version, const std::vector<T>& out, const std::vector<A>& partials) {
+  auto check = [&](const char* version, const Buffer<T>& out, const Buffer<A>& partials) {
     std::vector<double> taps_grad(taps.d.size(), 0.0);  // summed over chunks, as the glue does
     for (size_t chunk = 0; chunk < partials.size() / taps_grad.size(); ++chunk)
       for (size_t i = 0; i < taps_grad.size(); ++i) taps_grad[i] += partials[chunk * taps_grad.size() + i];
@@ -394,49 +445,44 @@ void depthwise_case(const char* name, const Layout& layout, int channels, int K,
   };
   const int32_t* offsets = layout.device_offsets();
   const int sequences = layout.sequences();
-  if (K == 9) {  // v2
-    const int tiles = ceil_div(seq_len, kDepthwiseTile), groups = ceil_div(channels, 32 * kDepthwiseVec);
-    const int tasks = batch * tiles * groups;
-    const int chunks = ceil_div(seq_len, kWeightGradChunk), wg_groups = ceil_div(channels, 32 * kWeightGradVec);
-    const int wg_tasks = batch * chunks * wg_groups;
-    std::vector<T> out(x.t.size());
-    std::vector<A> partials(size_t(batch) * chunks * K * channels, A(NAN));
+  for (const KernelChoice kernels : {KernelChoice::kTiled, KernelChoice::kV1}) {  // through the launchers' plans
+    const DepthwisePlan plan = depthwise_forward_plan(kernels, batch, seq_len, channels, K);
+    const WeightGradPlan wg = depthwise_weight_grad_plan(kernels, batch, seq_len, channels, K);
+    Buffer<T> out(x.t.size());
+    // the glue allocates the partial sums from the plan, uninitialised: every entry must be written (NaN shows if not)
+    Buffer<A> partials(size_t(wg.chunks) * K * channels, A(NAN));
     auto run = [&](auto packed) {
       constexpr bool Packed = decltype(packed)::value;
-      launch(ceil_div(tasks, kDepthwiseWarps), kDepthwiseWarps * 32, [&] {
-        depthwise_conv_forward_tiled_kernel<T, 9, Vector, Packed>(x.t.data(), taps.t.data(), out.data(), tasks,
-                                                                  tiles, groups, seq_len, channels, offsets,
-                                                                  sequences);
-      });
-      launch(ceil_div(wg_tasks, kDepthwiseWarps), kDepthwiseWarps * 32, [&] {
-        depthwise_conv_weight_grad_tiled_kernel<T, 9, Vector, Packed>(grad.t.data(), x.t.data(), partials.data(),
-                                                                      wg_tasks, chunks, wg_groups, seq_len, channels,
-                                                                      offsets, sequences);
-      });
+      if (plan.tiled) {
+        launch(plan.blocks, plan.threads, [&] {
+          depthwise_conv_forward_tiled_kernel<T, 9, Vector, Packed>(x.t.data(), taps.t.data(), out.data(),
+                                                                    plan.tasks, plan.tiles, plan.groups, seq_len,
+                                                                    channels, offsets, sequences);
+        });
+      } else {
+        WITH_KS(K, KS,
+          launch(plan.blocks, plan.threads, [&] {
+            depthwise_conv_forward_kernel<T, KS, Packed>(x.t.data(), taps.t.data(), out.data(), rows, seq_len,
+                                                         channels, K, offsets, sequences);
+          }))
+      }
+      if (wg.tiled) {
+        launch(wg.blocks_x, wg.threads, [&] {
+          depthwise_conv_weight_grad_tiled_kernel<T, 9, Vector, Packed>(grad.t.data(), x.t.data(), partials.data(),
+                                                                        wg.tasks, wg.row_chunks, wg.groups, seq_len,
+                                                                        channels, offsets, sequences);
+        });
+      } else {
+        launch({unsigned(wg.blocks_x), unsigned(wg.blocks_y), 1}, wg.threads, [&] {
+          depthwise_conv_weight_grad_kernel<T, Packed>(grad.t.data(), x.t.data(), partials.data(), rows, seq_len,
+                                                       channels, K, wg.chunk_rows, offsets, sequences);
+        });
+      }
     };
     if (offsets) run(std::true_type{});
     else run(std::false_type{});
-    check("v2", out, partials);
-  }
-  {  // v1, with the launcher's geometry: 256 threads, one per element; weight gradient chunks of 64 rows
-    std::vector<T> out(x.t.size());
-    const int chunk_rows = 64, chunks = ceil_div(rows, chunk_rows);
-    std::vector<A> partials(size_t(chunks) * K * channels, A(NAN));
-    auto run = [&](auto packed) {
-      constexpr bool Packed = decltype(packed)::value;
-      WITH_KS(K, KS,
-        launch(ceil_div(rows * channels, 256), 256, [&] {
-          depthwise_conv_forward_kernel<T, KS, Packed>(x.t.data(), taps.t.data(), out.data(), rows, seq_len, channels,
-                                                       K, offsets, sequences);
-        }))
-      launch({unsigned(ceil_div(channels, 256)), unsigned(chunks), 1}, 256, [&] {
-        depthwise_conv_weight_grad_kernel<T, Packed>(grad.t.data(), x.t.data(), partials.data(), rows, seq_len,
-                                                     channels, K, chunk_rows, offsets, sequences);
-      });
-    };
-    if (offsets) run(std::true_type{});
-    else run(std::false_type{});
-    check("v1", out, partials);
+    const char* version = plan.tiled ? "v2" : kernels == KernelChoice::kV1 ? "v1" : "v1 (the tiled choice took it)";
+    check(version, out, partials);
   }
 }
 
@@ -450,34 +496,38 @@ void bad_offsets_case() {
   std::mt19937 rng(21);
   Data<T> values(size_t(seq_len) * heads * head_size, rng), logits(size_t(seq_len) * heads * K, rng);
   Data<T> x(size_t(seq_len) * channels, rng), taps(size_t(K) * channels, rng);
-  std::vector<T> out(values.t.size()), grad_values(values.t.size()), grad_logits(logits.t.size()), dw_out(x.t.size());
-  std::vector<typename AccType<T>::type> weights(logits.t.size()), partials(size_t(K) * channels);
+  Buffer<T> out(values.t.size()), grad_values(values.t.size()), grad_logits(logits.t.size()), dw_out(x.t.size());
+  Buffer<typename AccType<T>::type> weights(logits.t.size()), partials(size_t(K) * channels);
   const int width = heads * head_size, span_tasks = heads * ceil_div(seq_len, kSpanTile);
   for (const auto& o : bad) {
     const int n = static_cast<int>(o.size()) - 1;
     launch(ceil_div(span_tasks, span_tile_warps<T>()), span_tile_warps<T>() * 32, [&] {
       span_conv_forward_tiled_kernel<T, 9, true, true>(values.t.data(), logits.t.data(), out.data(), span_tasks,
                                                        ceil_div(seq_len, kSpanTile), seq_len, heads, head_size,
-                                                       int64_t(seq_len) * width, width, o.data(), n);
+                                                       int64_t(seq_len) * width, width, int64_t(seq_len) * width,
+                                                       width, o.data(), n);
     });
     launch(ceil_div(span_tasks, span_tile_warps<T>()), span_tile_warps<T>() * 32, [&] {
       span_conv_backward_tiled_kernel<T, 9, true, true>(values.t.data(), values.t.data(), logits.t.data(),
                                                         grad_values.data(), grad_logits.data(), span_tasks,
                                                         ceil_div(seq_len, kSpanTile), seq_len, heads, head_size,
-                                                        int64_t(seq_len) * width, width, o.data(), n);
+                                                        int64_t(seq_len) * width, width, int64_t(seq_len) * width,
+                                                        width, o.data(), n);
     });
     const unsigned span_blocks = ceil_div(seq_len * heads, kSpanWarpsPerBlock);
     launch(span_blocks, kSpanWarpsPerBlock * 32, [&] {
-      span_conv_forward_kernel<T, 9, true>(values.t.data(), logits.t.data(), out.data(), 1, seq_len, heads, head_size, K,
-                                     int64_t(seq_len) * width, width, o.data(), n);
+      span_conv_forward_kernel<T, 9, true>(values.t.data(), logits.t.data(), out.data(), 1, seq_len, heads, head_size,
+                                           K, int64_t(seq_len) * width, width, int64_t(seq_len) * width, width,
+                                           o.data(), n);
     });
     launch(span_blocks, kSpanWarpsPerBlock * 32, [&] {
-      span_conv_backward_logits_kernel<T, 9, true>(values.t.data(), values.t.data(), logits.t.data(), grad_logits.data(),
-                                             weights.data(), 1, seq_len, heads, head_size, K, o.data(), n);
+      span_conv_backward_logits_kernel<T, 9, true>(values.t.data(), values.t.data(), logits.t.data(),
+                                                   grad_logits.data(), weights.data(), 1, seq_len, heads, head_size,
+                                                   K, int64_t(seq_len) * width, width, o.data(), n);
     });
     launch(span_blocks, kSpanWarpsPerBlock * 32, [&] {
-      span_conv_backward_values_kernel<T, 9, true>(values.t.data(), weights.data(), grad_values.data(), 1, seq_len, heads,
-                                             head_size, K, o.data(), n);
+      span_conv_backward_values_kernel<T, 9, true>(values.t.data(), weights.data(), grad_values.data(), 1, seq_len,
+                                                   heads, head_size, K, o.data(), n);
     });
     const int tiles = ceil_div(seq_len, kDepthwiseTile), groups = ceil_div(channels, 32 * kDepthwiseVec);
     launch(ceil_div(tiles * groups, kDepthwiseWarps), kDepthwiseWarps * 32, [&] {
@@ -549,34 +599,70 @@ void layer_norm_case(const char* name, int rows, int channels, double p, double 
       gx_ref[i] = keep[c] ? gr_ref[i] * scale : 0.0;
     }
   }
-  std::vector<T> out(x.t.size()), gx(x.t.size()), gr(x.t.size());
-  std::vector<A> mean(rows), rstd(rows);
-  launch(ceil_div(rows, kNormWarps * kNormForwardRows), kNormWarps * 32, [&] {
-    dropout_add_layer_norm_forward_tiled_kernel<T, NV, Dropout>(
-        x.t.data(), residual.t.data(), weight.t.data(), bias.t.data(), out.data(), mean.data(), rstd.data(), rows,
-        channels, seed, threshold, static_cast<A>(scale), static_cast<A>(eps));
-  });
-  const int blocks = ceil_div(rows, kNormWarps * kNormBackwardRows);
-  std::vector<A> wp(size_t(blocks) * channels, A(NAN)), bp(size_t(blocks) * channels, A(NAN));
-  launch(blocks, kNormWarps * 32, [&] {
-    dropout_add_layer_norm_backward_tiled_kernel<T, NV, Dropout>(
-        grad.t.data(), x.t.data(), residual.t.data(), weight.t.data(), mean.data(), rstd.data(), gx.data(),
-        gr.data(), wp.data(), bp.data(), rows, channels, seed, threshold, static_cast<A>(scale));
-  });
-  std::vector<double> dw(channels, 0.0), db(channels, 0.0);
-  for (int k = 0; k < blocks; ++k)
-    for (int c = 0; c < channels; ++c) dw[c] += wp[size_t(k) * channels + c], db[c] += bp[size_t(k) * channels + c];
-  char label[160];
-  std::snprintf(label, sizeof label, "LayerNorm fwd %s", name);
-  expect_close(label, out, out_ref, rtol);
-  std::snprintf(label, sizeof label, "LayerNorm d(x) %s", name);
-  expect_close(label, gx, gx_ref, rtol);
-  std::snprintf(label, sizeof label, "LayerNorm d(residual) %s", name);
-  expect_close(label, gr, gr_ref, rtol);
-  std::snprintf(label, sizeof label, "LayerNorm d(weight) %s", name);
-  expect_close(label, dw, dw_ref, acc_rtol);
-  std::snprintf(label, sizeof label, "LayerNorm d(bias) %s", name);
-  expect_close(label, db, db_ref, acc_rtol);
+  // the seed by value (a CPU tensor's) to v1, by address (a GPU tensor's, read by the kernels) to v2
+  const int64_t seed_on_device = static_cast<int64_t>(seed);
+  const DropoutSeed by_value{seed, nullptr}, on_device{0, &seed_on_device};
+  // each kernel choice through the launchers' plans (csrc/cuda/plan.h), which must pick these NV vectors per lane
+  for (const KernelChoice kernels : {KernelChoice::kTiled, KernelChoice::kV1}) {
+    Buffer<T> out(x.t.size()), gx(x.t.size()), gr(x.t.size());
+    Buffer<A> mean(rows), rstd(rows);
+    const NormPlan forward = norm_forward_plan(kernels, dtype_of<T>(), x.t.data(), residual.t.data(),
+                                               weight.t.data(), bias.t.data(), out.data(), rows, channels);
+    const NormPlan backward = norm_backward_plan(kernels, dtype_of<T>(), grad.t.data(), x.t.data(),
+                                                 residual.t.data(), weight.t.data(), gx.data(), gr.data(), rows,
+                                                 channels);
+    const int expected = kernels == KernelChoice::kTiled ? NV : 0;
+    if (forward.vectors != expected || backward.vectors != expected) {
+      ++failures;
+      std::printf("LayerNorm %s: the plans chose %d and %d vectors per lane, not %d\n", name, forward.vectors,
+                  backward.vectors, expected);
+      continue;
+    }
+    // the partial sums as the glue allocates them, from the plan: every entry must be written (NaN shows if not)
+    Buffer<A> wp(size_t(backward.weight_rows) * channels, A(NAN)), bp(size_t(backward.bias_rows) * channels, A(NAN));
+    if (forward.vectors > 0) {
+      launch(forward.forward_blocks, kNormWarps * 32, [&] {
+        dropout_add_layer_norm_forward_tiled_kernel<T, NV, Dropout>(
+            x.t.data(), residual.t.data(), weight.t.data(), bias.t.data(), out.data(), mean.data(), rstd.data(), rows,
+            channels, on_device, threshold, static_cast<A>(scale), static_cast<A>(eps));
+      });
+      launch(backward.backward_blocks, kNormWarps * 32, [&] {
+        dropout_add_layer_norm_backward_tiled_kernel<T, NV, Dropout>(
+            grad.t.data(), x.t.data(), residual.t.data(), weight.t.data(), mean.data(), rstd.data(), gx.data(),
+            gr.data(), wp.data(), bp.data(), rows, channels, on_device, threshold, static_cast<A>(scale));
+      });
+    } else {  // v1: a block per row; d(bias) is the caller's sum of grad
+      launch(forward.forward_blocks, kNormThreads, [&] {
+        dropout_add_layer_norm_forward_kernel<T>(x.t.data(), residual.t.data(), weight.t.data(), bias.t.data(),
+                                                 out.data(), mean.data(), rstd.data(), channels, by_value, threshold,
+                                                 static_cast<A>(scale), static_cast<A>(eps));
+      });
+      launch(backward.backward_blocks, kNormThreads, [&] {
+        dropout_add_layer_norm_backward_kernel<T>(grad.t.data(), x.t.data(), residual.t.data(), weight.t.data(),
+                                                  mean.data(), rstd.data(), gx.data(), gr.data(), wp.data(), channels,
+                                                  by_value, threshold, static_cast<A>(scale));
+      });
+      bp.assign(size_t(rows) * channels, A(0));
+      for (size_t i = 0; i < bp.size(); ++i) bp[i] = to_d(grad.t[i]);
+    }
+    std::vector<double> dw(channels, 0.0), db(channels, 0.0);
+    for (size_t k = 0; k < wp.size() / channels; ++k)
+      for (int c = 0; c < channels; ++c) dw[c] += wp[k * channels + c];
+    for (size_t k = 0; k < bp.size() / channels; ++k)
+      for (int c = 0; c < channels; ++c) db[c] += bp[k * channels + c];
+    const char* version = kernels == KernelChoice::kTiled ? "v2" : "v1";
+    char label[160];
+    std::snprintf(label, sizeof label, "LayerNorm %s fwd %s", version, name);
+    expect_close(label, out, out_ref, rtol);
+    std::snprintf(label, sizeof label, "LayerNorm %s d(x) %s", version, name);
+    expect_close(label, gx, gx_ref, rtol);
+    std::snprintf(label, sizeof label, "LayerNorm %s d(residual) %s", version, name);
+    expect_close(label, gr, gr_ref, rtol);
+    std::snprintf(label, sizeof label, "LayerNorm %s d(weight) %s", version, name);
+    expect_close(label, dw, dw_ref, acc_rtol);
+    std::snprintf(label, sizeof label, "LayerNorm %s d(bias) %s", version, name);
+    expect_close(label, db, db_ref, acc_rtol);
+  }
 }
 
 // the GPU's 32-bit form of the dropout hash (csrc/dropout_mask.h) against splitmix64, around each decision's threshold
@@ -641,6 +727,9 @@ int main() {
   layer_norm_case<float, 1, false>("fp32 C=128 rows=40 p=0", 40, 128, 0.0, 2e-6);
   layer_norm_case<__nv_bfloat16, 3, true>("bf16 C=768 rows=9 p=0.1", 9, 768, 0.1, 8e-3);
   layer_norm_case<double, 4, true>("fp64 C=256 rows=33 p=0.5", 33, 256, 0.5, 1e-12);
+  // fp32 up to C = 1024 (ConvBERT-base's LayerNorm under autocast): 6 vectors per lane, and 7 rounded up to 8
+  layer_norm_case<float, 6, true>("fp32 C=768 rows=9 p=0.1", 9, 768, 0.1, 2e-6);
+  layer_norm_case<float, 8, true>("fp32 C=900 rows=5 p=0.2 (8 vectors, 1 masked)", 5, 900, 0.2, 2e-6);
   std::printf("%d failure(s)\n", failures);
   return failures != 0;
 }
