@@ -21,6 +21,42 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU features that decide how bf16 and fp16 run: ATen's and oneDNN's GEMMs take AMX or AVX512-BF16/FP16 tiles
+# where the CPU has them, and emulate them in fp32 lanes where it does not.
+LOW_PRECISION_FLAGS = ("amx_bf16", "amx_fp16", "amx_tile", "avx512_bf16", "avx512_fp16")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux names them (/proc/cpuinfo); empty where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_isa() -> dict:
+    """The instruction sets the CPU code runs with: `kernels`, the x86 level of convbert_fast's C++ kernels
+    ("avx512", "avx2" or "baseline"; None without convbert_fast._C; else why it cannot be told, say a bad
+    CONVBERT_FAST_CPU_ISA); `aten`, the level of ATen's own vectorised kernels (torch.backends.cpu); `low_precision`,
+    which of LOW_PRECISION_FLAGS this CPU has (the bf16/fp16 GEMMs' matrix hardware)."""
+    from .ops import cpp
+
+    try:
+        kernels = cpp.cpu_isa()
+    except ValueError as error:
+        kernels = str(error).splitlines()[0]
+    flags = cpu_flags()
+    return {
+        "kernels": kernels,
+        "aten": torch.backends.cpu.get_cpu_capability(),
+        "low_precision": [flag for flag in LOW_PRECISION_FLAGS if flag in flags],
+    }
+
+
 def triton_version() -> str | None:
     """triton.__version__, or None where Triton does not import (triton_problem() says why)."""
     return None if triton_problem() else __import__("triton").__version__

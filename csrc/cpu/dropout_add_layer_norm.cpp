@@ -48,7 +48,7 @@ inline double row_sum(const acc_t* __restrict__ v, int64_t n) {
   return ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]));
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int /*kBytes: the loops over channels vectorise as they are*/>
 void norm_forward_rows(const NormArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = a.channels;
@@ -76,7 +76,7 @@ void norm_forward_rows(const NormArgs<scalar_t>& a, int64_t begin, int64_t end) 
 }
 
 // d(h) = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = grad * weight; d(x) = d(h) * m, d(residual) = d(h)
-template <typename scalar_t>
+template <typename scalar_t, int /*kBytes: the loops over channels vectorise as they are*/>
 void norm_backward_rows(const NormArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = a.channels;
