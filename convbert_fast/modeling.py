@@ -30,6 +30,7 @@ from . import ops
 from .tf_checkpoint import load_tf_weights_in_convbert
 
 FUSED_PROJECTION_CACHE = "_fused_projection_cache"
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class ConvBertEmbeddings(nn.Module):
@@ -191,7 +192,12 @@ class ConvBertSelfAttention(nn.Module):
         query = self.split_heads(mixed_query)  # [B, H, L, D]
         key, value = self.split_heads(mixed_key), self.split_heads(mixed_value)  # [B, H, Lk, D]
         probs = None
-        if output_attentions or head_mask is not None:
+        # On the CPU, SDPA with dropout takes its math path, which upcasts bf16/fp16 to fp32: the eager math in the
+        # low precision is faster there (ConvBERT-base, L=256: 60 against 106 ms per layer, forward + backward)
+        low_precision_dropout = (
+            self.training and self.dropout.p > 0 and query.device.type == "cpu" and query.dtype in LOW_PRECISION
+        )
+        if output_attentions or head_mask is not None or low_precision_dropout:
             probs = self.attention_probs(query, key, attention_mask, head_mask)  # [B, H, L, Lk]
             attn_context = torch.matmul(probs, value)  # [B, H, L, D]
         else:
