@@ -15,6 +15,10 @@ if not torch.cuda.is_available():
 def pytest_addoption(parser):
     parser.addoption("--bench-size", choices=["full", "tiny"], default="full", help="full shapes or a smoke test")
     parser.addoption("--bench-device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.addoption(
+        "--bench-dtype", choices=["fp32", "bf16"], default=None, help="the op benchmarks' dtype (default: bf16 on a "
+        "GPU, fp32 on the CPU; the tiny run is always fp32)"
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +29,12 @@ def tiny(request):
 @pytest.fixture(scope="session")
 def device(request):
     return torch.device(request.config.getoption("--bench-device"))
+
+
+@pytest.fixture(scope="session")
+def bench_dtype(request, device):
+    name = request.config.getoption("--bench-dtype") or ("bf16" if device.type == "cuda" else "fp32")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

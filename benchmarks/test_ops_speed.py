@@ -3,7 +3,8 @@
     pytest benchmarks --benchmark-only --benchmark-group-by=group      (add --bench-device cuda on a GPU)
 
 Shapes are the issues': B=8, L=512 on the CPU (B=32 on a GPU), 6 conv heads of 64 (A=384, C=768), K=9;
-grouped linear 384 -> 1536 in 2 groups (conv-bert-medium-small's FFN). CPU: fp32; GPU: bf16. The Triton
+grouped linear 384 -> 1536 in 2 groups (conv-bert-medium-small's FFN). CPU: fp32; GPU: bf16 (--bench-dtype
+chooses: `--bench-dtype bf16` on the CPU for its bf16 kernels). The Triton
 provider runs on a GPU (on the CPU only in the tiny smoke run, in Triton's interpreter). On a GPU, `cpp` runs
 the tiled (v2) CUDA kernels and `cpp-v1` the first, general ones (CONVBERT_FAST_CUDA_KERNELS=v1, issue 17):
 side by side until one of them is deleted.
@@ -54,7 +55,7 @@ def backend_of(provider):
             os.environ["CONVBERT_FAST_CUDA_KERNELS"] = saved
 
 
-def shapes(device, tiny):
+def shapes(device, tiny, dtype):
     if tiny:  # every dimension small: the smoke run executes Triton in its interpreter
         return dict(batch=2, seq_len=16, dtype=torch.float32, channels=32, heads=2, head_size=8, ffn=(32, 64))
     return dict(
@@ -64,7 +65,7 @@ def shapes(device, tiny):
         heads=6,
         head_size=64,
         ffn=(384, 1536),
-        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        dtype=dtype,
     )
 
 
@@ -111,9 +112,9 @@ def span_conv_transformers(values, logits, heads, kernel_size=9):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_dynamic_span_conv(benchmark, provider, device, tiny):
+def test_dynamic_span_conv(benchmark, provider, device, tiny, bench_dtype):
     skip_unmeasurable(provider, device, tiny)
-    s = shapes(device, tiny)
+    s = shapes(device, tiny, bench_dtype)
     benchmark.group = "dynamic_span_conv fwd+bwd"
     heads = s["heads"]
     inputs = leaves(
@@ -140,9 +141,9 @@ def test_dynamic_span_conv(benchmark, provider, device, tiny):
 
 @pytest.mark.parametrize("multiply", [False, True], ids=["conv", "conv*query"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_separable_conv1d(benchmark, provider, multiply, device, tiny):
+def test_separable_conv1d(benchmark, provider, multiply, device, tiny, bench_dtype):
     skip_unmeasurable(provider, device, tiny)
-    s = shapes(device, tiny)
+    s = shapes(device, tiny, bench_dtype)
     benchmark.group = "separable_conv1d" + (" * query" if multiply else "") + " fwd+bwd"
     config = cf.ConvBertConfig()
     channels, out_channels = s["channels"], s["heads"] * s["head_size"]
@@ -230,11 +231,11 @@ def test_separable_conv1d_packed(benchmark, provider, multiply, device, tiny):
 
 @pytest.mark.parametrize("activation", [None, "gelu"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_grouped_linear(benchmark, provider, activation, device, tiny):
+def test_grouped_linear(benchmark, provider, activation, device, tiny, bench_dtype):
     skip_unmeasurable(provider, device, tiny)
     if provider == "cpp-v1":
         pytest.skip("grouped_linear has no CUDA kernel of its own (cuBLAS): nothing to compare")
-    s = shapes(device, tiny)
+    s = shapes(device, tiny, bench_dtype)
     benchmark.group = f"grouped_linear {s['ffn'][0]}->{s['ffn'][1]} G=2{' + GELU' if activation else ''} fwd+bwd"
     module = hf.GroupedLinearLayer(*s["ffn"], 2).to(device, s["dtype"])
     torch.nn.init.normal_(module.weight, std=0.02)
@@ -254,9 +255,9 @@ def test_grouped_linear(benchmark, provider, activation, device, tiny):
 
 
 @pytest.mark.parametrize("provider", [p for p in PROVIDERS if p != "triton"])  # no Triton kernel for this op
-def test_dropout_add_layer_norm(benchmark, provider, device, tiny):
+def test_dropout_add_layer_norm(benchmark, provider, device, tiny, bench_dtype):
     skip_unmeasurable(provider, device, tiny)
-    s = shapes(device, tiny)
+    s = shapes(device, tiny, bench_dtype)
     benchmark.group = f"dropout_add_layer_norm C={s['channels']} p=0.1 fwd+bwd"
     norm = torch.nn.LayerNorm(s["channels"], eps=1e-12).to(device, s["dtype"])
     dropout = torch.nn.Dropout(0.1)

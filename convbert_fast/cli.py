@@ -24,6 +24,11 @@ def info() -> int:
             print(f"device         cuda:{i} {torch.cuda.get_device_name(i)}")
     else:
         print(f"device         cpu: {env.cpu_name()}, {torch.get_num_threads()} threads (no CUDA device)")
+    isa = env.cpu_isa()
+    print(
+        f"cpu kernels    {isa['kernels'] or 'none (convbert_fast._C not loaded)'} (ATen: {isa['torch_cpu_capability']}; bf16/fp16 "
+        f"hardware: {', '.join(isa['low_precision']) or 'none'}; CONVBERT_FAST_CPU_ISA caps the kernels)"
+    )
     print(f"backend        {cf.get_backend()} (selected)")
     for name, (status, *gaps) in env.backend_status().items():
         print(f"  {name:<8}     {status}")

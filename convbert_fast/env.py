@@ -21,6 +21,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU features that decide how bf16 and fp16 run: ATen's and oneDNN's GEMMs take AMX or AVX512-BF16/FP16 tiles
+# where the CPU has them, and emulate them in fp32 lanes where it does not.
+LOW_PRECISION_FLAGS = ("amx_bf16", "amx_fp16", "amx_tile", "avx512_bf16", "avx512_fp16")
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags as Linux names them (/proc/cpuinfo); empty where that cannot be read."""
     try:
@@ -34,15 +39,26 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_isa() -> dict:
-    """What the CPU kernels can use here: torch's vectorisation level (ATen's CPU capability) and whether the CPU
-    has the native bf16/fp16 instructions that oneDNN's GEMMs use (None: unknown, /proc/cpuinfo unreadable)."""
+    """The instruction sets the CPU code runs with: `kernels`, the x86 level of convbert_fast's C++ kernels
+    ("avx512", "avx2" or "baseline"; None without convbert_fast._C; else why it cannot be told, say a bad
+    CONVBERT_FAST_CPU_ISA); `torch_cpu_capability`, the level of ATen's own vectorised kernels; whether the CPU has
+    the native bf16/fp16 instructions that oneDNN's GEMMs use (`amx`, `avx512_bf16`, `avx512_fp16`; None: unknown,
+    /proc/cpuinfo unreadable), and `low_precision`, which of LOW_PRECISION_FLAGS it has."""
+    from .ops import cpp
+
+    try:
+        kernels = cpp.cpu_isa()
+    except ValueError as error:
+        kernels = str(error).splitlines()[0]
     flags = cpu_flags()
     has = (lambda *names: all(n in flags for n in names)) if flags else (lambda *names: None)
     return {
+        "kernels": kernels,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "amx": has("amx_tile", "amx_bf16"),
         "avx512_bf16": has("avx512_bf16"),
         "avx512_fp16": has("avx512_fp16"),
+        "low_precision": [flag for flag in LOW_PRECISION_FLAGS if flag in flags],
     }
 
 

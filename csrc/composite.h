@@ -42,7 +42,8 @@ at::Tensor dynamic_span_conv_concat(const at::Tensor& prefix, const at::Tensor& 
 // The device's row kernels of dropout_add_layer_norm on [rows, C] contiguous tensors; mean, rstd [rows] in the
 // accumulation dtype (fp32; fp64 for fp64). The backward allocates and fills weight_partials [P, C] (accumulation
 // dtype) whose column sums are d(weight), and either bias_partials [Q, C] likewise for d(bias) or nothing (then
-// the caller sums grad): grad * xhat per row on the CPU, one row per block of rows in CUDA's tiled kernels.
+// the caller sums grad): one row per chunk of 32 rows on the CPU (weight and bias), per block of rows in CUDA's tiled
+// kernels.
 using NormForwardFn = void (*)(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                                const at::Tensor& bias, double p, double eps, int64_t seed, at::Tensor& out,
                                at::Tensor& mean, at::Tensor& rstd);

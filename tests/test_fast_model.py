@@ -52,6 +52,31 @@ def test_fused_layers_are_taken_unless_eager(monkeypatch, rng):
         assert len(calls) == 4
 
 
+def test_cpu_low_precision_training_with_attention_dropout_takes_the_explicit_softmax(monkeypatch, rng):
+    """SDPA with dropout on the CPU takes its math path, which upcasts bf16 to fp32: there the fused layer takes the
+    explicit softmax and nn.Dropout in bf16, as the seed's math does, so the same seed gives the eager backend's mask
+    (its attention half within 4 bf16 roundings of it; another seed's mask is off by the values themselves). fp32
+    training and bf16 inference keep SDPA."""
+    layer = cf.ConvBertModel(tiny_config(attention_probs_dropout_prob=0.5)).train().encoder.layer[0].attention.self
+    x = torch.randn(2, 12, 64, generator=rng)
+    half = layer.all_head_size
+    calls = sdpa_calls(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(5)
+        fused = layer(x)[0][..., :half].float()
+        assert not calls
+        with cf.use_backend("eager"):
+            torch.manual_seed(5)
+            eager = layer(x)[0][..., :half].float()
+        layer.eval()
+        layer(x)
+        assert len(calls) == 1
+    layer.train()
+    layer(x)
+    assert len(calls) == 2
+    assert (fused - eager).abs().max() <= 4 * torch.finfo(torch.bfloat16).eps * eager.abs().max()
+
+
 def test_fused_projection_cache_follows_parameter_updates(rng):
     theirs, ours = model_pair("ConvBertForMaskedLM", tiny_config(hidden_dropout_prob=0, attention_probs_dropout_prob=0))
     inputs = make_inputs("ConvBertForMaskedLM", theirs.config, rng, labels=False)

@@ -62,3 +62,18 @@ def _cuda_preflight(device: torch.device) -> str | None:
 
 if LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("convbert_fast::dynamic_span_conv", "CUDA"):
     backend.set_preflight("cpp", _cuda_preflight)
+
+def cpu_isa() -> str | None:
+    """The x86 level the C++ CPU kernels run at: "avx512" (x86-64-v4), "avx2" (x86-64-v3) or "baseline" (any
+    other CPU). The best this CPU has unless CONVBERT_FAST_CPU_ISA (read at the first kernel call) or set_cpu_isa
+    caps it. None where convbert_fast._C did not load; a ValueError where CONVBERT_FAST_CPU_ISA names no level this
+    CPU has."""
+    return torch.ops.convbert_fast.cpu_isa() if LOADED else None
+
+
+def set_cpu_isa(level: str) -> str:
+    """Runs the CPU kernels at `level` ("avx512", "avx2" or "baseline", at most what the CPU has) from now on, in
+    every thread; returns the level in use before. For tests and benchmarks of the slower paths."""
+    if not LOADED:
+        raise RuntimeError("convbert_fast._C did not load: there are no CPU kernels to set")
+    return torch.ops.convbert_fast.set_cpu_isa(level)

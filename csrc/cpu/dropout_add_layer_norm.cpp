@@ -20,7 +20,9 @@ struct NormArgs {
   scalar_t* grad_residual;     // backward only
   acc_t* mean;                 // [rows]: written by the forward, read by the backward
   acc_t* rstd;
-  acc_t* grad_times_xhat;      // backward: [rows, C], summed over rows by the caller for d(weight)
+  acc_t* weight_partials;      // backward: [chunks, C], each chunk's sums of grad * xhat: d(weight) summed by the caller
+  acc_t* bias_partials;        // backward: [chunks, C], each chunk's sums of grad: d(bias)
+  int64_t rows;                // backward: chunks of kNormChunkRows rows (the last one shorter)
   int64_t channels;
   uint64_t seed;
   uint32_t threshold;
@@ -48,7 +50,7 @@ inline double row_sum(const acc_t* __restrict__ v, int64_t n) {
   return ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]));
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int /*kBytes: the loops over channels vectorise as they are*/>
 void norm_forward_rows(const NormArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = a.channels;
@@ -75,9 +77,14 @@ void norm_forward_rows(const NormArgs<scalar_t>& a, int64_t begin, int64_t end) 
   }
 }
 
+// Rows per chunk of the backward: each chunk sums its rows' grad * xhat and grad per channel into one row of partial
+// sums, which the caller adds in chunk order. Fixed chunks, so the same bits for any number of threads; no [rows, C]
+// product tensor for ATen to sum afterwards.
+constexpr int64_t kNormChunkRows = 32;
+
 // d(h) = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = grad * weight; d(x) = d(h) * m, d(residual) = d(h)
-template <typename scalar_t>
-void norm_backward_rows(const NormArgs<scalar_t>& a, int64_t begin, int64_t end) {
+template <typename scalar_t, int /*kBytes: the loops over channels vectorise as they are*/>
+void norm_backward_chunks(const NormArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = a.channels;
   const scalar_t* __restrict__ x = a.x;
@@ -86,36 +93,43 @@ void norm_backward_rows(const NormArgs<scalar_t>& a, int64_t begin, int64_t end)
   const scalar_t* __restrict__ grad = a.grad;
   scalar_t* __restrict__ grad_x = a.out;
   scalar_t* __restrict__ grad_residual = a.grad_residual;
-  acc_t* __restrict__ grad_times_xhat = a.grad_times_xhat;
   std::vector<acc_t> buffers(4 * n);
   acc_t* __restrict__ m = buffers.data();
   acc_t* __restrict__ xhat = m + n;
   acc_t* __restrict__ g = xhat + n;
   acc_t* __restrict__ g_xhat = g + n;
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t base = row * n;
-    const acc_t mu = a.mean[row], inv = a.rstd[row];
-    dropout_multipliers(a.seed, static_cast<uint64_t>(base), a.threshold, a.scale, m, n);
-    for (int64_t c = 0; c < n; ++c) {
-      const acc_t h = static_cast<acc_t>(x[base + c]) * m[c] + static_cast<acc_t>(residual[base + c]);
-      xhat[c] = (h - mu) * inv;
-      const acc_t go = static_cast<acc_t>(grad[base + c]);
-      g[c] = go * static_cast<acc_t>(weight[c]);
-      g_xhat[c] = g[c] * xhat[c];
-      grad_times_xhat[base + c] = go * xhat[c];
-    }
-    const acc_t mean_g = static_cast<acc_t>(row_sum(g, n) / n);
-    const acc_t mean_g_xhat = static_cast<acc_t>(row_sum(g_xhat, n) / n);
-    for (int64_t c = 0; c < n; ++c) {
-      const acc_t dh = inv * (g[c] - mean_g - xhat[c] * mean_g_xhat);
-      grad_residual[base + c] = static_cast<scalar_t>(dh);
-      grad_x[base + c] = static_cast<scalar_t>(dh * m[c]);
+  for (int64_t chunk = begin; chunk < end; ++chunk) {
+    acc_t* __restrict__ weight_sums = a.weight_partials + chunk * n;
+    acc_t* __restrict__ bias_sums = a.bias_partials + chunk * n;
+    std::fill(weight_sums, weight_sums + n, acc_t(0));
+    std::fill(bias_sums, bias_sums + n, acc_t(0));
+    for (int64_t row = chunk * kNormChunkRows; row < std::min(a.rows, (chunk + 1) * kNormChunkRows); ++row) {
+      const int64_t base = row * n;
+      const acc_t mu = a.mean[row], inv = a.rstd[row];
+      dropout_multipliers(a.seed, static_cast<uint64_t>(base), a.threshold, a.scale, m, n);
+#pragma GCC ivdep  // the buffers are distinct (GCC's alias checks for this many streams keep it scalar otherwise)
+      for (int64_t c = 0; c < n; ++c) {
+        const acc_t h = static_cast<acc_t>(x[base + c]) * m[c] + static_cast<acc_t>(residual[base + c]);
+        xhat[c] = (h - mu) * inv;
+        const acc_t go = static_cast<acc_t>(grad[base + c]);
+        g[c] = go * static_cast<acc_t>(weight[c]);
+        g_xhat[c] = g[c] * xhat[c];
+        weight_sums[c] += go * xhat[c];
+        bias_sums[c] += go;
+      }
+      const acc_t mean_g = static_cast<acc_t>(row_sum(g, n) / n);
+      const acc_t mean_g_xhat = static_cast<acc_t>(row_sum(g_xhat, n) / n);
+      for (int64_t c = 0; c < n; ++c) {
+        const acc_t dh = inv * (g[c] - mean_g - xhat[c] * mean_g_xhat);
+        grad_residual[base + c] = static_cast<scalar_t>(dh);
+        grad_x[base + c] = static_cast<scalar_t>(dh * m[c]);
+      }
     }
   }
 }
 
 CONVBERT_FAST_CLONED(norm_forward_rows, NormArgs)
-CONVBERT_FAST_CLONED(norm_backward_rows, NormArgs)
+CONVBERT_FAST_CLONED(norm_backward_chunks, NormArgs)
 
 template <typename scalar_t>
 NormArgs<scalar_t> norm_args(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double p,
@@ -148,8 +162,10 @@ void norm_forward_cpu(const at::Tensor& x, const at::Tensor& residual, const at:
 
 void norm_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                        const at::Tensor& mean, const at::Tensor& rstd, double p, int64_t seed, at::Tensor& grad_x,
-                       at::Tensor& grad_residual, at::Tensor& grad_times_xhat, at::Tensor& /*bias_partials*/) {
-  grad_times_xhat = at::empty(x.sizes(), x.options().dtype(mean.scalar_type()));  // the column sums: d(weight)
+                       at::Tensor& grad_residual, at::Tensor& weight_partials, at::Tensor& bias_partials) {
+  const int64_t rows = x.size(0), chunks = (rows + kNormChunkRows - 1) / kNormChunkRows;
+  weight_partials = at::empty({chunks, x.size(1)}, x.options().dtype(mean.scalar_type()));
+  bias_partials = at::empty_like(weight_partials);
   DISPATCH_FLOATS(x.scalar_type(), "dropout_add_layer_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     NormArgs<scalar_t> args = norm_args<scalar_t>(x, residual, weight, p, 0.0, seed);
@@ -158,8 +174,10 @@ void norm_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Te
     args.grad_residual = grad_residual.mutable_data_ptr<scalar_t>();
     args.mean = const_cast<acc_t*>(mean.const_data_ptr<acc_t>());
     args.rstd = const_cast<acc_t*>(rstd.const_data_ptr<acc_t>());
-    args.grad_times_xhat = grad_times_xhat.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, x.size(0), grain_for(8 * x.size(1)), [&](int64_t b, int64_t e) { norm_backward_rows_best(args, b, e); });
+    args.weight_partials = weight_partials.mutable_data_ptr<acc_t>();
+    args.bias_partials = bias_partials.mutable_data_ptr<acc_t>();
+    args.rows = rows;
+    at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) { norm_backward_chunks_best(args, b, e); });
   });
 }
 

@@ -6,39 +6,66 @@ namespace convbert_fast {
 namespace {
 
 // out[i] = sum_r weights[r] * rows[r][i] for i < n
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, int kBytes, typename acc_t>
 inline void weighted_row_sum(const scalar_t* const* rows, const acc_t* weights, int64_t count, scalar_t* out,
                              int64_t n) {
-  for (int64_t i0 = 0; i0 < n; i0 += kTile) {
-    acc_t acc[kTile] = {};
-    if (i0 + kTile <= n) {
+  using T = Tile<acc_t, kBytes>;
+  int64_t i0 = 0;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    for (; i0 + 2 * kTile <= n; i0 += 2 * kTile) {
+      T even, odd, x_even, x_odd;
       for (int64_t r = 0; r < count; ++r) {
-        const scalar_t* __restrict__ src = rows[r] + i0;
-        const acc_t w = weights[r];
-        for (int64_t i = 0; i < kTile; ++i) acc[i] += w * static_cast<acc_t>(src[i]);
+        load_pairs(rows[r] + i0, x_even, x_odd);
+        even.add(weights[r], x_even);
+        odd.add(weights[r], x_odd);
       }
-      for (int64_t i = 0; i < kTile; ++i) out[i0 + i] = static_cast<scalar_t>(acc[i]);
-    } else {
-      for (int64_t r = 0; r < count; ++r) {
-        for (int64_t i = 0; i < n - i0; ++i) acc[i] += weights[r] * static_cast<acc_t>(rows[r][i0 + i]);
-      }
-      for (int64_t i = 0; i < n - i0; ++i) out[i0 + i] = static_cast<scalar_t>(acc[i]);
+      store_pairs(even, odd, out + i0);
     }
+  }
+  for (; i0 + kTile <= n; i0 += kTile) {
+    T acc, x;
+    for (int64_t r = 0; r < count; ++r) {
+      x.load(rows[r] + i0);
+      acc.add(weights[r], x);
+    }
+    acc.store(out + i0);
+  }
+  if (i0 < n) {
+    acc_t acc[kTile] = {};
+    for (int64_t r = 0; r < count; ++r) {
+      for (int64_t i = 0; i < n - i0; ++i) acc[i] += weights[r] * static_cast<acc_t>(rows[r][i0 + i]);
+    }
+    for (int64_t i = 0; i < n - i0; ++i) out[i0 + i] = static_cast<scalar_t>(acc[i]);
   }
 }
 
-// sum_i x[i] * y[i] over kTile interleaved partial sums, added in a fixed order.
-template <typename scalar_t, typename acc_t>
+// sum_i x[i] * y[i] over kTile interleaved partial sums (bf16: partial i takes channels 2i and 2i + 1 of each 32),
+// added in a fixed order.
+template <typename scalar_t, int kBytes, typename acc_t = at::opmath_type<scalar_t>>
 inline acc_t dot(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t n) {
-  acc_t partial[kTile] = {};
+  using T = Tile<acc_t, kBytes>;
+  T partial, a, b;
   int64_t i0 = 0;
-  for (; i0 + kTile <= n; i0 += kTile) {
-    for (int64_t i = 0; i < kTile; ++i) partial[i] += static_cast<acc_t>(x[i0 + i]) * static_cast<acc_t>(y[i0 + i]);
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    T odd_partial, a_odd, b_odd;
+    for (; i0 + 2 * kTile <= n; i0 += 2 * kTile) {
+      load_pairs(x + i0, a, a_odd);
+      load_pairs(y + i0, b, b_odd);
+      partial.add(a, b);
+      odd_partial.add(a_odd, b_odd);
+    }
+    partial.add(odd_partial);
   }
-  for (int64_t i = 0; i0 + i < n; ++i) partial[i] += static_cast<acc_t>(x[i0 + i]) * static_cast<acc_t>(y[i0 + i]);
-  acc_t sum = 0;
-  for (int64_t i = 0; i < kTile; ++i) sum += partial[i];
-  return sum;
+  for (; i0 + kTile <= n; i0 += kTile) {
+    a.load(x + i0);
+    b.load(y + i0);
+    partial.add(a, b);
+  }
+  acc_t tail[kTile] = {};
+  for (int64_t i = 0; i0 + i < n; ++i) tail[i] = static_cast<acc_t>(x[i0 + i]) * static_cast<acc_t>(y[i0 + i]);
+  a.load(tail);
+  partial.add(a);
+  return partial.sum();
 }
 
 // Softmax of K logits into `weights`, as torch.softmax does it (subtract the max, exponentiate, normalise).
@@ -65,7 +92,7 @@ struct SpanArgs {
 };
 
 // out[b, t, h*D + d] = sum_j softmax(logits[b, t, h*K : h*K + K])[j] * values[b, t + j - K/2, h*D + d]
-template <typename scalar_t>
+template <typename scalar_t, int kBytes>
 void span_forward_rows(const SpanArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t width = a.heads * a.head_size, half = a.kernel_size / 2;
@@ -79,14 +106,14 @@ void span_forward_rows(const SpanArgs<scalar_t>& a, int64_t begin, int64_t end) 
     for (int64_t h = 0; h < a.heads; ++h) {
       softmax(a.logits + (row * a.heads + h) * a.kernel_size, weights.data(), a.kernel_size);
       for (int64_t j = first; j < last; ++j) rows[j] = a.values + (row + j - half) * width + h * a.head_size;
-      weighted_row_sum(rows.data() + first, weights.data() + first, last - first, out_row + h * a.head_size,
-                       a.head_size);
+      weighted_row_sum<scalar_t, kBytes>(rows.data() + first, weights.data() + first, last - first,
+                                         out_row + h * a.head_size, a.head_size);
     }
   }
 }
 
 // Backward pass 1: d(logits) through the softmax; keeps the weights for pass 2.
-template <typename scalar_t>
+template <typename scalar_t, int kBytes>
 void span_backward_logits_rows(const SpanArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t width = a.heads * a.head_size, half = a.kernel_size / 2, K = a.kernel_size;
@@ -100,7 +127,7 @@ void span_backward_logits_rows(const SpanArgs<scalar_t>& a, int64_t begin, int64
       const scalar_t* grad_row = a.grad + row * width + h * a.head_size;
       acc_t weighted = 0;
       for (int64_t j = 0; j < K; ++j) {
-        grad_weights[j] = (j >= first && j < last) ? dot<scalar_t, acc_t>(
+        grad_weights[j] = (j >= first && j < last) ? dot<scalar_t, kBytes>(
                                                          grad_row, a.values + (row + j - half) * width + h * a.head_size,
                                                          a.head_size)
                                                    : acc_t(0);
@@ -114,7 +141,7 @@ void span_backward_logits_rows(const SpanArgs<scalar_t>& a, int64_t begin, int64
 
 // Backward pass 2: d(values) as the transposed span: row s gathers the K rows t = s - j + K/2 whose tap j
 // read it (no atomics, no thread-count-dependent sums).
-template <typename scalar_t>
+template <typename scalar_t, int kBytes>
 void span_backward_values_rows(const SpanArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t width = a.heads * a.head_size, half = a.kernel_size / 2, K = a.kernel_size;
@@ -130,8 +157,8 @@ void span_backward_values_rows(const SpanArgs<scalar_t>& a, int64_t begin, int64
         sources[j] = a.grad + source * width + h * a.head_size;
         weights[j] = a.weights[(source * a.heads + h) * K + j];
       }
-      weighted_row_sum(sources.data() + first, weights.data() + first, last - first,
-                       a.out + row * width + h * a.head_size, a.head_size);
+      weighted_row_sum<scalar_t, kBytes>(sources.data() + first, weights.data() + first, last - first,
+                                         a.out + row * width + h * a.head_size, a.head_size);
     }
   }
 }

@@ -10,20 +10,43 @@ namespace {
 // than the span conv's: several independent accumulator chains per tap hide the FMA latency.
 constexpr int64_t kChannelTile = 64;
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, int kBytes, typename acc_t = at::opmath_type<scalar_t>>
 inline void tapped_row_sum(const scalar_t* const* rows, const scalar_t* const* taps, int64_t count, scalar_t* out,
                            int64_t n) {
-  for (int64_t i0 = 0; i0 < n; i0 += kChannelTile) {
-    const int64_t len = std::min(kChannelTile, n - i0);
+  using T = Tile<acc_t, kBytes>;
+  constexpr int64_t kTiles = kChannelTile / kTile;
+  int64_t i0 = 0;
+  for (; i0 + kChannelTile <= n; i0 += kChannelTile) {
+    T acc[kTiles], x, w;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // tiles q and q + 1: the even and odd channels
+      T x_odd, w_odd;
+      for (int64_t r = 0; r < count; ++r) {
+        for (int64_t q = 0; q < kTiles; q += 2) {
+          load_pairs(rows[r] + i0 + q * kTile, x, x_odd);
+          load_pairs(taps[r] + i0 + q * kTile, w, w_odd);
+          acc[q].add(w, x);
+          acc[q + 1].add(w_odd, x_odd);
+        }
+      }
+      for (int64_t q = 0; q < kTiles; q += 2) store_pairs(acc[q], acc[q + 1], out + i0 + q * kTile);
+    } else {
+      for (int64_t r = 0; r < count; ++r) {
+        for (int64_t q = 0; q < kTiles; ++q) {
+          x.load(rows[r] + i0 + q * kTile);
+          w.load(taps[r] + i0 + q * kTile);
+          acc[q].add(w, x);
+        }
+      }
+      for (int64_t q = 0; q < kTiles; ++q) acc[q].store(out + i0 + q * kTile);
+    }
+  }
+  if (i0 < n) {
+    const int64_t len = n - i0;
     acc_t acc[kChannelTile] = {};
     for (int64_t r = 0; r < count; ++r) {
       const scalar_t* __restrict__ src = rows[r] + i0;
       const scalar_t* __restrict__ tap = taps[r] + i0;
-      if (len == kChannelTile) {
-        for (int64_t i = 0; i < kChannelTile; ++i) acc[i] += static_cast<acc_t>(tap[i]) * static_cast<acc_t>(src[i]);
-      } else {
-        for (int64_t i = 0; i < len; ++i) acc[i] += static_cast<acc_t>(tap[i]) * static_cast<acc_t>(src[i]);
-      }
+      for (int64_t i = 0; i < len; ++i) acc[i] += static_cast<acc_t>(tap[i]) * static_cast<acc_t>(src[i]);
     }
     for (int64_t i = 0; i < len; ++i) out[i0 + i] = static_cast<scalar_t>(acc[i]);
   }
@@ -40,9 +63,8 @@ struct DepthwiseArgs {
 };
 
 // out[b, t, c] = sum_j taps[j, c] * x[b, t + j - K/2, c]
-template <typename scalar_t>
+template <typename scalar_t, int kBytes>
 void depthwise_forward_rows(const DepthwiseArgs<scalar_t>& a, int64_t begin, int64_t end) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t half = a.kernel_size / 2;
   std::vector<const scalar_t*> rows(a.kernel_size), tap_rows(a.kernel_size);
   for (int64_t row = begin; row < end; ++row) {
@@ -52,13 +74,13 @@ void depthwise_forward_rows(const DepthwiseArgs<scalar_t>& a, int64_t begin, int
       rows[j] = a.x + (row + j - half) * a.channels;
       tap_rows[j] = a.taps_or_grad + j * a.channels;
     }
-    tapped_row_sum<scalar_t, acc_t>(rows.data() + first, tap_rows.data() + first, last - first,
+    tapped_row_sum<scalar_t, kBytes>(rows.data() + first, tap_rows.data() + first, last - first,
                                     a.out + row * a.channels, a.channels);
   }
 }
 
 // partials[chunk, j, c] = sum over the chunk's rows (b, t) of grad[b, t, c] * x[b, t + j - K/2, c]
-template <typename scalar_t>
+template <typename scalar_t, int /*kBytes: the loop over channels vectorises as it is*/>
 void depthwise_weight_grad_chunks(const DepthwiseArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t half = a.kernel_size / 2, C = a.channels;
