@@ -3,11 +3,19 @@
 // A block's threads are std::threads; a warp's lanes meet at a barrier at every shuffle and __syncwarp, a block's
 // at __syncthreads; blocks run one after another, so a kernel's static array is its block's shared memory.
 // No GPU behaviour is claimed beyond that: timing, memory ordering and the real shuffle unit are not modelled.
+// What the barriers would hide is checked instead: the 32 lanes of a meeting must come from one call site (divergent
+// lanes reaching a shuffle or __syncwarp from two lines are undefined behaviour on a GPU), and, built with
+// -fsanitize=thread, a shared-memory read of another lane's write with no meeting between them is a race report
+// (the barriers give happens-before; --drop-syncwarp plants a missing __syncwarp to show it).
+// Run modes: no argument, every case; --one-case, one span conv case (fp32, v2 and v1: the ThreadSanitizer run);
+// --drop-syncwarp KERNEL, the __syncwarp()s called directly in KERNEL do nothing; --planted-divergence, a planted
+// kernel whose lanes meet from two lines, which must be reported.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <vector_types.h>
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -17,6 +25,8 @@
 #include <functional>
 #include <memory>
 #include <random>
+#include <source_location>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -43,31 +53,74 @@ Dim3 blockDim, gridDim;
 struct Warp {
   std::barrier<> barrier{32};
   alignas(8) unsigned char slots[32][8];
+  std::source_location sites[32];  // where each lane called the shuffle or __syncwarp of this meeting
 };
 thread_local Warp* this_warp;
 thread_local std::barrier<>* this_block;
 
+std::string running_case;                 // named in a report; set before a case's launches
+std::atomic<int> divergent_meetings{0};   // counted as failures at the end
+const char* dropped_syncwarp = nullptr;   // --drop-syncwarp: "KERNEL(", whose own __syncwarp()s do nothing
+
+bool same_site(const std::source_location& a, const std::source_location& b) {
+  return a.line() == b.line() && a.column() == b.column() &&
+         (a.file_name() == b.file_name() || std::strcmp(a.file_name(), b.file_name()) == 0);
+}
+// The first barrier of a meeting: each lane leaves its call site; lane 0 then compares them (the sites stay put
+// until the meeting's second barrier). A call from a helper (warp_sum) names the helper's line: divergence one
+// level up, two call sites of one helper, is not seen.
+void meet(const std::source_location& site) {
+  const unsigned lane = threadIdx.x & 31;
+  this_warp->sites[lane] = site;
+  this_warp->barrier.arrive_and_wait();
+  if (lane != 0) return;
+  for (unsigned other = 1; other < 32; ++other) {
+    const std::source_location& there = this_warp->sites[other];
+    if (same_site(site, there)) continue;
+    if (divergent_meetings.fetch_add(1) < 10) {
+      std::printf("DIVERGENT: %s, block %u warp %u: lane 0 at %s:%u (%s) met lane %u at %s:%u (%s)\n",
+                  running_case.c_str(), blockIdx.x + blockIdx.y * gridDim.x, threadIdx.x / 32, site.file_name(),
+                  site.line(), site.function_name(), other, there.file_name(), there.line(), there.function_name());
+    }
+    return;
+  }
+}
+
+[[noreturn]] void unemulated_width(int width, const std::source_location& site) {
+  std::printf("FAIL: a shuffle of width %d at %s:%u is not emulated\n", width, site.file_name(), site.line());
+  std::fflush(stdout);
+  std::abort();
+}
+// CUDA's signatures (width defaults to warpSize) with the call site as a defaulted last parameter
 template <typename T>
-T __shfl_xor_sync(unsigned, T value, int offset) {
+T __shfl_xor_sync(unsigned, T value, int offset, int width = 32,
+                  std::source_location site = std::source_location::current()) {
+  if (width != 32) unemulated_width(width, site);
   const unsigned lane = threadIdx.x & 31;
   std::memcpy(this_warp->slots[lane], &value, sizeof(T));
-  this_warp->barrier.arrive_and_wait();
+  meet(site);
   T other;
   std::memcpy(&other, this_warp->slots[lane ^ offset], sizeof(T));
   this_warp->barrier.arrive_and_wait();
   return other;
 }
 template <typename T>
-T __shfl_sync(unsigned, T value, int source) {
+T __shfl_sync(unsigned, T value, int source, int width = 32,
+              std::source_location site = std::source_location::current()) {
+  if (width != 32) unemulated_width(width, site);
   const unsigned lane = threadIdx.x & 31;
   std::memcpy(this_warp->slots[lane], &value, sizeof(T));
-  this_warp->barrier.arrive_and_wait();
+  meet(site);
   T other;
   std::memcpy(&other, this_warp->slots[source & 31], sizeof(T));
   this_warp->barrier.arrive_and_wait();
   return other;
 }
-inline void __syncwarp() { this_warp->barrier.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu, std::source_location site = std::source_location::current()) {
+  if (dropped_syncwarp && std::strstr(site.function_name(), dropped_syncwarp)) return;  // planted: no meeting
+  meet(site);
+  this_warp->barrier.arrive_and_wait();  // lane 0 has read the sites
+}
 inline void __syncthreads() { this_block->arrive_and_wait(); }
 inline float __uint_as_float(uint32_t u) {
   float f;
@@ -274,6 +327,7 @@ void span_conv_case(const char* name, const Layout& layout, int heads, int head_
                     double rtol, int poisoned = -1) {
   using A = typename AccType<T>::type;
   const int half = K / 2, rows = layout.total(), seq_len = layout.seq_len, batch = layout.batch;
+  running_case = std::string("span conv ") + name;
   std::mt19937 rng(17);
   const int width = heads * head_size, out_row = width + out_pad, values_row = out_row;
   Data<T> values(size_t(rows) * values_row, rng), logits(size_t(rows) * heads * K, rng, 2.0);
@@ -414,6 +468,7 @@ void depthwise_case(const char* name, const Layout& layout, int channels, int K,
   const double acc_rtol = std::is_same_v<T, double> ? 1e-13 : 2e-6;
   const int half = K / 2, rows = layout.total(), seq_len = layout.seq_len, batch = layout.batch;
   using A = typename AccType<T>::type;
+  running_case = std::string("depthwise ") + name;
   std::mt19937 rng(18);
   Data<T> x(size_t(rows) * channels, rng), taps(size_t(K) * channels, rng), grad(x.d.size(), rng);
   for (size_t i = 0; i < x.t.size(); ++i) {
@@ -491,6 +546,7 @@ void depthwise_case(const char* name, const Layout& layout, int channels, int K,
 template <typename T>
 void bad_offsets_case() {
   const int seq_len = 40, heads = 2, head_size = 16, K = 9, channels = 40;
+  running_case = "bad offsets";
   const std::vector<std::vector<int32_t>> bad = {
       {5, 100, 3, -7, 12}, {0, 41}, {-2147483647 - 1, 2147483647}, {40, 0}, {0, 20, 20, 61, 40}};
   std::mt19937 rng(21);
@@ -564,6 +620,7 @@ template <typename T, int NV, bool Dropout>
 void layer_norm_case(const char* name, int rows, int channels, double p, double rtol) {
   using A = typename AccType<T>::type;
   const double acc_rtol = std::is_same_v<T, double> ? 1e-12 : 2e-6;  // d(weight), d(bias): sums in A
+  running_case = std::string("LayerNorm ") + name;
   std::mt19937 rng(19);
   const uint64_t seed = 0x123456789abcdefull;
   const double eps = 1e-5, scale = p < 1 ? 1 / (1 - p) : 0;
@@ -685,7 +742,45 @@ void dropout_words_case() {
               mismatches ? "FAIL" : "ok");
 }
 
-int main() {
+// Planted (--planted-divergence): divergent code whose lanes reach a shuffle, then a __syncwarp, from two lines each,
+// undefined on a GPU; both meetings must be reported (DIVERGENT) and fail the run.
+__global__ void planted_divergent_kernel(float* out) {
+  const int lane = threadIdx.x & 31;
+  float v = static_cast<float>(lane);
+  if (lane < 16) v += __shfl_xor_sync(0xffffffffu, v, 16);
+  else v -= __shfl_xor_sync(0xffffffffu, v, 16);
+  if (lane % 2 == 0) __syncwarp();
+  else __syncwarp();
+  out[threadIdx.x] = v;
+}
+void planted_divergence_case() {
+  running_case = "planted divergent kernel";
+  Buffer<float> out(64);
+  launch(1, 64, [&] { planted_divergent_kernel(out.data()); });
+  std::printf("%-60s %d divergent meeting(s) reported\n", "planted divergent kernel", divergent_meetings.load());
+}
+
+int main(int argc, char** argv) {
+  bool one_case = false, planted_divergence = false;
+  std::string dropped;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--one-case") one_case = true;
+    else if (arg == "--planted-divergence") planted_divergence = true;
+    else if (arg == "--drop-syncwarp" && i + 1 < argc) dropped = std::string(argv[++i]) + "(";
+    else {
+      std::printf("usage: %s [--one-case] [--drop-syncwarp KERNEL] [--planted-divergence]\n", argv[0]);
+      return 2;
+    }
+  }
+  if (!dropped.empty()) dropped_syncwarp = dropped.c_str();
+  if (planted_divergence || one_case) {
+    if (planted_divergence) planted_divergence_case();
+    if (one_case) span_conv_case<float, true>("fp32 D=64 L=70 vector", Layout::rows(2, 70), 3, 64, 9, 0, 2e-6);
+    failures += divergent_meetings.load();
+    std::printf("%d failure(s)\n", failures);
+    return failures != 0;
+  }
   dropout_words_case();
   // fp32: errors of fp32 accumulation (~1e-6 relative); bf16 and fp16: the output's rounding (2^-8, 2^-11) on top.
   // Packed rows (cu_seqlens) hold an empty sequence, one token, fewer than K and more than K, across tiles.
@@ -730,6 +825,7 @@ int main() {
   // fp32 up to C = 1024 (ConvBERT-base's LayerNorm under autocast): 6 vectors per lane, and 7 rounded up to 8
   layer_norm_case<float, 6, true>("fp32 C=768 rows=9 p=0.1", 9, 768, 0.1, 2e-6);
   layer_norm_case<float, 8, true>("fp32 C=900 rows=5 p=0.2 (8 vectors, 1 masked)", 5, 900, 0.2, 2e-6);
+  failures += divergent_meetings.load();
   std::printf("%d failure(s)\n", failures);
   return failures != 0;
 }
