@@ -188,9 +188,9 @@ def run_packed(benchmark, provider, device, fn, inputs, lengths, seq_len):
 
 
 @pytest.mark.parametrize("provider", PACKED_PROVIDERS)
-def test_dynamic_span_conv_packed(benchmark, provider, device, tiny):
+def test_dynamic_span_conv_packed(benchmark, provider, device, tiny, bench_dtype):
     skip_unmeasurable(provider, device, tiny)
-    s = shapes(device, tiny)
+    s = shapes(device, tiny, bench_dtype)
     lengths, offsets = packed_rows(s["batch"], s["seq_len"], device)
     benchmark.group = f"dynamic_span_conv packed B={s['batch']} L={s['seq_len']} fwd+bwd"
     heads, total = s["heads"], sum(lengths)
@@ -209,9 +209,9 @@ def test_dynamic_span_conv_packed(benchmark, provider, device, tiny):
 
 @pytest.mark.parametrize("multiply", [False, True], ids=["conv", "conv*query"])
 @pytest.mark.parametrize("provider", PACKED_PROVIDERS)
-def test_separable_conv1d_packed(benchmark, provider, multiply, device, tiny):
+def test_separable_conv1d_packed(benchmark, provider, multiply, device, tiny, bench_dtype):
     skip_unmeasurable(provider, device, tiny)
-    s = shapes(device, tiny)
+    s = shapes(device, tiny, bench_dtype)
     lengths, offsets = packed_rows(s["batch"], s["seq_len"], device)
     benchmark.group = (
         f"separable_conv1d{' * query' if multiply else ''} packed B={s['batch']} L={s['seq_len']} fwd+bwd"
