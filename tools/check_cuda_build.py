@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def schema_names() -> list[str]:
-    """The op names that csrc/ops.cpp defines (`m.def("name(...`)."""
-    names = re.findall(r'm\.def\(\s*"(\w+)\(', (ROOT / "csrc" / "ops.cpp").read_text())
+    """The names of the ops on tensors that csrc/ops.cpp defines (`m.def("name(Tensor ...`); ops without tensor
+    arguments (cpu_isa, set_cpu_isa: settings of the CPU kernels) have one catch-all kernel and no CUDA one."""
+    schemas = re.findall(r'm\.def\(\s*"(\w+)\(([^"]*)', (ROOT / "csrc" / "ops.cpp").read_text())
+    names = [name for name, arguments in schemas if "Tensor" in arguments]
     if not names:
         raise SystemExit("check_cuda_build: no m.def(...) schema found in csrc/ops.cpp")
     return names
