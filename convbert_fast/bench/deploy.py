@@ -50,6 +50,9 @@ class Artifact:
         from ..deploy import program
 
         model = copy.deepcopy(model).eval()
+        # the default mode, whatever the shared model's config holds now (the cpp-unpadded provider turns its
+        # padding-invariant mode on and off call by call): an export fixes the mode it was traced in
+        model.config.padding_invariant = False
         if provider == "aoti":
             path = folder / "model.pt2"
             deploy.export(model, "aoti", path)

@@ -37,7 +37,11 @@ def _by_batch(measurements, dtype="fp32"):
 
 
 def _fmt(value, spec, suffix=""):
-    return "-" if value is None else f"{value:{spec}}{suffix}"
+    """`value` in `spec` with `suffix`, or "-" as wide (a table's missing cell keeps its column)."""
+    if value is None:
+        width = re.match(r"[<>^]?(\d*)", spec)[1]
+        return f"{'-':>{int(width) + len(suffix)}}" if width else "-"
+    return f"{value:{spec}}{suffix}"
 
 
 INFERENCE_ONLY = "inference only: no training step"
