@@ -215,10 +215,11 @@ class ConvBertSelfAttention(nn.Module):
         probs = None
         dropout_p = self.dropout.p if self.training else 0.0
         # On the CPU, SDPA with dropout takes its math path, which upcasts bf16/fp16 to fp32: the eager math in the
-        # low precision is faster there (ConvBERT-base, L=256: 60 against 106 ms per layer, forward + backward)
+        # low precision is faster there (ConvBERT-base, L=256: 60 against 106 ms per layer, forward + backward).
+        # Packed rows do the same per sequence (sequences.attention), not over a [T, T] block-diagonal mask.
         low_precision_dropout = (
             self.training and self.dropout.p > 0 and query.device.type == "cpu" and query.dtype in LOW_PRECISION
-        )
+        ) and cu_seqlens is None
         if output_attentions or head_mask is not None or low_precision_dropout:
             if cu_seqlens is not None:  # packed rows: no attention across sequences
                 attention_mask = sequences.block_diagonal_mask(query.dtype)

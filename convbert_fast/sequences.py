@@ -168,7 +168,14 @@ class PackedSequences:
         stacked = torch.stack([query[0], key[0], value[0]], dim=1)  # [T, 3, A]
         padded = stacked.new_zeros(count * self.max_len, 3, width).index_copy(0, self.slots, stacked)
         q, k, v = padded.view(count, self.max_len, 3, num_heads, head_size).permute(2, 0, 3, 1, 4)  # [N, H, M, D]
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=self.key_mask, dropout_p=dropout_p)
+        if dropout_p > 0 and query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
+            # SDPA with dropout takes its math path on the CPU, which upcasts to fp32: the explicit form in the low
+            # precision is faster there (as the model's fused layer does for unpacked rows)
+            scores = (q @ k.transpose(-1, -2)) * head_size**-0.5  # [N, H, M, M]
+            scores = scores.masked_fill(~self.key_mask, torch.finfo(scores.dtype).min)
+            context = F.dropout(scores.softmax(-1), dropout_p) @ v
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=self.key_mask, dropout_p=dropout_p)
         context = context.transpose(1, 2).reshape(count * self.max_len, width)  # [N * M, A]
         return context.index_select(0, self.slots).view(1, total, width)
 

@@ -329,3 +329,29 @@ def test_patch_turns_the_mode_on_for_a_transformers_model(rng):
     cf.patch(theirs, padding_invariant=True)
     assert theirs.config.padding_invariant is True
     check_invariance(theirs, "ConvBertModel", LENGTHS[:3], rng)
+
+
+def test_packed_attention_with_dropout_in_bf16_on_the_cpu_stays_in_each_sequence():
+    """Packed attention in bf16 training with dropout on the CPU (the explicit softmax + dropout per sequence,
+    which SDPA's math path would run in fp32): a sequence's output does not move when another sequence's keys and
+    values change under the same seed (no attention and no dropout draw crosses a boundary), and over many seeded
+    draws it averages to the attention without dropout (the kept probabilities rescaled by 1 / (1 - p))."""
+    gen = torch.Generator().manual_seed(0)
+    lengths, heads, head_size, p = [37, 1, 0, 64, 20], 2, 16, 0.5
+    packed = sequences.PackedSequences(lengths, "cpu")
+    q, k, v = (torch.randn(1, sum(lengths), heads * head_size, generator=gen).to(torch.bfloat16) for _ in range(3))
+    torch.manual_seed(1)
+    out = packed.attention(q, k, v, heads, p)
+    other = slice(38, 102)  # the 64-token sequence
+    k2, v2 = k.clone(), v.clone()
+    k2[:, other], v2[:, other] = -k[:, other], 2 * v[:, other]
+    torch.manual_seed(1)
+    moved = packed.attention(q, k2, v2, heads, p)
+    keep = torch.ones(sum(lengths), dtype=torch.bool)
+    keep[other] = False
+    assert torch.equal(out[:, keep], moved[:, keep]) and not torch.equal(out[:, other], moved[:, other])
+    reference = packed.attention(*(t.float() for t in (q, k, v)), heads, 0.0)
+    torch.manual_seed(2)
+    mean = sum(packed.attention(q, k, v, heads, p).float() for _ in range(1600)) / 1600
+    # bf16 rounding (~1e-2) plus the mean's noise: at most 2.5 standard errors of the 1-token sequence's 0/2v draws
+    torch.testing.assert_close(mean, reference, rtol=0, atol=0.1)
