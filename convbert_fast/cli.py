@@ -97,22 +97,22 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
-def _padding_list(text: str) -> list[str]:
-    from .bench.providers import PADDINGS
-
+def _choice_list(text: str, valid, expected: str) -> list[str]:
+    """Comma-separated names, each of `valid`, at least one, without repeats; else `expected` says what fits."""
     chosen = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [p for p in chosen if p not in PADDINGS]
-    if unknown or not chosen:
-        raise argparse.ArgumentTypeError(f"{text!r}: valid paddings are {', '.join(PADDINGS)}")
+    if not chosen or any(name not in valid for name in chosen):
+        raise argparse.ArgumentTypeError(f"{text!r}: {expected}")
     return list(dict.fromkeys(chosen))
 
 
+def _padding_list(text: str) -> list[str]:
+    from .bench.providers import PADDINGS
+
+    return _choice_list(text, PADDINGS, f"valid paddings are {', '.join(PADDINGS)}")
+
+
 def _dtype_list(text: str) -> list[str]:
-    dtypes = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [d for d in dtypes if d not in BENCH_DTYPES]
-    if unknown or not dtypes:
-        raise argparse.ArgumentTypeError(f"{text!r}: each of fp32, bf16, fp16, by commas")
-    return list(dict.fromkeys(dtypes))
+    return _choice_list(text, BENCH_DTYPES, "each of fp32, bf16, fp16, by commas")
 
 
 BENCH_DTYPES = ("fp32", "bf16", "fp16")
@@ -275,13 +275,9 @@ def export_command(args) -> int:
 
 
 def export_main(args) -> int:
-    from .data import UsageError
+    from .data import exit_status_of
 
-    try:
-        return export_command(args)
-    except UsageError as e:
-        print(f"python -m convbert_fast export: error: {e}", file=sys.stderr)
-        return 2
+    return exit_status_of("export", export_command, args)
 
 
 def add_train_parser(sub):

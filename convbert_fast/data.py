@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +20,15 @@ EVAL_EVERY_NTH = 20  # every 20th document (or labelled example) is held out for
 
 class UsageError(ValueError):
     """Bad user input (a file, a vocabulary): the CLI prints the message and exits with status 2."""
+
+
+def exit_status_of(command: str, run, *args) -> int:
+    """run(*args)'s exit status; a UsageError becomes one line on stderr and exit status 2."""
+    try:
+        return run(*args)
+    except UsageError as e:
+        print(f"python -m convbert_fast {command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def builtin_corpus() -> list[str]:

@@ -17,7 +17,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -31,7 +30,7 @@ import convbert_fast as cf
 
 from . import data
 from .configs import RELEASED_CONFIGS, named_config
-from .data import UsageError
+from .data import UsageError, exit_status_of
 
 DISCRIMINATOR_WEIGHT = 50.0  # ELECTRA's weight of the replaced-token-detection loss
 MAX_EVAL_ROWS = 512
@@ -763,8 +762,4 @@ def _run(args, rank, world, device):
 
 def main_or_exit(args) -> int:
     """Run; a UsageError becomes one line on stderr and exit status 2."""
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"python -m convbert_fast train: error: {e}", file=sys.stderr)
-        return 2
+    return exit_status_of("train", run, args)
