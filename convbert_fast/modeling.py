@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers import ConvBertConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN, get_activation
@@ -30,6 +31,18 @@ from . import ops, sequences
 from .tf_checkpoint import load_tf_weights_in_convbert
 
 FUSED_PROJECTION_CACHE = "_fused_projection_cache"
+# torch's fused optimizers (AdamW/Adam/SGD with fused=True, torch 2.13) update parameters in place without bumping
+# their version counters, so a cache keyed on versions alone would serve the weights of before the step. Every
+# optimizer step, of any torch.optim.Optimizer, advances this count, and the cache keys on it too.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -126,14 +139,15 @@ class ConvBertSelfAttention(nn.Module):
 
         Concatenated on every call while autograd needs them (training: the four gradients flow back through
         the cat) or under torch.compile (which folds it); otherwise cached and rebuilt when a parameter's
-        storage or version counter changes (optimizer steps, load_state_dict, .to()). Writes through `.data`
-        do not bump the version counter: call `model.load_state_dict(model.state_dict())` after those."""
+        storage or version counter changes (load_state_dict, .to(), in-place ops) or an optimizer steps (fused
+        ones change no version counter). Writes through `.data` do neither: call
+        `model.load_state_dict(model.state_dict())` after those."""
         layers = (self.query, self.key, self.value, self.conv_out_layer)
         params = [layer.weight for layer in layers] + [layer.bias for layer in layers]
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return torch.cat(params[:4]), torch.cat(params[4:])
         # inference-mode tensors cannot be saved for a backward later: a cache built there is kept apart
-        key = (torch.is_inference_mode_enabled(), *((p.data_ptr(), p._version, p.dtype) for p in params))
+        key = (torch.is_inference_mode_enabled(), _optimizer_steps, *((p.data_ptr(), p._version, p.dtype) for p in params))
         cache = self.__dict__.get(FUSED_PROJECTION_CACHE)
         if cache is None or cache[0] != key:
             cache = (key, torch.cat(params[:4]), torch.cat(params[4:]))
