@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..train import adamw
 from . import deploy
 from .timing import (
     DynamoCounts,
@@ -148,7 +149,7 @@ class ProviderRun:
         self.phases = ("forward",) if provider in INFERENCE_ONLY else ("forward", "train_step")
         self.artifact = deploy.runner(provider, models, batch) if provider in INFERENCE_ONLY else None
         self.ids, self.mask, self.tokens = batch
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        self.optimizer = adamw(self.model.parameters(), lr=1e-5)  # the same for every provider
         self.autocast_dtype = autocast_dtype
         self.times: dict[str, list[float]] = {"forward": [], "train_step": []}
         self.dynamo = {"forward": DynamoCounts(), "train_step": DynamoCounts()}
