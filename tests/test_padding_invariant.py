@@ -331,6 +331,55 @@ def test_patch_turns_the_mode_on_for_a_transformers_model(rng):
     check_invariance(theirs, "ConvBertModel", LENGTHS[:3], rng)
 
 
+# few sequences: a loop of SDPA calls; many: groups padded to their longest (equal lengths in one group, tokens
+# not contiguous across groups); empty sequences among them
+PACKINGS = {
+    "loop": [5, 0, 3, 9, 1],
+    "groups": [4, 39, 13, 0, 3, 19, 31, 2, 40, 7, 17, 25, 1, 36, 9, 11, 28, 6, 22, 33],
+    "one-group": [3] * (sequences.LOOP_AT_MOST_SEQUENCES + 2),
+    "neighbour-groups": [40, 38] + [2] * sequences.LOOP_AT_MOST_SEQUENCES,  # two groups, each a run of the row
+}
+
+
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_packed_attention_is_each_sequence_attending_to_itself(packing):
+    """PackedSequences.attention against the attention math per sequence (softmax(q k^T / sqrt(d)) v, written
+    here), fp64, forward and gradcheck; the grouped layout is taken where it is meant to be."""
+    lengths, heads, head_size = PACKINGS[packing], 2, 4
+    packed = sequences.PackedSequences(lengths, "cpu")
+    singles = [g.slots is None for g in packed.groups]
+    assert {"loop": all(singles), "groups": 1 < len(singles) < sum(map(bool, lengths)) and not all(singles),
+            "one-group": singles == [False], "neighbour-groups": singles == [False, False]}[packing]  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, sum(lengths), heads * head_size, generator=gen, dtype=torch.float64).requires_grad_()
+               for _ in range(3))  # fmt: skip
+    expected, start = [], 0
+    for n in lengths:
+        qs, ks, vs = (t[0, start : start + n].view(n, heads, head_size).transpose(0, 1) for t in (q, k, v))
+        probs = (qs @ ks.transpose(1, 2) / head_size**0.5).softmax(-1)  # [H, n, n]
+        expected.append((probs @ vs).transpose(0, 1).reshape(n, heads * head_size))
+        start += n
+    torch.testing.assert_close(packed.attention(q, k, v, heads, 0.0)[0], torch.cat(expected), rtol=1e-12, atol=1e-12)
+    if packing != "groups":  # its 400 tokens' Jacobian: the other two cover the backward's layouts at a tenth of the cost
+        assert torch.autograd.gradcheck(lambda *qkv: packed.attention(*qkv, heads, 0.0), (q, k, v))
+    else:
+        grad = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+        got = torch.autograd.grad(packed.attention(q, k, v, heads, 0.0), (q, k, v), grad)
+        want = torch.autograd.grad(torch.cat(expected)[None], (q, k, v), grad)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_many_sequences_give_what_they_give_alone(monkeypatch, rng):
+    """The model (cpp, unpadded) on more sequences than the attention loops over: grouped attention, each sequence
+    equal to itself alone, outputs and gradients."""
+    monkeypatch.setattr(sequences, "UNPAD_BELOW_REAL_FRACTION", 1.0)
+    lengths = [n % SEQ_LEN + 1 for n in PACKINGS["groups"]]
+    assert len(lengths) > sequences.LOOP_AT_MOST_SEQUENCES
+    with cf.use_backend("cpp"):
+        check_invariance(build("ConvBertModel"), "ConvBertModel", lengths, rng)
+
+
 def test_packed_attention_with_dropout_in_bf16_on_the_cpu_stays_in_each_sequence():
     """Packed attention in bf16 training with dropout on the CPU (the explicit softmax + dropout per sequence,
     which SDPA's math path would run in fp32): a sequence's output does not move when another sequence's keys and
