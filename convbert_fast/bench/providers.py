@@ -46,6 +46,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # at most RATIO_SE_TARGET, or the batch's share of --time-budget is spent, or MAX_ROUNDS. Two runs then differ by
 # a normal difference of SD sqrt(2) x 0.01, within 0.05 at 3.5 SDs, which leaves room for the dozen ratios a run has.
 MIN_ROUNDS, MAX_ROUNDS, RATIO_SE_TARGET = 5, 60, 0.01
+# On the CPU, a thread pool keeps its threads spinning after a call: ONNX Runtime's for 10-50 ms, OpenMP's (torch's)
+# for a few. A call that follows another pool's then shares the cores with it. Measured here (Intel Xeon, 2 threads,
+# B=1 L=128): our forward 47.9 ms right after an ONNX Runtime call, 35.6 after 10 ms, 21.4 after 50; ONNX Runtime
+# 26.1 right after ours, 21.0 after 50 ms. So the rounds wait this long where the pool changes.
+THREAD_POOL_SETTLE_S = 0.05
 
 
 @dataclass
@@ -151,6 +156,7 @@ class ProviderRun:
         self.ids, self.mask, self.tokens = batch
         self.optimizer = adamw(self.model.parameters(), lr=1e-5)  # the same for every provider
         self.autocast_dtype = autocast_dtype
+        self.thread_pool = "onnxruntime" if provider.startswith("onnxruntime") else "torch"  # whose threads run it
         self.times: dict[str, list[float]] = {"forward": [], "train_step": []}
         self.dynamo = {"forward": DynamoCounts(), "train_step": DynamoCounts()}
         self.memory_mb: dict[str, float | None] = {}
@@ -358,9 +364,12 @@ def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm
         except Exception as error:  # noqa: BLE001
             runs.remove(run)
             skip(run.provider, failure(error))
-    rounds, began, ses = 0, time.perf_counter(), {}
+    rounds, began, ses, pool = 0, time.perf_counter(), {}, "warm-up"  # the warm-ups' last pool: not known here
     while runs:
         for run in runs[rounds % len(runs):] + runs[: rounds % len(runs)]:
+            if device.type == "cpu" and pool != run.thread_pool:
+                time.sleep(THREAD_POOL_SETTLE_S)  # the other pool's threads stop spinning
+            pool = run.thread_pool
             for phase in run.phases:
                 try:
                     run.time(phase)
