@@ -69,8 +69,9 @@ def device_name(device) -> str:
 
 
 def provenance() -> dict:
-    """The commit measured and whether the tree had uncommitted changes to tracked files (None: not a git
-    checkout)."""
+    """The commit measured and whether the tree had uncommitted changes to tracked files other than the records
+    under benchmarks/results/ (outputs, not code: a run after another that rewrote its record measures the same
+    code) (None: not a git checkout)."""
 
     def git(*args):
         try:
@@ -80,7 +81,8 @@ def provenance() -> dict:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude,top)benchmarks/results")
+    status = status if commit else None
     return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
