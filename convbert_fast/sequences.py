@@ -165,13 +165,13 @@ class PackedSequences:
         else:
             groups = _length_groups(self.lengths)
         self.groups = [_AttentionGroup([self.lengths[i] for i in g], [starts[i] for i in g], device) for g in groups]
-        # the groups' outputs concatenated are in group order: back to the packed order, unless it is that already
-        order = [starts[i] + j for g in groups for i in g for j in range(self.lengths[i])]
+        # the groups' outputs concatenated hold the sequences in group order: back to the packed order, unless it
+        # is that already
+        sequence_order = [i for g in groups for i in g]
         self.inverse = None
-        if order != list(range(len(order))):
-            self.inverse = torch.empty(len(order), dtype=torch.long)
-            self.inverse[torch.tensor(order)] = torch.arange(len(order))
-            self.inverse = self.inverse.to(device)
+        if sequence_order != list(range(count)):
+            grouped_tokens = torch.cat([torch.arange(starts[i], starts[i] + self.lengths[i]) for i in sequence_order])
+            self.inverse = grouped_tokens.argsort().to(device)  # [T]: the grouped row of each packed token
 
     def conv_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -253,9 +253,8 @@ class _AttentionGroup:
         self.longest, self.count = max(lengths, default=0), len(lengths)
         self.start, self.tokens, self.slots, self.key_mask = (starts[0] if starts else 0), None, None, None
         if self.count > 1:
-            token_runs = [torch.arange(s, s + n) for s, n in zip(starts, lengths)]
-            contiguous = all(b == a + n for a, n, b in zip(starts, lengths, starts[1:]))
-            self.tokens = None if contiguous else torch.cat(token_runs).to(device)  # into the packed row
+            if not all(b == a + n for a, n, b in zip(starts, lengths, starts[1:])):  # not neighbours in the row
+                self.tokens = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(device)
             self.slots = torch.cat([torch.arange(n) + i * self.longest for i, n in enumerate(lengths)]).to(device)
             lengths_t = torch.tensor(lengths)[:, None]
             self.key_mask = (torch.arange(self.longest) < lengths_t)[:, None, None, :].to(device)  # [n, 1, 1, M]

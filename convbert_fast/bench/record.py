@@ -81,8 +81,8 @@ def provenance() -> dict:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude,top)benchmarks/results")
-    status = status if commit else None
+    records = ":(exclude,top)benchmarks/results"
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ":/", records) if commit else None
     return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
