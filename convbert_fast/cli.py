@@ -10,7 +10,7 @@ def info() -> int:
     import torch
 
     import convbert_fast as cf
-    from convbert_fast import env
+    from convbert_fast import env, inference_weights
 
     found = env.versions()
     print(f"convbert_fast  {cf.__version__}")
@@ -29,6 +29,9 @@ def info() -> int:
         f"cpu kernels    {isa['kernels'] or 'none (convbert_fast._C not loaded)'} (ATen: {isa['torch_cpu_capability']}; bf16/fp16 "
         f"hardware: {', '.join(isa['low_precision']) or 'none'}; CONVBERT_FAST_CPU_ISA caps the kernels)"
     )
+    packing = inference_weights.packing_problem()
+    print(f"cpu packing    {'off: ' + packing if packing else 'on'} (fp32 CPU inference GEMMs on MKL-packed weights; "
+          f"{inference_weights.PACKING_ENV}=0 turns it off)")
     print(f"backend        {cf.get_backend()} (selected)")
     for name, (status, *gaps) in env.backend_status().items():
         print(f"  {name:<8}     {status}")

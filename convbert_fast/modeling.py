@@ -13,7 +13,6 @@ import math
 import torch
 from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers import ConvBertConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN, get_activation
@@ -27,22 +26,10 @@ from transformers.modeling_outputs import (
 )
 from transformers.pytorch_utils import apply_chunking_to_forward
 
-from . import ops, sequences
+from . import inference_weights, ops, sequences
 from .tf_checkpoint import load_tf_weights_in_convbert
 
 FUSED_PROJECTION_CACHE = "_fused_projection_cache"
-# torch's fused optimizers (AdamW/Adam/SGD with fused=True, torch 2.13) update parameters in place without bumping
-# their version counters, so a cache keyed on versions alone would serve the weights of before the step. Every
-# optimizer step, of any torch.optim.Optimizer, advances this count, and the cache keys on it too.
-_optimizer_steps = 0
-
-
-def _count_optimizer_step(optimizer, args, kwargs):
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -134,20 +121,19 @@ class ConvBertSelfAttention(nn.Module):
     def split_heads(self, x):  # [B, L, A] -> [B, H, L, D]
         return x.view(*x.shape[:-1], self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
+    def projection_parameters(self):
+        layers = (self.query, self.key, self.value, self.conv_out_layer)
+        return [layer.weight for layer in layers] + [layer.bias for layer in layers]
+
     def fused_projection_weights(self):
         """[4A, C] and [4A]: the query, key, value and conv_out layers stacked, for one GEMM over x.
 
         Concatenated on every call while autograd needs them (training: the four gradients flow back through
-        the cat) or under torch.compile (which folds it); otherwise cached and rebuilt when a parameter's
-        storage or version counter changes (load_state_dict, .to(), in-place ops) or an optimizer steps (fused
-        ones change no version counter). Writes through `.data` do neither: call
-        `model.load_state_dict(model.state_dict())` after those."""
-        layers = (self.query, self.key, self.value, self.conv_out_layer)
-        params = [layer.weight for layer in layers] + [layer.bias for layer in layers]
+        the cat) or under torch.compile (which folds it); otherwise cached (see convbert_fast.inference_weights)."""
+        params = self.projection_parameters()
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return torch.cat(params[:4]), torch.cat(params[4:])
-        # inference-mode tensors cannot be saved for a backward later: a cache built there is kept apart
-        key = (torch.is_inference_mode_enabled(), _optimizer_steps, *((p.data_ptr(), p._version, p.dtype) for p in params))
+        key = inference_weights.parameters_key(params)
         cache = self.__dict__.get(FUSED_PROJECTION_CACHE)
         if cache is None or cache[0] != key:
             cache = (key, torch.cat(params[:4]), torch.cat(params[4:]))
@@ -212,7 +198,9 @@ class ConvBertSelfAttention(nn.Module):
         span conv written after the attention half of the context instead of a `cat`."""
         if encoder_hidden_states is None:
             weight, bias = self.fused_projection_weights()
-            projections = nn.functional.linear(hidden_states, weight, bias)  # [B, L, 4A]
+            projections = inference_weights.linear(
+                self, "projections", hidden_states, weight, bias, self.projection_parameters()
+            )  # [B, L, 4A]
             mixed_query, mixed_key, mixed_value, conv_values = projections.split(self.all_head_size, dim=-1)
         else:  # cross-attention: keys and values from the encoder
             mixed_query, conv_values = self.query(hidden_states), self.conv_out_layer(hidden_states)
@@ -220,7 +208,7 @@ class ConvBertSelfAttention(nn.Module):
         cu_seqlens = None if sequences is None else sequences.cu_seqlens
         conv_input = hidden_states if sequences is None else sequences.conv_input(hidden_states)
         conv_attn = self.key_conv_attn_layer(conv_input, mixed_query, cu_seqlens)  # [B, L, A]
-        kernel_logits = self.conv_kernel_layer(conv_attn)  # [B, L, H*K]
+        kernel_logits = linear_layer(self.conv_kernel_layer, conv_attn)  # [B, L, H*K]
         if sequences is not None:
             conv_values = sequences.conv_input(conv_values)
 
@@ -255,6 +243,11 @@ class ConvBertSelfAttention(nn.Module):
         return (context, probs) if output_attentions else (context,)
 
 
+def linear_layer(layer, x):
+    """layer(x) for the fused backends: an nn.Linear through inference_weights.layer (packed for CPU inference)."""
+    return inference_weights.layer(layer, x) if isinstance(layer, nn.Linear) else layer(x)
+
+
 def dense_dropout_add_norm(sublayer, hidden_states, residual):
     """LayerNorm(dropout(dense(x)) + residual): the end of both sublayers; fused into one pass per row after the
     dense layer unless the backend is `eager` (see ops.dropout_add_layer_norm)."""
@@ -262,7 +255,7 @@ def dense_dropout_add_norm(sublayer, hidden_states, residual):
         return sublayer.LayerNorm(sublayer.dropout(sublayer.dense(hidden_states)) + residual)
     norm = sublayer.LayerNorm
     return ops.dropout_add_layer_norm(
-        sublayer.dense(hidden_states), residual, norm.weight, norm.bias, sublayer.dropout.p, norm.eps, sublayer.training
+        linear_layer(sublayer.dense, hidden_states), residual, norm.weight, norm.bias, sublayer.dropout.p, norm.eps, sublayer.training
     )
 
 
@@ -332,6 +325,8 @@ class ConvBertIntermediate(nn.Module):
     def forward(self, hidden_states):
         if isinstance(self.dense, GroupedLinearLayer) and self.activation_name == "gelu":
             return self.dense(hidden_states, activation="gelu")  # the bias and GELU fused where possible
+        if ops.backend.fused_layers():
+            return self.intermediate_act_fn(linear_layer(self.dense, hidden_states))
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 

@@ -13,7 +13,7 @@ import functools
 from torch import nn
 from transformers.models.convbert import modeling_convbert as transformers_convbert
 
-from . import modeling, sequences
+from . import inference_weights, modeling, sequences
 
 _ORIGINAL = "_convbert_fast_original_class"
 _ADDED = "_convbert_fast_added_attributes"
@@ -70,11 +70,11 @@ def patch(model: nn.Module, *, padding_invariant: bool | None = None) -> nn.Modu
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo `patch`: the original transformers classes, nothing of ours left on the modules; returns the model."""
     for module in model.modules():
+        inference_weights.forget(module, modeling.FUSED_PROJECTION_CACHE)
         original = vars(module).pop(_ORIGINAL, None)
         if original is None:
             continue
         for name in vars(module).pop(_ADDED):
             delattr(module, name)
-        vars(module).pop(modeling.FUSED_PROJECTION_CACHE, None)
         module.__class__ = original
     return model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -24,6 +25,10 @@ def test_info_reports_versions_device_and_backends():
     assert "eager        ok" in out
     assert "cpp          ok" in out  # the extension is built by ./install.sh
     assert "triton       ok" in out
+    assert "cpu packing    on (" in out  # this torch has MKL
+    off = subprocess.run([sys.executable, "-m", "convbert_fast", "info"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "CONVBERT_FAST_PACK_WEIGHTS": "0"})  # fmt: skip
+    assert "cpu packing    off: CONVBERT_FAST_PACK_WEIGHTS=0" in off.stdout
     # a device a backend cannot serve comes with its reason (this torch is a CPU build, or a GPU is here)
     if torch.version.cuda is None:
         assert "but not on cuda: convbert_fast._C was built without CUDA kernels" in out

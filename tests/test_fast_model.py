@@ -14,6 +14,7 @@ from test_parity import CLASSES, make_inputs, max_diff, model_pair
 from torch import nn
 
 import convbert_fast as cf
+from convbert_fast import inference_weights
 
 ATOL = 1e-5  # fp32, as test_parity
 
@@ -109,6 +110,84 @@ def test_fused_projection_cache_follows_parameter_updates(optimizer, rng):
         ours.load_state_dict(theirs.state_dict())
         assert max_diff(ours(**inputs).logits, theirs(**inputs).logits) <= ATOL
         assert "_fused_projection_cache" not in "".join(ours.state_dict())
+
+
+# CPU inference with weights packed for MKL (inference_weights.linear)
+
+
+def pack_of(module, name="weight"):
+    entry = vars(module).get(inference_weights.PACKED, {}).get(name)
+    return None if entry is None else entry[2]
+
+
+def test_packed_linear_follows_rows_and_weights(rng):
+    assert inference_weights.packing_problem() is None  # this torch has MKL: the packed path is the one tested
+    layer = nn.Linear(24, 40)
+    x, x15 = torch.randn(6, 24, generator=rng), torch.randn(3, 5, 24, generator=rng)
+
+    def check(x):  # the same fp32 products as F.linear, summed in MKL's order: fp32's default tolerance
+        torch.testing.assert_close(inference_weights.layer(layer, x), nn.functional.linear(x, layer.weight, layer.bias))
+
+    with torch.no_grad():
+        check(x)
+        assert pack_of(layer) is None  # packed only when the same rows come again
+        check(x)
+        packed = pack_of(layer)
+        assert packed is not None
+        check(x)
+        assert pack_of(layer) is packed  # reused
+        check(x15)  # 15 rows: another shape, unpacked
+        assert pack_of(layer) is None
+        check(x15)
+        assert pack_of(layer) is not None
+        layer.weight.add_(1.0)  # in place: a stale pack would give the old weights' numbers
+        check(x15)
+        check(x15)
+        layer.bias.mul_(2.0)
+        check(x15)
+
+
+def test_packed_linear_only_where_nothing_needs_the_plain_weight(rng):
+    layer = nn.Linear(16, 8)
+    x = torch.randn(4, 16, generator=rng)
+    for _ in range(2):
+        assert layer(x).requires_grad and inference_weights.layer(layer, x).requires_grad  # training: autograd's
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            assert inference_weights.layer(layer, x).dtype == torch.bfloat16  # autocast's GEMM, in bf16
+    with torch.no_grad():
+        for _ in range(2):
+            assert inference_weights.layer(layer.double(), x.double()).dtype == torch.float64
+    assert inference_weights.PACKED not in vars(layer) or pack_of(layer) is None
+
+
+def test_optimizer_steps_bump_the_versions_of_what_they_update():
+    stepped, idle = nn.Linear(4, 4), nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW([*stepped.parameters(), *idle.parameters()], fused=True)
+    stepped(torch.ones(2, 4)).sum().backward()
+    before = [p._version for p in (*stepped.parameters(), *idle.parameters())]
+    optimizer.step()
+    assert [p._version > v for p, v in zip(stepped.parameters(), before)] == [True, True]
+    assert [p._version for p in idle.parameters()] == before[2:]  # no gradient: not updated, not bumped
+
+
+def test_model_serves_packed_weights_after_the_second_call(rng):
+    config = tiny_config(hidden_dropout_prob=0, attention_probs_dropout_prob=0)
+    theirs, ours = model_pair("ConvBertModel", config)
+    inputs = make_inputs("ConvBertModel", config, rng, labels=False)
+    layer = ours.encoder.layer[0]
+    with torch.no_grad(), cf.use_backend("cpp"):
+        expected = theirs(**inputs)[0]
+        for call in range(3):
+            assert max_diff(ours(**inputs)[0], expected) <= ATOL
+        assert pack_of(layer.attention.self, "projections") is not None
+        assert pack_of(layer.attention.self.conv_kernel_layer) is not None
+        assert pack_of(layer.attention.output.dense) is not None
+        ours.load_state_dict(cf.ConvBertModel(config).state_dict())  # copies into the parameters: packs follow
+        theirs.load_state_dict(ours.state_dict())
+        for call in range(2):
+            assert max_diff(ours(**inputs)[0], theirs(**inputs)[0]) <= ATOL
+    assert not any(inference_weights.PACKED in k for k in ours.state_dict())
 
 
 def test_cross_attention_uses_separate_projections_and_matches_eager(rng):
@@ -269,11 +348,15 @@ def test_patch_runs_a_transformers_model_on_our_layers_in_place(class_name, monk
         for p, g in zip(model.parameters(), expected_grads):
             assert max_diff(p.grad, g) <= ATOL
     model.zero_grad(set_to_none=True)
+    with torch.no_grad():  # inference: packed weights and the fused projections' cache, which unpatch drops
+        for _ in range(2):
+            model(**inputs)
 
     assert cf.unpatch(model) is model
     assert type(model) is getattr(transformers, class_name)
     assert not any("convbert_fast" in type(m).__module__ for m in model.modules())
     assert not any(k.startswith("_convbert_fast") or k == "activation_name" for m in model.modules() for k in vars(m))
+    assert not any(k in (inference_weights.PACKED, "_fused_projection_cache") for m in model.modules() for k in vars(m))
     with torch.no_grad():
         assert max_diff(model(**inputs)[0], expected[0]) == 0.0  # transformers' own forward again
 

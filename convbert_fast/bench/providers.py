@@ -113,6 +113,13 @@ def build_models(config, device, dtype):
     return theirs, ours
 
 
+def frozen_copy(model):
+    """A copy of `model` in eval mode with no parameter requiring a gradient: the forwards' model."""
+    import copy
+
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
 def train_step_flops(model, batch_size, seq_len, device) -> float:
     """FLOPs of one training step of transformers' eager model (the same math as every provider)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -140,10 +147,13 @@ class ProviderRun:
     so that `measure_batch` can interleave the providers round by round (a machine whose speed drifts then
     slows every provider alike instead of whichever ran during the slow minute)."""
 
-    def __init__(self, provider, models, batch, device, autocast_dtype):
+    def __init__(self, provider, models, batch, device, autocast_dtype, frozen_models):
         theirs, ours = models
         self.provider, self.device = provider, device
         self.model = theirs if provider.startswith("transformers") else ours
+        # the forward is inference: it runs on a copy whose weights no training step moves, as the deploy
+        # providers' artifacts do and as a served model's are (ours then keeps its derived weights across calls)
+        self.inference_model = frozen_models[0 if provider.startswith("transformers") else 1]
         backend = provider.removesuffix("-unpadded")
         self.backend = backend if backend in ("eager", "cpp", "triton") else "auto"
         self.padding_invariant = provider.endswith("-unpadded")  # ours: the model is shared, the mode set per call
@@ -151,6 +161,9 @@ class ProviderRun:
         # reset before each batch, so the recompile limit is never reached)
         self.compiled = provider.endswith("compile")
         self.runner = torch.compile(self.model, dynamic=False) if self.compiled else self.model
+        self.inference_runner = (
+            torch.compile(self.inference_model, dynamic=False) if self.compiled else self.inference_model
+        )
         self.phases = ("forward",) if provider in INFERENCE_ONLY else ("forward", "train_step")
         self.artifact = deploy.runner(provider, models, batch) if provider in INFERENCE_ONLY else None
         self.ids, self.mask, self.tokens = batch
@@ -169,16 +182,15 @@ class ProviderRun:
     def forward(self):
         if self.artifact is not None:
             return self.artifact()[0]
-        self.model.config.padding_invariant = self.padding_invariant
+        self.inference_model.config.padding_invariant = self.padding_invariant
         with torch.no_grad(), self._autocast():
-            return self.runner(self.ids, attention_mask=self.mask).last_hidden_state
+            return self.inference_runner(self.ids, attention_mask=self.mask).last_hidden_state
 
     def output(self) -> torch.Tensor:
         """The forward's output in eval mode, as fp32 (compared with transformers' eager model's)."""
         import convbert_fast as cf
 
         with cf.use_backend(self.backend):
-            self.model.train(False)
             if not self.compiled:
                 return self.forward().float()
             out = []  # a compile here (no warm-up) is counted like the timed calls' compiles
@@ -200,7 +212,7 @@ class ProviderRun:
         import convbert_fast as cf
 
         with cf.use_backend(self.backend):
-            self.model.train(phase == "train_step")
+            self.model.train(True)  # the forward's model stays in eval mode
             call = getattr(self, phase)
             if self.compiled:
                 ms = []
@@ -318,6 +330,7 @@ def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm
         progress.update(1)
 
     states = {id(m): {k: v.clone() for k, v in m.state_dict().items()} for m in models}  # AdamW must not drift
+    frozen_models = tuple(frozen_copy(m) for m in models)  # what the forwards run on (ProviderRun)
     # transformers' eager forward in eval mode, before any training step has moved a weight: each provider's
     # output is compared with it on the real tokens (the deploy artifacts hold the weights every batch starts
     # from); the padding-invariant providers' with our eager backend's in that mode, whose real tokens differ
@@ -329,7 +342,7 @@ def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm
         if mode not in references:
             try:
                 references[mode] = ProviderRun("eager-unpadded" if mode else BASELINE, models, batch, device,
-                                               autocast_dtype).output()  # fmt: skip
+                                               autocast_dtype, frozen_models).output()  # fmt: skip
             except Exception as error:  # noqa: BLE001  (out of memory, say: no comparison, the timings still run)
                 references[mode] = None
                 print(f"WARNING: the reference forward failed ({failure(error)}): no output comparison at "
@@ -351,7 +364,7 @@ def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm
             skip(provider, problem)
             continue
         try:
-            run = ProviderRun(provider, models, batch, device, autocast_dtype)
+            run = ProviderRun(provider, models, batch, device, autocast_dtype, frozen_models)
             run.max_abs_diff = max_abs_diff(provider, run.output())
             runs.append(run)
         except Exception as error:  # noqa: BLE001  (reported in the record instead)

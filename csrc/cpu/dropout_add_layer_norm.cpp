@@ -36,6 +36,10 @@ struct NormArgs {
 template <typename acc_t>
 inline void dropout_multipliers(uint64_t seed, uint64_t base, uint32_t threshold, acc_t scale, acc_t* __restrict__ m,
                                 int64_t n) {
+  if (threshold == 0) {  // no dropout (eval, or p = 0): every element kept, no hash (most of the row's work)
+    std::fill(m, m + n, scale);
+    return;
+  }
   for (int64_t c = 0; c < n; ++c) m[c] = dropout_keeps(seed, base + c, threshold) ? scale : acc_t(0);
 }
 
