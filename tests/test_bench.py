@@ -434,6 +434,51 @@ def test_adaptive_rounds_stop_at_the_target_the_budget_or_the_cap(monkeypatch):
     assert report._rounds(record) == "medians of 5 to 8 rounds (adaptive: ...)"
 
 
+def test_forwards_run_on_a_frozen_copy_three_calls_a_round(monkeypatch):
+    """The training steps move the shared models' weights; the forwards run on copies that no step moves (as the
+    deploy artifacts and a served model do), FORWARD_CALLS_PER_ROUND calls a round, each round keeping their median."""
+    from argparse import Namespace
+
+    from tqdm import tqdm
+
+    config = named_config("small", num_hidden_layers=1, max_position_embeddings=64, vocab_size=512)
+    models = providers.build_models(config, torch.device("cpu"), torch.float32)
+    start = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    forward_models, moved, calls = [], [], []
+    original_forward, original_step = providers.ProviderRun.forward, providers.ProviderRun.train_step
+
+    def forward(self):
+        forward_models.append(self.inference_model)
+        assert not self.inference_model.training and not any(p.requires_grad for p in self.inference_model.parameters())
+        calls.append(self.provider)
+        return original_forward(self)
+
+    def train_step(self):
+        original_step(self)
+        moved.append(any(not torch.equal(p, start[models.index(self.model)][k]) for k, p in self.model.state_dict().items()))
+
+    monkeypatch.setattr(providers.ProviderRun, "forward", forward)
+    monkeypatch.setattr(providers.ProviderRun, "train_step", train_step)
+    grad_modes = []  # the shared models run only the training steps' forwards, with autograd on
+    for model in models:  # (the copies inherit the hook: only the shared models' calls are kept)
+        model.register_forward_pre_hook(
+            lambda module, args: grad_modes.append(torch.is_grad_enabled()) if module in models else None
+        )
+    args = Namespace(batch_size=1, warmup=0, repeats=2)
+    with tqdm(disable=True) as progress:
+        measured = providers.measure_batch(["transformers", "cpp"], models, args, 8, "none", torch.device("cpu"),
+                                           "fp32", 1e9, None, progress)  # fmt: skip
+    assert [m.skipped for m in measured] == [None, None]
+    assert all(moved)  # the steps did move the shared weights...
+    assert grad_modes and all(grad_modes)  # ...which no inference forward ran on
+    assert all(m not in models for m in forward_models)
+    for m in {id(m): m for m in forward_models}.values():  # and the forwards' copies still hold the start's weights
+        state = start[0] if type(m) is type(models[0]) else start[1]
+        assert all(torch.equal(p, state[k]) for k, p in m.state_dict().items())
+    timed = calls[3:]  # after the reference's and each provider's output check: 2 rounds of 3 calls each
+    assert timed.count("cpp") == timed.count("transformers") == 2 * providers.FORWARD_CALLS_PER_ROUND
+
+
 def test_readme_tables_are_the_committed_records():
     """CI's check: the README's performance tables are what `bench --markdown` writes from benchmarks/results."""
     records = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks" / "results").glob("*.json"))
