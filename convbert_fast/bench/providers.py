@@ -5,7 +5,6 @@ one batch taking turns, and the op summary (each op against its eager math)."""
 from __future__ import annotations
 
 import gc
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,11 +51,6 @@ MIN_ROUNDS, MAX_ROUNDS, RATIO_SE_TARGET = 5, 60, 0.01
 # B=1 L=128): our forward 47.9 ms right after an ONNX Runtime call, 35.6 after 10 ms, 21.4 after 50; ONNX Runtime
 # 26.1 right after ours, 21.0 after 50 ms. So the rounds wait this long where the pool changes.
 THREAD_POOL_SETTLE_S = 0.05
-# A round times the forward this many times in a row and keeps their median: a forward costs a quarter to a third
-# of a training step, so the round grows by about half a step, and the forward ratios, which two default runs had
-# disagreed on most (by up to 0.17 with the 5 rounds an L=256 batch gets), rest on three calls a round. Calls in a
-# row are what a served model sees: its weights stay in the caches from one call to the next.
-FORWARD_CALLS_PER_ROUND = 3
 
 
 @dataclass
@@ -220,13 +214,12 @@ class ProviderRun:
         with cf.use_backend(self.backend):
             self.model.train(True)  # the forward's model stays in eval mode
             call = getattr(self, phase)
-            calls = FORWARD_CALLS_PER_ROUND if phase == "forward" else 1
             if self.compiled:
-                times = []
-                self.dynamo[phase].around(lambda: times.extend(self.measure(call) for _ in range(calls)))
+                ms = []
+                self.dynamo[phase].around(lambda: ms.append(self.measure(call)))
+                ms = ms[0]
             else:
-                times = [self.measure(call) for _ in range(calls)]
-            ms = statistics.median(times)
+                ms = self.measure(call)
         if record:
             self.times[phase].append(ms)
 

@@ -27,7 +27,6 @@ from .providers import (
     BASELINE,
     COMPILE_BASELINE,
     DTYPES,
-    FORWARD_CALLS_PER_ROUND,
     MAX_ROUNDS,
     MIN_ROUNDS,
     ORT_BASELINE,
@@ -163,8 +162,7 @@ def run(args) -> int:
         f"{args.repeats} per batch" if args.repeats else f"adaptive: at least {MIN_ROUNDS}, then until every ratio's "
         f"bootstrap standard error is <= {RATIO_SE_TARGET} or the batch's share of {args.time_budget:.0f} s is spent "
         f"(at most {MAX_ROUNDS})"
-    ) + (f"; a round's forward: the median of {FORWARD_CALLS_PER_ROUND} calls in a row on a frozen copy of the "
-         f"model (eval mode, weights no step moves)")  # fmt: skip
+    ) + "; the forwards run on a frozen copy of each model (eval mode, weights no step moves)"  # fmt: skip
     record = {
         "device": device_name(device),
         "cpu_isa": cpu_isa() if device.type == "cpu" else None,
