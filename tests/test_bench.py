@@ -294,8 +294,11 @@ def test_padded_batches_are_seeded_and_masked():
 
 
 def test_quantiles_stay_within_the_rounds():
-    median, (p20, p50, p80) = timing.summary_of([300.0, 100.0, 200.0])
-    assert median == p50 == 200.0 and 100.0 <= p20 < 200.0 < p80 <= 300.0
+    value, (p20, p50, p80) = timing.summary_of([300.0, 100.0, 200.0])
+    assert value == p20 == 140.0 and p50 == 200.0 and 100.0 <= p20 < 200.0 < p80 <= 300.0
+    # the headline is the 20th percentile: interruptions, which only add time, move it least
+    assert timing.headline([10.0] * 7 + [20.0] * 3) == 10.0
+    assert timing.headline([7.0]) == 7.0 and timing.headline([1.0, 2.0]) == 1.2
 
 
 def test_cpu_peak_counts_what_a_step_allocates():
@@ -381,9 +384,10 @@ def test_copy_bandwidth_is_a_real_copy():
     assert 1 / 4 < first / second < 4, (first, second)
 
 
-def test_ratio_standard_error_shrinks_with_rounds_as_the_median_s_does():
-    """The bootstrap standard error of a ratio of medians: zero for steady times, and for noisy ones close to the
-    normal theory's (each median's SE is 1.2533 sigma / sqrt(n)), falling as 1 / sqrt(rounds)."""
+def test_ratio_standard_error_shrinks_with_rounds_as_the_quantile_s_does():
+    """The bootstrap standard error of a ratio of 20th percentiles: zero for steady times, and for noisy ones close
+    to the normal theory's (a p-quantile's SE is sqrt(p (1 - p)) / phi(z_p) sigma / sqrt(n), 1.4287 sigma / sqrt(n)
+    at p = 0.2), falling as 1 / sqrt(rounds)."""
     import random
 
     steady = timing.ratio_standard_errors({"a": [10.0] * 8, "b": [5.0] * 8}, [("a", "b")])
@@ -392,7 +396,7 @@ def test_ratio_standard_error_shrinks_with_rounds_as_the_median_s_does():
     for rounds in (10, 40):
         times = {"a": [draw.gauss(200, 4) for _ in range(rounds)], "b": [draw.gauss(100, 2) for _ in range(rounds)]}
         se = timing.ratio_standard_errors(times, [("a", "b")], resamples=400)["a", "b"]
-        theory = 2 * math.sqrt(2) * 1.2533 * 0.02 / math.sqrt(rounds)  # ratio 2, 2% noise on each series
+        theory = 2 * math.sqrt(2) * 1.4287 * 0.02 / math.sqrt(rounds)  # ratio 2, 2% noise on each series
         assert theory / 2 < se < theory * 2, (rounds, se, theory)
 
 
@@ -428,10 +432,11 @@ def test_adaptive_rounds_stop_at_the_target_the_budget_or_the_cap(monkeypatch):
     monkeypatch.setattr(providers, "MAX_ROUNDS", providers.MIN_ROUNDS + 3)
     rounds, errors = rounds_taken(600.0)
     assert rounds == providers.MIN_ROUNDS + 3 and all(se > 0 for se in errors.values())
-    # the README's sentence says how many rounds a record's medians took, and by which rule
-    record = {"settings": {"repeats": None}, "rounds_rule": "adaptive: ...",
+    # the README's sentence says how many rounds a record's times took, which statistic and by which rule
+    record = {"settings": {"repeats": None}, "rounds_rule": "adaptive: ...", "headline_quantile": 0.2,
               "measurements": [{"rounds": 5}, {"rounds": 8}]}  # fmt: skip
-    assert report._rounds(record) == "medians of 5 to 8 rounds (adaptive: ...)"
+    assert report._rounds(record) == "20th percentiles of 5 to 8 rounds (adaptive: ...)"
+    assert report._rounds({**record, "headline_quantile": None}) == "medians of 5 to 8 rounds (adaptive: ...)"
 
 
 def test_forwards_run_on_a_frozen_copy(monkeypatch):

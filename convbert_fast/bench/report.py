@@ -140,13 +140,19 @@ def _source(record, path) -> str:
 
 
 def _rounds(record) -> str:
-    """How many rounds each median took: the fixed --repeats, or the adaptive range and its rule."""
+    """How many rounds each time took: the fixed --repeats, or the adaptive range and its rule."""
     s = record["settings"]
     if s.get("repeats"):
-        return f"medians of {s['repeats']} rounds"
+        return f"{_statistic(record)} of {s['repeats']} rounds"
     taken = sorted({m["rounds"] for m in record["measurements"] if m.get("rounds")})
     span = f"{taken[0]} to {taken[-1]}" if taken and taken[0] != taken[-1] else f"{taken[0] if taken else 0}"
-    return f"medians of {span} rounds ({record['rounds_rule']})"
+    return f"{_statistic(record)} of {span} rounds ({record['rounds_rule']})"
+
+
+def _statistic(record) -> str:
+    """What a record's times are: 20th percentiles of the rounds (records without the field: medians)."""
+    quantile = record.get("headline_quantile")
+    return "medians" if quantile in (None, 0.5) else f"{round(quantile * 100)}th percentiles"
 
 
 def _isa(record) -> str:
@@ -270,7 +276,7 @@ def ops_markdown(record, path) -> str:
     lines = [
         f"Each op forward + backward, B={first['batch_size']}, L={first['seq_len']}, 6 conv heads of 64, K=9: the "
         f"`eager` backend (the seed's code as transformers runs it) against `{first['backend']}`, taking turns, "
-        f"medians of {repeats} rounds"
+        f"{_statistic(record)} of {repeats} rounds"
         + (f"; the span conv's bytes moved per second against a copy's, {bandwidth:.1f} GB/s here" if bandwidth else "")
         + ". " + _source(record, path),
         "",
