@@ -477,6 +477,7 @@ def test_forwards_run_on_a_frozen_copy(monkeypatch):
     assert all(moved)  # the steps did move the shared weights...
     assert grad_modes and all(grad_modes)  # ...which no inference forward ran on
     assert all(m not in models for m in forward_models)
+    assert len({id(m) for m in forward_models}) == 3  # a copy each: the reference, transformers and cpp
     for m in {id(m): m for m in forward_models}.values():  # and the forwards' copies still hold the start's weights
         state = start[0] if type(m) is type(models[0]) else start[1]
         assert all(torch.equal(p, state[k]) for k, p in m.state_dict().items())

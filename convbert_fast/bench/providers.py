@@ -147,13 +147,15 @@ class ProviderRun:
     so that `measure_batch` can interleave the providers round by round (a machine whose speed drifts then
     slows every provider alike instead of whichever ran during the slow minute)."""
 
-    def __init__(self, provider, models, batch, device, autocast_dtype, frozen_models):
+    def __init__(self, provider, models, batch, device, autocast_dtype):
         theirs, ours = models
         self.provider, self.device = provider, device
         self.model = theirs if provider.startswith("transformers") else ours
-        # the forward is inference: it runs on a copy whose weights no training step moves, as the deploy
-        # providers' artifacts do and as a served model's are (ours then keeps its derived weights across calls)
-        self.inference_model = frozen_models[0 if provider.startswith("transformers") else 1]
+        # the forward is inference: it runs on this provider's own copy, made before any training step, whose
+        # weights no step moves, as the deploy providers' artifacts and a served model's are; ours then keeps its
+        # derived weights across calls (inference_weights: a pack serves one row count, and cpp-unpadded's rows
+        # are not cpp's)
+        self.inference_model = None if provider in INFERENCE_ONLY else frozen_copy(self.model)
         backend = provider.removesuffix("-unpadded")
         self.backend = backend if backend in ("eager", "cpp", "triton") else "auto"
         self.padding_invariant = provider.endswith("-unpadded")  # ours: the model is shared, the mode set per call
@@ -163,7 +165,7 @@ class ProviderRun:
         self.runner = torch.compile(self.model, dynamic=False) if self.compiled else self.model
         self.inference_runner = (
             torch.compile(self.inference_model, dynamic=False) if self.compiled else self.inference_model
-        )
+        )  # (None for a deploy provider: its artifact runs the forward)
         self.phases = ("forward",) if provider in INFERENCE_ONLY else ("forward", "train_step")
         self.artifact = deploy.runner(provider, models, batch) if provider in INFERENCE_ONLY else None
         self.ids, self.mask, self.tokens = batch
@@ -330,7 +332,6 @@ def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm
         progress.update(1)
 
     states = {id(m): {k: v.clone() for k, v in m.state_dict().items()} for m in models}  # AdamW must not drift
-    frozen_models = tuple(frozen_copy(m) for m in models)  # what the forwards run on (ProviderRun)
     # transformers' eager forward in eval mode, before any training step has moved a weight: each provider's
     # output is compared with it on the real tokens (the deploy artifacts hold the weights every batch starts
     # from); the padding-invariant providers' with our eager backend's in that mode, whose real tokens differ
@@ -342,7 +343,7 @@ def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm
         if mode not in references:
             try:
                 references[mode] = ProviderRun("eager-unpadded" if mode else BASELINE, models, batch, device,
-                                               autocast_dtype, frozen_models).output()  # fmt: skip
+                                               autocast_dtype).output()  # fmt: skip
             except Exception as error:  # noqa: BLE001  (out of memory, say: no comparison, the timings still run)
                 references[mode] = None
                 print(f"WARNING: the reference forward failed ({failure(error)}): no output comparison at "
@@ -364,7 +365,7 @@ def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm
             skip(provider, problem)
             continue
         try:
-            run = ProviderRun(provider, models, batch, device, autocast_dtype, frozen_models)
+            run = ProviderRun(provider, models, batch, device, autocast_dtype)
             run.max_abs_diff = max_abs_diff(provider, run.output())
             runs.append(run)
         except Exception as error:  # noqa: BLE001  (reported in the record instead)
