@@ -244,8 +244,10 @@ class ConvBertSelfAttention(nn.Module):
 
 
 def linear_layer(layer, x):
-    """layer(x) for the fused backends: an nn.Linear through inference_weights.layer (packed for CPU inference)."""
-    return inference_weights.layer(layer, x) if isinstance(layer, nn.Linear) else layer(x)
+    """layer(x) for the fused backends: a plain nn.Linear through inference_weights.layer (packed for CPU inference);
+    a subclass (a quantized layer, say) or a layer with hooks through its own call, so that they still run."""
+    plain = type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks)
+    return inference_weights.layer(layer, x) if plain else layer(x)
 
 
 def dense_dropout_add_norm(sublayer, hidden_states, residual):

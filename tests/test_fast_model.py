@@ -190,6 +190,34 @@ def test_model_serves_packed_weights_after_the_second_call(rng):
     assert not any(inference_weights.PACKED in k for k in ours.state_dict())
 
 
+def test_linear_layers_with_hooks_or_subclasses_keep_their_own_call(rng):
+    """The fused layers call a plain nn.Linear's GEMM themselves (packed in CPU inference); a layer with a hook, or
+    an nn.Linear subclass (a quantized layer, say), goes through its own call, hooks and all."""
+    model = cf.ConvBertModel(tiny_config()).eval()
+    inputs = make_inputs("ConvBertModel", model.config, rng, labels=False)
+    dense = model.encoder.layer[0].attention.output.dense
+    seen = []
+    dense.register_forward_hook(lambda module, args, output: seen.append(torch.is_grad_enabled()))
+
+    class Scaled(nn.Linear):  # a subclass whose forward differs from F.linear's
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    last = model.encoder.layer[-1].attention.output
+    scaled = Scaled(last.dense.in_features, last.dense.out_features)
+    scaled.load_state_dict(last.dense.state_dict())
+    with cf.use_backend("cpp"):
+        for grad in (True, False, False):
+            with torch.set_grad_enabled(grad):
+                before = model(**inputs)[0]
+        last.dense = scaled
+        with torch.no_grad():
+            for _ in range(2):
+                after = model(**inputs)[0]
+    assert seen == [True, False, False, False, False]  # every call, training and inference
+    assert max_diff(before, after) > 1e-3  # the subclass's forward ran
+
+
 def test_cross_attention_uses_separate_projections_and_matches_eager(rng):
     config = tiny_config(is_decoder=True, add_cross_attention=True)
     model = cf.ConvBertModel(config).eval()
