@@ -146,6 +146,8 @@ def test_a_run_stopped_by_sigint_keeps_what_it_measured(tmp_path):
          "--seq-len", lengths, "--padding", "none,half", "--repeats", "1", "--warmup", "0", "--providers", "transformers,cpp",
          "--json", str(record_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        # started with SIGINT ignored, as a shell without job control starts `cmd &`: the bench must listen anyway
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )  # fmt: skip
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and child.poll() is None:

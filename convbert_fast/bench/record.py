@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -144,6 +145,10 @@ def run(args) -> int:
     from ..configs import named_config
     from ..env import cpu_isa
 
+    # A shell without job control starts a background command (`cmd &`, `nohup ... &`) with SIGINT ignored, and
+    # Python then never raises KeyboardInterrupt: a time limit's SIGINT would be lost and the run go on to the end.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     device = torch.device(args.device)
     began = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **provenance()}
     # a position table long enough for every length asked for (speed does not depend on its size)
