@@ -125,12 +125,12 @@ class ConvBertSelfAttention(nn.Module):
         layers = (self.query, self.key, self.value, self.conv_out_layer)
         return [layer.weight for layer in layers] + [layer.bias for layer in layers]
 
-    def fused_projection_weights(self):
+    def fused_projection_weights(self, params=None):
         """[4A, C] and [4A]: the query, key, value and conv_out layers stacked, for one GEMM over x.
 
         Concatenated on every call while autograd needs them (training: the four gradients flow back through
         the cat) or under torch.compile (which folds it); otherwise cached (see convbert_fast.inference_weights)."""
-        params = self.projection_parameters()
+        params = self.projection_parameters() if params is None else params
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return torch.cat(params[:4]), torch.cat(params[4:])
         key = inference_weights.parameters_key(params)
@@ -197,10 +197,10 @@ class ConvBertSelfAttention(nn.Module):
         separable conv, scaled_dot_product_attention unless probabilities or a head mask are asked for, and the
         span conv written after the attention half of the context instead of a `cat`."""
         if encoder_hidden_states is None:
-            weight, bias = self.fused_projection_weights()
-            projections = inference_weights.linear(
-                self, "projections", hidden_states, weight, bias, self.projection_parameters()
-            )  # [B, L, 4A]
+            params = self.projection_parameters()
+            weight, bias = self.fused_projection_weights(params)
+            projections = inference_weights.linear(self, "projections", hidden_states, weight, bias, params)
+            # projections [B, L, 4A]
             mixed_query, mixed_key, mixed_value, conv_values = projections.split(self.all_head_size, dim=-1)
         else:  # cross-attention: keys and values from the encoder
             mixed_query, conv_values = self.query(hidden_states), self.conv_out_layer(hidden_states)
@@ -382,9 +382,12 @@ class ConvBertLayer(nn.Module):
                 attention_output, encoder_attention_mask, head_mask, encoder_hidden_states, output_attentions, sequences
             )
             attention_output, outputs = cross_outputs[0], outputs + cross_outputs[1:]
-        layer_output = apply_chunking_to_forward(
-            self.feed_forward_chunk, self.chunk_size_feed_forward, self.seq_len_dim, attention_output
-        )
+        if self.chunk_size_feed_forward:
+            layer_output = apply_chunking_to_forward(
+                self.feed_forward_chunk, self.chunk_size_feed_forward, self.seq_len_dim, attention_output
+            )
+        else:  # what apply_chunking_to_forward calls then, without its inspect.signature of every call (~30 us)
+            layer_output = self.feed_forward_chunk(attention_output)
         return (layer_output,) + outputs
 
     def feed_forward_chunk(self, attention_output):

@@ -167,6 +167,30 @@ def test_gradients_match_transformers(class_name, config_name, backend_name):
     assert worst <= (0.0 if backend_name == "eager" else ATOL), f"max |ours - transformers| = {worst:.3e}"
 
 
+def test_chunked_feed_forward_matches_transformers(backend_name):
+    """config.chunk_size_feed_forward > 0: the feed-forward runs chunk by chunk over the sequence (transformers'
+    apply_chunking_to_forward), in outputs and gradients; 0 (every other test) calls it once on the whole."""
+    config = make_config("small", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, chunk_size_feed_forward=4)
+    torch.manual_seed(0)
+    theirs, ours = model_pair("ConvBertModel", config, train=True)
+    inputs = make_inputs("ConvBertModel", config, torch.Generator().manual_seed(2), labels=False)
+    exact = backend_name == "eager"
+    their_out, our_out = theirs(**inputs).last_hidden_state, ours(**inputs).last_hidden_state
+    assert_parity(f"chunked feed-forward [{backend_name}]", our_out, their_out, exact=exact)
+    their_out.square().mean().backward()
+    our_out.square().mean().backward()
+    their_grads = dict(theirs.named_parameters())
+    worst = max(max_diff(p.grad, their_grads[name].grad, name) for name, p in ours.named_parameters())
+    assert worst <= (0.0 if exact else ATOL), f"max |gradient - transformers'| = {worst:.3e}"
+    layer = ours.encoder.layer[0]
+    chunks = []
+    hook = layer.output.register_forward_hook(lambda module, args, out: chunks.append(out.shape[1]))
+    with torch.no_grad():
+        ours(**inputs)
+    hook.remove()
+    assert chunks == [4] * (SEQ_LEN // 4), chunks  # it did run in chunks of 4 positions
+
+
 @pytest.mark.parametrize("config_name", ["base", "medium-small"])
 def test_eager_training_step_with_dropout_is_transformers_bit_for_bit(config_name):
     """Dropout on, the same seed: the eager backend draws transformers' masks in transformers' order, so the loss and
