@@ -50,6 +50,34 @@ def test_dropout_add_layer_norm_without_dropout_matches_reference(device_name, d
         oracle = layer_norm_ref(*(t.double() for t in (x + residual, weight, bias)), 1e-5)
         torch_result = torch.nn.functional.layer_norm(x + residual, (channels,), weight, bias, 1e-5)
         assert_within_torch_error(out, torch_result, oracle)
+        if cf.ops.cpp.LOADED:  # the op itself (CPU inference in fp32/fp64 runs torch's ops instead: below)
+            seed = torch.zeros((), dtype=torch.int64)
+            direct = torch.ops.convbert_fast.dropout_add_layer_norm(x, residual, weight, bias, 0.0, 1e-5, seed)[0]
+            assert_within_torch_error(direct, torch_result, oracle)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dropout_add_layer_norm_cpu_inference_is_torchs_add_and_layer_norm(dtype, rng):
+    """Without dropout or a gradient on the CPU, the cpp backend runs torch's add + layer_norm (faster there than
+    the op's pass), so transformers' numbers bit for bit; with a gradient to take, the op and its backward."""
+    x, residual, weight, bias = norm_inputs((128,), 768, dtype, "cpu", rng)
+    torch_result = torch.nn.functional.layer_norm(x + residual, (768,), weight, bias, 1e-12)
+    seed = torch.zeros((), dtype=torch.int64)
+    with cf.use_backend("cpp"):
+        for training in (False, True):  # eval, and training without dropout
+            out = cf.ops.dropout_add_layer_norm(x, residual, weight, bias, p=0.0 if training else 0.1, eps=1e-12,
+                                                training=training)  # fmt: skip
+            assert torch.equal(out, torch_result)
+        leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
+        out = cf.ops.dropout_add_layer_norm(*leaves, p=0.1, eps=1e-12, training=False)
+        op_out = torch.ops.convbert_fast.dropout_add_layer_norm(x, residual, weight, bias, 0.0, 1e-12, seed)[0]
+        assert torch.equal(out.detach(), op_out)  # the op, whose backward runs
+        assert not torch.equal(op_out, torch_result)  # (so the first assertions could fail: the results differ)
+        grads = torch.autograd.grad(out.sum(), leaves)
+        reference = torch.nn.functional.layer_norm(leaves[0] + leaves[1], (768,), *leaves[2:], 1e-12)
+        expected = torch.autograd.grad(reference.sum(), leaves)
+        for ours, theirs in zip(grads, expected):
+            torch.testing.assert_close(ours, theirs)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
