@@ -31,9 +31,12 @@ def _bump_stepped_versions(optimizer, args, kwargs):
 register_optimizer_step_post_hook(_bump_stepped_versions)
 
 
-def parameters_key(params) -> tuple:
-    """What a weight derived from `params` depends on. Inference-mode tensors cannot be saved for a backward later:
-    what is built in inference mode is kept apart."""
+def parameters_key(params) -> tuple | None:
+    """What a weight derived from `params` depends on, or None where that cannot be known (parameters that are
+    inference tensors, made under torch.inference_mode, have no version counter): then nothing is kept. Inference-mode
+    tensors cannot be saved for a backward later: what is built in inference mode is kept apart."""
+    if any(p.is_inference() for p in params):
+        return None
     return (torch.is_inference_mode_enabled(), *((p.data_ptr(), p._version, p.dtype) for p in params))
 
 
@@ -76,6 +79,8 @@ def linear(owner: torch.nn.Module, name: str, x, weight, bias, params=None):
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     key = parameters_key([t for t in (weight, bias) if t is not None] if params is None else params)
+    if key is None:
+        return F.linear(x, weight, bias)
     packs = owner.__dict__.setdefault(PACKED, {})
     seen = packs.get(name)
     if seen is None or seen[0] != key or seen[1] != rows:

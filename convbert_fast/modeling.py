@@ -134,6 +134,8 @@ class ConvBertSelfAttention(nn.Module):
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return torch.cat(params[:4]), torch.cat(params[4:])
         key = inference_weights.parameters_key(params)
+        if key is None:
+            return torch.cat(params[:4]), torch.cat(params[4:])
         cache = self.__dict__.get(FUSED_PROJECTION_CACHE)
         if cache is None or cache[0] != key:
             cache = (key, torch.cat(params[:4]), torch.cat(params[4:]))

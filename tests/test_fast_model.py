@@ -190,6 +190,35 @@ def test_model_serves_packed_weights_after_the_second_call(rng):
     assert not any(inference_weights.PACKED in k for k in ours.state_dict())
 
 
+@pytest.mark.parametrize("padding_invariant", [False, True])
+def test_inference_mode_serves_the_same_numbers(padding_invariant, rng):
+    """Under torch.inference_mode (a server's mode; the bench's forwards run in it): the same outputs as under
+    no_grad, the padding-invariant mode's packed rows included (whose offsets are inference tensors there, with no
+    version counter to cache them by); and a model built under inference_mode, whose parameters are inference
+    tensors, derives nothing it could not tell stale: a weight changed in place gives the new weights' numbers."""
+    config = tiny_config(hidden_dropout_prob=0, attention_probs_dropout_prob=0, padding_invariant=padding_invariant)
+    _, ours = model_pair("ConvBertModel", config)
+    inputs = make_inputs("ConvBertModel", config, rng, labels=False)
+    with cf.use_backend("cpp"):
+        with torch.no_grad():
+            expected = ours(**inputs)[0]
+        with torch.inference_mode():
+            for _ in range(3):  # the third call runs on packed weights
+                assert max_diff(ours(**inputs)[0], expected) <= ATOL
+            built_here = cf.ConvBertModel(config).eval()
+            built_here.load_state_dict(ours.state_dict())
+            assert built_here.encoder.layer[0].attention.self.query.weight.is_inference()
+            for _ in range(3):
+                assert max_diff(built_here(**inputs)[0], expected) <= ATOL
+            built_here.encoder.layer[0].attention.self.value.weight.add_(0.5)
+            changed = built_here(**inputs)[0]
+        ours.encoder.layer[0].attention.self.value.weight.data.add_(0.5)
+        ours.load_state_dict(ours.state_dict())  # (.data writes bump nothing: inference_weights' docstring)
+        with torch.no_grad():
+            assert max_diff(changed, ours(**inputs)[0]) <= ATOL
+            assert max_diff(changed, expected) > 1e-3
+
+
 def test_linear_layers_with_hooks_or_subclasses_keep_their_own_call(rng):
     """The fused layers call a plain nn.Linear's GEMM themselves (packed in CPU inference); a layer with a hook, or
     an nn.Linear subclass (a quantized layer, say), goes through its own call, hooks and all."""

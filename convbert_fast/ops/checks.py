@@ -69,7 +69,8 @@ def check_sequence_offsets(op: str, cu_seqlens, x: torch.Tensor) -> torch.Tensor
     total = x.shape[1]
     if torch.compiler.is_compiling() or torch._subclasses.fake_tensor.is_fake(cu_seqlens):
         return cu_seqlens.to(torch.int32)
-    hit = _checked_offsets.get(id(cu_seqlens))
+    cacheable = not cu_seqlens.is_inference()  # an inference tensor has no version counter to tell a change by
+    hit = _checked_offsets.get(id(cu_seqlens)) if cacheable else None
     if hit is not None and hit[0]() is cu_seqlens and hit[1:3] == (cu_seqlens._version, total):
         return hit[3]
     offsets = cu_seqlens.tolist()
@@ -88,6 +89,8 @@ def check_sequence_offsets(op: str, cu_seqlens, x: torch.Tensor) -> torch.Tensor
         shown = offsets if len(offsets) <= 12 else offsets[:6] + ["..."] + offsets[-3:]
         raise ValueError(f"{op}: `cu_seqlens` {shown} {problem}")
     checked = cu_seqlens.to(torch.int32).contiguous()
+    if not cacheable:
+        return checked
     key = id(cu_seqlens)
     ref = weakref.ref(cu_seqlens, lambda _, key=key, cache=_checked_offsets: cache.pop(key, None))
     _checked_offsets[key] = (ref, cu_seqlens._version, total, checked)
