@@ -185,7 +185,9 @@ class ProviderRun:
         if self.artifact is not None:
             return self.artifact()[0]
         self.inference_model.config.padding_invariant = self.padding_invariant
-        with torch.no_grad(), self._autocast():
+        # inference_mode, as a server runs a model: no autograd kernel runs at all (no_grad still enters each op's
+        # autograd kernel, ours in Python: our B=1 L=128 forward 21.5 -> 20.9 ms, transformers' 23.4 either way)
+        with torch.inference_mode(), self._autocast():
             return self.inference_runner(self.ids, attention_mask=self.mask).last_hidden_state
 
     def output(self) -> torch.Tensor:

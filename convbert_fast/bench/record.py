@@ -3,7 +3,8 @@ torch.compile of it, side by side in one run, written as a JSON record (device, 
 every measurement and a summary) and printed as a table (report.py), with a plot.
 
 The model measured is the encoder (ConvBertModel) with a scalar loss on its output: the part our kernels
-change. A training step is forward + backward + fused AdamW step (every provider's); inference is a forward under no_grad in eval mode.
+change. A training step is forward + backward + fused AdamW step (every provider's); inference is a forward under
+torch.inference_mode in eval mode.
 At each batch (L tokens a row, and padded batches of the same L: --padding) the providers are timed in rounds,
 one call each per round, and each reports the 20th percentile of its rounds (timing.HEADLINE_QUANTILE): a drift
 in the machine's speed then falls on every provider alike. Compiled providers get fresh graphs per batch, and dynamo's counts say they ran them;
@@ -39,7 +40,14 @@ from .providers import (
     train_step_flops,
 )
 from .report import _ratio, plot, provider_label, table
-from .timing import CPU_MEMORY_TOOL, CUDA_MEMORY_TOOL, HEADLINE_QUANTILE, copy_bandwidth, gemm_rate
+from .timing import (
+    CPU_MEMORY_TOOL,
+    CUDA_MEMORY_TOOL,
+    HEADLINE_QUANTILE,
+    copy_bandwidth,
+    fix_malloc_thresholds,
+    gemm_rate,
+)
 
 OPTIMIZER = "torch.optim.AdamW(fused=True)"  # every provider's, as `train` steps (train.adamw)
 OPS_REPEATS = 10  # the op summary's rounds when the model's are adaptive (its ratios are 1.1x to 26x: see README)
@@ -150,6 +158,7 @@ def run(args) -> int:
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     device = torch.device(args.device)
+    allocator = fix_malloc_thresholds() if device.type == "cpu" else None  # before the run allocates anything
     began = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **provenance()}
     # a position table long enough for every length asked for (speed does not depend on its size)
     config = named_config(args.config, num_hidden_layers=args.layers, max_position_embeddings=max(512, *args.seq_len))
@@ -177,6 +186,7 @@ def run(args) -> int:
                                                                        "check", "choose")},  # fmt: skip
         "rounds_rule": rounds_rule,
         "memory_tool": memory_tool,
+        "cpu_allocator": allocator,  # the glibc malloc settings the run measured under (timing.fix_malloc_thresholds)
         "optimizer": OPTIMIZER,
         "headline_quantile": HEADLINE_QUANTILE,  # every time is this quantile of its rounds
         "complete": False,
