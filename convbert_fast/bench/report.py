@@ -235,7 +235,7 @@ def deploy_markdown(record, path) -> str:
                 f"{','.join(DEPLOY_ROWS)}` measures them. {_source(record, path)}\n")  # fmt: skip
     lines = [
         f"ConvBERT-{s['config']} encoder with {s['layers']} layer{'s' if s['layers'] != 1 else ''}, "
-        f"B={s['batch_size']}, fp32, inference (a forward, no gradients; artifacts checked against their "
+        f"B={s['batch_size']}, fp32, inference (a forward under torch.inference_mode; artifacts checked against their "
         f"model on every batch): {_rounds(record)}, in which the providers take turns; padded rows "
         "pass the attention mask. " + _source(record, path) + _incomplete(record),
         "",

@@ -24,10 +24,10 @@ HEADLINE_QUANTILE = 0.2
 
 # glibc's malloc serves a block above its mmap threshold with fresh pages from the kernel, faulted in on first touch,
 # and hands the heap's free top back above its trim threshold; both thresholds move up as such blocks are freed, so
-# which of a step's buffers cost page faults depends on everything the process ran before. Two default runs, one
-# right after the other on the idle Xeon: 82 of 108 ratios within 0.05 (largest difference 0.35) with glibc's
-# moving thresholds, 97 (0.10) with both fixed, which also took 5% off every provider's training step (the
-# medians of the two pairs' times) and 2% off its forward.
+# which of a step's buffers cost page faults depends on everything the process ran before. Fixed, they took 5% off
+# every provider's training step and 2% off its forward on the idle Xeon (medians over a default run's
+# measurements). Whether two default runs agree better is not settled: pairs of runs, one right after the other,
+# agreed within 0.05 on 97 and 86 of 108 ratios with them fixed, and on 82 without (the same evening).
 MALLOC_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest: blocks up to this come from the heap and are reused
 MALLOC_TRIM_THRESHOLD = TRIM = 256 * 2**20  # the heap's free top kept up to this
 
