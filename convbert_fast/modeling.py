@@ -131,10 +131,9 @@ class ConvBertSelfAttention(nn.Module):
         Concatenated on every call while autograd needs them (training: the four gradients flow back through
         the cat) or under torch.compile (which folds it); otherwise cached (see convbert_fast.inference_weights)."""
         params = self.projection_parameters() if params is None else params
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
-            return torch.cat(params[:4]), torch.cat(params[4:])
-        key = inference_weights.parameters_key(params)
-        if key is None:
+        autograd = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        key = None if torch.compiler.is_compiling() or autograd else inference_weights.parameters_key(params)
+        if key is None:  # (also parameters whose changes cannot be told: see parameters_key)
             return torch.cat(params[:4]), torch.cat(params[4:])
         cache = self.__dict__.get(FUSED_PROJECTION_CACHE)
         if cache is None or cache[0] != key:

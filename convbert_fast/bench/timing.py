@@ -29,7 +29,7 @@ HEADLINE_QUANTILE = 0.2
 # measurements). Whether two default runs agree better is not settled: pairs of runs, one right after the other,
 # agreed within 0.05 on 97 and 86 of 108 ratios with them fixed, and on 82 without (the same evening).
 MALLOC_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest: blocks up to this come from the heap and are reused
-MALLOC_TRIM_THRESHOLD = TRIM = 256 * 2**20  # the heap's free top kept up to this
+MALLOC_TRIM_THRESHOLD = 256 * 2**20  # the heap's free top kept up to this
 
 
 def fix_malloc_thresholds() -> str:
@@ -44,8 +44,8 @@ def fix_malloc_thresholds() -> str:
     if given:
         return f"glibc malloc as the environment sets it ({', '.join(f'{n}={os.environ[n]}' for n in given)})"
     libc = ctypes.CDLL(None)
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    if not (libc.mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD) and libc.mallopt(m_trim_threshold, TRIM)):
+    settings = {-3: MALLOC_MMAP_THRESHOLD, -1: MALLOC_TRIM_THRESHOLD}  # malloc.h: M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    if not all(libc.mallopt(option, value) for option, value in settings.items()):
         return "glibc malloc: mallopt refused the thresholds, left as they were"
     return (
         f"glibc malloc, thresholds fixed for the run: mmap {MALLOC_MMAP_THRESHOLD >> 20} MiB, "

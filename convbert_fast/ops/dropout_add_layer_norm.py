@@ -81,7 +81,7 @@ if cpp.LOADED:
             # eager CPU inference: torch's add + layer_norm, transformers' own ops (so its numbers, bit for bit), run
             # faster here than this op's single pass with its fp64 row sums: 24 against 71 us at [128, 768]. A
             # traced graph keeps the op (export's and ONNX's translations of it; Inductor fuses either)
-            return F.layer_norm(x + residual, (x.shape[-1],), weight, bias, eps)
+            return dropout_add_layer_norm_eager(x, residual, weight, bias, 0.0, eps, False)
         if torch.is_autocast_enabled(x.device.type):  # autocast runs LayerNorm in fp32: so does this op
             x, residual, weight, bias = (t.float() for t in (x, residual, weight, bias))
         # no random draw without dropout, as nn.Dropout in eval mode (then a CPU zero: read without a device sync)
