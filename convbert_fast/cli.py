@@ -381,7 +381,7 @@ def main(argv=None) -> int:
         default=None,
         metavar="SECONDS",
         help=f"with adaptive rounds: what the batches may take in all, warm-up and compilation included "
-        f"(default {BENCH_TIME_BUDGET_S:.0f}); each batch gets an equal share of what is left",
+        f"(default {BENCH_TIME_BUDGET_S:.0f}); each batch gets a share of what is left in proportion to its cost",
     )
     b.add_argument("--warmup", type=int, default=None)
     b.add_argument(

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from convbert_fast.bench import choose, providers, report, timing
+from convbert_fast.bench import choose, providers, record, report, timing
 from convbert_fast import cli
 from convbert_fast.configs import named_config
 
@@ -438,6 +438,79 @@ def test_ratio_standard_error_shrinks_with_rounds_as_the_quantile_s_does():
         se = timing.ratio_standard_errors(times, [("a", "b")], resamples=400)["a", "b"]
         theory = 2 * math.sqrt(2) * 1.4287 * 0.02 / math.sqrt(rounds)  # ratio 2, 2% noise on each series
         assert theory / 2 < se < theory * 2, (rounds, se, theory)
+
+
+def test_gemm_rate_size_keeps_an_emulated_dtype_short():
+    """The CPU's GEMM rate is taken at 2048 where a call takes at most GEMM_CALL_S, smaller where a dtype is
+    emulated (a test bench in bf16 on an AVX2 host spent minutes on 2048-size GEMMs), never below 512."""
+    limit_ms = timing.GEMM_CALL_S * 1e3
+    assert timing.cpu_gemm_size(limit_ms / 64) == 2048  # 2048^3 is 64 times 512^3
+    assert timing.cpu_gemm_size(limit_ms / 64 * 1.01) == 1024
+    assert timing.cpu_gemm_size(limit_ms / 8 * 1.01) == 512
+    assert timing.cpu_gemm_size(10 * limit_ms) == 512
+
+
+def test_budget_shares_follow_the_cost_of_a_round():
+    """Each batch gets the time left in proportion to its round's cost, so that cheap and costly batches take about
+    the same rounds; what a batch overspends comes out of the later ones in proportion too."""
+    costs = [1.0, 1.0, 2.0, 2.0]
+    assert record.budget_share(60.0, costs, 0) == pytest.approx(10.0)
+    assert record.budget_share(50.0, costs, 1) == pytest.approx(10.0)
+    assert record.budget_share(40.0, costs, 2) == pytest.approx(20.0)
+    assert record.budget_share(12.0, costs, 3) == pytest.approx(12.0)  # the last takes what is left
+    assert record.budget_share(-5.0, costs, 3) == 0.0  # overspent: the minimum rounds, no negative budget
+
+
+def test_a_call_after_a_thread_pool_change_follows_an_untimed_one(monkeypatch):
+    """Where the thread pool changes (ONNX Runtime's sessions, torch's) the rounds wait for the last pool's threads
+    to stop spinning, then call the provider once untimed, so that no provider's timed call is the first after an
+    idle wait (which only some providers' calls were, always the same ones). Within one pool, no wait and no
+    extra call."""
+    from argparse import Namespace
+
+    from tqdm import tqdm
+
+    config = named_config("small", num_hidden_layers=1, max_position_embeddings=64, vocab_size=512)
+    models = providers.build_models(config, torch.device("cpu"), torch.float32)
+    events = []
+    original_time, original_init = providers.ProviderRun.time, providers.ProviderRun.__init__
+
+    def logged_time(self, phase, record=True):
+        events.append((self.provider, phase, "timed" if record else "untimed"))
+        return original_time(self, phase, record)
+
+    monkeypatch.setattr(providers.ProviderRun, "time", logged_time)
+    monkeypatch.setattr(providers.time, "sleep", lambda s: events.append(("sleep", s)))
+
+    def rounds(pools):
+        def init(self, provider, *args):
+            original_init(self, provider, *args)
+            self.thread_pool = pools[provider]
+
+        monkeypatch.setattr(providers.ProviderRun, "__init__", init)
+        events.clear()
+        with tqdm(disable=True) as progress:
+            providers.measure_batch(["transformers", "cpp"], models, Namespace(batch_size=1, warmup=0, repeats=2),
+                                    8, "none", torch.device("cpu"), "fp32", 1e9, None, progress)  # fmt: skip
+        return events
+
+    settle = ("sleep", providers.THREAD_POOL_SETTLE_S)
+    # one pool: no wait, no untimed call
+    assert rounds({"transformers": "torch", "cpp": "torch"}) == [
+        ("transformers", "forward", "timed"),
+        ("transformers", "train_step", "timed"), ("cpp", "forward", "timed"), ("cpp", "train_step", "timed"),
+        ("cpp", "forward", "timed"), ("cpp", "train_step", "timed"),
+        ("transformers", "forward", "timed"), ("transformers", "train_step", "timed"),
+    ]  # fmt: skip
+    # a pool each: every turn that follows the other provider's waits, then calls once untimed (the first follows
+    # cpp's warm-up; the order rotates: cpp ends the first round and begins the second)
+    def turn(provider, settles):
+        return [settle, (provider, "forward", "untimed")] * settles + [(provider, "forward", "timed"),
+                                                                       (provider, "train_step", "timed")]  # fmt: skip
+
+    assert rounds({"transformers": "torch", "cpp": "other"}) == (
+        turn("transformers", True) + turn("cpp", True) + turn("cpp", False) + turn("transformers", True)
+    )
 
 
 def test_adaptive_rounds_stop_at_the_target_the_budget_or_the_cap(monkeypatch):

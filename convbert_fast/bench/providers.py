@@ -49,8 +49,13 @@ MIN_ROUNDS, MAX_ROUNDS, RATIO_SE_TARGET = 5, 60, 0.01
 # On the CPU, a thread pool keeps its threads spinning after a call: ONNX Runtime's for 10-50 ms, OpenMP's (torch's)
 # for a few. A call that follows another pool's then shares the cores with it. Measured here (Intel Xeon, 2 threads,
 # B=1 L=128): our forward 47.9 ms right after an ONNX Runtime call, 35.6 after 10 ms, 21.4 after 50; ONNX Runtime
-# 26.1 right after ours, 21.0 after 50 ms. So the rounds wait this long where the pool changes.
+# 26.1 right after ours, 21.0 after 50 ms. So the rounds wait this long where the pool changes (every ONNX Runtime
+# session has a pool of its own).
 THREAD_POOL_SETTLE_S = 0.05
+# But a core left idle that long is slow to start again (a VM's vCPU, a core's clock): our B=1 L=128 forward took
+# 16.6 ms back to back and 20.8 after a 50 ms sleep. Only the calls after a pool change waited, always the same
+# providers' (ONNX Runtime's, and the torch provider after it), which made them look slower than they are. So after
+# the wait each provider is called once untimed, and every timed call follows a call that kept the cores busy.
 
 
 @dataclass
@@ -171,7 +176,8 @@ class ProviderRun:
         self.ids, self.mask, self.tokens = batch
         self.optimizer = adamw(self.model.parameters(), lr=1e-5)  # the same for every provider
         self.autocast_dtype = autocast_dtype
-        self.thread_pool = "onnxruntime" if provider.startswith("onnxruntime") else "torch"  # whose threads run it
+        # whose threads run it: torch's OpenMP pool, or the ONNX Runtime session's own
+        self.thread_pool = provider if provider.startswith("onnxruntime") else "torch"
         self.times: dict[str, list[float]] = {"forward": [], "train_step": []}
         self.dynamo = {"forward": DynamoCounts(), "train_step": DynamoCounts()}
         self.memory_mb: dict[str, float | None] = {}
@@ -319,13 +325,14 @@ def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm
     """Every provider on one batch (L tokens a row, or padded as PADDINGS[padding] says) in one dtype: warm-up calls, the forward's output
     against transformers', then rounds that time each provider once per phase (the order rotating round by round),
     then each provider's memory alone. Rounds: --repeats if given, else adaptive (see MIN_ROUNDS) within
-    `budget_s` seconds. A provider that fails (a compiler bug, say, or out of memory) is recorded as skipped with
+    `budget_s` seconds from the start of this call, compiles and warm-ups included. A provider that fails (a compiler bug, say, or out of memory) is recorded as skipped with
     the error; it never ends the run."""
     torch._dynamo.reset()  # fresh graphs for this shape: the recompile limit counts per code object
     batch = make_batch(models[0].config, args.batch_size, seq_len, padding, device, seed=seq_len)
     padded = padding != "none"
     autocast_dtype = None if dtype == "fp32" else DTYPES[dtype]
     measurements, runs = [], []
+    began = time.perf_counter()  # the budget counts this batch's compiles and warm-ups too
 
     def skip(provider, why):
         measurements.append(
@@ -380,14 +387,18 @@ def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm
         except Exception as error:  # noqa: BLE001
             runs.remove(run)
             skip(run.provider, failure(error))
-    rounds, began, ses, pool = 0, time.perf_counter(), {}, "warm-up"  # the warm-ups' last pool: not known here
+    rounds, ses = 0, {}
+    pool = runs[-1].thread_pool if runs else None  # the last call's: its output check or warm-up
     while runs:
         for run in runs[rounds % len(runs):] + runs[: rounds % len(runs)]:
-            if device.type == "cpu" and pool != run.thread_pool:
-                time.sleep(THREAD_POOL_SETTLE_S)  # the other pool's threads stop spinning
+            settle = device.type == "cpu" and pool != run.thread_pool
             pool = run.thread_pool
+            if settle:
+                time.sleep(THREAD_POOL_SETTLE_S)  # the other pool's threads stop spinning
             for phase in run.phases:
                 try:
+                    if settle and phase == run.phases[0]:
+                        run.time(phase, record=False)  # the cores awake again (see THREAD_POOL_SETTLE_S)
                     run.time(phase)
                 except Exception as error:  # noqa: BLE001
                     runs.remove(run)

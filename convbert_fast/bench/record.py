@@ -53,6 +53,13 @@ OPTIMIZER = "torch.optim.AdamW(fused=True)"  # every provider's, as `train` step
 OPS_REPEATS = 10  # the op summary's rounds when the model's are adaptive (its ratios are 1.1x to 26x: see README)
 
 
+def budget_share(left_s: float, costs: list[float], i: int) -> float:
+    """Batch i's seconds of the `left_s` left to it and the batches after it: in proportion to what a round of
+    each costs (a training step's FLOPs at the GEMM rate of its dtype), so that every batch gets about the same
+    rounds (an equal share of what was left gave L=128 22 rounds and L=256 10, 8 and 5)."""
+    return max(0.0, left_s) * costs[i] / sum(costs[i:])
+
+
 def versions(device) -> dict:
     """env.versions(), and the driver's version on a GPU (nvidia-smi's; None where it cannot be asked)."""
     from ..env import versions as env_versions
@@ -221,10 +228,11 @@ def run(args) -> int:
         for dtype in dtypes:
             record["gemm_rate_flops"][dtype] = gemm_rate(device, DTYPES[dtype])
         flops = {seq_len: train_step_flops(models[0], args.batch_size, seq_len, device) for seq_len in args.seq_len}
-        deadline = time.perf_counter() + args.time_budget  # the timed rounds' budget, shared out batch by batch
+        deadline = time.perf_counter() + args.time_budget  # the batches' budget, shared out batch by batch
+        costs = [flops[seq_len] / record["gemm_rate_flops"][dtype] for dtype, seq_len, _ in batches]
         with tqdm(total=len(batches) * len(providers), desc="bench", unit="provider") as progress:
             for i, (dtype, seq_len, padding) in enumerate(batches):
-                budget_s = max(0.0, deadline - time.perf_counter()) / (len(batches) - i)
+                budget_s = budget_share(deadline - time.perf_counter(), costs, i)
                 measurements.extend(measure_batch(providers, models, args, seq_len, padding, device, dtype,
                                                   record["gemm_rate_flops"][dtype], flops[seq_len], progress,
                                                   budget_s))  # fmt: skip

@@ -104,9 +104,26 @@ def time_ms(fn, device, warmup: int, repeats: int) -> tuple[float, list[float]]:
     return interleaved_ms({"fn": fn}, device, warmup, repeats)["fn"]
 
 
+GEMM_CALL_S = 1.0  # the longest a CPU's GEMM-rate call should take (see cpu_gemm_size)
+
+
+def cpu_gemm_size(probe_ms: float) -> int:
+    """The GEMM-rate size on a CPU, from the time of a 512 x 512 x 512 GEMM: 2048, halved while a call would take
+    more than GEMM_CALL_S. Without native bf16/fp16 those are emulated (bf16 at 1.2 GFLOP/s on an AVX2 AMD EPYC:
+    16 s a call at 2048, 0.2 s at 512)."""
+    n = 2048
+    while n > 512 and probe_ms * (n / 512) ** 3 > GEMM_CALL_S * 1e3:
+        n //= 2
+    return n
+
+
 def gemm_rate(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of one large dense GEMM in `dtype` on `device`, measured now (the headline of 10, as everything)."""
-    n = 8192 if device.type == "cuda" else 2048
+    if device.type == "cuda":
+        n = 8192
+    else:
+        probe = torch.randn(512, 512, dtype=dtype)
+        n = cpu_gemm_size(time_ms(lambda: probe @ probe, device, warmup=1, repeats=3)[0])
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     ms, _ = time_ms(lambda: a @ b, device, warmup=2, repeats=10)
     return 2 * n**3 / (ms / 1e3)
