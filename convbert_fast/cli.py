@@ -120,8 +120,10 @@ def _dtype_list(text: str) -> list[str]:
 
 BENCH_DTYPES = ("fp32", "bf16", "fp16")
 # The adaptive rounds' budget: the seconds the batches may take, warm-up, compilation and memory included (see
-# convbert_fast.bench.providers.MIN_ROUNDS). README's first command, install included, stays within 10 minutes
-# on a 2-core machine with it (README, "Benchmark").
+# convbert_fast.bench.providers.MIN_ROUNDS). A default run took about 400 s on our 2-core Xeon (README's first
+# command, install included, within 10 minutes) but 649 s (458 s with torch.compile's caches warm) on our 2-core
+# AMD EPYC, every batch at the minimum of MIN_ROUNDS rounds, whose compiles and memory measurement no budget
+# shortens (README, "Benchmarks").
 BENCH_TIME_BUDGET_S = 360.0
 
 
