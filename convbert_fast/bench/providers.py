@@ -325,8 +325,8 @@ def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm
     """Every provider on one batch (L tokens a row, or padded as PADDINGS[padding] says) in one dtype: warm-up calls, the forward's output
     against transformers', then rounds that time each provider once per phase (the order rotating round by round),
     then each provider's memory alone. Rounds: --repeats if given, else adaptive (see MIN_ROUNDS) within
-    `budget_s` seconds from the start of this call, compiles and warm-ups included. A provider that fails (a compiler bug, say, or out of memory) is recorded as skipped with
-    the error; it never ends the run."""
+    `budget_s` seconds from the start of this call, compiles and warm-ups included. A provider that fails (a
+    compiler bug, say, or out of memory) is recorded as skipped with the error; it never ends the run."""
     torch._dynamo.reset()  # fresh graphs for this shape: the recompile limit counts per code object
     batch = make_batch(models[0].config, args.batch_size, seq_len, padding, device, seed=seq_len)
     padded = padding != "none"
