@@ -30,8 +30,10 @@ def info() -> int:
         f"hardware: {', '.join(isa['low_precision']) or 'none'}; CONVBERT_FAST_CPU_ISA caps the kernels)"
     )
     packing = inference_weights.packing_problem()
-    print(f"cpu packing    {'off: ' + packing if packing else 'on'} (fp32 CPU inference GEMMs on MKL-packed weights; "
-          f"{inference_weights.PACKING_ENV}=0 turns it off)")
+    libraries = " or ".join(inference_weights.gemm_libraries()) if not packing else "MKL's or oneDNN's"
+    print(f"cpu packing    {'off: ' + packing if packing else 'on'} (fp32 CPU inference GEMMs on weights packed by "
+          f"{libraries}, the faster measured per shape; {inference_weights.GEMM_ENV}=mkl or onednn picks one, "
+          f"{inference_weights.PACKING_ENV}=0 turns packing off)")
     print(f"backend        {cf.get_backend()} (selected)")
     for name, (status, *gaps) in env.backend_status().items():
         print(f"  {name:<8}     {status}")

@@ -244,11 +244,14 @@ class ConvBertSelfAttention(nn.Module):
         return (context, probs) if output_attentions else (context,)
 
 
-def linear_layer(layer, x):
-    """layer(x) for the fused backends: a plain nn.Linear through inference_weights.layer (packed for CPU inference);
-    a subclass (a quantized layer, say) or a layer with hooks through its own call, so that they still run."""
+def linear_layer(layer, x, gelu: bool = False):
+    """layer(x) (gelu: F.gelu of it) for the fused backends: a plain nn.Linear through inference_weights.layer (packed
+    for CPU inference); a subclass (a quantized layer, say) or a layer with hooks through its own call, so that they
+    still run."""
     plain = type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks)
-    return inference_weights.layer(layer, x) if plain else layer(x)
+    if plain:
+        return inference_weights.layer(layer, x, gelu=gelu)
+    return nn.functional.gelu(layer(x)) if gelu else layer(x)
 
 
 def dense_dropout_add_norm(sublayer, hidden_states, residual):
@@ -328,6 +331,8 @@ class ConvBertIntermediate(nn.Module):
     def forward(self, hidden_states):
         if isinstance(self.dense, GroupedLinearLayer) and self.activation_name == "gelu":
             return self.dense(hidden_states, activation="gelu")  # the bias and GELU fused where possible
+        if ops.backend.fused_layers() and self.activation_name == "gelu":
+            return linear_layer(self.dense, hidden_states, gelu=True)  # exact GELU, as ACT2FN["gelu"]
         if ops.backend.fused_layers():
             return self.intermediate_act_fn(linear_layer(self.dense, hidden_states))
         return self.intermediate_act_fn(self.dense(hidden_states))

@@ -59,7 +59,7 @@ def test_bench_writes_table_json_and_plot(tmp_path):
         assert re.search(r"triton\s+skipped: Triton", result.stdout)
     record = json.loads(record_path.read_text())
     for key in ("device", "versions", "date", "git_commit", "git_dirty", "memory_tool", "measurements", "ops",
-                "cpu_isa", "copy_bandwidth_gbps", "rounds_rule", "cpu_allocator"):  # fmt: skip
+                "cpu_isa", "copy_bandwidth_gbps", "rounds_rule", "cpu_allocator", "cpu_inference_gemm"):  # fmt: skip
         assert key in record
     if not torch.cuda.is_available() and platform.libc_ver()[0] == "glibc":
         assert record["cpu_allocator"].startswith("glibc malloc, thresholds fixed for the run"), record["cpu_allocator"]
@@ -92,8 +92,14 @@ def test_bench_writes_table_json_and_plot(tmp_path):
         (p, dtype, length, padding) for p in ("transformers", "eager", "cpp", "cpp-unpadded")
         for dtype in ("fp32", "bf16") for length in (8, 16) for padding in ("none", "half", "heavy")
     }  # fmt: skip
+    if not torch.cuda.is_available():  # the fp32 forwards' GEMMs on packed weights: a library per shape
+        gemms = record["cpu_inference_gemm"]
+        assert gemms and set(gemms.values()) <= {"mkl", "onednn"}, gemms
+        assert {"16x256x256", "32x256x256"} <= set(gemms), gemms  # the small shape's attention output, full rows
     for m in trained:
         assert m["train_step_ms"] > 0 and m["forward_ms"] > 0 and m["rounds"] == 2 and not m["inference_only"]
+        assert len(m["forward_ms_rounds"]) == len(m["train_step_ms_rounds"]) == 2  # every round's time, kept
+        assert m["forward_ms"] == pytest.approx(timing.headline(m["forward_ms_rounds"]), abs=2e-3)
         assert m["forward_backward_peak_mb"] > m["activation_memory_mb"] > 0
         assert m["peak_memory_mb"] == max(m["forward_backward_peak_mb"], m["optimizer_step_peak_mb"])
         assert m["compiled"] is None and m["dynamo"] is None  # not compiled providers

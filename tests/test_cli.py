@@ -29,6 +29,17 @@ def test_info_reports_versions_device_and_backends():
     off = subprocess.run([sys.executable, "-m", "convbert_fast", "info"], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "CONVBERT_FAST_PACK_WEIGHTS": "0"})  # fmt: skip
     assert "cpu packing    off: CONVBERT_FAST_PACK_WEIGHTS=0" in off.stdout
+    for value, problem in (("openblas", "CONVBERT_FAST_CPU_GEMM='openblas' is none of mkl, onednn"),
+                           ("onednn", None)):  # fmt: skip
+        env = {**os.environ, "CONVBERT_FAST_CPU_GEMM": value}
+        info_there = subprocess.run([sys.executable, "-m", "convbert_fast", "info"], capture_output=True, text=True,
+                                    timeout=300, env=env).stdout  # fmt: skip
+        assert (f"cpu packing    off: {problem}" if problem else "packed by onednn, the faster") in info_there
+    # a library that is not one: the first forward says so, naming the variable, instead of running unpacked
+    forward = "import torch, convbert_fast as cf; cf.ConvBertModel(cf.ConvBertConfig(num_hidden_layers=1))(torch.ones(1, 4).long())"
+    bad = subprocess.run([sys.executable, "-c", forward], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "CONVBERT_FAST_CPU_GEMM": "openblas"})  # fmt: skip
+    assert bad.returncode != 0 and "ValueError: CONVBERT_FAST_CPU_GEMM='openblas' is none of mkl, onednn" in bad.stderr
     # a device a backend cannot serve comes with its reason (this torch is a CPU build, or a GPU is here)
     if torch.version.cuda is None:
         assert "but not on cuda: convbert_fast._C was built without CUDA kernels" in out

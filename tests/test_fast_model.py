@@ -5,6 +5,8 @@ whose `cpp` runs go through these layers."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import transformers
@@ -120,20 +122,25 @@ def pack_of(module, name="weight"):
     return None if entry is None else entry[2]
 
 
-def test_packed_linear_follows_rows_and_weights(rng):
-    assert inference_weights.packing_problem() is None  # this torch has MKL: the packed path is the one tested
+@pytest.mark.parametrize("library", ["mkl", "onednn"])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_packed_linear_follows_rows_and_weights(library, gelu, rng, monkeypatch):
+    assert inference_weights.packing_problem() is None  # this torch has MKL and oneDNN: the packed paths are tested
+    monkeypatch.setenv(inference_weights.GEMM_ENV, library)
     layer = nn.Linear(24, 40)
     x, x15 = torch.randn(6, 24, generator=rng), torch.randn(3, 5, 24, generator=rng)
 
-    def check(x):  # the same fp32 products as F.linear, summed in MKL's order: fp32's default tolerance
-        torch.testing.assert_close(inference_weights.layer(layer, x), nn.functional.linear(x, layer.weight, layer.bias))
+    def check(x):  # the same fp32 products as F.linear, summed in the library's order: fp32's default tolerance
+        expected = nn.functional.linear(x, layer.weight, layer.bias)
+        got = inference_weights.layer(layer, x, gelu=gelu)
+        torch.testing.assert_close(got, nn.functional.gelu(expected) if gelu else expected)
 
     with torch.no_grad():
         check(x)
         assert pack_of(layer) is None  # packed only when the same rows come again
         check(x)
         packed = pack_of(layer)
-        assert packed is not None
+        assert packed is not None and packed[0] == library
         check(x)
         assert pack_of(layer) is packed  # reused
         check(x15)  # 15 rows: another shape, unpacked
@@ -145,6 +152,33 @@ def test_packed_linear_follows_rows_and_weights(rng):
         check(x15)
         layer.bias.mul_(2.0)
         check(x15)
+
+
+@pytest.mark.parametrize("slower", ["mkl", "onednn"])
+def test_the_faster_library_packs_each_shape(slower, rng, monkeypatch):
+    """Without CONVBERT_FAST_CPU_GEMM, the library measured faster at a shape serves it: here the other one, whose
+    GEMM is made 5 ms slower; the choice is kept for the shape (a new layer of it packs without measuring)."""
+    monkeypatch.delenv(inference_weights.GEMM_ENV, raising=False)
+    monkeypatch.setattr(inference_weights, "_CHOSEN", {})
+    plain = inference_weights.PACKED_LINEAR[slower]
+
+    calls = []
+
+    def delayed(*args):
+        calls.append(args)
+        time.sleep(0.005)
+        return plain(*args)
+
+    monkeypatch.setitem(inference_weights.PACKED_LINEAR, slower, delayed)
+    faster = next(name for name in inference_weights.PACK if name != slower)
+    x = torch.randn(7, 24, generator=rng)
+    with torch.no_grad():
+        for layer in (nn.Linear(24, 40), nn.Linear(24, 40)):
+            for _ in range(3):
+                torch.testing.assert_close(inference_weights.layer(layer, x), layer(x))
+            assert pack_of(layer)[0] == faster
+    assert len(calls) == 4  # the first layer's measurement (one call, then three rounds), and nothing after it
+    assert inference_weights.gemm_choices() == {"7x24x40": faster}
 
 
 def test_packed_linear_only_where_nothing_needs_the_plain_weight(rng):

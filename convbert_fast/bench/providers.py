@@ -74,8 +74,10 @@ class Measurement:
     inference_only: bool = False  # no training step (the deploy providers): train figures are None, not zero
     forward_ms: float | None = None
     forward_ms_quantiles: list[float] = field(default_factory=list)  # p20, p50, p80
+    forward_ms_rounds: list[float] = field(default_factory=list)  # every timed round, in order (0.001 ms)
     train_step_ms: float | None = None
     train_step_ms_quantiles: list[float] = field(default_factory=list)
+    train_step_ms_rounds: list[float] = field(default_factory=list)
     # memory of one training step of this provider alone (see measure_memory)
     peak_memory_mb: float | None = None  # the step's peak: the larger of the two below
     forward_backward_peak_mb: float | None = None  # during forward + backward
@@ -289,11 +291,13 @@ class ProviderRun:
         result.activation_memory_mb = self.memory_mb.get("activations")
         result.optimizer_step_peak_mb = self.memory_mb.get("optimizer")
         result.forward_ms, result.forward_ms_quantiles = summary_of(self.times["forward"])
+        result.forward_ms_rounds = [round(ms, 3) for ms in self.times["forward"]]
         result.inference_tokens_per_s = self.tokens / (result.forward_ms / 1e3)
         if "train_step" not in self.phases:
             result.inference_only = True
             return result
         result.train_step_ms, result.train_step_ms_quantiles = summary_of(self.times["train_step"])
+        result.train_step_ms_rounds = [round(ms, 3) for ms in self.times["train_step"]]
         result.train_tokens_per_s = self.tokens / (result.train_step_ms / 1e3)
         if train_flops is not None:
             result.train_flops = train_flops

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .. import inference_weights
 from .providers import (
     BASELINE,
     COMPILE_BASELINE,
@@ -193,7 +194,8 @@ def run(args) -> int:
                                                                        "check", "choose")},  # fmt: skip
         "rounds_rule": rounds_rule,
         "memory_tool": memory_tool,
-        "cpu_allocator": allocator,  # the glibc malloc settings the run measured under (timing.fix_malloc_thresholds)
+        "cpu_allocator": allocator,
+        "cpu_inference_gemm": None,  # the glibc malloc settings the run measured under (timing.fix_malloc_thresholds)
         "optimizer": OPTIMIZER,
         "headline_quantile": HEADLINE_QUANTILE,  # every time is this quantile of its rounds
         "complete": False,
@@ -213,6 +215,8 @@ def run(args) -> int:
             summary.update(span_conv_vs_eager=span_conv["vs_eager"],
                            span_conv_bandwidth_fraction=span_conv["bandwidth_fraction"])  # fmt: skip
         record["measurements"] = [asdict(m) for m in measurements]
+        if device.type == "cpu":  # which library's packed GEMM served each fp32 inference shape (inference_weights)
+            record["cpu_inference_gemm"] = inference_weights.gemm_choices()
         record["summary"] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
         if args.json:
             Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
