@@ -21,10 +21,10 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 PACKED = "_packed_weights"  # {name: (key, rows, packed weight or None)} on the module that owns the weight
 PACKING_ENV = "CONVBERT_FAST_PACK_WEIGHTS"  # "0": never pack (the memory of a second copy of each GEMM weight)
 GEMM_ENV = "CONVBERT_FAST_CPU_GEMM"  # "mkl" or "onednn": that library's packed GEMM for every shape (else measured)
-# A packed weight and the GEMM that takes it, per library. MKL's (cblas_sgemm_pack) is the faster on a Xeon;
-# oneDNN's reordered weight is the faster on an AMD EPYC (Zen 4, 2 threads, fp32): 215-220 GFLOP/s against MKL's
-# 150-160 at 128 rows of ConvBERT-base's shapes, 221 against 195 at 1024 rows. Which one serves a shape is measured
-# (`pack`).
+# A packed weight and the GEMM that takes it, per library. MKL's (cblas_sgemm_pack) ran ConvBERT-base's GEMMs
+# 10-16% faster than F.linear on a Xeon at 128 rows (oneDNN's was not measured there); on an AMD EPYC (Zen 4, 2
+# threads, fp32) oneDNN's reordered weight ran them at 215-220 GFLOP/s against MKL's 150-160 at 128 rows, 221
+# against 195 at 1024 rows. Which one serves a shape is measured (`pack`).
 PACK = {
     "mkl": lambda weight, rows: torch.ops.mkl._mkl_reorder_linear_weight(weight, rows),
     "onednn": lambda weight, rows: torch.ops.mkldnn._reorder_linear_weight(weight, rows),
