@@ -331,9 +331,9 @@ class ConvBertIntermediate(nn.Module):
     def forward(self, hidden_states):
         if isinstance(self.dense, GroupedLinearLayer) and self.activation_name == "gelu":
             return self.dense(hidden_states, activation="gelu")  # the bias and GELU fused where possible
-        if ops.backend.fused_layers() and self.activation_name == "gelu":
-            return linear_layer(self.dense, hidden_states, gelu=True)  # exact GELU, as ACT2FN["gelu"]
         if ops.backend.fused_layers():
+            if self.activation_name == "gelu":  # exact GELU, as ACT2FN["gelu"]: fused into the GEMM where it can be
+                return linear_layer(self.dense, hidden_states, gelu=True)
             return self.intermediate_act_fn(linear_layer(self.dense, hidden_states))
         return self.intermediate_act_fn(self.dense(hidden_states))
 

@@ -36,7 +36,8 @@ def test_info_reports_versions_device_and_backends():
                                     timeout=300, env=env).stdout  # fmt: skip
         assert (f"cpu packing    off: {problem}" if problem else "packed by onednn, the faster") in info_there
     # a library that is not one: the first forward says so, naming the variable, instead of running unpacked
-    forward = "import torch, convbert_fast as cf; cf.ConvBertModel(cf.ConvBertConfig(num_hidden_layers=1))(torch.ones(1, 4).long())"
+    forward = ("import torch, convbert_fast as cf; "
+               "cf.ConvBertModel(cf.ConvBertConfig(num_hidden_layers=1))(torch.ones(1, 4).long())")  # fmt: skip
     bad = subprocess.run([sys.executable, "-c", forward], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "CONVBERT_FAST_CPU_GEMM": "openblas"})  # fmt: skip
     assert bad.returncode != 0 and "ValueError: CONVBERT_FAST_CPU_GEMM='openblas' is none of mkl, onednn" in bad.stderr

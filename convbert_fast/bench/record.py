@@ -194,8 +194,8 @@ def run(args) -> int:
                                                                        "check", "choose")},  # fmt: skip
         "rounds_rule": rounds_rule,
         "memory_tool": memory_tool,
-        "cpu_allocator": allocator,
-        "cpu_inference_gemm": None,  # the glibc malloc settings the run measured under (timing.fix_malloc_thresholds)
+        "cpu_allocator": allocator,  # the glibc malloc settings the run measured under (timing.fix_malloc_thresholds)
+        "cpu_inference_gemm": None,  # the packed GEMM's library per fp32 inference shape (inference_weights.pack)
         "optimizer": OPTIMIZER,
         "headline_quantile": HEADLINE_QUANTILE,  # every time is this quantile of its rounds
         "complete": False,
