@@ -30,7 +30,6 @@ from . import inference_weights, ops, sequences
 from .tf_checkpoint import load_tf_weights_in_convbert
 
 FUSED_PROJECTION_CACHE = "_fused_projection_cache"
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class ConvBertEmbeddings(nn.Module):
@@ -59,6 +58,8 @@ class ConvBertEmbeddings(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         embeddings = inputs_embeds + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
+        if ops.backend.fused_layers():  # the fused layers' dropout (ops.dropout: one pass, the mask not kept)
+            return ops.dropout(self.LayerNorm(embeddings), self.dropout.p, self.training)
         return self.dropout(self.LayerNorm(embeddings))
 
 
@@ -184,11 +185,12 @@ class ConvBertSelfAttention(nn.Module):
         context = torch.cat([attn_context, conv_context], dim=-1)  # [B, L, 2A]: attention heads first
         return (context, probs) if output_attentions else (context,)
 
-    def attention_probs(self, query, key, attention_mask, head_mask):
+    def attention_probs(self, query, key, attention_mask, head_mask, fused_dropout=False):
         scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(self.attention_head_size)  # [B, H, L, Lk]
         if attention_mask is not None:
             scores = scores + attention_mask  # additive, [B, 1, 1, Lk]
-        probs = self.dropout(nn.functional.softmax(scores, dim=-1))
+        probs = nn.functional.softmax(scores, dim=-1)
+        probs = ops.dropout(probs, self.dropout.p, self.training) if fused_dropout else self.dropout(probs)
         return probs if head_mask is None else probs * head_mask  # [1, H, 1, 1]
 
     def fused_forward(
@@ -217,16 +219,16 @@ class ConvBertSelfAttention(nn.Module):
         key, value = self.split_heads(mixed_key), self.split_heads(mixed_value)  # [B, H, Lk, D]
         probs = None
         dropout_p = self.dropout.p if self.training else 0.0
-        # On the CPU, SDPA with dropout takes its math path, which upcasts bf16/fp16 to fp32: the eager math in the
-        # low precision is faster there (ConvBERT-base, L=256: 60 against 106 ms per layer, forward + backward).
-        # Packed rows do the same per sequence (sequences.attention), not over a [T, T] block-diagonal mask.
-        low_precision_dropout = (
-            self.training and self.dropout.p > 0 and query.device.type == "cpu" and query.dtype in LOW_PRECISION
-        ) and cu_seqlens is None
-        if output_attentions or head_mask is not None or low_precision_dropout:
+        # On the CPU, SDPA with dropout takes its math path, which upcasts bf16/fp16 to fp32 and draws torch's dropout
+        # mask (a Mersenne Twister number per element): the math written out, in the low precision and with
+        # ops.dropout, is faster there (ConvBERT-base, L=256, bf16: 60 against 106 ms per layer, forward + backward,
+        # before ops.dropout, which took the dropout from 19 to 2.7 ms a layer). Packed rows do the same per sequence
+        # (sequences.attention), not over a [T, T] block-diagonal mask.
+        cpu_dropout = self.training and self.dropout.p > 0 and query.device.type == "cpu" and cu_seqlens is None
+        if output_attentions or head_mask is not None or cpu_dropout:
             if cu_seqlens is not None:  # packed rows: no attention across sequences
                 attention_mask = sequences.block_diagonal_mask(query.dtype)
-            probs = self.attention_probs(query, key, attention_mask, head_mask)  # [B, H, L, Lk]
+            probs = self.attention_probs(query, key, attention_mask, head_mask, fused_dropout=True)  # [B, H, L, Lk]
             attn_context = torch.matmul(probs, value)  # [B, H, L, D]
         elif cu_seqlens is not None:  # packed rows: attention per sequence, [1, T, A] viewed as [1, H, T, D]
             attn_context = sequences.attention(mixed_query, mixed_key, mixed_value, self.num_attention_heads, dropout_p)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import ops
+
 CONFIG_FIELD = "padding_invariant"
 
 # Unpad a padded batch when at most this share of its positions are real tokens. Measured on the CPU (Intel Xeon,
@@ -285,12 +287,12 @@ def _attend_one(query, key, value, num_heads: int, dropout_p: float) -> torch.Te
 
 
 def _attend(q, k, v, key_mask, dropout_p: float) -> torch.Tensor:
-    """[N, H, M, D] -> [N, H, M, D]: SDPA, or on the CPU in bf16/fp16 with dropout the explicit form, in the low
-    precision (SDPA with dropout takes its math path on the CPU, which upcasts to fp32: the explicit form is faster
-    there, as the model's fused layer does for unpacked rows)."""
-    if dropout_p > 0 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+    """[N, H, M, D] -> [N, H, M, D]: SDPA, or on the CPU with dropout the explicit form with ops.dropout, in the
+    input's precision (SDPA with dropout takes its math path on the CPU, which upcasts bf16/fp16 to fp32 and draws
+    torch's dropout mask: the explicit form is faster there, as the model's fused layer does for unpacked rows)."""
+    if dropout_p > 0 and q.device.type == "cpu":
         scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [N, H, M, M]
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
-        return F.dropout(scores.softmax(-1), dropout_p) @ v
+        return ops.dropout(scores.softmax(-1), dropout_p, True) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)

@@ -78,20 +78,22 @@ void check_norm_args(const char* op, const at::Tensor& x, const at::Tensor& resi
 }
 
 // The dropout seed: an int64 scalar tensor on the CPU (read without a device sync).
-int64_t dropout_seed(const at::Tensor& seed) {
-  TORCH_CHECK_VALUE(seed.device().is_cpu() && seed.numel() == 1 && seed.scalar_type() == at::kLong,
-              "dropout_add_layer_norm: seed must be one int64 on the CPU, got ", seed.scalar_type(), " on ",
-              seed.device(), " with ", seed.numel(), " elements");
+int64_t dropout_seed(const char* op, const at::Tensor& seed) {
+  TORCH_CHECK_VALUE(seed.device().is_cpu() && seed.numel() == 1 && seed.scalar_type() == at::kLong, op,
+                    ": seed must be one int64 on the CPU, got ", seed.scalar_type(), " on ", seed.device(), " with ",
+                    seed.numel(), " elements");
   return seed.item<int64_t>();
 }
 
 // The seed as the row kernels take it: its value (dropout_seed); or the int64 tensor, on the CPU or on the input's
 // device (CUDA's kernels read it there).
-int64_t seed_for(const at::Tensor& seed, const at::Tensor&, const int64_t*) { return dropout_seed(seed); }
-const at::Tensor& seed_for(const at::Tensor& seed, const at::Tensor& x, const at::Tensor*) {
+int64_t seed_for(const char* op, const at::Tensor& seed, const at::Tensor&, const int64_t*) {
+  return dropout_seed(op, seed);
+}
+const at::Tensor& seed_for(const char* op, const at::Tensor& seed, const at::Tensor& x, const at::Tensor*) {
   TORCH_CHECK_VALUE((seed.is_cpu() || seed.device() == x.device()) && seed.numel() == 1 &&
                         seed.scalar_type() == at::kLong,
-                    "dropout_add_layer_norm: seed must be one int64 on the CPU or on ", x.device(),
+                    op, ": seed must be one int64 on the CPU or on ", x.device(),
                     " (the input's device), got ", seed.scalar_type(), " on ", seed.device(), " with ", seed.numel(),
                     " elements");
   return seed;
@@ -263,7 +265,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const at::Tensor& x,
   const at::Tensor x2 = x.contiguous().view({rows, channels}), r2 = residual.contiguous().view({rows, channels});
   at::Tensor out = at::empty_like(x2);
   at::Tensor mean = at::empty({rows}, x.options().dtype(stat_dtype(x))), rstd = at::empty_like(mean);
-  rows_forward(x2, r2, weight.contiguous(), bias.contiguous(), p, eps, seed_for(seed, x, static_cast<Seed*>(nullptr)),
+  rows_forward(x2, r2, weight.contiguous(), bias.contiguous(), p, eps,
+               seed_for("dropout_add_layer_norm", seed, x, static_cast<Seed*>(nullptr)),
                out, mean, rstd);
   return {out.view(x.sizes()), mean, rstd};
 }
@@ -289,7 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_backward(
   at::Tensor grad_x = at::empty_like(x2), grad_residual = at::empty_like(x2);
   at::Tensor weight_partials, bias_partials;  // allocated by rows_backward (composite.h)
   rows_backward(g2, x2, r2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), p,
-                seed_for(seed, x, static_cast<Seed*>(nullptr)), grad_x, grad_residual, weight_partials, bias_partials);
+                seed_for(op, seed, x, static_cast<Seed*>(nullptr)), grad_x, grad_residual, weight_partials,
+                bias_partials);
   at::Tensor grad_weight = weight_partials.sum(0).to(weight.scalar_type());
   at::Tensor grad_bias =
       (bias_partials.defined() ? bias_partials.sum(0) : g2.sum(0, false, stat_dtype(x))).to(weight.scalar_type());
@@ -323,6 +327,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
     const at::Tensor& mean, const at::Tensor& rstd, double p, const at::Tensor& seed,
     NormBackwardOnDeviceFn rows_backward) {
   return norm_backward<at::Tensor>(grad_out, x, residual, weight, mean, rstd, p, seed, rows_backward);
+}
+
+namespace {
+
+template <typename Seed, typename Kernel>
+at::Tensor dropout_elements(const at::Tensor& x, double p, const at::Tensor& seed, Kernel kernel) {
+  check_tensors("dropout", {{"x", x}});
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "dropout: p must be in [0, 1], got ", p);
+  const at::Tensor contiguous = x.contiguous();  // the mask indexes elements in this order
+  at::Tensor out = at::empty_like(contiguous);
+  kernel(contiguous, p, seed_for("dropout", seed, x, static_cast<Seed*>(nullptr)), out);
+  return out;
+}
+
+}  // namespace
+
+at::Tensor dropout_elements(const at::Tensor& x, double p, const at::Tensor& seed, DropoutFn kernel) {
+  return dropout_elements<int64_t>(x, p, seed, kernel);
+}
+
+at::Tensor dropout_elements(const at::Tensor& x, double p, const at::Tensor& seed, DropoutOnDeviceFn kernel) {
+  return dropout_elements<at::Tensor>(x, p, seed, kernel);
 }
 
 // The groups are column blocks of the 2-D views [N, Din] and [N, Dout]: no permuted copies are made. On CUDA

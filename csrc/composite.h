@@ -78,6 +78,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
     const at::Tensor& mean, const at::Tensor& rstd, double p, const at::Tensor& seed,
     NormBackwardOnDeviceFn rows_backward);
 
+// dropout(x) alone, for the attention probabilities and the embeddings: out = x * mask / (1 - p) elementwise, the mask
+// dropout_keeps(seed, i) of the flat index i (dropout_add_layer_norm's). The device's kernel on contiguous x and
+// out; the seed as the row kernels above take it (its value, or the int64 tensor on CUDA).
+using DropoutFn = void (*)(const at::Tensor& x, double p, int64_t seed, at::Tensor& out);
+using DropoutOnDeviceFn = void (*)(const at::Tensor& x, double p, const at::Tensor& seed, at::Tensor& out);
+at::Tensor dropout_elements(const at::Tensor& x, double p, const at::Tensor& seed, DropoutFn kernel);
+at::Tensor dropout_elements(const at::Tensor& x, double p, const at::Tensor& seed, DropoutOnDeviceFn kernel);
+
 at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
 std::tuple<at::Tensor, at::Tensor> grouped_linear_gelu(const at::Tensor& x, const at::Tensor& weight,
                                                        const at::Tensor& bias);

@@ -49,6 +49,9 @@ TORCH_LIBRARY(convbert_fast, m) {
   // -> (grad_x, grad_residual, grad_weight, grad_bias)
   m.def("dropout_add_layer_norm_backward(Tensor grad_out, Tensor x, Tensor residual, Tensor weight, Tensor mean,"
         " Tensor rstd, float p, Tensor seed) -> (Tensor, Tensor, Tensor, Tensor)");
+  // dropout(x) alone: x * mask / (1 - p), the mask dropout_add_layer_norm's hash of (seed, flat element index) over a
+  // contiguous x; its gradient is this op on the gradient, with the same seed. -> [x.shape]
+  m.def("dropout(Tensor x, float p, Tensor seed) -> Tensor");
   // The x86 level the CPU kernels run at ("avx512", "avx2" or "baseline": csrc/cpu/common.h, CpuIsa), and a setter
   // for tests and benchmarks that returns the level in use before (a ValueError for a level this CPU lacks).
   m.def("cpu_isa() -> str");

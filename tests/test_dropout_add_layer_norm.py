@@ -262,3 +262,84 @@ NORM_BAD_ARGUMENTS = [
 def test_dropout_add_layer_norm_direct_calls_refuse_bad_arguments(device_name, which, index, make_bad, error,
                                                                   fragment, rng):
     assert_refuses(_norm_direct_calls(device_name, rng)[which], index, make_bad, error, fragment)
+
+
+# dropout alone (ops.dropout): the same mask, for the attention probabilities and the embeddings of the fused layers
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_is_the_documented_mask_scaled_in_the_accumulation_dtype(device_name, dtype, rng):
+    """out = x * (keep ? 1 / (1 - p) : 0), the product in fp32 (fp64 for fp64) rounded once, keep the documented hash
+    of the flat index (reference.py): the same bits on every device; a non-contiguous x is masked in its contiguous
+    order; the dropped fraction is p within 5 standard deviations; another seed, another mask."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for shape, p, seed in [((8, 3, 100), 0.1, 2024), ((5, 257), 0.5, -7), ((64, 4096), 0.3, 2**40 + 3)]:
+        x = torch.randn(shape, generator=rng).to(device_name, dtype)
+        out = torch.ops.convbert_fast.dropout(x, p, torch.tensor(seed))
+        keep = dropout_keep_mask_ref(shape, p, seed).to(device_name)
+        scale = torch.tensor(1.0 / (1.0 - p), dtype=acc)
+        assert torch.equal(out, (x.to(acc) * torch.where(keep, scale.to(device_name), 0)).to(dtype))
+        assert abs((~keep).double().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / keep.numel())
+    seed = torch.tensor(3)
+    x = torch.randn(6, 40, generator=rng).to(device_name, dtype)
+    op = torch.ops.convbert_fast.dropout
+    assert torch.equal(op(x.t(), 0.2, seed), op(x.t().contiguous(), 0.2, seed))
+    assert not torch.equal(op(x, 0.2, seed), op(x, 0.2, torch.tensor(4)))
+
+
+def test_dropout_gradcheck_and_its_gradient_is_the_same_mask(device_name, rng):
+    x = torch.randn(3, 5, 7, dtype=torch.float64, generator=rng).to(device_name).requires_grad_()
+    seed, p = torch.tensor(99), 0.3
+    assert torch.autograd.gradcheck(lambda t: torch.ops.convbert_fast.dropout(t, p, seed), (x,))
+    grad = torch.randn(x.shape, dtype=torch.float64, generator=rng).to(device_name)
+    (ours,) = torch.autograd.grad(torch.ops.convbert_fast.dropout(x, p, seed), x, grad)
+    keep = dropout_keep_mask_ref(x.shape, p, 99).to(device_name)
+    torch.testing.assert_close(ours, torch.where(keep, grad / (1 - p), 0), rtol=1e-15, atol=0)
+
+
+def test_dropout_opcheck(device_name, rng):
+    for shape, p in [((2, 7, 96), 0.1), ((3,), 0.0), ((0, 4), 0.5)]:
+        x = torch.randn(shape, generator=rng).to(device_name).requires_grad_()
+        torch.library.opcheck(torch.ops.convbert_fast.dropout.default, (x, p, torch.tensor(11)))
+
+
+@pytest.mark.parametrize("special", [float("nan"), float("inf")])
+def test_dropout_of_everything_is_torchs_including_nan_and_inf(device_name, special, rng):
+    """p = 1 drops every element: x * 0, as F.dropout gives (NaN and inf times zero are NaN, not 0)."""
+    x = torch.randn(4, 9, generator=rng).to(device_name)
+    x[1, 2] = special
+    out = torch.ops.convbert_fast.dropout(x, 1.0, torch.tensor(1))
+    torch.testing.assert_close(out, torch.nn.functional.dropout(x, 1.0, True), equal_nan=True, rtol=0, atol=0)
+    assert out[1, 2].isnan() and (out.isnan().sum() == 1)
+
+
+def test_dropout_wrapper_draws_its_seed_from_torch_and_is_torchs_under_eager(device_name, rng):
+    """cf.ops.dropout: x itself in eval mode or at p = 0; reproducible from torch.manual_seed; under the eager
+    backend F.dropout (transformers' mask, bit for bit, for the same seed)."""
+    x = torch.randn(16, 33, generator=rng).to(device_name)
+    assert cf.ops.dropout(x, 0.4, training=False) is x and cf.ops.dropout(x, 0.0, training=True) is x
+    torch.manual_seed(7)
+    first = cf.ops.dropout(x, 0.4, training=True)
+    torch.manual_seed(7)
+    assert torch.equal(cf.ops.dropout(x, 0.4, training=True), first)
+    assert not torch.equal(cf.ops.dropout(x, 0.4, training=True), first)
+    with cf.use_backend("eager"):
+        torch.manual_seed(7)
+        eager = cf.ops.dropout(x, 0.4, training=True)
+    torch.manual_seed(7)
+    assert torch.equal(eager, torch.nn.functional.dropout(x, 0.4, True)) and not torch.equal(eager, first)
+
+
+def test_dropout_refuses_bad_arguments():
+    with pytest.raises(ValueError, match=r"dropout: probability `p` must be in \[0, 1\], got 1.5"):
+        cf.ops.dropout(torch.zeros(3), 1.5, training=True)
+    with pytest.raises(TypeError, match="dropout"):
+        cf.ops.dropout(torch.zeros(3, dtype=torch.int64), 0.1, training=True)
+    op = torch.ops.convbert_fast.dropout
+    with pytest.raises(ValueError, match=r"dropout: p must be in \[0, 1\], got -0.5"):
+        op(torch.zeros(3), -0.5, torch.tensor(1))
+    for bad_seed in (torch.tensor(1.0), torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="dropout: seed must be one int64"):
+            op(torch.zeros(3), 0.1, bad_seed)
+    with pytest.raises(TypeError, match="dropout"):
+        op(torch.zeros(3, dtype=torch.int32), 0.1, torch.tensor(1))

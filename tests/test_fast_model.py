@@ -5,13 +5,14 @@ whose `cpp` runs go through these layers."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
 import torch
 import transformers
 from conftest import make_config
-from reference import assert_within_torch_error
+from reference import assert_within_torch_error, dropout_keep_mask_ref
 from test_parity import CLASSES, make_inputs, max_diff, model_pair
 from torch import nn
 
@@ -55,29 +56,45 @@ def test_fused_layers_are_taken_unless_eager(monkeypatch, rng):
         assert len(calls) == 4
 
 
-def test_cpu_low_precision_training_with_attention_dropout_takes_the_explicit_softmax(monkeypatch, rng):
-    """SDPA with dropout on the CPU takes its math path, which upcasts bf16 to fp32: there the fused layer takes the
-    explicit softmax and nn.Dropout in bf16, as the seed's math does, so the same seed gives the eager backend's mask
-    (its attention half within 4 bf16 roundings of it; another seed's mask is off by the values themselves). fp32
-    training and bf16 inference keep SDPA."""
-    layer = cf.ConvBertModel(tiny_config(attention_probs_dropout_prob=0.5)).train().encoder.layer[0].attention.self
+def test_cpu_training_with_attention_dropout_takes_the_explicit_softmax_and_the_fused_dropout(monkeypatch, rng):
+    """SDPA with dropout on the CPU takes its math path (bf16 upcast to fp32) and torch's per-element Mersenne Twister
+    draws: there the fused layer takes the explicit softmax and ops.dropout, in every dtype. Its attention half is
+    softmax(q k^T / sqrt(d)) * mask / (1 - p) @ v with the mask of the seed drawn from torch's generator (the
+    documented hash, tests/reference.py), to fp32 rounding; bf16 autocast uses the same mask (its difference from
+    fp32 within 4x the eager layer's own bf16 error without dropout). Inference keeps SDPA."""
+    p = 0.5
+    layer = cf.ConvBertModel(tiny_config(attention_probs_dropout_prob=p)).train().encoder.layer[0].attention.self
     x = torch.randn(2, 12, 64, generator=rng)
-    half = layer.all_head_size
+    half, heads, size = layer.all_head_size, layer.num_attention_heads, layer.attention_head_size
     calls = sdpa_calls(monkeypatch)
+    torch.manual_seed(5)
+    fused = layer(x)[0][..., :half]
+    torch.manual_seed(5)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64).item()  # the one draw of the layer's forward
+    with torch.no_grad():
+        q, k, v = (
+            proj(x).double().view(2, 12, heads, size).transpose(1, 2) for proj in (layer.query, layer.key, layer.value)
+        )
+        probs = torch.softmax(q @ k.transpose(-1, -2) / size**0.5, dim=-1)  # [B, H, L, L]
+        keep = dropout_keep_mask_ref(probs.shape, p, seed)
+        expected = (torch.where(keep, probs / (1 - p), 0) @ v).transpose(1, 2).reshape(2, 12, half)
+    torch.testing.assert_close(fused.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    torch.manual_seed(5)
+    other_seed = layer(x)[0][..., :half]
+    assert torch.equal(other_seed, fused)  # and reproducible from torch.manual_seed
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.manual_seed(5)
-        fused = layer(x)[0][..., :half].float()
-        assert not calls
-        with cf.use_backend("eager"):
-            torch.manual_seed(5)
-            eager = layer(x)[0][..., :half].float()
-        layer.eval()
-        layer(x)
-        assert len(calls) == 1
-    layer.train()
+        fused_bf16 = layer(x)[0][..., :half].float()
+    layer.eval()
+    with cf.use_backend("eager"), torch.no_grad():
+        eager = layer(x)[0][..., :half]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            eager_bf16 = layer(x)[0][..., :half].float()
+    assert not calls
+    yardstick = (eager_bf16 - eager).abs().max()
+    assert (fused_bf16 - fused).abs().max() <= 4 * yardstick, ((fused_bf16 - fused).abs().max(), yardstick)
     layer(x)
-    assert len(calls) == 2
-    assert (fused - eager).abs().max() <= 4 * torch.finfo(torch.bfloat16).eps * eager.abs().max()
+    assert len(calls) == 1
 
 
 OPTIMIZERS = {  # the fused ones update in place without bumping version counters (torch 2.13)
@@ -369,22 +386,20 @@ def mlm_losses(backend, seed, steps=100, dropout=0.1):
     return torch.tensor(losses)
 
 
-@pytest.mark.timeout(600)  # three 100-step training runs: 160 s on a loaded 2-core AMD EPYC
+@pytest.mark.timeout(900)  # 16 training runs of 100 steps and 2 of 30: 40 s on an idle 2-core AMD EPYC
 def test_convergence_matches_the_seed_math_with_dropout_on():
-    """100 steps with dropout, eager vs fused (same seed). The fused attention draws its dropout masks inside
-    SDPA, so the curves are not bitwise equal: the tolerance is what dropout noise alone does to the seed's own
-    math, measured here as the gap between two eager runs with different dropout seeds (x1.5, plus 0.05)."""
-    eager = mlm_losses("eager", seed=0)
-    fused = mlm_losses("auto", seed=0)
-    eager_other_seed = mlm_losses("eager", seed=1)
-
-    def smoothed(losses):  # 10-step means: the per-step loss is dominated by which tokens were masked
-        return losses.view(10, 10).mean(1)
-
-    noise = (smoothed(eager) - smoothed(eager_other_seed)).abs().max().item()
-    gap = (smoothed(eager) - smoothed(fused)).abs().max().item()
-    assert smoothed(fused)[-1] < 0.6 * smoothed(fused)[0]  # it learns (ln 31 = 3.4 at chance)
-    assert gap <= 1.5 * noise + 0.05, f"fused vs eager {gap:.3f}, eager vs eager (other dropout seed) {noise:.3f}"
+    """100 steps with dropout, eager vs fused, from the same initial weights under 8 dropout seeds each. The fused
+    layers draw their own masks (ops.dropout, dropout_add_layer_norm), so no curve is the other's; and on this task
+    the step at which a run leaves its plateau at ln 31 varies from seed to seed (the last 20 steps' mean loss from
+    1.7 to 3.4 in either backend, and with torch's masks in the fused layers too: 12 seeds gave 2.61 +- 0.41 with
+    ours and 2.59 +- 0.54 with torch's). So: the final losses' means over the seeds agree within 4 standard errors of
+    their difference, and both learn (mean below 0.9 ln 31)."""
+    eager = torch.stack([mlm_losses("eager", seed)[-20:].mean() for seed in range(8)])
+    fused = torch.stack([mlm_losses("auto", seed)[-20:].mean() for seed in range(8)])
+    standard_error = (eager.var() / len(eager) + fused.var() / len(fused)).sqrt().item()
+    gap = (eager.mean() - fused.mean()).abs().item()
+    assert gap <= 4 * standard_error, f"final loss eager {eager.tolist()} fused {fused.tolist()}"
+    assert eager.mean() < 0.9 * math.log(31) and fused.mean() < 0.9 * math.log(31), (eager, fused)
     # without dropout the two are the same function: the curves agree to rounding, amplified by 100 steps
     no_dropout = mlm_losses("eager", 0, steps=30, dropout=0.0) - mlm_losses("auto", 0, steps=30, dropout=0.0)
     assert no_dropout.abs().max().item() < 1e-3

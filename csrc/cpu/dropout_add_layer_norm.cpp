@@ -1,4 +1,5 @@
-// dropout_add_layer_norm on the CPU: the row kernels, inside the checks and reductions of composite.cpp.
+// dropout_add_layer_norm on the CPU: the row kernels, inside the checks and reductions of composite.cpp; and dropout
+// alone with the same mask.
 #include "../composite.h"
 #include "../dropout_mask.h"
 #include "common.h"
@@ -185,9 +186,51 @@ void norm_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Te
   });
 }
 
+// dropout alone: out = x * m over blocks of kDropoutBlock elements of the flattened tensors, m as the rows' above.
+template <typename scalar_t>
+struct DropoutArgs {
+  const scalar_t* x;
+  scalar_t* out;
+  int64_t numel;
+  uint64_t seed;
+  uint32_t threshold;
+  at::opmath_type<scalar_t> scale;
+};
+
+constexpr int64_t kDropoutBlock = 2048;
+
+template <typename scalar_t, int /*kBytes: the loops vectorise as they are*/>
+void dropout_blocks(const DropoutArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* __restrict__ x = a.x;
+  scalar_t* __restrict__ out = a.out;
+  acc_t m[kDropoutBlock];
+  for (int64_t block = begin; block < end; ++block) {
+    const int64_t first = block * kDropoutBlock, n = std::min(kDropoutBlock, a.numel - first);
+    dropout_multipliers(a.seed, static_cast<uint64_t>(first), a.threshold, a.scale, m, n);
+    for (int64_t i = 0; i < n; ++i) out[first + i] = static_cast<scalar_t>(static_cast<acc_t>(x[first + i]) * m[i]);
+  }
+}
+
+CONVBERT_FAST_CLONED(dropout_blocks, DropoutArgs)
+
+void dropout_cpu(const at::Tensor& x, double p, int64_t seed, at::Tensor& out) {
+  const int64_t blocks = (x.numel() + kDropoutBlock - 1) / kDropoutBlock;
+  DISPATCH_FLOATS(x.scalar_type(), "dropout_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const DropoutArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), x.numel(),
+                                     static_cast<uint64_t>(seed), dropout_threshold(p),
+                                     p < 1.0 ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(0)};
+    at::parallel_for(0, blocks, 4, [&](int64_t b, int64_t e) { dropout_blocks_best(args, b, e); });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(convbert_fast, CPU, m) {
+  m.impl("dropout", [](const at::Tensor& x, double p, const at::Tensor& seed) {
+    return dropout_elements(x, p, seed, &dropout_cpu);
+  });
   m.impl("dropout_add_layer_norm", [](const at::Tensor& x, const at::Tensor& r, const at::Tensor& w, const at::Tensor& b,
                                       double p, double eps, const at::Tensor& seed) {
     return dropout_add_layer_norm(x, r, w, b, p, eps, seed, &norm_forward_cpu);

@@ -1,6 +1,6 @@
-// LayerNorm(dropout(x) + residual), forward and backward; two sets of kernels while both stay (launchers.h:
-// CONVBERT_FAST_CUDA_KERNELS). Both recompute h = dropout(x) + residual in the backward (the mask from (seed,
-// index), see dropout_mask.h) instead of keeping it.
+// LayerNorm(dropout(x) + residual), forward and backward, and dropout alone with the same mask; two sets of kernels
+// while both stay (launchers.h: CONVBERT_FAST_CUDA_KERNELS). Both recompute h = dropout(x) + residual in the backward
+// (the mask from (seed, index), see dropout_mask.h) instead of keeping it.
 // v1, general: one block per row of C channels, h recomputed in each pass.
 // v2, tiled (rows of up to 32 elements per lane, plan.h: norm_plan): a warp per row, lane l holding vectors l,
 // l + 32, ... of the row in registers, so x and residual are read once, the dropout hash runs once per element (one
@@ -10,6 +10,7 @@
 // deterministic), instead of an fp32 [rows, C] buffer.
 // The kernels, then their launchers (torch-free; nvcc only: tests/emulation/tiled_kernels.cpp compiles the
 // kernels with g++).
+#include <algorithm>
 #include <cstdint>
 
 #include "../dropout_mask.h"
@@ -373,7 +374,40 @@ void launch_backward(const NormPlan& plan, const void* grad, const void* x, cons
       static_cast<T*>(grad_residual), static_cast<A*>(weight_partials), channels, seed, dropout_threshold(p), scale);
 }
 
+// dropout alone (composite.h: dropout_elements): out[i] = x[i] * mask(i) / (1 - p) over the flat index, a grid-stride
+// loop; the same decisions as the rows' kernels (dropout_keeps).
+template <typename T>
+__global__ void dropout_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t numel, DropoutSeed dropout_seed,
+                               uint32_t threshold, typename AccType<T>::type scale) {
+  using A = typename AccType<T>::type;
+  const uint64_t seed = seed_value(dropout_seed);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+    const A m = dropout_keeps(seed, static_cast<uint64_t>(i), threshold) ? scale : A(0);
+    out[i] = from_acc<T>(to_acc(x[i]) * m);
+  }
+}
+
+constexpr int kDropoutThreads = 256;
+
+template <typename T>
+void launch_dropout(const void* x, void* out, int64_t numel, DropoutSeed seed, double p, cudaStream_t stream) {
+  using A = typename AccType<T>::type;
+  const A scale = p < 1.0 ? static_cast<A>(1.0 / (1.0 - p)) : A(0);
+  // enough blocks to fill any GPU; the grid-stride loop covers the rest
+  const int64_t blocks = std::min<int64_t>((numel + kDropoutThreads - 1) / kDropoutThreads, 65536);
+  dropout_kernel<T><<<static_cast<unsigned>(blocks), kDropoutThreads, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<T*>(out), numel, seed, dropout_threshold(p), scale);
+}
+
 }  // namespace
+
+cudaError_t dropout_elements_forward(DType dtype, const void* x, void* out, int64_t numel, DropoutSeed seed, double p,
+                                     cudaStream_t stream) {
+  if (numel == 0) return cudaSuccess;
+  CONVBERT_FAST_DISPATCH(dtype, launch_dropout, x, out, numel, seed, p, stream);
+  return cudaGetLastError();
+}
 
 cudaError_t dropout_add_layer_norm_forward(KernelChoice kernels, DType dtype, const void* x, const void* residual,
                                            const void* weight, const void* bias, void* out, void* mean, void* rstd,

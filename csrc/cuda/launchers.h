@@ -85,4 +85,8 @@ cudaError_t dropout_add_layer_norm_backward(KernelChoice kernels, DType dtype, c
                                             void* weight_partials, void* bias_partials, int64_t rows,
                                             int64_t channels, DropoutSeed seed, double p, cudaStream_t stream);
 
+// out = x * mask / (1 - p) over numel contiguous elements, the mask dropout_keeps(seed, i) of the flat index i.
+cudaError_t dropout_elements_forward(DType dtype, const void* x, void* out, int64_t numel, DropoutSeed seed, double p,
+                                     cudaStream_t stream);
+
 }  // namespace convbert_fast

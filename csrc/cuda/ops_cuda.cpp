@@ -220,6 +220,13 @@ void norm_forward_cuda(const at::Tensor& x, const at::Tensor& residual, const at
                "dropout_add_layer_norm");
 }
 
+void dropout_cuda(const at::Tensor& x, double p, const at::Tensor& seed, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_launch(dropout_elements_forward(dtype_of(x), x.const_data_ptr(), out.mutable_data_ptr(), x.numel(),
+                                        dropout_seed_of(seed), p, c10::cuda::getCurrentCUDAStream()),
+               "dropout");
+}
+
 void norm_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& residual,
                         const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd, double p,
                         const at::Tensor& seed, at::Tensor& grad_x, at::Tensor& grad_residual,
@@ -278,6 +285,9 @@ TORCH_LIBRARY_IMPL(convbert_fast, CUDA, m) {
   m.impl("dropout_add_layer_norm", [](const at::Tensor& x, const at::Tensor& r, const at::Tensor& w, const at::Tensor& b,
                                       double p, double eps, const at::Tensor& seed) {
     return dropout_add_layer_norm(x, r, w, b, p, eps, seed, &norm_forward_cuda);
+  });
+  m.impl("dropout", [](const at::Tensor& x, double p, const at::Tensor& seed) {
+    return dropout_elements(x, p, seed, &dropout_cuda);
   });
   m.impl("dropout_add_layer_norm_backward", [](const at::Tensor& g, const at::Tensor& x, const at::Tensor& r,
                                                const at::Tensor& w, const at::Tensor& mean, const at::Tensor& rstd,
