@@ -77,18 +77,13 @@ void check_norm_args(const char* op, const at::Tensor& x, const at::Tensor& resi
   TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, op, ": p must be in [0, 1], got ", p);
 }
 
-// The dropout seed: an int64 scalar tensor on the CPU (read without a device sync).
-int64_t dropout_seed(const char* op, const at::Tensor& seed) {
+// The seed as the kernels take it: its value, from an int64 scalar tensor on the CPU (read without a device sync);
+// or the int64 tensor, on the CPU or on the input's device (CUDA's kernels read it there).
+int64_t seed_for(const char* op, const at::Tensor& seed, const at::Tensor&, const int64_t*) {
   TORCH_CHECK_VALUE(seed.device().is_cpu() && seed.numel() == 1 && seed.scalar_type() == at::kLong, op,
                     ": seed must be one int64 on the CPU, got ", seed.scalar_type(), " on ", seed.device(), " with ",
                     seed.numel(), " elements");
   return seed.item<int64_t>();
-}
-
-// The seed as the row kernels take it: its value (dropout_seed); or the int64 tensor, on the CPU or on the input's
-// device (CUDA's kernels read it there).
-int64_t seed_for(const char* op, const at::Tensor& seed, const at::Tensor&, const int64_t*) {
-  return dropout_seed(op, seed);
 }
 const at::Tensor& seed_for(const char* op, const at::Tensor& seed, const at::Tensor& x, const at::Tensor*) {
   TORCH_CHECK_VALUE((seed.is_cpu() || seed.device() == x.device()) && seed.numel() == 1 &&

@@ -20,6 +20,12 @@ inline uint32_t dropout_threshold(double p) {
   return scaled >= static_cast<double>(1u << kDropoutBits) ? (1u << kDropoutBits) : static_cast<uint32_t>(scaled + 0.5);
 }
 
+// What a kept element is multiplied by: 1 / (1 - p), in the accumulation type A (p = 1 keeps none: 0).
+template <typename A>
+inline A dropout_scale(double p) {
+  return p < 1.0 ? static_cast<A>(1.0 / (1.0 - p)) : A(0);
+}
+
 // The mixer's input for index i is seed + (i + 1) * kDropoutStep: consecutive indices are kDropoutStep apart.
 constexpr uint64_t kDropoutStep = 0x9E3779B97F4A7C15ull;
 

@@ -147,7 +147,7 @@ NormArgs<scalar_t> norm_args(const at::Tensor& x, const at::Tensor& residual, co
   args.channels = x.size(-1);
   args.seed = static_cast<uint64_t>(seed);
   args.threshold = dropout_threshold(p);
-  args.scale = p < 1.0 ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(0);
+  args.scale = dropout_scale<acc_t>(p);
   args.eps = eps;
   return args;
 }
@@ -220,7 +220,7 @@ void dropout_cpu(const at::Tensor& x, double p, int64_t seed, at::Tensor& out) {
     using acc_t = at::opmath_type<scalar_t>;
     const DropoutArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), x.numel(),
                                      static_cast<uint64_t>(seed), dropout_threshold(p),
-                                     p < 1.0 ? static_cast<acc_t>(1.0 / (1.0 - p)) : acc_t(0)};
+                                     dropout_scale<acc_t>(p)};
     at::parallel_for(0, blocks, 4, [&](int64_t b, int64_t e) { dropout_blocks_best(args, b, e); });
   });
 }

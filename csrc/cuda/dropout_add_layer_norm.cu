@@ -310,7 +310,7 @@ void launch_forward_tiled(const NormPlan& plan, const void* x, const void* resid
                           const void* bias, void* out, void* mean, void* rstd, int64_t rows, int64_t channels,
                           DropoutSeed seed, double p, double eps, cudaStream_t stream) {
   using A = typename AccType<T>::type;
-  const A scale = p < 1.0 ? static_cast<A>(1.0 / (1.0 - p)) : A(0);
+  const A scale = dropout_scale<A>(p);
   const uint32_t threshold = dropout_threshold(p);
   CONVBERT_FAST_WITH_VECTORS(plan.vectors, NV,
     // without dropout (p = 0: eval, or a caller's choice) the instantiation that computes no hash
@@ -328,7 +328,7 @@ void launch_backward_tiled(const NormPlan& plan, const void* grad, const void* x
                            void* weight_partials, void* bias_partials, int64_t rows, int64_t channels,
                            DropoutSeed seed, double p, cudaStream_t stream) {
   using A = typename AccType<T>::type;
-  const A scale = p < 1.0 ? static_cast<A>(1.0 / (1.0 - p)) : A(0);
+  const A scale = dropout_scale<A>(p);
   const uint32_t threshold = dropout_threshold(p);
   CONVBERT_FAST_WITH_VECTORS(plan.vectors, NV,
     const auto kernel = threshold == 0 ? dropout_add_layer_norm_backward_tiled_kernel<T, NV, false>
@@ -349,7 +349,7 @@ void launch_forward(const NormPlan& plan, const void* x, const void* residual, c
     return;
   }
   using A = typename AccType<T>::type;
-  const A scale = p < 1.0 ? static_cast<A>(1.0 / (1.0 - p)) : A(0);
+  const A scale = dropout_scale<A>(p);
   dropout_add_layer_norm_forward_kernel<T><<<static_cast<unsigned>(plan.forward_blocks), kNormThreads, 0, stream>>>(
       static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const T*>(weight),
       static_cast<const T*>(bias), static_cast<T*>(out), static_cast<A*>(mean), static_cast<A*>(rstd), channels, seed,
@@ -367,7 +367,7 @@ void launch_backward(const NormPlan& plan, const void* grad, const void* x, cons
     return;
   }
   using A = typename AccType<T>::type;
-  const A scale = p < 1.0 ? static_cast<A>(1.0 / (1.0 - p)) : A(0);
+  const A scale = dropout_scale<A>(p);
   dropout_add_layer_norm_backward_kernel<T><<<static_cast<unsigned>(plan.backward_blocks), kNormThreads, 0, stream>>>(
       static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<const T*>(residual),
       static_cast<const T*>(weight), static_cast<const A*>(mean), static_cast<const A*>(rstd), static_cast<T*>(grad_x),
@@ -393,7 +393,7 @@ constexpr int kDropoutThreads = 256;
 template <typename T>
 void launch_dropout(const void* x, void* out, int64_t numel, DropoutSeed seed, double p, cudaStream_t stream) {
   using A = typename AccType<T>::type;
-  const A scale = p < 1.0 ? static_cast<A>(1.0 / (1.0 - p)) : A(0);
+  const A scale = dropout_scale<A>(p);
   // enough blocks to fill any GPU; the grid-stride loop covers the rest
   const int64_t blocks = std::min<int64_t>((numel + kDropoutThreads - 1) / kDropoutThreads, 65536);
   dropout_kernel<T><<<static_cast<unsigned>(blocks), kDropoutThreads, 0, stream>>>(
