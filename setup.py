@@ -58,15 +58,24 @@ os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
 sources = ["csrc/ops.cpp", "csrc/composite.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
 # py_limited_api: torch defines Py_LIMITED_API as its own oldest Python (3.10 for torch 2.11 to 2.13)
-compile_args = {"cxx": ["-O3"]}
+# -fopenmp: at::parallel_for is a template that runs its loop on torch's OpenMP threads only where the including file
+# is compiled with OpenMP; without it every CPU kernel ran on one thread (cpp.cpu_threads() tells). The link flag adds
+# libgomp.so.1, the copy torch has already loaded (torch/lib holds it under that name): one pool, torch.set_num_threads
+# sizes it.
+compile_args = {"cxx": ["-O3", "-fopenmp"]}
+link_args = ["-fopenmp"]
 skip_reason = cuda_build_reason()
 if skip_reason is None:
     sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
     compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
-    extension = CUDAExtension("convbert_fast._C", sources, extra_compile_args=compile_args, py_limited_api=True)
+    extension = CUDAExtension(
+        "convbert_fast._C", sources, extra_compile_args=compile_args, extra_link_args=link_args, py_limited_api=True
+    )
     print("convbert_fast: building the CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST =", os.environ["TORCH_CUDA_ARCH_LIST"])
 else:
-    extension = CppExtension("convbert_fast._C", sources, extra_compile_args=compile_args, py_limited_api=True)
+    extension = CppExtension(
+        "convbert_fast._C", sources, extra_compile_args=compile_args, extra_link_args=link_args, py_limited_api=True
+    )
     print(f"convbert_fast: building the CPU kernels only ({skip_reason})")
 
 setup(

@@ -25,8 +25,9 @@ def info() -> int:
     else:
         print(f"device         cpu: {env.cpu_name()}, {torch.get_num_threads()} threads (no CUDA device)")
     isa = env.cpu_isa()
+    threads = f"on {isa['kernel_threads']} of torch's {torch.get_num_threads()} threads; " if isa["kernel_threads"] else ""
     print(
-        f"cpu kernels    {isa['kernels'] or 'none (convbert_fast._C not loaded)'} (ATen: {isa['torch_cpu_capability']}; bf16/fp16 "
+        f"cpu kernels    {isa['kernels'] or 'none (convbert_fast._C not loaded)'} ({threads}ATen: {isa['torch_cpu_capability']}; bf16/fp16 "
         f"hardware: {', '.join(isa['low_precision']) or 'none'}; CONVBERT_FAST_CPU_ISA caps the kernels)"
     )
     packing = inference_weights.packing_problem()

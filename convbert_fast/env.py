@@ -41,7 +41,7 @@ def cpu_flags() -> set[str]:
 def cpu_isa() -> dict:
     """The instruction sets the CPU code runs with: `kernels`, the x86 level of convbert_fast's C++ kernels
     ("avx512", "avx2" or "baseline"; None without convbert_fast._C; else why it cannot be told, say a bad
-    CONVBERT_FAST_CPU_ISA); `torch_cpu_capability`, the level of ATen's own vectorised kernels; whether the CPU has
+    CONVBERT_FAST_CPU_ISA), and `kernel_threads`, how many threads they run on; `torch_cpu_capability`, the level of ATen's own vectorised kernels; whether the CPU has
     the native bf16/fp16 instructions that oneDNN's GEMMs use (`amx`, `avx512_bf16`, `avx512_fp16`; None: unknown,
     /proc/cpuinfo unreadable), and `low_precision`, which of LOW_PRECISION_FLAGS it has."""
     from .ops import cpp
@@ -54,6 +54,7 @@ def cpu_isa() -> dict:
     has = (lambda *names: all(n in flags for n in names)) if flags else (lambda *names: None)
     return {
         "kernels": kernels,
+        "kernel_threads": cpp.cpu_threads(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "amx": has("amx_tile", "amx_bf16"),
         "avx512_bf16": has("avx512_bf16"),

@@ -56,4 +56,7 @@ TORCH_LIBRARY(convbert_fast, m) {
   // for tests and benchmarks that returns the level in use before (a ValueError for a level this CPU lacks).
   m.def("cpu_isa() -> str");
   m.def("set_cpu_isa(str level) -> str");
+  // How many threads at::parallel_for runs the CPU kernels on: torch.get_num_threads() where the extension was built
+  // with OpenMP (setup.py), 1 where it was not.
+  m.def("cpu_threads() -> int");
 }

@@ -19,6 +19,7 @@ import torch
 
 from convbert_fast.bench import choose, providers, record, report, timing
 from convbert_fast import cli
+from convbert_fast.ops import cpp
 from convbert_fast.configs import named_config
 
 ROOT = Path(__file__).parent.parent
@@ -66,6 +67,8 @@ def test_bench_writes_table_json_and_plot(tmp_path):
     if not torch.cuda.is_available():
         assert record["cpu_isa"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
         assert {type(record["cpu_isa"][k]) for k in ("amx", "avx512_bf16")} <= {bool}
+        threads = int(re.search(r"\((\d+) threads\)", record["device"])[1])  # the run's torch.get_num_threads()
+        assert record["cpu_isa"]["kernel_threads"] == (threads if cpp.LOADED else None)
     assert 0.2 < record["copy_bandwidth_gbps"] < 20000  # a DRAM copy of any machine here (see test_copy_bandwidth)
     if (ROOT / ".git").exists():
         assert re.fullmatch(r"[0-9a-f]{40}", record["git_commit"]) and isinstance(record["git_dirty"], bool)

@@ -186,6 +186,7 @@ def test_results_do_not_depend_on_the_thread_count(level, dtype, rng):
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
+            assert cpp.cpu_threads() == count  # else the kernels never split the rows, and this test proves nothing
             rng.set_state(gen_state)
             values, logits = span_inputs(2, 300, 3, 40, 9, dtype, rng)
             span = span_conv(values, logits, 3, randn(*values.shape, dtype=dtype, gen=rng))
@@ -200,6 +201,19 @@ def test_results_do_not_depend_on_the_thread_count(level, dtype, rng):
         torch.set_num_threads(threads)
     for i, (a, b) in enumerate(zip(*results)):
         assert torch.equal(a, b), f"output {i} differs between 1 and 2 threads at {level}"
+
+
+def test_kernels_run_on_torchs_threads():
+    """at::parallel_for runs the kernels on torch's OpenMP pool only where the extension was compiled with OpenMP
+    (setup.py); without it, every kernel ran on one thread whatever torch.set_num_threads said. 3 threads too: a
+    pool larger than this machine's cores still splits the work."""
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            assert cpp.cpu_threads() == count, f"torch.set_num_threads({count}): the kernels ran on {cpp.cpu_threads()}"
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_set_cpu_isa_refuses_a_level_it_does_not_know():

@@ -71,6 +71,12 @@ def cpu_isa() -> str | None:
     return torch.ops.convbert_fast.cpu_isa() if LOADED else None
 
 
+def cpu_threads() -> int | None:
+    """How many threads the C++ CPU kernels run on: torch.get_num_threads() (one OpenMP pool, torch's) where
+    convbert_fast._C was built with OpenMP, as setup.py builds it; 1 where it was not. None where _C did not load."""
+    return torch.ops.convbert_fast.cpu_threads() if LOADED else None
+
+
 def set_cpu_isa(level: str) -> str:
     """Runs the CPU kernels at `level` ("avx512", "avx2" or "baseline", at most what the CPU has) from now on, in
     every thread; returns the level in use before. For tests and benchmarks of the slower paths."""

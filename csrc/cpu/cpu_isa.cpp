@@ -1,10 +1,11 @@
 // Which x86 level the CPU kernels run at (common.h, CpuIsa): found once from the CPU, capped by the environment
 // variable CONVBERT_FAST_CPU_ISA, and visible and settable through two ops (`python -m convbert_fast info` prints it,
-// the benchmark records it, the tests run every level this CPU has).
+// the benchmark records it, the tests run every level this CPU has). And how many threads they run on.
 #include <c10/util/Exception.h>
 
 #include <atomic>
 #include <cstdlib>
+#include <memory>
 #include <string>
 
 #include "common.h"
@@ -63,11 +64,24 @@ std::string set_cpu_isa(c10::string_view level) {
   return previous;
 }
 
+// The threads a parallel_for of the kernels' kind actually ran on: one task per thread of torch's pool, each marking
+// the thread it ran on. Without OpenMP at build time, parallel_for runs the whole range inline, on this thread.
+int64_t cpu_threads() {
+  const int64_t pool = at::get_num_threads();
+  const std::unique_ptr<std::atomic<bool>[]> ran(new std::atomic<bool>[pool]);
+  for (int64_t i = 0; i < pool; ++i) ran[i].store(false);
+  at::parallel_for(0, pool, 1, [&](int64_t, int64_t) { ran[at::get_thread_num()].store(true); });
+  int64_t threads = 0;
+  for (int64_t i = 0; i < pool; ++i) threads += ran[i].load();
+  return threads;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(convbert_fast, CompositeExplicitAutograd, m) {
   m.impl("cpu_isa", &cpu_isa_name);
   m.impl("set_cpu_isa", &set_cpu_isa);
+  m.impl("cpu_threads", &cpu_threads);
 }
 
 }  // namespace convbert_fast
