@@ -221,8 +221,8 @@ class ConvBertSelfAttention(nn.Module):
         dropout_p = self.dropout.p if self.training else 0.0
         # On the CPU, SDPA with dropout takes its math path, which upcasts bf16/fp16 to fp32 and draws torch's dropout
         # mask (a Mersenne Twister number per element): the math written out, in the low precision and with
-        # ops.dropout, is faster there (B=8, L=256, 6 heads of 64, forward + backward of the attention alone: 30 against
-        # 47 ms in fp32, 15 against 48 in bf16; 45 and 32 with torch's dropout). Packed rows do the same per sequence
+        # ops.dropout, is faster there (B=8, L=256, 6 heads of 64, forward + backward of the attention alone: 26 against
+        # 45 ms in fp32, 12 against 46 in bf16; 43 and 31 with torch's dropout). Packed rows do the same per sequence
         # (sequences.attention), not over a [T, T] block-diagonal mask.
         cpu_dropout = self.training and self.dropout.p > 0 and query.device.type == "cpu" and cu_seqlens is None
         if output_attentions or head_mask is not None or cpu_dropout:

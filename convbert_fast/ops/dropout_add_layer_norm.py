@@ -78,8 +78,8 @@ if cpp.LOADED:
             and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()
         ):
-            # eager CPU inference: torch's add + layer_norm, transformers' own ops (so its numbers, bit for bit), run
-            # faster here than this op's single pass with its fp64 row sums: 24 against 71 us at [128, 768]. A
+            # eager CPU inference: torch's add + layer_norm, transformers' own ops (so its numbers, bit for bit), as
+            # fast here as this op's single pass with its fp64 row sums: 27 against 28 us at [128, 768]. A
             # traced graph keeps the op (export's and ONNX's translations of it; Inductor fuses either)
             return dropout_add_layer_norm_eager(x, residual, weight, bias, 0.0, eps, False)
         if torch.is_autocast_enabled(x.device.type):  # autocast runs LayerNorm in fp32: so does this op
@@ -140,8 +140,8 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = False) -> torch.Te
     pass of its mask (the hash of a seed drawn from the device's generator and each element's index: keep with
     probability 1 - p, scale 1 / (1 - p), as nn.Dropout, from another random stream), whose backward regenerates the
     mask instead of keeping it. On the CPU torch's own draws a Mersenne Twister number per element: 19 ms in bf16 and
-    20 ms in fp32 for one layer's attention probabilities (ConvBERT-base, B=8, L=256, 2 threads of an AMD EPYC),
-    against 1.5 and 2.4 ms. Elsewhere (`eager`, or no extension) F.dropout itself."""
+    20-29 ms in fp32 for one layer's attention probabilities (ConvBERT-base, B=8, L=256, 2 threads of an AMD EPYC),
+    against 0.8 and 1.3 ms. Elsewhere (`eager`, or no extension) F.dropout itself."""
     check_float_tensors("dropout", x=x)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout: probability `p` must be in [0, 1], got {p}")
