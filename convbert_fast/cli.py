@@ -25,9 +25,11 @@ def info() -> int:
     else:
         print(f"device         cpu: {env.cpu_name()}, {torch.get_num_threads()} threads (no CUDA device)")
     isa = env.cpu_isa()
-    threads = f"on {isa['kernel_threads']} of torch's {torch.get_num_threads()} threads; " if isa["kernel_threads"] else ""
+    kernels = isa["kernels"] or "none (convbert_fast._C not loaded)"
+    used = isa["kernel_threads"]
+    threads = f"on {used} of torch's {torch.get_num_threads()} threads; " if used else ""
     print(
-        f"cpu kernels    {isa['kernels'] or 'none (convbert_fast._C not loaded)'} ({threads}ATen: {isa['torch_cpu_capability']}; bf16/fp16 "
+        f"cpu kernels    {kernels} ({threads}ATen: {isa['torch_cpu_capability']}; bf16/fp16 "
         f"hardware: {', '.join(isa['low_precision']) or 'none'}; CONVBERT_FAST_CPU_ISA caps the kernels)"
     )
     packing = inference_weights.packing_problem()

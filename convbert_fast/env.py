@@ -41,9 +41,10 @@ def cpu_flags() -> set[str]:
 def cpu_isa() -> dict:
     """The instruction sets the CPU code runs with: `kernels`, the x86 level of convbert_fast's C++ kernels
     ("avx512", "avx2" or "baseline"; None without convbert_fast._C; else why it cannot be told, say a bad
-    CONVBERT_FAST_CPU_ISA), and `kernel_threads`, how many threads they run on; `torch_cpu_capability`, the level of ATen's own vectorised kernels; whether the CPU has
-    the native bf16/fp16 instructions that oneDNN's GEMMs use (`amx`, `avx512_bf16`, `avx512_fp16`; None: unknown,
-    /proc/cpuinfo unreadable), and `low_precision`, which of LOW_PRECISION_FLAGS it has."""
+    CONVBERT_FAST_CPU_ISA), and `kernel_threads`, how many threads they run on (None without convbert_fast._C);
+    `torch_cpu_capability`, the level of ATen's own vectorised kernels; whether the CPU has the native bf16/fp16
+    instructions that oneDNN's GEMMs use (`amx`, `avx512_bf16`, `avx512_fp16`; None: unknown, /proc/cpuinfo
+    unreadable), and `low_precision`, which of LOW_PRECISION_FLAGS it has."""
     from .ops import cpp
 
     try:
