@@ -191,6 +191,7 @@ def _bench(parser, args) -> int:
         parser.error(f"--seq-len: every length must be at least 1, got {args.seq_len}")
     if not args.time_budget > 0:
         parser.error(f"--time-budget must be positive, got {args.time_budget}")
+    quiet_exporters()  # the ONNX Runtime and AOTInductor providers export their models first
     return record.run(args)
 
 

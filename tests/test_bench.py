@@ -56,6 +56,9 @@ def test_bench_writes_table_json_and_plot(tmp_path):
     assert "train x eager" in result.stdout and "dynamic_span_conv fwd+bwd at base shapes" in result.stdout
     # kineto's `USDT: ... profiler_start` lines (a profiler session per memory measurement) are silenced
     assert "profiler_start" not in result.stderr and "USDT" not in result.stderr, result.stderr
+    # nor torch.onnx.export's lines about torchvision, pytree and shared axis names (cli.quiet_exporters)
+    for noise in ("torchvision is not installed", "UserWarning", "FutureWarning"):
+        assert noise not in result.stderr, result.stderr
     if not torch.cuda.is_available():  # a provider that cannot run here is skipped with its reason
         assert re.search(r"triton\s+skipped: Triton", result.stdout)
     record = json.loads(record_path.read_text())

@@ -194,13 +194,36 @@ def test_cpp_example_refuses_bad_input(cpp_example, aoti_package):
 
 
 @pytest.fixture(scope="module")
-def onnx_file(fine_tuned):
+def onnx_export(fine_tuned):
+    """(the file, the finished process) of `export --format onnx` of the fine-tuned classifier."""
     checkpoint, _ = fine_tuned
     out = checkpoint.parent / "classifier.onnx"
     result = run_cli("export", checkpoint, "--format", "onnx", out)
     assert result.returncode == 0, result.stderr
     assert "it matches eager" in result.stdout, result.stdout
-    return out
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def onnx_file(onnx_export):
+    return onnx_export[0]
+
+
+@NEEDS_ONNX
+@pytest.mark.timeout(300)  # the export, when this test runs first
+def test_onnx_export_prints_only_its_report_and_names_the_dimensions(onnx_export):
+    """torch.onnx.export's lines about nothing exported here (torchvision's ops, pytree's LeafSpec, an axis name
+    shared by the three inputs "will not be used") are silenced (cli.quiet_exporters): stderr is empty. And the
+    shared names are used."""
+    import onnx
+
+    path, result = onnx_export
+    assert result.stderr == "", result.stderr
+    graph = onnx.load(str(path)).graph
+    for value in graph.input:
+        assert [d.dim_param for d in value.type.tensor_type.shape.dim] == ["batch", "seq_len"], value
+    for value in graph.output:  # logits [batch, labels]
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch", value
 
 
 @NEEDS_ONNX
