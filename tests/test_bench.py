@@ -477,6 +477,36 @@ def test_budget_shares_follow_the_cost_of_a_round():
     assert record.budget_share(-5.0, costs, 3) == 0.0  # overspent: the minimum rounds, no negative budget
 
 
+def test_a_batch_that_cannot_finish_its_minimum_rounds_in_the_budget_is_not_measured(tmp_path, capsys):
+    """--time-budget holds for the whole run: the first batch always runs (nothing says yet what one takes here);
+    a later one is started only if its minimum of rounds fits in what is left, else every provider of it is
+    recorded as not measured, with why, and the run says so. With --repeats the rounds are fixed: no budget."""
+    record_path = tmp_path / "bench.json"
+    args = ["bench", "--config", "small", "--layers", "1", "--batch-size", "1", "--seq-len", "8,16", "--no-pad",
+            "--warmup", "0", "--providers", "transformers,cpp", "--json", str(record_path)]  # fmt: skip
+    assert cli.main([*args, "--time-budget", "0.001"]) == 0  # spent before the first batch begins
+    out = capsys.readouterr().out
+    record = json.loads(record_path.read_text())
+    assert record["complete"] is True
+    first, second = ([m for m in record["measurements"] if m["seq_len"] == n] for n in (8, 16))
+    assert [m["skipped"] for m in first] == [None, None] and {m["rounds"] for m in first} == {providers.MIN_ROUNDS}
+    for m in second:
+        assert m["skipped"].startswith("not measured: 0 s of the 0 s --time-budget were left, and this batch takes "
+                                       f"about "), m["skipped"]  # fmt: skip
+        assert m["skipped"].endswith(f" s at {providers.MIN_ROUNDS} rounds") and m["train_step_ms"] is None
+    assert "WARNING: 1 of 2 batches not measured within --time-budget 0 s: give it more to measure them" in out
+    assert cli.main([*args, "--time-budget", "0.001", "--repeats", "1"]) == 0
+    assert all(m["skipped"] is None for m in json.loads(record_path.read_text())["measurements"])
+
+
+def test_a_batch_s_minimum_time_follows_the_last_batch():
+    """setup + MIN_ROUNDS rounds of the last batch, scaled up (never down) by the ratio of the batches' costs."""
+    last = {"setup_s": 10.0, "round_s": 2.0, "cost": 1.0}
+    assert record.batch_minimum_s(last, 1.0) == pytest.approx(10.0 + providers.MIN_ROUNDS * 2.0)
+    assert record.batch_minimum_s(last, 2.0) == pytest.approx(2 * (10.0 + providers.MIN_ROUNDS * 2.0))
+    assert record.batch_minimum_s(last, 0.5) == pytest.approx(10.0 + providers.MIN_ROUNDS * 2.0)  # compiles stay
+
+
 def test_a_call_after_a_thread_pool_change_follows_an_untimed_one(monkeypatch):
     """Where the thread pool changes (ONNX Runtime's sessions, torch's) the rounds wait for the last pool's threads
     to stop spinning, then call the provider once untimed, so that no provider's timed call is the first after an
@@ -542,10 +572,12 @@ def test_adaptive_rounds_stop_at_the_target_the_budget_or_the_cap(monkeypatch):
     args = Namespace(batch_size=1, warmup=0, repeats=None)
 
     def rounds_taken(budget_s):
+        clock = {}
         with tqdm(disable=True) as progress:
             measured = providers.measure_batch(["transformers", "cpp"], models, args, 8, "none", torch.device("cpu"),
-                                               "fp32", 1e9, None, progress, budget_s)  # fmt: skip
+                                               "fp32", 1e9, None, progress, budget_s, clock)  # fmt: skip
         assert [m.skipped for m in measured] == [None, None]
+        assert set(clock) == {"setup_s", "round_s"} and clock["setup_s"] > 0 and clock["round_s"] > 0, clock
         assert set(measured[1].ratio_se) == {"forward vs transformers", "train_step vs transformers"}
         assert measured[0].rounds == measured[1].rounds  # the providers take turns: the same rounds
         return measured[0].rounds, measured[1].ratio_se

@@ -325,12 +325,13 @@ def ratio_pairs(runs) -> list[tuple[str, str]]:
 
 
 def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm_flops, train_flops, progress,
-                  budget_s=None):  # fmt: skip
+                  budget_s=None, clock=None):  # fmt: skip
     """Every provider on one batch (L tokens a row, or padded as PADDINGS[padding] says) in one dtype: warm-up calls, the forward's output
     against transformers', then rounds that time each provider once per phase (the order rotating round by round),
     then each provider's memory alone. Rounds: --repeats if given, else adaptive (see MIN_ROUNDS) within
     `budget_s` seconds from the start of this call, compiles and warm-ups included. A provider that fails (a
-    compiler bug, say, or out of memory) is recorded as skipped with the error; it never ends the run."""
+    compiler bug, say, or out of memory) is recorded as skipped with the error; it never ends the run. `clock`, a
+    dict, is given the seconds of everything but the rounds (`setup_s`) and of a round (`round_s`)."""
     torch._dynamo.reset()  # fresh graphs for this shape: the recompile limit counts per code object
     batch = make_batch(models[0].config, args.batch_size, seq_len, padding, device, seed=seq_len)
     padded = padding != "none"
@@ -393,6 +394,7 @@ def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm
             skip(run.provider, failure(error))
     rounds, ses = 0, {}
     pool = runs[-1].thread_pool if runs else None  # the last call's: its output check or warm-up
+    rounds_began = time.perf_counter()
     while runs:
         for run in runs[rounds % len(runs):] + runs[: rounds % len(runs)]:
             settle = device.type == "cpu" and pool != run.thread_pool
@@ -420,6 +422,7 @@ def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm
             max(ses.values(), default=0.0) <= RATIO_SE_TARGET or time.perf_counter() - began >= (budget_s or 0)
         ):
             break
+    rounds_s = time.perf_counter() - rounds_began
     for run in list(runs):
         try:
             run.measure_memory([other for other in runs if other is not run])
@@ -435,6 +438,8 @@ def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm
         progress.update(1)
     for model in models:
         model.load_state_dict(states[id(model)])
+    if clock is not None:
+        clock.update(setup_s=time.perf_counter() - began - rounds_s, round_s=rounds_s / max(rounds, 1))
     order = {p: i for i, p in enumerate(providers)}
     return sorted(measurements, key=lambda m: order[m.provider])
 

@@ -51,6 +51,7 @@ from .timing import (
 )
 
 OPTIMIZER = "torch.optim.AdamW(fused=True)"  # every provider's, as `train` steps (train.adamw)
+OVER_BUDGET = "not measured"  # how a batch that --time-budget leaves out is skipped (`run`)
 OPS_REPEATS = 10  # the op summary's rounds when the model's are adaptive (its ratios are 1.1x to 26x: see README)
 
 
@@ -59,6 +60,13 @@ def budget_share(left_s: float, costs: list[float], i: int) -> float:
     each costs (a training step's FLOPs at the GEMM rate of its dtype), so that every batch gets about the same
     rounds (an equal share of what was left gave L=128 22 rounds and L=256 10, 8 and 5)."""
     return max(0.0, left_s) * costs[i] / sum(costs[i:])
+
+
+def batch_minimum_s(last: dict, cost_ratio: float, rounds: int = MIN_ROUNDS) -> float:
+    """About how long a batch takes at `rounds` rounds, from the last batch's clock (measure_batch's `setup_s` and
+    `round_s`) and the ratio of their costs: the last one's setup and rounds, scaled up when this batch costs more
+    (its warm-up, memory measurement and rounds grow with it; its compiles do not shrink when it costs less)."""
+    return (last["setup_s"] + rounds * last["round_s"]) * max(1.0, cost_ratio)
 
 
 def versions(device) -> dict:
@@ -165,6 +173,7 @@ def run(args) -> int:
     # Python then never raises KeyboardInterrupt: a time limit's SIGINT would be lost and the run go on to the end.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    started = time.perf_counter()  # --time-budget counts from here (adaptive rounds)
     device = torch.device(args.device)
     allocator = fix_malloc_thresholds() if device.type == "cpu" else None  # before the run allocates anything
     began = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **provenance()}
@@ -183,7 +192,7 @@ def run(args) -> int:
     rounds_rule = (
         f"{args.repeats} per batch" if args.repeats else f"adaptive: at least {MIN_ROUNDS}, then until every ratio's "
         f"bootstrap standard error is <= {RATIO_SE_TARGET} or the batch's share of {args.time_budget:.0f} s is spent "
-        f"(at most {MAX_ROUNDS})"
+        f"(at most {MAX_ROUNDS}; a batch that could not take {MIN_ROUNDS} in what is left is not measured)"
     ) + "; the forwards run on a frozen copy of each model (eval mode, weights no step moves)"  # fmt: skip
     record = {
         "device": device_name(device),
@@ -232,14 +241,26 @@ def run(args) -> int:
         for dtype in dtypes:
             record["gemm_rate_flops"][dtype] = gemm_rate(device, DTYPES[dtype])
         flops = {seq_len: train_step_flops(models[0], args.batch_size, seq_len, device) for seq_len in args.seq_len}
-        deadline = time.perf_counter() + args.time_budget  # the batches' budget, shared out batch by batch
+        deadline = started + args.time_budget  # shared out batch by batch
         costs = [flops[seq_len] / record["gemm_rate_flops"][dtype] for dtype, seq_len, _ in batches]
+        last: dict = {}  # the last batch's clock (measure_batch)
         with tqdm(total=len(batches) * len(providers), desc="bench", unit="provider") as progress:
             for i, (dtype, seq_len, padding) in enumerate(batches):
-                budget_s = budget_share(deadline - time.perf_counter(), costs, i)
+                left_s = deadline - time.perf_counter()
+                # adaptive rounds keep to the budget: a batch that would not finish its minimum of rounds in what
+                # is left is not started (the first always is: nothing says yet what a batch takes here)
+                needed_s = batch_minimum_s(last, costs[i] / last["cost"]) if last and not args.repeats else None
+                if needed_s is not None and needed_s > left_s:
+                    why = (f"{OVER_BUDGET}: {max(left_s, 0):.0f} s of the {args.time_budget:.0f} s --time-budget "
+                           f"were left, and this batch takes about {needed_s:.0f} s at {MIN_ROUNDS} rounds")
+                    measurements.extend(Measurement(p, seq_len, args.batch_size, padding != "none", padding,
+                                                    skipped=why, dtype=dtype) for p in providers)  # fmt: skip
+                    progress.update(len(providers))
+                    continue
                 measurements.extend(measure_batch(providers, models, args, seq_len, padding, device, dtype,
                                                   record["gemm_rate_flops"][dtype], flops[seq_len], progress,
-                                                  budget_s))  # fmt: skip
+                                                  budget_share(left_s, costs, i), last))  # fmt: skip
+                last["cost"] = costs[i]
                 save()
         del models
         record["complete"] = True
@@ -256,6 +277,10 @@ def run(args) -> int:
     worst = max((se for m in measurements for se in (m.ratio_se or {}).values()), default=None)
     if worst is not None:
         print(f"largest standard error of a ratio above: {worst:.3f}")
+    left_out = {(m.dtype, m.seq_len, m.padding) for m in measurements if (m.skipped or "").startswith(OVER_BUDGET)}
+    if left_out:
+        print(f"WARNING: {len(left_out)} of {len(batches)} batches not measured within --time-budget "
+              f"{args.time_budget:.0f} s: give it more to measure them")  # fmt: skip
     for ops in record["ops"]:
         for op in ("dynamic_span_conv", "separable_conv1d", "grouped_linear"):
             print(f"{op} fwd+bwd at base shapes, {ops['dtype']}: {ops[op]['eager_ms']:.1f} ms eager, "
