@@ -468,13 +468,17 @@ def test_gemm_rate_size_keeps_an_emulated_dtype_short():
 
 def test_budget_shares_follow_the_cost_of_a_round():
     """Each batch gets the time left in proportion to its round's cost, so that cheap and costly batches take about
-    the same rounds; what a batch overspends comes out of the later ones in proportion too."""
+    the same rounds; what a batch overspends comes out of the later ones in proportion too. Where the batches'
+    minimum times are known, those are set aside first, so that the last batch's minimum is not spent before it."""
     costs = [1.0, 1.0, 2.0, 2.0]
     assert record.budget_share(60.0, costs, 0) == pytest.approx(10.0)
     assert record.budget_share(50.0, costs, 1) == pytest.approx(10.0)
     assert record.budget_share(40.0, costs, 2) == pytest.approx(20.0)
     assert record.budget_share(12.0, costs, 3) == pytest.approx(12.0)  # the last takes what is left
     assert record.budget_share(-5.0, costs, 3) == 0.0  # overspent: the minimum rounds, no negative budget
+    # each batch's minimum known (from the last batch's clock): set aside first, then the rest shared so
+    assert record.budget_share(60.0, costs, 2, [10.0, 20.0]) == pytest.approx(10.0 + 30.0 * 2.0 / 4.0)
+    assert record.budget_share(20.0, costs, 2, [10.0, 20.0]) == pytest.approx(10.0)  # short: its minimum
 
 
 def test_a_batch_that_cannot_finish_its_minimum_rounds_in_the_budget_is_not_measured(tmp_path, capsys):

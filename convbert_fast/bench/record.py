@@ -55,11 +55,16 @@ OVER_BUDGET = "not measured"  # how a batch that --time-budget leaves out is ski
 OPS_REPEATS = 10  # the op summary's rounds when the model's are adaptive (its ratios are 1.1x to 26x: see README)
 
 
-def budget_share(left_s: float, costs: list[float], i: int) -> float:
+def budget_share(left_s: float, costs: list[float], i: int, minimums: list[float] | None = None) -> float:
     """Batch i's seconds of the `left_s` left to it and the batches after it: in proportion to what a round of
     each costs (a training step's FLOPs at the GEMM rate of its dtype), so that every batch gets about the same
-    rounds (an equal share of what was left gave L=128 22 rounds and L=256 10, 8 and 5)."""
-    return max(0.0, left_s) * costs[i] / sum(costs[i:])
+    rounds (an equal share of what was left gave L=128 22 rounds and L=256 10, 8 and 5). `minimums`, where known
+    (batch_minimum_s of batches i, i+1, ...): each batch's minimum of rounds is set aside first and the rest shared
+    so, lest the batches before the last take what its minimum needs."""
+    if not minimums:
+        return max(0.0, left_s) * costs[i] / sum(costs[i:])
+    spare = max(0.0, left_s - sum(minimums))
+    return minimums[0] + spare * costs[i] / sum(costs[i:])
 
 
 def batch_minimum_s(last: dict, cost_ratio: float, rounds: int = MIN_ROUNDS) -> float:
@@ -249,7 +254,8 @@ def run(args) -> int:
                 left_s = deadline - time.perf_counter()
                 # adaptive rounds keep to the budget: a batch that would not finish its minimum of rounds in what
                 # is left is not started (the first always is: nothing says yet what a batch takes here)
-                needed_s = batch_minimum_s(last, costs[i] / last["cost"]) if last and not args.repeats else None
+                minimums = [batch_minimum_s(last, cost / last["cost"]) for cost in costs[i:]] if last else None
+                needed_s = minimums[0] if minimums and not args.repeats else None
                 if needed_s is not None and needed_s > left_s:
                     why = (f"{OVER_BUDGET}: {max(left_s, 0):.0f} s of the {args.time_budget:.0f} s --time-budget "
                            f"were left, and this batch takes about {needed_s:.0f} s at {MIN_ROUNDS} rounds")
@@ -259,7 +265,7 @@ def run(args) -> int:
                     continue
                 measurements.extend(measure_batch(providers, models, args, seq_len, padding, device, dtype,
                                                   record["gemm_rate_flops"][dtype], flops[seq_len], progress,
-                                                  budget_share(left_s, costs, i), last))  # fmt: skip
+                                                  budget_share(left_s, costs, i, minimums), last))  # fmt: skip
                 last["cost"] = costs[i]
                 save()
         del models
