@@ -331,7 +331,9 @@ def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm
     then each provider's memory alone. Rounds: --repeats if given, else adaptive (see MIN_ROUNDS) within
     `budget_s` seconds from the start of this call, compiles and warm-ups included. A provider that fails (a
     compiler bug, say, or out of memory) is recorded as skipped with the error; it never ends the run. `clock`, a
-    dict, is given the seconds of everything but the rounds (`setup_s`) and of a round (`round_s`)."""
+    dict, is given the seconds of everything but the rounds (`setup_s`), of a round (`round_s`) and of what follows
+    the rounds (`after_s`); a round is added only if the batch would still end within `budget_s`, with what
+    follows the rounds taking as long as the last batch's did (`clock`'s `after_s` when called)."""
     torch._dynamo.reset()  # fresh graphs for this shape: the recompile limit counts per code object
     batch = make_batch(models[0].config, args.batch_size, seq_len, padding, device, seed=seq_len)
     padded = padding != "none"
@@ -395,6 +397,11 @@ def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm
     rounds, ses = 0, {}
     pool = runs[-1].thread_pool if runs else None  # the last call's: its output check or warm-up
     rounds_began = time.perf_counter()
+    after_s = (clock or {}).get("after_s", 0.0)  # the memory measurement after the rounds, as the last batch's took
+
+    def ends_at(planned):  # seconds from `began` to this batch's end with `planned` rounds (at their mean so far)
+        return rounds_began - began + planned * (time.perf_counter() - rounds_began) / rounds + after_s
+
     while runs:
         for run in runs[rounds % len(runs):] + runs[: rounds % len(runs)]:
             settle = device.type == "cpu" and pool != run.thread_pool
@@ -419,10 +426,11 @@ def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm
             if rounds >= args.repeats:
                 break
         elif rounds >= MAX_ROUNDS or rounds >= MIN_ROUNDS and (
-            max(ses.values(), default=0.0) <= RATIO_SE_TARGET or time.perf_counter() - began >= (budget_s or 0)
+            max(ses.values(), default=0.0) <= RATIO_SE_TARGET or ends_at(rounds + 1) > (budget_s or 0)
         ):
             break
     rounds_s = time.perf_counter() - rounds_began
+    memory_began = time.perf_counter()
     for run in list(runs):
         try:
             run.measure_memory([other for other in runs if other is not run])
@@ -439,7 +447,8 @@ def measure_batch(providers, models, args, seq_len, padding, device, dtype, gemm
     for model in models:
         model.load_state_dict(states[id(model)])
     if clock is not None:
-        clock.update(setup_s=time.perf_counter() - began - rounds_s, round_s=rounds_s / max(rounds, 1))
+        clock.update(setup_s=time.perf_counter() - began - rounds_s, round_s=rounds_s / max(rounds, 1),
+                     after_s=time.perf_counter() - memory_began)  # fmt: skip
     order = {p: i for i, p in enumerate(providers)}
     return sorted(measurements, key=lambda m: order[m.provider])
 

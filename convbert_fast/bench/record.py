@@ -220,6 +220,7 @@ def run(args) -> int:
         "measurements": [],
         "ops": [],  # per dtype
         "summary": {},
+        "budget": [],  # per batch, adaptive rounds: the seconds left, its share, its estimated minimum, its clock
     }
 
     def save():
@@ -263,10 +264,15 @@ def run(args) -> int:
                                                     skipped=why, dtype=dtype) for p in providers)  # fmt: skip
                     progress.update(len(providers))
                     continue
+                share_s = budget_share(left_s, costs, i, minimums)
                 measurements.extend(measure_batch(providers, models, args, seq_len, padding, device, dtype,
                                                   record["gemm_rate_flops"][dtype], flops[seq_len], progress,
-                                                  budget_share(left_s, costs, i, minimums), last))  # fmt: skip
+                                                  share_s, last))  # fmt: skip
                 last["cost"] = costs[i]
+                record["budget"].append({"dtype": dtype, "seq_len": seq_len, "padding": padding,
+                                         **{k: round(v, 1) for k, v in dict(left_s=left_s, share_s=share_s,
+                                            minimum_s=needed_s or 0.0, setup_s=last["setup_s"],
+                                            round_s=last["round_s"]).items()}})  # fmt: skip
                 save()
         del models
         record["complete"] = True
