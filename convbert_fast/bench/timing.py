@@ -220,7 +220,8 @@ def cpu_peak_bytes(fn) -> int:
     with profile_memory=True records every allocation and free, summed here in time order. It sees tensors
     (ours, inductor's and oneDNN's through torch's allocator), not the Python heap or a library's own mallocs."""
     activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+    # acc_events: one cycle either way; without it torch 2.11 warns that events of other cycles are dropped
+    with torch.profiler.profile(activities=activities, profile_memory=True, acc_events=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     level = peak = 0
